@@ -1,0 +1,60 @@
+# agentledger developer commands. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install kafka demo test test-unit test-integration lint format typecheck schemas up down status clean
+
+help: ## list the commands
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@echo ">> creating $(VENV) and installing agentledger[dev] (editable)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check --progress-bar off -q --upgrade pip
+	$(BIN)/pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv with everything, including .venv/bin/agentledger
+
+kafka: install ## fetch the Kafka broker jars from Maven Central (once, cached)
+	$(BIN)/python -c 'from agentledger.deploy import ensure_jars; ensure_jars()'
+
+demo: install kafka ## start the local stack and run the demo workload (runaway agent stopped, then review)
+	$(BIN)/agentledger demo
+
+test: install kafka ## unit + integration tests against a real broker and embedded ClickHouse
+	$(BIN)/pytest
+
+test-unit: install ## unit tests only (no broker)
+	$(BIN)/pytest tests/unit
+
+test-integration: install kafka ## integration tests only
+	$(BIN)/pytest tests/integration
+
+lint: install ## read-only checks: ruff, format check, mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p agentledger
+
+format: install ## rewrite files with ruff's fixes and formatter
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+schemas: install ## re-export the JSON Schema files (bump the model's version first)
+	$(BIN)/python -c 'from agentledger.schemas.export import write_all; [print(p) for p in write_all()]'
+
+up: install kafka ## start broker, processor and sink in the background
+	$(BIN)/agentledger up
+
+down: install ## stop the local stack
+	$(BIN)/agentledger down
+
+status: install ## show each component of the local stack
+	$(BIN)/agentledger status
+
+clean: ## remove the venv, the local state and caches
+	rm -rf $(VENV) .agentledger .mypy_cache .ruff_cache .pytest_cache

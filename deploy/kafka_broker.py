@@ -1,0 +1,289 @@
+"""A real single-node Apache Kafka broker (KRaft, broker+controller) run from Maven jars.
+
+The jars come from Maven Central through deploy/kafka/pom.xml, resolved once into a shared cache.
+Data and logs live under the stack's state dir; everything listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KAFKA_VERSION", "BrokerError", "KafkaBroker", "ensure_jars", "kafka_ready", "pid_alive"]
+
+KAFKA_VERSION = "4.1.1"
+_HERE = Path(__file__).parent
+POM = _HERE / "kafka" / "pom.xml"
+LOG_CONFIG = _HERE / "kafka" / "log4j2.properties"
+
+Progress = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be fetched, formatted or started; the message says what to do."""
+
+
+def default_jar_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "agentledger" / f"kafka-{KAFKA_VERSION}"
+
+
+def ensure_jars(jar_dir: Path | None = None, progress: Progress = _stderr) -> Path:
+    """Resolve the broker jars with Maven into ``jar_dir`` unless they are already there."""
+    target = jar_dir or default_jar_dir()
+    if (target / ".complete").exists():
+        return target
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise BrokerError(
+            "Maven (mvn) is needed once to fetch the Kafka broker jars from Maven Central: "
+            "install it (Debian: apt-get install maven) or set AGENTLEDGER_KAFKA_JARS to a "
+            "folder holding kafka_2.13 and its dependencies"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="kafka-jars-", dir=target.parent))
+    progress(f"fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {target} ...")
+    cmd = [
+        mvn, "-B", "-f", str(POM), "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+        f"-Dkafka.version={KAFKA_VERSION}",
+    ]
+    downloaded = 0
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-30:]
+            if "Downloaded from" in line:
+                downloaded += 1
+                if downloaded % 10 == 0:
+                    progress(f"  ... {downloaded} artifacts downloaded")
+        code = proc.wait()
+    if code != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BrokerError(
+            "mvn could not resolve the Kafka jars (exit %d); check that Maven Central is "
+            "reachable. Last output:\n%s" % (code, "\n".join(tail))
+        )
+    (staging / ".complete").write_text(KAFKA_VERSION + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    progress(f"Kafka jars ready ({len(list(target.glob('*.jar')))} jars)")
+    return target
+
+
+def kafka_ready(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when an AdminClient gets cluster metadata from ``bootstrap``."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000})
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - any failure to answer means "not ready yet"
+        return False
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == 0
+
+
+@dataclass
+class KafkaBroker:
+    """One combined broker+controller bound to 127.0.0.1."""
+
+    state_dir: Path
+    port: int = 9092
+    controller_port: int = 9093
+    jar_dir: Path | None = None
+    heap: str = "512m"
+    node_id: int = 1
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "server.log"
+
+    @property
+    def stdout_file(self) -> Path:
+        return self.state_dir / "stdout.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "broker.pid"
+
+    def _properties(self) -> str:
+        return "\n".join([
+            "process.roles=broker,controller",
+            f"node.id={self.node_id}",
+            f"controller.quorum.voters={self.node_id}@127.0.0.1:{self.controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={self.data_dir.resolve()}",
+            "num.partitions=1",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=10",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            # Topics are created explicitly with their config (see topics.py); faust creates its
+            # changelog topics through the admin API, so nothing relies on auto-creation.
+            "auto.create.topics.enable=false",
+            "log.retention.check.interval.ms=60000",
+            "",
+        ])
+
+    def _java(self) -> list[str]:
+        java = shutil.which("java")
+        if java is None:
+            raise BrokerError("Java 17+ is needed to run the Kafka broker: install a JDK "
+                              "(Debian: apt-get install openjdk-17-jre-headless)")
+        jars = ensure_jars(self.jar_dir)
+        return [
+            java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG_CONFIG}",
+            f"-Dagentledger.log.file={self.log_file.resolve()}",
+            "-cp", str(jars / "*"),
+        ]
+
+    def config_file(self) -> Path:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "server.properties"
+        path.write_text(self._properties())
+        return path
+
+    def format(self) -> None:
+        """Format KRaft storage once; a formatted data dir is kept across restarts."""
+        config = self.config_file()
+        if (self.data_dir / "meta.properties").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cluster_id = _kafka_cluster_id()
+        result = subprocess.run(
+            [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id,
+             "-c", str(config), "--ignore-formatted"],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise BrokerError(f"formatting Kafka storage in {self.data_dir} failed:\n"
+                              f"{result.stdout}{result.stderr}")
+
+    def running_pid(self) -> int | None:
+        if not self.pid_file.exists():
+            return None
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except ValueError:
+            self.pid_file.unlink(missing_ok=True)
+            return None
+        if pid_alive(pid):
+            return pid
+        self.pid_file.unlink(missing_ok=True)  # stale: the broker died without cleaning up
+        return None
+
+    def start(self, timeout_s: float = 90.0, progress: Progress = _stderr) -> None:
+        """Start in the background (idempotent) and wait until an AdminClient answers."""
+        if self.running_pid() is None:
+            self.format()
+            config = self.config_file()
+            out = self.stdout_file.open("ab")
+            proc = subprocess.Popen(
+                [*self._java(), "kafka.Kafka", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            out.close()
+            self.pid_file.write_text(f"{proc.pid}\n")
+            progress(f"starting Kafka {KAFKA_VERSION} on {self.bootstrap} (log: {self.log_file})")
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if kafka_ready(self.bootstrap, timeout_s=1.0):
+                return
+            if self.running_pid() is None:
+                raise BrokerError(
+                    f"the Kafka broker exited during start; see {self.log_file} and "
+                    f"{self.stdout_file}. A port in use? Set AGENTLEDGER_KAFKA to another port."
+                )
+            time.sleep(0.5)
+        raise BrokerError(f"Kafka did not answer on {self.bootstrap} within {timeout_s:.0f}s; "
+                          f"see {self.log_file}")
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop gracefully (SIGTERM), then SIGKILL after ``timeout_s``. True if it was running."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        _terminate(pid, timeout_s)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests."""
+        pid = self.running_pid()
+        if pid is not None:
+            _terminate(pid, 0)
+            self.pid_file.unlink(missing_ok=True)
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM if timeout_s > 0 else signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid):
+        if time.monotonic() >= deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + 10
+        time.sleep(0.1)
+
+
+def _kafka_cluster_id() -> str:
+    # Kafka's random-uuid is a url-safe base64 of 16 random bytes without padding.
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")

@@ -1,0 +1,70 @@
+"""Create the stack's topics with explicit config (the broker never auto-creates them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agentledger.schemas import Topics
+
+__all__ = ["TopicSpec", "ensure_topics", "topic_specs"]
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(topics: Topics, calls_partitions: int = 6) -> list[TopicSpec]:
+    return [
+        # Keyed by agent id. LogAppendTime: retention runs on arrival time, so a backdated
+        # event time in the payload never makes the broker delete it early.
+        TopicSpec(topics.calls, calls_partitions, {
+            "message.timestamp.type": "LogAppendTime",
+            "retention.ms": str(14 * DAY_MS),
+            "cleanup.policy": "delete",
+        }),
+        # Keyed by scope; compaction keeps the standing command per scope for new agents.
+        TopicSpec(topics.control, 3, {
+            "cleanup.policy": "compact",
+            "min.cleanable.dirty.ratio": "0.1",
+            "segment.ms": str(3600 * 1000),
+        }),
+        TopicSpec(topics.policies, 1, {
+            "cleanup.policy": "compact",
+            "min.cleanable.dirty.ratio": "0.1",
+        }),
+        TopicSpec(topics.dlq, 1, {
+            "retention.ms": str(30 * DAY_MS),
+            "cleanup.policy": "delete",
+        }),
+    ]
+
+
+def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication: int = 1,
+                  timeout_s: float = 30.0) -> list[str]:
+    """Create missing topics; return the names created. Existing topics are left alone."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [
+        NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication, config=s.config)
+        for s in specs if s.name not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, future in admin.create_topics(wanted, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args and getattr(exc.args[0], "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
+                continue
+            raise
+    return created

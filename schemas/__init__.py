@@ -1,0 +1,47 @@
+"""Wire schemas shared by every component. This package imports nothing else from agentledger."""
+
+from .control import (
+    CONTROL_COMMAND_VERSION,
+    ControlAction,
+    ControlCommand,
+    SignatureError,
+    sign_command,
+    verify_command,
+)
+from .dlq import DEAD_LETTER_VERSION, InvalidMessage
+from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
+from .ids import uuid7
+from .money import NANO_PER_USD, nano_to_usd, usd_to_nano
+from .policy import (
+    BUDGET_POLICY_VERSION,
+    BudgetPolicy,
+    Period,
+    PolicyFile,
+    PolicyFileError,
+    parse_policy_file,
+)
+from .topics import Topics
+
+__all__ = [
+    "BUDGET_POLICY_VERSION",
+    "CALL_EVENT_VERSION",
+    "CONTROL_COMMAND_VERSION",
+    "DEAD_LETTER_VERSION",
+    "NANO_PER_USD",
+    "BudgetPolicy",
+    "CallEvent",
+    "CallStatus",
+    "ControlAction",
+    "ControlCommand",
+    "InvalidMessage",
+    "Period",
+    "PolicyFile",
+    "PolicyFileError",
+    "SignatureError",
+    "Topics",
+    "nano_to_usd",
+    "sign_command",
+    "usd_to_nano",
+    "uuid7",
+    "verify_command",
+]

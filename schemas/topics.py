@@ -1,0 +1,31 @@
+"""Topic names. One prefix per stack, so two stacks can share a broker without colliding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Topics"]
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = "agentledger."
+
+    @property
+    def calls(self) -> str:
+        return f"{self.prefix}calls"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}control"
+
+    @property
+    def policies(self) -> str:
+        return f"{self.prefix}policies"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}dlq"
+
+    def all(self) -> tuple[str, ...]:
+        return (self.calls, self.control, self.policies, self.dlq)

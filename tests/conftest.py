@@ -1,0 +1,74 @@
+"""Shared fixtures. Integration tests run against a real Kafka broker started here once per
+session (or AGENTLEDGER_TEST_KAFKA), each test on its own topic prefix, so tests never see each
+other's data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from agentledger.config import Settings
+from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+
+TEST_CONTROL_KEY = "test-control-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("AGENTLEDGER_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    broker = KafkaBroker(
+        state_dir=tmp_path_factory.mktemp("kafka"),
+        port=free_port(),
+        controller_port=free_port(),
+        jar_dir=Path(os.environ["AGENTLEDGER_KAFKA_JARS"]) if "AGENTLEDGER_KAFKA_JARS" in os.environ else None,
+    )
+    broker.start(timeout_s=120)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> SettingsFactory:
+    """Settings isolated per test: own state dir, own topic prefix, a fixed control key."""
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "home": tmp_path / "home",
+            "topic_prefix": f"t{uuid.uuid4().hex[:10]}.",
+            "control_key": SecretStr(TEST_CONTROL_KEY),
+            "api_token": SecretStr("test-api-token"),
+            "processor_port": free_port(),
+            "sink_port": free_port(),
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def stack_settings(kafka_bootstrap: str, settings_factory: SettingsFactory) -> Settings:
+    """Settings pointing at the session broker, with this test's topics created."""
+    settings = settings_factory(kafka=kafka_bootstrap)
+    ensure_topics(kafka_bootstrap, topic_specs(settings.topics))
+    return settings
