@@ -214,9 +214,10 @@ class KafkaBroker:
         except ValueError:
             self.pid_file.unlink(missing_ok=True)
             return None
-        if pid_alive(pid):
+        if pid_alive(pid) and _cmdline_mentions(pid, "kafka.Kafka"):
             return pid
-        self.pid_file.unlink(missing_ok=True)  # stale: the broker died without cleaning up
+        # Stale: the broker died without cleaning up, or the pid now belongs to another program.
+        self.pid_file.unlink(missing_ok=True)
         return None
 
     def start(self, timeout_s: float = 90.0, progress: Progress = _stderr) -> None:
@@ -280,6 +281,14 @@ def _terminate(pid: int, timeout_s: float) -> None:
                 return
             deadline = time.monotonic() + 10
         time.sleep(0.1)
+
+
+def _cmdline_mentions(pid: int, needle: str) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no procfs (macOS): trust the live pid
+    return needle.encode() in raw
 
 
 def _kafka_cluster_id() -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from agentledger.cli import main
+
+sys.exit(main())

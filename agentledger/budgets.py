@@ -1,0 +1,90 @@
+"""`agentledger budgets apply | list`: publish policies to, and read them from, the policies topic."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agentledger.config import Settings
+from agentledger.schemas import BudgetPolicy, PolicyFile, parse_policy_file
+
+__all__ = ["apply_policies", "list_policies", "load_policy_file"]
+
+
+def load_policy_file(path: Path) -> PolicyFile:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read policy file {path}: {exc.strerror}") from exc
+    return parse_policy_file(text, source=str(path))
+
+
+def apply_policies(settings: Settings, policies: PolicyFile, timeout_s: float = 30.0) -> int:
+    """Publish each policy keyed by scope and period; the compacted topic keeps the latest."""
+    from confluent_kafka import KafkaError, Producer
+
+    errors: list[str] = []
+
+    def on_delivery(err: KafkaError | None, _msg: object) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    producer = Producer({"bootstrap.servers": settings.kafka, "acks": "all",
+                         "enable.idempotence": True})
+    for policy in policies.budgets:
+        producer.produce(settings.topics.policies, key=policy.key.encode(),
+                         value=policy.model_dump_json().encode(), on_delivery=on_delivery)
+    remaining = producer.flush(timeout_s)
+    if remaining or errors:
+        raise RuntimeError(f"publishing policies to {settings.topics.policies} failed "
+                           f"({remaining} undelivered; {'; '.join(errors)}); is Kafka up? "
+                           "Run `agentledger status`.")
+    return len(policies.budgets)
+
+
+def list_policies(settings: Settings, timeout_s: float = 10.0) -> list[BudgetPolicy]:
+    """Read the policies topic from the beginning to its current end."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka,
+        "group.id": f"agentledger-cli-{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+    })
+    try:
+        metadata = consumer.list_topics(settings.topics.policies, timeout=timeout_s)
+        topic = metadata.topics.get(settings.topics.policies)
+        if topic is None or topic.error is not None:
+            raise RuntimeError(f"topic {settings.topics.policies} does not exist; run `agentledger up`")
+        partitions = [TopicPartition(settings.topics.policies, p, OFFSET_BEGINNING)
+                      for p in topic.partitions]
+        ends = {}
+        for tp in partitions:
+            _low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            ends[tp.partition] = high
+        consumer.assign(partitions)
+        latest: dict[str, BudgetPolicy | None] = {}
+        pending = {p for p, end in ends.items() if end > 0}
+        while pending:
+            msg = consumer.poll(timeout_s)
+            if msg is None:
+                raise RuntimeError(f"timed out reading {settings.topics.policies}")
+            if msg.error() is not None:
+                if msg.error().code() == -191:  # _PARTITION_EOF
+                    pending.discard(msg.partition())
+                    continue
+                raise KafkaException(msg.error())
+            key = (msg.key() or b"").decode()
+            value = msg.value()
+            try:
+                latest[key] = BudgetPolicy.model_validate_json(value) if value else None
+            except ValidationError:
+                latest[key] = None  # the processor dead-letters these; listing skips them
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                pending.discard(msg.partition())
+        return [p for p in latest.values() if p is not None]
+    finally:
+        consumer.close()

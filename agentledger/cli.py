@@ -1,0 +1,158 @@
+"""The `agentledger` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agentledger.config import Settings
+from agentledger.durations import parse_duration_ms
+from agentledger.tables import render_table
+
+__all__ = ["main"]
+
+
+def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.deploy.stack import Stack
+
+    stack = Stack(settings)
+    rows = stack.up(timeout_s=args.timeout)
+    _print_status(rows)
+    return 0 if all(r.healthy for r in rows) else 1
+
+
+def _cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
+    from agentledger.deploy.stack import Stack
+
+    stopped = Stack(settings).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.deploy.stack import Stack
+
+    stack = Stack(settings)
+    if args.json:
+        print(stack.status_json())
+        rows = stack.status()
+    else:
+        rows = stack.status()
+        _print_status(rows)
+    return 0 if all(r.healthy for r in rows) else 1
+
+
+def _print_status(rows: Sequence[object]) -> None:
+    print(render_table(
+        ["component", "state", "pid", "address", "log"],
+        [[r.name, "healthy" if r.healthy else "DOWN", r.pid or "-", r.address, r.log_file]  # type: ignore[attr-defined]
+         for r in rows],
+    ))
+
+
+def _cmd_budgets_apply(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.budgets import apply_policies, load_policy_file
+
+    policies = load_policy_file(Path(args.file))
+    count = apply_policies(settings, policies)
+    print(f"published {count} budget(s) to {settings.topics.policies}")
+    return 0
+
+
+def _cmd_budgets_list(settings: Settings, _args: argparse.Namespace) -> int:
+    from agentledger.budgets import list_policies
+
+    policies = sorted(list_policies(settings), key=lambda p: p.key)
+    print(render_table(["scope", "period", "limit (USD)"],
+                       [[p.scope, p.period.value, p.limit_usd] for p in policies],
+                       right_align=[False, False, True]))
+    return 0
+
+
+def _cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.sinks.query import QueryClient
+
+    result = QueryClient.from_settings(settings).query(args.query)
+    if args.format == "json":
+        print(json.dumps({"columns": result.columns, "rows": result.rows}, default=str))
+    else:
+        print(render_table(result.columns, result.rows))
+    return 0
+
+
+def _cmd_review(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.review_report import print_review
+
+    until_ms = int(time.time() * 1000)
+    since_ms = until_ms - parse_duration_ms(args.since)
+    print_review(settings, since_ms, until_ms)
+    return 0
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.demo import run_demo
+
+    return run_demo(settings, agents=args.agents, budget_usd=args.budget, stop_after=args.down)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentledger",
+        description="Cost governance for multi-agent LLM systems. Settings come from "
+        "AGENTLEDGER_* environment variables (see the README).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the local stack (Kafka, processor, sink) in the background")
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
+    up.set_defaults(run=_cmd_up)
+    sub.add_parser("down", help="stop the local stack").set_defaults(run=_cmd_down)
+    status = sub.add_parser("status", help="health, pid, address and log of each component")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=_cmd_status)
+
+    budgets = sub.add_parser("budgets", help="manage budget policies").add_subparsers(
+        dest="budgets_command", required=True)
+    apply = budgets.add_parser("apply", help="publish the budgets of a YAML policy file")
+    apply.add_argument("file")
+    apply.set_defaults(run=_cmd_budgets_apply)
+    budgets.add_parser("list", help="list the published budgets").set_defaults(run=_cmd_budgets_list)
+
+    sql = sub.add_parser("sql", help="run a read-only SQL query against the call history")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=["table", "json"], default="table")
+    sql.set_defaults(run=_cmd_sql)
+
+    review = sub.add_parser("review", help="spend per agent and model for a recent period")
+    review.add_argument("--since", default="24h", help="how far back, e.g. 24h, 7d (default 24h)")
+    review.set_defaults(run=_cmd_review)
+
+    demo = sub.add_parser("demo", help="run a simulated multi-agent workload with a runaway agent")
+    demo.add_argument("--agents", type=int, default=4, help="well-behaved agents (default 4)")
+    demo.add_argument("--budget", default="0.25", help="the runaway agent's daily budget in USD")
+    demo.add_argument("--down", action="store_true", help="stop the stack afterwards")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    try:
+        code: int = args.run(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Expected operational failures (bad input, a component down) print as one clear line;
+        # anything else is a bug and keeps its traceback.
+        print(f"agentledger: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
