@@ -1,4 +1,4 @@
-"""`agentledger budgets apply | list`: publish policies to, and read them from, the policies topic."""
+"""`agentledger budgets apply | list`: publish policies to the policies topic, read them back."""
 
 from __future__ import annotations
 
@@ -31,36 +31,54 @@ def apply_policies(settings: Settings, policies: PolicyFile, timeout_s: float = 
         if err is not None:
             errors.append(str(err))
 
-    producer = Producer({"bootstrap.servers": settings.kafka, "acks": "all",
-                         "enable.idempotence": True})
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka, "acks": "all", "enable.idempotence": True}
+    )
     for policy in policies.budgets:
-        producer.produce(settings.topics.policies, key=policy.key.encode(),
-                         value=policy.model_dump_json().encode(), on_delivery=on_delivery)
+        producer.produce(
+            settings.topics.policies,
+            key=policy.key.encode(),
+            value=policy.model_dump_json().encode(),
+            on_delivery=on_delivery,
+        )
     remaining = producer.flush(timeout_s)
     if remaining or errors:
-        raise RuntimeError(f"publishing policies to {settings.topics.policies} failed "
-                           f"({remaining} undelivered; {'; '.join(errors)}); is Kafka up? "
-                           "Run `agentledger status`.")
+        raise RuntimeError(
+            f"publishing policies to {settings.topics.policies} failed "
+            f"({remaining} undelivered; {'; '.join(errors)}); is Kafka up? "
+            "Run `agentledger status`."
+        )
     return len(policies.budgets)
 
 
 def list_policies(settings: Settings, timeout_s: float = 10.0) -> list[BudgetPolicy]:
     """Read the policies topic from the beginning to its current end."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+    from confluent_kafka import (
+        OFFSET_BEGINNING,
+        Consumer,
+        KafkaError,
+        KafkaException,
+        TopicPartition,
+    )
 
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka,
-        "group.id": f"agentledger-cli-{uuid.uuid4().hex}",
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"agentledger-cli-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     try:
         metadata = consumer.list_topics(settings.topics.policies, timeout=timeout_s)
         topic = metadata.topics.get(settings.topics.policies)
         if topic is None or topic.error is not None:
-            raise RuntimeError(f"topic {settings.topics.policies} does not exist; run `agentledger up`")
-        partitions = [TopicPartition(settings.topics.policies, p, OFFSET_BEGINNING)
-                      for p in topic.partitions]
+            raise RuntimeError(
+                f"topic {settings.topics.policies} does not exist; run `agentledger up`"
+            )
+        partitions = [
+            TopicPartition(settings.topics.policies, p, OFFSET_BEGINNING) for p in topic.partitions
+        ]
         ends = {}
         for tp in partitions:
             _low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
@@ -72,19 +90,24 @@ def list_policies(settings: Settings, timeout_s: float = 10.0) -> list[BudgetPol
             msg = consumer.poll(timeout_s)
             if msg is None:
                 raise RuntimeError(f"timed out reading {settings.topics.policies}")
-            if msg.error() is not None:
-                if msg.error().code() == -191:  # _PARTITION_EOF
-                    pending.discard(msg.partition())
+            error = msg.error()
+            partition = msg.partition()
+            offset = msg.offset()
+            if partition is None or offset is None:
+                continue
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(partition)
                     continue
-                raise KafkaException(msg.error())
+                raise KafkaException(error)
             key = (msg.key() or b"").decode()
             value = msg.value()
             try:
                 latest[key] = BudgetPolicy.model_validate_json(value) if value else None
             except ValidationError:
                 latest[key] = None  # the processor dead-letters these; listing skips them
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                pending.discard(msg.partition())
+            if offset + 1 >= ends[partition]:
+                pending.discard(partition)
         return [p for p in latest.values() if p is not None]
     finally:
         consumer.close()

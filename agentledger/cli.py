@@ -47,11 +47,15 @@ def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _print_status(rows: Sequence[object]) -> None:
-    print(render_table(
-        ["component", "state", "pid", "address", "log"],
-        [[r.name, "healthy" if r.healthy else "DOWN", r.pid or "-", r.address, r.log_file]  # type: ignore[attr-defined]
-         for r in rows],
-    ))
+    print(
+        render_table(
+            ["component", "state", "pid", "address", "log"],
+            [
+                [r.name, "healthy" if r.healthy else "DOWN", r.pid or "-", r.address, r.log_file]  # type: ignore[attr-defined]
+                for r in rows
+            ],
+        )
+    )
 
 
 def _cmd_budgets_apply(settings: Settings, args: argparse.Namespace) -> int:
@@ -67,9 +71,13 @@ def _cmd_budgets_list(settings: Settings, _args: argparse.Namespace) -> int:
     from agentledger.budgets import list_policies
 
     policies = sorted(list_policies(settings), key=lambda p: p.key)
-    print(render_table(["scope", "period", "limit (USD)"],
-                       [[p.scope, p.period.value, p.limit_usd] for p in policies],
-                       right_align=[False, False, True]))
+    print(
+        render_table(
+            ["scope", "period", "limit (USD)"],
+            [[p.scope, p.period.value, p.limit_usd] for p in policies],
+            right_align=[False, False, True],
+        )
+    )
     return 0
 
 
@@ -107,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the local stack (Kafka, processor, sink) in the background")
+    up = sub.add_parser(
+        "up", help="start the local stack (Kafka, processor, sink) in the background"
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     up.set_defaults(run=_cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(run=_cmd_down)
@@ -116,11 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(run=_cmd_status)
 
     budgets = sub.add_parser("budgets", help="manage budget policies").add_subparsers(
-        dest="budgets_command", required=True)
+        dest="budgets_command", required=True
+    )
     apply = budgets.add_parser("apply", help="publish the budgets of a YAML policy file")
     apply.add_argument("file")
     apply.set_defaults(run=_cmd_budgets_apply)
-    budgets.add_parser("list", help="list the published budgets").set_defaults(run=_cmd_budgets_list)
+    budgets.add_parser("list", help="list the published budgets").set_defaults(
+        run=_cmd_budgets_list
+    )
 
     sql = sub.add_parser("sql", help="run a read-only SQL query against the call history")
     sql.add_argument("query")

@@ -38,7 +38,9 @@ class _Outcome:
     errors: list[str] = field(default_factory=list)
 
 
-def run_demo(settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", stop_after: bool = False) -> int:
+def run_demo(
+    settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", stop_after: bool = False
+) -> int:
     from agentledger.budgets import apply_policies
     from agentledger.deploy.stack import Stack
     from agentledger.producers import BudgetExceeded, Ledger
@@ -63,8 +65,6 @@ def run_demo(settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", s
 
     ledger = Ledger(settings)
     ledger.wait_for_control(15.0)
-    started = time.time()
-    since_ms = int(started * 1000) - 1000
     lock = threading.Lock()
 
     def worker(agent_id: str, sizes: list[TraceCall], model: str, pool: str) -> _Outcome:
@@ -96,12 +96,17 @@ def run_demo(settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", s
                 break
             size = code[rng.randrange(len(code))]
             try:
-                with agent.call(provider="openai", model="gpt-4o", task_type="fix-tests",
-                                attempt=attempt) as call:
+                with agent.call(
+                    provider="openai", model="gpt-4o", task_type="fix-tests", attempt=attempt
+                ) as call:
                     time.sleep(0.03)
                     # The tool call keeps failing, so the agent retries with the full context.
-                    call.record(input_tokens=size.input_tokens, output_tokens=size.output_tokens,
-                                status=CallStatus.ERROR, error_type="ToolCallFailed")
+                    call.record(
+                        input_tokens=size.input_tokens,
+                        output_tokens=size.output_tokens,
+                        status=CallStatus.ERROR,
+                        error_type="ToolCallFailed",
+                    )
                 outcome.calls += 1
             except BudgetExceeded as exc:
                 outcome.stopped_by = str(exc)
@@ -115,8 +120,14 @@ def run_demo(settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", s
     _say(f"== 3/5 running {agents} agents and 1 runaway retry loop (workflow {workflow})")
     results: dict[str, _Outcome] = {}
     pools = ["research", "coding"]
-    threads = [threading.Thread(target=lambda a=a, i=i: results.__setitem__(
-        a, worker(a, conv if i % 2 == 0 else code, "gpt-4o-mini", pools[i % 2]))) for i, a in enumerate(worker_ids)]
+    threads = [
+        threading.Thread(
+            target=lambda a=a, i=i: results.__setitem__(
+                a, worker(a, conv if i % 2 == 0 else code, "gpt-4o-mini", pools[i % 2])
+            )
+        )
+        for i, a in enumerate(worker_ids)
+    ]
     threads.append(threading.Thread(target=lambda: results.__setitem__(runaway_id, runaway())))
     for thread in threads:
         thread.start()
@@ -127,8 +138,10 @@ def run_demo(settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", s
 
     stopped = results[runaway_id]
     if stopped.stopped_by is None:
-        _say(f"!! {runaway_id} was never stopped after {stopped.calls} attempts: check "
-             f"`agentledger status` and {settings.home}/logs/processor.log")
+        _say(
+            f"!! {runaway_id} was never stopped after {stopped.calls} attempts: check "
+            f"`agentledger status` and {settings.home}/logs/processor.log"
+        )
         return 1
     _say(f"== STOPPED {runaway_id} after {stopped.calls} attempts:\n   {stopped.stopped_by}")
 
@@ -139,7 +152,9 @@ def run_demo(settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", s
     deadline = time.monotonic() + 60
     landed = 0
     while time.monotonic() < deadline:
-        result = client.query("SELECT count() FROM calls WHERE workflow_id = {wf:String}", {"wf": workflow})
+        result = client.query(
+            "SELECT count() FROM calls WHERE workflow_id = {wf:String}", {"wf": workflow}
+        )
         landed = int(result.rows[0][0])
         if landed >= emitted:
             break
@@ -156,15 +171,24 @@ def run_demo(settings: Settings, *, agents: int = 4, budget_usd: str = "0.25", s
         {"wf": workflow},
     )
     rows = [[*r[:7], f"${nano_to_usd(int(r[7]))}"] for r in result.rows]
-    _say(render_table(["agent", "model", "calls", "failed", "max attempt", "input tok", "output tok", "cost"],
-                      rows, right_align=[False, False, True, True, True, True, True, True]))
+    _say(
+        render_table(
+            ["agent", "model", "calls", "failed", "max attempt", "input tok", "output tok", "cost"],
+            rows,
+            right_align=[False, False, True, True, True, True, True, True],
+        )
+    )
     total = sum(int(r[7]) for r in result.rows)
-    _say(f"   total ${nano_to_usd(total)}; the runaway's retries cost the most and were stopped at its budget.")
+    _say(
+        f"   total ${nano_to_usd(total)}; the runaway's retries cost the most, "
+        "and they stopped at its budget."
+    )
     if stop_after:
         stack.down()
         _say("stack stopped")
     else:
-        _say("the stack is still running: try `.venv/bin/agentledger review` or "
-             "`.venv/bin/agentledger sql \"SELECT ...\"`; stop it with `.venv/bin/agentledger down`")
+        _say(
+            "the stack is still running: try `.venv/bin/agentledger review` or "
+            '`.venv/bin/agentledger sql "SELECT ..."`; stop it with `.venv/bin/agentledger down`'
+        )
     return 0 if landed >= emitted else 1
-

@@ -39,17 +39,22 @@ def find_trace_dir() -> Path:
     )
 
 
-def load_trace(name: str = "conv", limit: int | None = None, trace_dir: Path | None = None) -> list[TraceCall]:
+def load_trace(
+    name: str = "conv", limit: int | None = None, trace_dir: Path | None = None
+) -> list[TraceCall]:
     """Load ``azure_llm_trace_2023_<name>.csv`` (name: conv or code)."""
     path = (trace_dir or find_trace_dir()) / f"azure_llm_trace_2023_{name}.csv"
     calls: list[TraceCall] = []
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
             # Timestamps carry 7 fractional digits; milliseconds are all we keep.
-            stamp = datetime.strptime(row["TIMESTAMP"][:23], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+            stamp = datetime.strptime(row["TIMESTAMP"][:23], "%Y-%m-%d %H:%M:%S.%f").replace(
+                tzinfo=UTC
+            )
             arrival_ms = (stamp - _EPOCH) // timedelta(milliseconds=1)
-            calls.append(TraceCall(arrival_ms, int(row["ContextTokens"]),
-                                   int(row["GeneratedTokens"])))
+            calls.append(
+                TraceCall(arrival_ms, int(row["ContextTokens"]), int(row["GeneratedTokens"]))
+            )
             if limit is not None and len(calls) >= limit:
                 break
     return calls

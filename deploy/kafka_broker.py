@@ -57,8 +57,13 @@ def ensure_jars(jar_dir: Path | None = None, progress: Progress = _stderr) -> Pa
     staging = Path(tempfile.mkdtemp(prefix="kafka-jars-", dir=target.parent))
     progress(f"fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {target} ...")
     cmd = [
-        mvn, "-B", "-f", str(POM), "dependency:copy-dependencies",
-        f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+        mvn,
+        "-B",
+        "-f",
+        str(POM),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
         f"-Dkafka.version={KAFKA_VERSION}",
     ]
     downloaded = 0
@@ -66,7 +71,7 @@ def ensure_jars(jar_dir: Path | None = None, progress: Progress = _stderr) -> Pa
         assert proc.stdout is not None
         tail: list[str] = []
         for line in proc.stdout:
-            tail = (tail + [line.rstrip()])[-30:]
+            tail = [*tail, line.rstrip()][-30:]
             if "Downloaded from" in line:
                 downloaded += 1
                 if downloaded % 10 == 0:
@@ -75,8 +80,8 @@ def ensure_jars(jar_dir: Path | None = None, progress: Progress = _stderr) -> Pa
     if code != 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise BrokerError(
-            "mvn could not resolve the Kafka jars (exit %d); check that Maven Central is "
-            "reachable. Last output:\n%s" % (code, "\n".join(tail))
+            f"mvn could not resolve the Kafka jars (exit {code}); check that Maven Central is "
+            "reachable. Last output:\n" + "\n".join(tail)
         )
     (staging / ".complete").write_text(KAFKA_VERSION + "\n")
     if target.exists():
@@ -145,43 +150,51 @@ class KafkaBroker:
         return self.state_dir / "broker.pid"
 
     def _properties(self) -> str:
-        return "\n".join([
-            "process.roles=broker,controller",
-            f"node.id={self.node_id}",
-            f"controller.quorum.voters={self.node_id}@127.0.0.1:{self.controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name=PLAINTEXT",
-            f"log.dirs={self.data_dir.resolve()}",
-            "num.partitions=1",
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=10",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
-            # Topics are created explicitly with their config (see topics.py); faust creates its
-            # changelog topics through the admin API, so nothing relies on auto-creation.
-            "auto.create.topics.enable=false",
-            "log.retention.check.interval.ms=60000",
-            "",
-        ])
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                f"node.id={self.node_id}",
+                f"controller.quorum.voters={self.node_id}@127.0.0.1:{self.controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={self.data_dir.resolve()}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=10",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                # Topics are created explicitly with their config (see topics.py); faust creates its
+                # changelog topics through the admin API, so nothing relies on auto-creation.
+                "auto.create.topics.enable=false",
+                "log.retention.check.interval.ms=60000",
+                "",
+            ]
+        )
 
     def _java(self) -> list[str]:
         java = shutil.which("java")
         if java is None:
-            raise BrokerError("Java 17+ is needed to run the Kafka broker: install a JDK "
-                              "(Debian: apt-get install openjdk-17-jre-headless)")
+            raise BrokerError(
+                "Java 17+ is needed to run the Kafka broker: install a JDK "
+                "(Debian: apt-get install openjdk-17-jre-headless)"
+            )
         jars = ensure_jars(self.jar_dir)
         return [
-            java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
+            java,
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG_CONFIG}",
             f"-Dagentledger.log.file={self.log_file.resolve()}",
-            "-cp", str(jars / "*"),
+            "-cp",
+            str(jars / "*"),
         ]
 
     def config_file(self) -> Path:
@@ -198,13 +211,25 @@ class KafkaBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cluster_id = _kafka_cluster_id()
         result = subprocess.run(
-            [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id,
-             "-c", str(config), "--ignore-formatted"],
-            capture_output=True, text=True, check=False,
+            [
+                *self._java(),
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+                "--ignore-formatted",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
-            raise BrokerError(f"formatting Kafka storage in {self.data_dir} failed:\n"
-                              f"{result.stdout}{result.stderr}")
+            raise BrokerError(
+                f"formatting Kafka storage in {self.data_dir} failed:\n"
+                f"{result.stdout}{result.stderr}"
+            )
 
     def running_pid(self) -> int | None:
         if not self.pid_file.exists():
@@ -228,7 +253,9 @@ class KafkaBroker:
             out = self.stdout_file.open("ab")
             proc = subprocess.Popen(
                 [*self._java(), "kafka.Kafka", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
             out.close()
@@ -247,8 +274,9 @@ class KafkaBroker:
                     f"{self.stdout_file}. A port in use? Set AGENTLEDGER_KAFKA to another port."
                 )
             time.sleep(0.5)
-        raise BrokerError(f"Kafka did not answer on {self.bootstrap} within {timeout_s:.0f}s; "
-                          f"see {self.log_file}")
+        raise BrokerError(
+            f"Kafka did not answer on {self.bootstrap} within {timeout_s:.0f}s; see {self.log_file}"
+        )
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop gracefully (SIGTERM), then SIGKILL after ``timeout_s``. True if it was running."""

@@ -84,14 +84,16 @@ class Stack:
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "AGENTLEDGER_KAFKA": self.settings.kafka,
-            "AGENTLEDGER_HOME": str(self.home),
-            "AGENTLEDGER_TOPIC_PREFIX": self.settings.topic_prefix,
-            "AGENTLEDGER_PROCESSOR_PORT": str(self.settings.processor_port),
-            "AGENTLEDGER_SINK_PORT": str(self.settings.sink_port),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "AGENTLEDGER_KAFKA": self.settings.kafka,
+                "AGENTLEDGER_HOME": str(self.home),
+                "AGENTLEDGER_TOPIC_PREFIX": self.settings.topic_prefix,
+                "AGENTLEDGER_PROCESSOR_PORT": str(self.settings.processor_port),
+                "AGENTLEDGER_SINK_PORT": str(self.settings.sink_port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         # Secrets travel only through the environment of our own children, never on argv.
         if self.settings.clickhouse is not None:
             env["AGENTLEDGER_CLICKHOUSE"] = self.settings.clickhouse.get_secret_value()
@@ -125,7 +127,7 @@ class Stack:
     def _health(self, service: _Service) -> tuple[bool, str]:
         url = f"http://127.0.0.1:{service.port}/health"
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we build
+            with urllib.request.urlopen(url, timeout=2) as response:
                 body = response.read().decode()
                 return response.status == 200, body[:200]
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -136,17 +138,31 @@ class Stack:
         if self.manages_kafka:
             broker = self.broker
             ok = kafka_ready(self.settings.kafka, timeout_s=2.0)
-            rows.append(ComponentStatus("kafka", ok, broker.running_pid(), self.settings.kafka,
-                                        broker.log_file))
+            rows.append(
+                ComponentStatus(
+                    "kafka", ok, broker.running_pid(), self.settings.kafka, broker.log_file
+                )
+            )
         else:
             ok = kafka_ready(self.settings.kafka, timeout_s=3.0)
-            rows.append(ComponentStatus("kafka", ok, None, self.settings.kafka, Path("-"),
-                                        "external cluster"))
+            rows.append(
+                ComponentStatus(
+                    "kafka", ok, None, self.settings.kafka, Path("-"), "external cluster"
+                )
+            )
         for service in self.services:
             pid = self.running_pid(service)
             healthy, detail = self._health(service) if pid is not None else (False, "not running")
-            rows.append(ComponentStatus(service.name, healthy, pid,
-                                        f"127.0.0.1:{service.port}", self._log_file(service), detail))
+            rows.append(
+                ComponentStatus(
+                    service.name,
+                    healthy,
+                    pid,
+                    f"127.0.0.1:{service.port}",
+                    self._log_file(service),
+                    detail,
+                )
+            )
         return rows
 
     # -- up / down -------------------------------------------------------------------------
@@ -157,7 +173,9 @@ class Stack:
         if self.manages_kafka:
             self.broker.start(timeout_s=timeout_s, progress=self.progress)
         elif not kafka_ready(self.settings.kafka, timeout_s=10):
-            raise StackError(f"Kafka at {self.settings.kafka} does not answer; check AGENTLEDGER_KAFKA")
+            raise StackError(
+                f"Kafka at {self.settings.kafka} does not answer; check AGENTLEDGER_KAFKA"
+            )
         created = ensure_topics(self.settings.kafka, topic_specs(self.settings.topics))
         if created:
             self.progress(f"created topics: {', '.join(created)}")
@@ -177,20 +195,27 @@ class Stack:
         log = self._log_file(service).open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", service.module],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.child_env(), cwd=self.home, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.child_env(),
+            cwd=self.home,
+            start_new_session=True,
         )
         log.close()
         self._pid_file(service).write_text(f"{proc.pid}\n")
-        self.progress(f"starting {service.name} on 127.0.0.1:{service.port} "
-                      f"(log: {self._log_file(service)})")
+        self.progress(
+            f"starting {service.name} on 127.0.0.1:{service.port} (log: {self._log_file(service)})"
+        )
 
     def _wait_healthy(self, service: _Service, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         last_note = time.monotonic()
         while time.monotonic() < deadline:
             if self.running_pid(service) is None:
-                raise StackError(f"{service.name} exited during start; see {self._log_file(service)}")
+                raise StackError(
+                    f"{service.name} exited during start; see {self._log_file(service)}"
+                )
             healthy, _ = self._health(service)
             if healthy:
                 self.progress(f"{service.name} healthy")
@@ -199,8 +224,9 @@ class Stack:
                 self.progress(f"  ... waiting for {service.name} to become healthy")
                 last_note = time.monotonic()
             time.sleep(0.3)
-        raise StackError(f"{service.name} was not healthy within {timeout_s:.0f}s; "
-                         f"see {self._log_file(service)}")
+        raise StackError(
+            f"{service.name} was not healthy within {timeout_s:.0f}s; see {self._log_file(service)}"
+        )
 
     def stop_service(self, name: str, *, kill: bool = False, timeout_s: float = 30.0) -> bool:
         service = next(s for s in self.services if s.name == name)
@@ -223,8 +249,17 @@ class Stack:
         return stopped
 
     def status_json(self) -> str:
-        return json.dumps([
-            {"name": r.name, "healthy": r.healthy, "pid": r.pid, "address": r.address,
-             "log": str(r.log_file), "detail": r.detail}
-            for r in self.status()
-        ], indent=2)
+        return json.dumps(
+            [
+                {
+                    "name": r.name,
+                    "healthy": r.healthy,
+                    "pid": r.pid,
+                    "address": r.address,
+                    "log": str(r.log_file),
+                    "detail": r.detail,
+                }
+                for r in self.status()
+            ],
+            indent=2,
+        )

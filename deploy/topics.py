@@ -22,39 +22,60 @@ def topic_specs(topics: Topics, calls_partitions: int = 6) -> list[TopicSpec]:
     return [
         # Keyed by agent id. LogAppendTime: retention runs on arrival time, so a backdated
         # event time in the payload never makes the broker delete it early.
-        TopicSpec(topics.calls, calls_partitions, {
-            "message.timestamp.type": "LogAppendTime",
-            "retention.ms": str(14 * DAY_MS),
-            "cleanup.policy": "delete",
-        }),
+        TopicSpec(
+            topics.calls,
+            calls_partitions,
+            {
+                "message.timestamp.type": "LogAppendTime",
+                "retention.ms": str(14 * DAY_MS),
+                "cleanup.policy": "delete",
+            },
+        ),
         # Keyed by scope; compaction keeps the standing command per scope for new agents.
-        TopicSpec(topics.control, 3, {
-            "cleanup.policy": "compact",
-            "min.cleanable.dirty.ratio": "0.1",
-            "segment.ms": str(3600 * 1000),
-        }),
-        TopicSpec(topics.policies, 1, {
-            "cleanup.policy": "compact",
-            "min.cleanable.dirty.ratio": "0.1",
-        }),
-        TopicSpec(topics.dlq, 1, {
-            "retention.ms": str(30 * DAY_MS),
-            "cleanup.policy": "delete",
-        }),
+        TopicSpec(
+            topics.control,
+            3,
+            {
+                "cleanup.policy": "compact",
+                "min.cleanable.dirty.ratio": "0.1",
+                "segment.ms": str(3600 * 1000),
+            },
+        ),
+        TopicSpec(
+            topics.policies,
+            1,
+            {
+                "cleanup.policy": "compact",
+                "min.cleanable.dirty.ratio": "0.1",
+            },
+        ),
+        TopicSpec(
+            topics.dlq,
+            1,
+            {
+                "retention.ms": str(30 * DAY_MS),
+                "cleanup.policy": "delete",
+            },
+        ),
     ]
 
 
-def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication: int = 1,
-                  timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(
+    bootstrap: str, specs: list[TopicSpec], replication: int = 1, timeout_s: float = 30.0
+) -> list[str]:
     """Create missing topics; return the names created. Existing topics are left alone."""
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [
-        NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication, config=s.config)
-        for s in specs if s.name not in existing
+        NewTopic(
+            s.name, num_partitions=s.partitions, replication_factor=replication, config=s.config
+        )
+        for s in specs
+        if s.name not in existing
     ]
     if not wanted:
         return []

@@ -40,6 +40,7 @@ __all__ = [
     "SignatureError",
     "Topics",
     "nano_to_usd",
+    "parse_policy_file",
     "sign_command",
     "usd_to_nano",
     "uuid7",

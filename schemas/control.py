@@ -28,7 +28,7 @@ __all__ = [
     "verify_command",
 ]
 
-CONTROL_COMMAND_VERSION = 1
+CONTROL_COMMAND_VERSION: Literal[1] = 1
 SIGNATURE_SCHEME = "hmac-sha256"
 
 Scope = Annotated[
@@ -87,8 +87,10 @@ def _digest(command: ControlCommand, key: bytes) -> str:
 
 def sign_command(command: ControlCommand, key: bytes) -> ControlCommand:
     if len(key) < 16:
-        raise ValueError("the control key must be at least 16 bytes; generate one with "
-                         "`python -c 'import secrets; print(secrets.token_hex(32))'`")
+        raise ValueError(
+            "the control key must be at least 16 bytes; generate one with "
+            "`python -c 'import secrets; print(secrets.token_hex(32))'`"
+        )
     return command.model_copy(update={"signature": _digest(command, key)})
 
 
@@ -97,4 +99,6 @@ def verify_command(command: ControlCommand, key: bytes) -> None:
     if not command.signature:
         raise SignatureError(f"command {command.command_id} for {command.scope} is unsigned")
     if not hmac.compare_digest(command.signature, _digest(command, key)):
-        raise SignatureError(f"command {command.command_id} for {command.scope} has a bad signature")
+        raise SignatureError(
+            f"command {command.command_id} for {command.scope} has a bad signature"
+        )

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["DEAD_LETTER_VERSION", "InvalidMessage"]
 
-DEAD_LETTER_VERSION = 1
+DEAD_LETTER_VERSION: Literal[1] = 1
 
 
 class InvalidMessage(BaseModel):

@@ -12,7 +12,7 @@ from .ids import uuid7
 
 __all__ = ["CALL_EVENT_VERSION", "CallEvent", "CallStatus", "Identifier"]
 
-CALL_EVENT_VERSION = 1
+CALL_EVENT_VERSION: Literal[1] = 1
 
 # Ids travel in Kafka keys, ClickHouse rows and scope strings ("agent:<id>"), so they are kept
 # printable and free of whitespace.

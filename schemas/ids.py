@@ -15,8 +15,12 @@ def uuid7(unix_ms: int | None = None) -> uuid.UUID:
     if not 0 <= ms < 1 << 48:
         raise ValueError(f"uuid7 timestamp must fit 48 bits of unix milliseconds, got {ms}")
     rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (
-        rand & ((1 << 62) - 1)
+    value = (
+        (ms << 80)
+        | (0x7 << 76)
+        | ((rand >> 62) & 0xFFF) << 64
+        | (0b10 << 62)
+        | (rand & ((1 << 62) - 1))
     )
     return uuid.UUID(int=value)
 

@@ -24,7 +24,9 @@ def usd_to_nano(usd: Decimal | int | str) -> int:
     amount = Decimal(usd)
     if not amount.is_finite():
         raise ValueError(f"money must be a finite number, got {usd!r}")
-    return int((amount.quantize(_NANO, rounding=ROUND_HALF_EVEN) * NANO_PER_USD).to_integral_value())
+    return int(
+        (amount.quantize(_NANO, rounding=ROUND_HALF_EVEN) * NANO_PER_USD).to_integral_value()
+    )
 
 
 def nano_to_usd(nano: int) -> Decimal:

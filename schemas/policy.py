@@ -21,7 +21,7 @@ __all__ = [
     "parse_policy_file",
 ]
 
-BUDGET_POLICY_VERSION = 1
+BUDGET_POLICY_VERSION: Literal[1] = 1
 
 
 class Period(StrEnum):
@@ -92,8 +92,8 @@ def parse_policy_file(text: str, source: str = "<policy>") -> PolicyFile:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise PolicyFileError(f"{source}{line}: not valid YAML: {exc}") from exc
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise PolicyFileError(f"{source}{where}: not valid YAML: {exc}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):

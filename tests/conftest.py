@@ -35,7 +35,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         state_dir=tmp_path_factory.mktemp("kafka"),
         port=free_port(),
         controller_port=free_port(),
-        jar_dir=Path(os.environ["AGENTLEDGER_KAFKA_JARS"]) if "AGENTLEDGER_KAFKA_JARS" in os.environ else None,
+        jar_dir=Path(os.environ["AGENTLEDGER_KAFKA_JARS"])
+        if "AGENTLEDGER_KAFKA_JARS" in os.environ
+        else None,
     )
     broker.start(timeout_s=120)
     try:

@@ -16,9 +16,17 @@ from tests.conftest import TEST_CONTROL_KEY, free_port
 pytestmark = pytest.mark.integration
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agentledger", *args], env=env, text=True,
-                          capture_output=True, timeout=timeout, check=False)
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentledger", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def status(env: dict[str, str]) -> dict[str, dict[str, object]]:
@@ -29,15 +37,17 @@ def status(env: dict[str, str]) -> dict[str, dict[str, object]]:
 @pytest.fixture
 def stack_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "AGENTLEDGER_HOME": str(tmp_path / "stack"),
-        "AGENTLEDGER_KAFKA": f"127.0.0.1:{free_port()}",
-        "AGENTLEDGER_KAFKA_CONTROLLER_PORT": str(free_port()),
-        "AGENTLEDGER_PROCESSOR_PORT": str(free_port()),
-        "AGENTLEDGER_SINK_PORT": str(free_port()),
-        "AGENTLEDGER_TOPIC_PREFIX": "clitest.",
-        "AGENTLEDGER_CONTROL_KEY": TEST_CONTROL_KEY,
-    })
+    env.update(
+        {
+            "AGENTLEDGER_HOME": str(tmp_path / "stack"),
+            "AGENTLEDGER_KAFKA": f"127.0.0.1:{free_port()}",
+            "AGENTLEDGER_KAFKA_CONTROLLER_PORT": str(free_port()),
+            "AGENTLEDGER_PROCESSOR_PORT": str(free_port()),
+            "AGENTLEDGER_SINK_PORT": str(free_port()),
+            "AGENTLEDGER_TOPIC_PREFIX": "clitest.",
+            "AGENTLEDGER_CONTROL_KEY": TEST_CONTROL_KEY,
+        }
+    )
     env.pop("AGENTLEDGER_API_TOKEN", None)
     return env
 
@@ -48,7 +58,10 @@ def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
         assert first.returncode == 0, first.stdout + first.stderr
         rows = status(stack_env)
         assert {name: row["healthy"] for name, row in rows.items()} == {
-            "kafka": True, "processor": True, "sink": True}
+            "kafka": True,
+            "processor": True,
+            "sink": True,
+        }
         pids = {name: row["pid"] for name, row in rows.items()}
         assert all(isinstance(pid, int) for pid in pids.values())
         assert rows["sink"]["address"] == f"127.0.0.1:{stack_env['AGENTLEDGER_SINK_PORT']}"
@@ -70,7 +83,11 @@ def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
     finally:
         down = run_cli(stack_env, "down")
     assert down.returncode == 0, down.stderr
-    assert set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == {"processor", "sink", "kafka"}
+    assert set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == {
+        "processor",
+        "sink",
+        "kafka",
+    }
     after = status(stack_env)
     assert not any(row["healthy"] for row in after.values())
     assert run_cli(stack_env, "status").returncode == 1

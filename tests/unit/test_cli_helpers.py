@@ -19,11 +19,20 @@ def test_durations() -> None:
 
 
 def test_table_alignment() -> None:
-    text = render_table(["agent", "cost"], [["a", "$1.5"], ["longer", "$10.25"]], right_align=[False, True])
-    assert text.splitlines() == ["agent     cost", "------  ------", "a         $1.5", "longer  $10.25"]
+    text = render_table(
+        ["agent", "cost"], [["a", "$1.5"], ["longer", "$10.25"]], right_align=[False, True]
+    )
+    assert text.splitlines() == [
+        "agent     cost",
+        "------  ------",
+        "a         $1.5",
+        "longer  $10.25",
+    ]
 
 
-def test_settings_from_env_and_secret_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_from_env_and_secret_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AGENTLEDGER_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("AGENTLEDGER_KAFKA", "127.0.0.1:19092")
     monkeypatch.setenv("AGENTLEDGER_TOPIC_PREFIX", "x.")

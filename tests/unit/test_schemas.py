@@ -88,7 +88,9 @@ def test_event_round_trips_through_json() -> None:
         ({"status": "exploded"}, "status", "Input should be"),
     ],
 )
-def test_invalid_events_name_the_field(overrides: dict[str, object], field: str, fragment: str) -> None:
+def test_invalid_events_name_the_field(
+    overrides: dict[str, object], field: str, fragment: str
+) -> None:
     with pytest.raises(ValidationError) as info:
         make_event(**overrides)
     errors = info.value.errors()
@@ -97,8 +99,12 @@ def test_invalid_events_name_the_field(overrides: dict[str, object], field: str,
 
 def test_command_signature_verifies_and_detects_tampering() -> None:
     command = ControlCommand(
-        scope="agent:researcher-1", action=ControlAction.STOP, reason="over budget",
-        issued_at_ms=1, limit_nano_usd=5, spend_nano_usd=6,
+        scope="agent:researcher-1",
+        action=ControlAction.STOP,
+        reason="over budget",
+        issued_at_ms=1,
+        limit_nano_usd=5,
+        spend_nano_usd=6,
     )
     signed = sign_command(command, KEY)
     verify_command(signed, KEY)
@@ -118,7 +124,9 @@ def test_short_keys_are_refused() -> None:
 
 
 def test_policy_file_parses_minimal_format_exactly() -> None:
-    policies = parse_policy_file("budgets:\n  - scope: agent:researcher-1\n    period: day\n    limit_usd: 5.10\n")
+    policies = parse_policy_file(
+        "budgets:\n  - scope: agent:researcher-1\n    period: day\n    limit_usd: 5.10\n"
+    )
     (policy,) = policies.budgets
     assert policy.limit_usd == Decimal("5.10")
     assert policy.limit_nano_usd == 5_100_000_000
@@ -141,8 +149,14 @@ def test_policy_file_rejects_bad_yaml_with_line() -> None:
 
 def test_invalid_message_keeps_payload() -> None:
     message = InvalidMessage.from_raw(
-        topic="calls", partition=2, offset=7, reason="not JSON", component="sink",
-        detected_at_ms=5, key=b"k", payload=b"\x00garbage",
+        topic="calls",
+        partition=2,
+        offset=7,
+        reason="not JSON",
+        component="sink",
+        detected_at_ms=5,
+        key=b"k",
+        payload=b"\x00garbage",
     )
     assert InvalidMessage.model_validate_json(message.model_dump_json()).payload() == b"\x00garbage"
 
