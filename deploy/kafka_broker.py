@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["KAFKA_VERSION", "BrokerError", "KafkaBroker", "ensure_jars", "kafka_ready", "pid_alive"]
@@ -95,7 +95,9 @@ def kafka_ready(bootstrap: str, timeout_s: float = 2.0) -> bool:
     """True when an AdminClient gets cluster metadata from ``bootstrap``."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000})
+    # log_level 0: a broker that is still starting refuses connections, which is expected here
+    # and would otherwise print a librdkafka error line every 50 ms.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000, "log_level": 0})
     try:
         admin.list_topics(timeout=timeout_s)
     except Exception:  # noqa: BLE001 - any failure to answer means "not ready yet"
@@ -128,6 +130,8 @@ class KafkaBroker:
     jar_dir: Path | None = None
     heap: str = "512m"
     node_id: int = 1
+    # Held so the child is reaped by this object, not reported as leaked when it is collected.
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def bootstrap(self) -> str:
@@ -259,6 +263,7 @@ class KafkaBroker:
                 start_new_session=True,
             )
             out.close()
+            self._process = proc
             self.pid_file.write_text(f"{proc.pid}\n")
             progress(f"starting Kafka {KAFKA_VERSION} on {self.bootstrap} (log: {self.log_file})")
         self.wait_ready(timeout_s)
@@ -285,6 +290,7 @@ class KafkaBroker:
             return False
         _terminate(pid, timeout_s)
         self.pid_file.unlink(missing_ok=True)
+        self._reap()
         return True
 
     def kill(self) -> None:
@@ -293,6 +299,12 @@ class KafkaBroker:
         if pid is not None:
             _terminate(pid, 0)
             self.pid_file.unlink(missing_ok=True)
+            self._reap()
+
+    def _reap(self) -> None:
+        if self._process is not None:
+            self._process.wait(timeout=30)
+            self._process = None
 
 
 def _terminate(pid: int, timeout_s: float) -> None:
