@@ -1,0 +1,76 @@
+"""The sink process: migrations, the consumer loop and the query server, with a clean stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+from agentledger.config import Settings
+
+from .database import ClickHouse
+from .migrations import apply_migrations
+from .server import QueryServer
+from .store import CallsTable
+from .worker import SinkWorker
+
+__all__ = ["BATCH_MAX_MS_ENV", "BATCH_MAX_ROWS_ENV", "run_sink"]
+
+log = logging.getLogger(__name__)
+
+# Tuning knobs of the sink only; read here so Settings (shared) needs no new fields.
+BATCH_MAX_ROWS_ENV = "AGENTLEDGER_SINK_BATCH_ROWS"
+BATCH_MAX_MS_ENV = "AGENTLEDGER_SINK_BATCH_MS"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise SystemExit(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
+    stop = stop if stop is not None else threading.Event()
+    batch_rows = _env_int(BATCH_MAX_ROWS_ENV, 10_000)
+    batch_ms = _env_int(BATCH_MAX_MS_ENV, 1_000)
+    if settings.embedded_clickhouse:
+        (settings.home / "clickhouse").mkdir(parents=True, exist_ok=True)
+    database = ClickHouse.open(settings.clickhouse_dsn)
+    try:
+        applied = apply_migrations(database)
+        log.info("ClickHouse %s ready (migrations applied now: %s)", database.description,
+                 applied or "none")
+        worker = SinkWorker(settings, CallsTable(database), stop=stop,
+                            batch_max_rows=batch_rows, batch_max_ms=batch_ms)
+        server = QueryServer(database, settings.sink_port, settings.api_token_value(),
+                             health_extra=worker.stats.as_json)
+        server.start()
+        log.info("sink consuming %s, API on 127.0.0.1:%d", settings.topics.calls,
+                 settings.sink_port)
+        try:
+            worker.run()
+        finally:
+            log.info("stopping: closing the consumer, the API and ClickHouse")
+            server.stop()
+            worker.close()
+    finally:
+        database.close()
+    return 0
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: finishing the current batch", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

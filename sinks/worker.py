@@ -1,0 +1,498 @@
+"""SinkWorker: the calls topic -> the `calls` table, exactly once in effect.
+
+Per batch (up to `batch_max_rows` records or `batch_max_ms` of event-loop time):
+1. every record is parsed; an invalid one becomes an InvalidMessage for the dlq, never a row;
+2. valid rows are inserted per Kafka partition (and per month, so that each insert writes one
+   ClickHouse part and is all-or-nothing) with `insert_deduplication_token` =
+   "<topic>:<partition>:<first offset>-<last offset>" of the chunk's rows; a failed insert is
+   retried with the same chunk and token, with backoff, while consumption is paused;
+3. the dlq records are produced and flushed;
+4. only then are the offsets committed, synchronously.
+
+After a crash the batch boundaries of the replay need not match the lost run's, so tokens alone
+could not stop a duplicate. So the first time a partition is assigned, the worker reads which
+offsets at or after the committed position are already in the table and skips them; a chunk is
+one part, so it is either wholly present or wholly absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, cast
+
+from pydantic import ValidationError
+
+from agentledger.config import Settings
+from agentledger.schemas import CallEvent, InvalidMessage
+
+from .database import ClickHouseError
+from .rows import RowError, SourcePosition, call_to_row, dedup_token, yyyymm
+from .store import CallsStore
+
+__all__ = ["Chunk", "SinkStats", "SinkWorker", "consumer_config", "wall_clock_ms"]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+TopicPartitionKey = tuple[str, int]
+T = TypeVar("T")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def consumer_config(settings: Settings) -> dict[str, object]:
+    return {
+        "bootstrap.servers": settings.kafka,
+        "group.id": f"{settings.topic_prefix}sink",
+        "enable.auto.commit": False,
+        # The worker never stores offsets itself; commit() is always given explicit offsets.
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+    }
+
+
+def producer_config(settings: Settings) -> dict[str, object]:
+    return {
+        "bootstrap.servers": settings.kafka,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+    }
+
+
+class MessageLike(Protocol):
+    def error(self) -> Any: ...
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+
+
+class ConsumerLike(Protocol):
+    def subscribe(self, topics: list[str], on_assign: Any = ..., on_revoke: Any = ...,
+                  on_lost: Any = ...) -> None: ...
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]: ...
+    def commit(self, message: Any = None, offsets: Any = None,
+               asynchronous: bool = True) -> Any: ...
+    def assignment(self) -> list[Any]: ...
+    def pause(self, partitions: list[Any]) -> None: ...
+    def resume(self, partitions: list[Any]) -> None: ...
+    def poll(self, timeout: float = -1) -> Any: ...
+    def seek(self, partition: Any) -> None: ...
+    def position(self, partitions: list[Any]) -> list[Any]: ...
+    def get_watermark_offsets(self, partition: Any, timeout: float = ...,
+                              cached: bool = ...) -> tuple[int, int] | None: ...
+    def close(self) -> None: ...
+
+
+class ProducerLike(Protocol):
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                on_delivery: Any = None) -> None: ...
+    def flush(self, timeout: float = -1) -> int: ...
+    def poll(self, timeout: float = -1) -> int: ...
+
+
+@dataclass
+class SinkStats:
+    """Read by the health endpoint from another thread; plain attribute writes are atomic."""
+
+    rows_inserted: int = 0
+    rows_skipped_replayed: int = 0
+    invalid: int = 0
+    batches: int = 0
+    last_commit_ms: int | None = None
+    retrying: bool = False
+    last_error: str | None = None
+    lag: int | None = None
+    assigned: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "rows_inserted": self.rows_inserted,
+            "rows_skipped_replayed": self.rows_skipped_replayed,
+            "invalid": self.invalid,
+            "batches": self.batches,
+            "last_commit_ms": self.last_commit_ms,
+            "retrying": self.retrying,
+            "last_error": self.last_error,
+            "lag": self.lag,
+            "assigned": list(self.assigned),
+        }
+
+
+@dataclass
+class Chunk:
+    """Rows of one partition and one month: one insert, one ClickHouse part, one token."""
+
+    topic: str
+    partition: int
+    rows: list[list[object]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+    @property
+    def token(self) -> str:
+        return dedup_token(self.topic, self.partition, min(self.offsets), max(self.offsets))
+
+
+class _Abandon(Exception):
+    """Stop was requested mid-batch: leave it uncommitted, the next run replays it."""
+
+
+class SinkWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: CallsStore,
+        *,
+        consumer: ConsumerLike | None = None,
+        producer: ProducerLike | None = None,
+        clock: Clock = wall_clock_ms,
+        batch_max_rows: int = 10_000,
+        batch_max_ms: int = 1_000,
+        retry_initial_s: float = 0.2,
+        retry_max_s: float = 10.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if batch_max_rows < 1 or batch_max_ms < 1:
+            raise ValueError(f"batch_max_rows and batch_max_ms must be >= 1, got "
+                             f"{batch_max_rows} and {batch_max_ms}")
+        self.settings = settings
+        self.store = store
+        self.topic = settings.topics.calls
+        self.dlq_topic = settings.topics.dlq
+        self.clock = clock
+        self.batch_max_rows = batch_max_rows
+        self.batch_max_ms = batch_max_ms
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.stop = stop if stop is not None else threading.Event()
+        self.stats = SinkStats()
+        if consumer is None:
+            from confluent_kafka import Consumer
+
+            # cast: the stubs' signatures are looser than the Protocol the fakes implement.
+            consumer = cast(ConsumerLike, Consumer(consumer_config(settings)))
+        if producer is None:
+            from confluent_kafka import Producer
+
+            producer = cast(ProducerLike, Producer(producer_config(settings)))
+        self.consumer: ConsumerLike = consumer
+        self.producer: ProducerLike = producer
+        self._assigned: set[TopicPartitionKey] = set()
+        # Offsets already in the table at or after the committed position, per partition, read
+        # once per assignment (absent = not read yet), emptied as the replay passes them.
+        self._present: dict[TopicPartitionKey, set[int]] = {}
+        self._paused = False
+        self._last_lag_ms: int | None = None
+
+    # -- partition assignment -----------------------------------------------------------
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+
+    def _on_assign(self, _consumer: object, partitions: list[Any]) -> None:
+        for tp in partitions:
+            self._assigned.add((tp.topic, tp.partition))
+            self._present.pop((tp.topic, tp.partition), None)
+        self.stats.assigned = sorted(f"{t}:{p}" for t, p in self._assigned)
+        log.info("assigned %s", self.stats.assigned)
+
+    def _on_revoke(self, _consumer: object, partitions: list[Any]) -> None:
+        for tp in partitions:
+            self._assigned.discard((tp.topic, tp.partition))
+            self._present.pop((tp.topic, tp.partition), None)
+        self.stats.assigned = sorted(f"{t}:{p}" for t, p in self._assigned)
+        log.info("revoked, now assigned %s", self.stats.assigned)
+
+    # -- main loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.subscribe()
+        while not self.stop.is_set():
+            self.step()
+
+    def step(self) -> bool:
+        """Collect and process one batch; False when nothing arrived."""
+        batch = self.collect()
+        if not batch:
+            return False
+        try:
+            self.process(batch)
+        except _Abandon:
+            log.info("stop requested: %d records left uncommitted for the next run", len(batch))
+        return True
+
+    def collect(self) -> list[Any]:
+        messages: list[Any] = []
+        started: int | None = None
+        while len(messages) < self.batch_max_rows and not self.stop.is_set():
+            if started is None:
+                wait_ms = 200
+            else:
+                wait_ms = self.batch_max_ms - (self.clock() - started)
+                if wait_ms <= 0:
+                    break
+            got = self.consumer.consume(num_messages=min(1000, self.batch_max_rows - len(messages)),
+                                        timeout=min(wait_ms, 200) / 1000)
+            for msg in got:
+                if self._usable(msg):
+                    messages.append(msg)
+            if started is None:
+                if not messages:
+                    return []
+                started = self.clock()
+        return messages
+
+    def _usable(self, msg: MessageLike) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if getattr(err, "fatal", lambda: False)():
+            from confluent_kafka import KafkaException
+
+            raise KafkaException(err)
+        log.warning("consumer error (librdkafka retries it): %s", err)
+        return False
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def process(self, messages: Sequence[MessageLike]) -> None:
+        now = self.clock()
+        by_partition: dict[TopicPartitionKey, list[MessageLike]] = defaultdict(list)
+        for msg in messages:
+            by_partition[(msg.topic() or "", msg.partition() or 0)].append(msg)
+
+        chunks: list[Chunk] = []
+        dead: list[InvalidMessage] = []
+        commit_to: dict[TopicPartitionKey, int] = {}
+        for (topic, partition), records in by_partition.items():
+            if (topic, partition) not in self._assigned:
+                # Revoked between fetch and now: the new owner reads these records.
+                continue
+            present = self._present_offsets(topic, partition, min(_offset(m) for m in records))
+            per_month: dict[int, Chunk] = {}
+            for msg in records:
+                offset = _offset(msg)
+                commit_to[(topic, partition)] = max(commit_to.get((topic, partition), 0),
+                                                    offset + 1)
+                if offset in present:
+                    self.stats.rows_skipped_replayed += 1
+                    continue
+                source = SourcePosition(topic, partition, offset)
+                try:
+                    event = CallEvent.model_validate_json(msg.value() or b"")
+                    row = call_to_row(event, source, now)
+                except (ValidationError, RowError) as exc:
+                    dead.append(self._invalid(msg, source, _reason(exc), now))
+                    continue
+                chunk = per_month.setdefault(yyyymm(event.event_time_ms),
+                                             Chunk(topic, partition))
+                chunk.rows.append(row)
+                chunk.offsets.append(offset)
+            chunks.extend(per_month.values())
+
+        for chunk in chunks:
+            self._insert(chunk)
+        if dead:
+            self._send_dlq(dead)
+        self._commit(commit_to)
+        self.stats.rows_inserted += sum(len(c.rows) for c in chunks)
+        self.stats.invalid += len(dead)
+        self.stats.batches += 1
+        for key in commit_to:
+            self._forget_present_below(key, commit_to[key])
+        self._update_lag()
+
+    def _present_offsets(self, topic: str, partition: int, from_offset: int) -> set[int]:
+        key = (topic, partition)
+        present = self._present.get(key)
+        if present is None:
+            present = self._retry(lambda: self.store.present_offsets(topic, partition, from_offset),
+                                  f"reading landed offsets of {topic}:{partition}")
+            if present:
+                log.info("%s:%d: %d records from %d on are already stored (uncommitted by a "
+                         "previous run); they are skipped", topic, partition, len(present),
+                         from_offset)
+            self._present[key] = present
+        return present
+
+    def _forget_present_below(self, key: TopicPartitionKey, next_offset: int) -> None:
+        present = self._present.get(key)
+        if present:
+            self._present[key] = {o for o in present if o >= next_offset}
+
+    def _invalid(self, msg: MessageLike, source: SourcePosition, reason: str,
+                 now: int) -> InvalidMessage:
+        log.warning("invalid record %s:%d@%d -> dlq: %s", source.topic, source.partition,
+                    source.offset, reason[:300])
+        return InvalidMessage.from_raw(
+            topic=source.topic, partition=source.partition, offset=source.offset,
+            reason=reason, component="sink", detected_at_ms=now,
+            key=msg.key(), payload=msg.value(),
+        )
+
+    # -- effects, each retried until it succeeds or stop is requested ----------------------
+
+    def _insert(self, chunk: Chunk) -> None:
+        token = chunk.token
+
+        def attempt() -> None:
+            if (chunk.topic, chunk.partition) not in self._assigned:
+                # Revoked while we retried: the new owner replays these records.
+                return
+            self.store.insert_calls(chunk.rows, token)
+
+        self._retry(attempt, f"inserting {len(chunk.rows)} rows ({token})")
+
+    def _retry(self, action: Callable[[], T], what: str) -> T:
+        delay = self.retry_initial_s
+        failures = 0
+        try:
+            while True:
+                try:
+                    result = action()
+                except ClickHouseError as exc:
+                    failures += 1
+                    self.stats.retrying = True
+                    self.stats.last_error = f"{what}: {exc}"[:500]
+                    log.warning("ClickHouse failed %s (attempt %d), retrying in %.1fs: %s",
+                                what, failures, delay, exc)
+                    self._pause()
+                    if self.stop.wait(delay):
+                        raise _Abandon from exc
+                    self._keep_membership()
+                    delay = min(delay * 2, self.retry_max_s)
+                    continue
+                if failures:
+                    log.info("%s succeeded after %d failed attempts", what, failures)
+                    self.stats.last_error = None
+                return result
+        finally:
+            self.stats.retrying = False
+            self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self.consumer.pause(self.consumer.assignment())
+            self._paused = True
+
+    def _resume(self) -> None:
+        if self._paused:
+            self.consumer.resume(self.consumer.assignment())
+            self._paused = False
+
+    def _keep_membership(self) -> None:
+        # A consumer that does not poll for max.poll.interval.ms is expelled from the group;
+        # polling while paused keeps it in, and serves rebalance callbacks.
+        msg = self.consumer.poll(0)
+        if msg is not None and msg.error() is None:
+            # Fetched before the pause took effect: rewind so it is delivered again later.
+            from confluent_kafka import TopicPartition
+
+            self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+
+    def _send_dlq(self, dead: list[InvalidMessage]) -> None:
+        pending = list(dead)
+        delay = self.retry_initial_s
+        while pending:
+            failed: list[InvalidMessage] = []
+            for item in pending:
+                self._produce_dlq(item, failed)
+            left = self.producer.flush(10.0)
+            if not failed and left == 0:
+                return
+            log.warning("%d dlq records not delivered (%d still queued), retrying in %.1fs",
+                        len(failed), left, delay)
+            if left:
+                # Still queued ones may yet be delivered; only re-send the failed ones.
+                self.producer.flush(30.0)
+            pending = failed
+            if self.stop.wait(delay):
+                raise _Abandon
+            delay = min(delay * 2, self.retry_max_s)
+
+    def _produce_dlq(self, item: InvalidMessage, failed: list[InvalidMessage]) -> None:
+        value = item.model_dump_json().encode()
+        key = f"{item.topic}:{item.partition}".encode()
+
+        def report(err: object, _msg: object) -> None:
+            if err is not None:
+                failed.append(item)
+
+        while True:
+            try:
+                self.producer.produce(self.dlq_topic, value=value, key=key, on_delivery=report)
+                return
+            except BufferError:
+                self.producer.poll(0.5)
+
+    def _commit(self, commit_to: dict[TopicPartitionKey, int]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offsets = [TopicPartition(t, p, o) for (t, p), o in commit_to.items()
+                   if (t, p) in self._assigned]
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # The rows are stored; whoever reads these records next finds them in the table
+            # and skips them, so a lost commit costs a re-read, never a duplicate.
+            log.warning("offset commit failed (records will be re-read and skipped): %s", exc)
+            return
+        self.stats.last_commit_ms = self.clock()
+
+    def _update_lag(self) -> None:
+        now = self.clock()
+        if self._last_lag_ms is not None and now - self._last_lag_ms < 2_000:
+            return
+        self._last_lag_ms = now
+        try:
+            positions = self.consumer.position(self.consumer.assignment())
+            lag = 0
+            for tp in positions:
+                marks = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=True)
+                if marks is None or tp.offset < 0 or marks[1] < 0:
+                    continue
+                lag += max(0, marks[1] - tp.offset)
+        except _kafka_errors() as exc:
+            log.debug("lag unavailable: %s", exc)
+            return
+        self.stats.lag = lag
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(10.0)
+
+
+def _kafka_errors() -> tuple[type[Exception], ...]:
+    from confluent_kafka import KafkaException
+
+    return (KafkaException, RuntimeError)
+
+
+def _offset(msg: MessageLike) -> int:
+    offset = msg.offset()
+    if offset is None or offset < 0:
+        raise ValueError(f"a consumed record has no offset: {offset!r}")
+    return offset
+
+
+def _reason(exc: ValidationError | RowError) -> str:
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<record>'}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        )
+        return f"not a valid CallEvent: {problems}"
+    return f"cannot be stored: {exc}"
