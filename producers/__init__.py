@@ -1,0 +1,39 @@
+"""The in-agent shim: record every LLM call to Kafka and obey the budget STOPs.
+
+```python
+from agentledger.producers import Ledger, BudgetExceeded
+ledger = Ledger.from_env()
+agent = ledger.agent("researcher-1", workflow="wf-1", pool="research")
+with agent.call(provider="openai", model="gpt-4o-mini") as call:
+    call.record(input_tokens=1200, output_tokens=300)
+ledger.close()
+```
+
+Light on purpose: imports only confluent-kafka, pydantic, genai-prices and the schemas, and
+connects to nothing until the first agent or call.
+"""
+
+from .control import ControlState, KafkaControlListener
+from .errors import BudgetExceeded, UnpricedModelWarning
+from .ledger import AgentLedger, CallRecorder, Ledger, wall_clock_ms
+from .pricing import PRICING_VERSION, Price, PriceOverride, Pricer
+from .transport import EventTransport, InMemoryTransport, KafkaTransport, TransportStats
+
+__all__ = [
+    "PRICING_VERSION",
+    "AgentLedger",
+    "BudgetExceeded",
+    "CallRecorder",
+    "ControlState",
+    "EventTransport",
+    "InMemoryTransport",
+    "KafkaControlListener",
+    "KafkaTransport",
+    "Ledger",
+    "Price",
+    "PriceOverride",
+    "Pricer",
+    "TransportStats",
+    "UnpricedModelWarning",
+    "wall_clock_ms",
+]

@@ -1,0 +1,234 @@
+"""The commands that stand for each budget scope, as read from the compacted control topic.
+
+Only commands signed with the shared control key count. Anyone who can write to the topic but
+lacks the key cannot stop an agent, nor lift a STOP by replaying an older RESUME.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from pydantic import ValidationError
+
+from agentledger.config import Settings
+from agentledger.schemas import ControlAction, ControlCommand, SignatureError, verify_command
+
+__all__ = ["ControlState", "KafkaControlListener"]
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = (
+    "accepted",
+    "rejected_unsigned",
+    "rejected_forged",
+    "rejected_replayed",
+    "rejected_invalid",
+)
+
+
+class ControlState:
+    """Verified standing commands per scope. Thread-safe: the listener writes, agents read."""
+
+    def __init__(self, control_key: bytes) -> None:
+        if len(control_key) < 16:
+            raise ValueError(
+                "control_key must be at least 16 bytes (the key the processor signs with)"
+            )
+        self._key = control_key
+        self._lock = threading.Lock()
+        self._standing: dict[str, ControlCommand] = {}
+        # The newest accepted command per scope, kept after a RESUME clears the standing one, so
+        # a replay of the older STOP is still recognised.
+        self._latest: dict[str, tuple[int, uuid.UUID]] = {}
+        self.metrics: dict[str, int] = dict.fromkeys(METRIC_NAMES, 0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ControlState:
+        return cls(settings.control_key_bytes())
+
+    def _count(self, metric: str) -> None:
+        with self._lock:
+            self.metrics[metric] += 1
+
+    def apply(self, command_bytes: bytes) -> bool:
+        """Apply one control-topic value; return whether it was accepted."""
+        try:
+            command = ControlCommand.model_validate_json(command_bytes)
+        except ValidationError as exc:
+            self._count("rejected_invalid")
+            log.warning("agentledger: ignoring malformed control command: %s",
+                        exc.errors(include_url=False, include_input=False))
+            return False
+        if not command.signature:
+            self._count("rejected_unsigned")
+            log.warning("agentledger: ignoring unsigned control command %s for %s",
+                        command.command_id, command.scope)
+            return False
+        try:
+            verify_command(command, self._key)
+        except SignatureError as exc:
+            self._count("rejected_forged")
+            log.warning("agentledger: ignoring control command: %s", exc)
+            return False
+        with self._lock:
+            latest = self._latest.get(command.scope)
+            if latest is not None and (
+                command.issued_at_ms < latest[0] or command.command_id == latest[1]
+            ):
+                self.metrics["rejected_replayed"] += 1
+                return False
+            self._latest[command.scope] = (command.issued_at_ms, command.command_id)
+            if command.action is ControlAction.RESUME:
+                self._standing.pop(command.scope, None)
+            else:
+                self._standing[command.scope] = command
+            self.metrics["accepted"] += 1
+        return True
+
+    def standing(self, scopes: Iterable[str], now_ms: int | None = None) -> list[ControlCommand]:
+        """The commands standing for ``scopes``, in that order; with ``now_ms``, lapsed ones
+        (``until_ms <= now_ms``) are left out."""
+        with self._lock:
+            found = [self._standing[s] for s in scopes if s in self._standing]
+        if now_ms is None:
+            return found
+        return [c for c in found if c.until_ms is None or c.until_ms > now_ms]
+
+
+class KafkaControlListener:
+    """A daemon thread that reads every partition of the control topic from the beginning.
+
+    It joins no consumer group (manual assignment, nothing committed), so each agent process
+    sees every standing command, and starting many agents costs the cluster no rebalances.
+    """
+
+    POLL_TIMEOUT_S = 0.1
+    RETRY_S = 1.0
+
+    def __init__(self, settings: Settings, state: ControlState, **config: Any) -> None:
+        self._topic = settings.topics.control
+        self._state = state
+        self._config: dict[str, Any] = {
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"agentledger-shim-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "client.id": "agentledger-shim-control",
+            **config,
+        }
+        self._stop = threading.Event()
+        self._caught_up = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="agentledger-control", daemon=True)
+        self._thread.start()
+
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        """Block until every command that existed when the listener started has been applied."""
+        return self._caught_up.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _note_error(self, what: str) -> None:
+        self.errors += 1
+        self.last_error = what
+        log.warning("agentledger: control listener: %s", what)
+
+    def _run(self) -> None:
+        consumer: Consumer | None = None
+        try:
+            consumer = Consumer(self._config)
+            targets = self._assign(consumer)
+            if targets is None:
+                return
+            while not self._stop.is_set():
+                self._poll_once(consumer, targets)
+        except KafkaException as exc:
+            # A broken client (bad config, fatal error): the agent keeps running, unprotected
+            # by remote commands, and says so.
+            self._note_error(f"stopped: {exc}")
+        finally:
+            if consumer is not None:
+                consumer.close()
+
+    def _assign(self, consumer: Consumer) -> dict[int, int] | None:
+        """Assign all partitions from the beginning; return the end offset per partition that
+        catching up means, or None when stopped before the topic could be read."""
+        while not self._stop.is_set():
+            try:
+                metadata = consumer.list_topics(self._topic, timeout=5.0)
+                topic = metadata.topics.get(self._topic)
+                if topic is None or topic.error is not None or not topic.partitions:
+                    why = topic.error if topic is not None else "missing"
+                    self._note_error(f"control topic {self._topic} not readable yet: {why}")
+                else:
+                    targets: dict[int, int] = {}
+                    for partition in topic.partitions:
+                        low, high = consumer.get_watermark_offsets(
+                            TopicPartition(self._topic, partition), timeout=5.0
+                        )
+                        if high > low:
+                            targets[partition] = high
+                    consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING)
+                                     for p in topic.partitions])
+                    if not targets:
+                        self._caught_up.set()
+                    return targets
+            except KafkaException as exc:
+                self._note_error(f"cannot read control topic metadata: {exc}")
+            self._stop.wait(self.RETRY_S)
+        return None
+
+    def _poll_once(self, consumer: Consumer, targets: dict[int, int]) -> None:
+        msg = consumer.poll(self.POLL_TIMEOUT_S)
+        if msg is None:
+            return
+        err = msg.error()
+        partition = msg.partition()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                self._reached(targets, partition, None)
+            else:
+                self._note_error(str(err))
+            return
+        value = msg.value()
+        # Tombstones are unsigned, so they never lift a STOP; compaction uses them only to
+        # forget a scope after its RESUME.
+        if value is not None:
+            self._state.apply(value)
+        offset = msg.offset()
+        self._reached(targets, partition, None if offset is None else offset + 1)
+
+    def _reached(self, targets: dict[int, int], partition: int | None, next_offset: int | None
+                 ) -> None:
+        if self._caught_up.is_set() or partition is None or partition not in targets:
+            return
+        if next_offset is None or next_offset >= targets[partition]:
+            del targets[partition]
+            if not targets:
+                self._caught_up.set()

@@ -1,0 +1,88 @@
+"""What the shim raises and warns: a budget refusal, and a call it could not price."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from agentledger.schemas import ControlCommand, nano_to_usd
+
+__all__ = ["BudgetExceeded", "UnpricedModelWarning", "format_usd"]
+
+
+def format_usd(amount: Decimal) -> str:
+    """``$5.0012``, ``$5.00``: at least cents, never trailing zeros beyond them."""
+    text = format(amount.normalize(), "f")
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+def _iso_utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class BudgetExceeded(Exception):
+    """A STOP stands for one of the agent's budget scopes, so the call was refused.
+
+    Deliberately a plain ``Exception``: retry helpers that back off on rate limits must not
+    treat a spent budget as something that goes away by retrying.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        reason: str,
+        *,
+        limit_usd: Decimal | None = None,
+        spend_usd: Decimal | None = None,
+        resets_at_ms: int | None = None,
+        period: str | None = None,
+    ) -> None:
+        self.scope = scope
+        self.reason = reason
+        self.limit_usd = limit_usd
+        self.spend_usd = spend_usd
+        self.resets_at_ms = resets_at_ms
+        self.period = period
+        super().__init__(self._message())
+
+    @classmethod
+    def from_command(cls, command: ControlCommand) -> BudgetExceeded:
+        period = command.params.get("period")
+        limit, spend = command.limit_nano_usd, command.spend_nano_usd
+        return cls(
+            command.scope,
+            command.reason,
+            limit_usd=None if limit is None else nano_to_usd(limit),
+            spend_usd=None if spend is None else nano_to_usd(spend),
+            resets_at_ms=command.until_ms,
+            period=None if period is None else str(period),
+        )
+
+    def _message(self) -> str:
+        if self.spend_usd is not None and self.limit_usd is not None:
+            detail = f"spent {format_usd(self.spend_usd)} of {format_usd(self.limit_usd)}"
+            if self.period:
+                detail += f" ({self.period})"
+        else:
+            detail = self.reason or "stopped"
+        message = f"budget exceeded for {self.scope}: {detail}"
+        if self.resets_at_ms is not None:
+            message += f"; resets {_iso_utc(self.resets_at_ms)}"
+        return message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields would be lost by the default pickling of exceptions, and agents
+        # do send exceptions across process pools.
+        return (_rebuild, (self.scope, self.reason, self.limit_usd, self.spend_usd,
+                           self.resets_at_ms, self.period))
+
+
+def _rebuild(scope: str, reason: str, limit_usd: Decimal | None, spend_usd: Decimal | None,
+             resets_at_ms: int | None, period: str | None) -> BudgetExceeded:
+    return BudgetExceeded(scope, reason, limit_usd=limit_usd, spend_usd=spend_usd,
+                          resets_at_ms=resets_at_ms, period=period)
+
+
+class UnpricedModelWarning(UserWarning):
+    """No price is known for a call's model: its event says ``priced=False`` and cost 0."""

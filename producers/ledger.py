@@ -1,0 +1,403 @@
+"""The shim's front door: ``Ledger`` -> ``AgentLedger`` -> ``with agent.call(...) as call``.
+
+Each call emits one CallEvent to the calls topic (keyed by agent id) after the block, and is
+refused with BudgetExceeded before the block when a signed STOP stands for one of its scopes.
+Nothing here connects to Kafka until the first agent or call, and no broker problem ever raises
+into the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import TypeAdapter, ValidationError
+
+from agentledger.config import Settings
+from agentledger.schemas import (
+    CallEvent,
+    CallStatus,
+    ControlAction,
+    ControlCommand,
+    InvalidMessage,
+    uuid7,
+)
+from agentledger.schemas.events import Identifier
+
+from .control import ControlState, KafkaControlListener
+from .errors import BudgetExceeded, UnpricedModelWarning
+from .pricing import Price, PriceOverride, Pricer
+from .transport import EventTransport, KafkaTransport
+
+__all__ = ["AgentLedger", "CallRecorder", "Ledger", "wall_clock_ms"]
+
+log = logging.getLogger(__name__)
+
+_IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
+_MAX_TOKENS = 100_000_000
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@lru_cache(maxsize=4096)
+def _is_identifier(value: str) -> bool:
+    # Cached: the same few providers, models and ids come back on every call.
+    try:
+        _IDENTIFIER.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _check_id(field: str, value: str) -> str:
+    if isinstance(value, str) and _is_identifier(value):
+        return value
+    raise ValueError(
+        f"{field} must be 1-200 characters from A-Z a-z 0-9 . _ : / @ + - (no spaces), "
+        f"got {value!r}"
+    )
+
+
+def _check_optional_id(field: str, value: str | None) -> str | None:
+    return None if value is None else _check_id(field, value)
+
+
+def _check_tokens(field: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TOKENS:
+        raise ValueError(f"{field} must be an int from 0 to {_MAX_TOKENS:,}, got {value!r}")
+    return value
+
+
+class Ledger:
+    """One per agent process (thread-safe); hands out ``AgentLedger`` handles."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: EventTransport | None = None,
+        control: ControlState | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+        start_control_listener: bool = True,
+        price_overrides: Mapping[str, PriceOverride] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transport: EventTransport = (
+            transport if transport is not None else KafkaTransport(settings.kafka)
+        )
+        self._control = control
+        self.clock = clock
+        self._start_listener = start_control_listener
+        self._pricer = Pricer(price_overrides)
+        self._calls_topic = settings.topics.calls
+        self._dlq_topic = settings.topics.dlq
+        self._lock = threading.Lock()
+        self._listener: KafkaControlListener | None = None
+        self._closed = False
+        self.stats: dict[str, int] = {"events": 0, "unpriced": 0, "refused": 0, "dead_lettered": 0}
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> Ledger:
+        """A ledger configured from AGENTLEDGER_* environment variables."""
+        return cls(Settings(), **kwargs)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def control(self) -> ControlState:
+        # Built on first use: reading the key may create <home>/control.key, which must not
+        # happen merely because a Ledger was constructed.
+        state = self._control
+        if state is None:
+            with self._lock:
+                if self._control is None:
+                    self._control = ControlState.from_settings(self.settings)
+                state = self._control
+        return state
+
+    def _ensure_listener(self) -> KafkaControlListener | None:
+        if not self._start_listener or self._closed:
+            return self._listener
+        if self._listener is None:
+            state = self.control
+            with self._lock:
+                if self._listener is None and not self._closed:
+                    self._listener = KafkaControlListener(self.settings, state)
+                    self._listener.start()
+        return self._listener
+
+    def wait_for_control(self, timeout_s: float) -> bool:
+        """Block until every control command that stood when listening began is known.
+
+        Returns False on timeout (for example while the broker is down) or when no listener
+        runs; calls then go ahead on what is known so far.
+        """
+        listener = self._ensure_listener()
+        if listener is None:
+            return False
+        return listener.wait_caught_up(timeout_s)
+
+    def agent(
+        self,
+        agent_id: str,
+        *,
+        workflow: str | None = None,
+        pool: str | None = None,
+        task_type: str | None = None,
+    ) -> AgentLedger:
+        handle = AgentLedger(
+            self,
+            agent_id=_check_id("agent_id", agent_id),
+            workflow=_check_optional_id("workflow", workflow),
+            pool=_check_optional_id("pool", pool),
+            task_type=_check_optional_id("task_type", task_type),
+        )
+        self._ensure_listener()
+        return handle
+
+    def standing_stop(self, scopes: tuple[str, ...]) -> ControlCommand | None:
+        for command in self.control.standing(scopes, now_ms=self.clock()):
+            if command.action is ControlAction.STOP:
+                return command
+        return None
+
+    def _count(self, stat: str) -> None:
+        with self._lock:
+            self.stats[stat] += 1
+
+    def emit(self, fields: dict[str, Any]) -> CallEvent | None:
+        """Validate and send one call; an event that does not validate goes to the dlq."""
+        try:
+            event = CallEvent(**fields)
+        except ValidationError as exc:
+            self._dead_letter(fields, exc)
+            return None
+        self.transport.send(self._calls_topic, event.agent_id.encode(),
+                            event.model_dump_json().encode())
+        self._count("events")
+        return event
+
+    def _dead_letter(self, fields: dict[str, Any], exc: ValidationError) -> None:
+        # Arguments are checked when the call starts and when usage is recorded, so this is a
+        # shim bug; the record still reaches the dlq instead of vanishing.
+        problems = exc.errors(include_url=False, include_input=False)
+        reason = f"shim built an invalid CallEvent: {problems}"
+        log.error("agentledger: %s", reason)
+        payload = TypeAdapter(dict[str, Any]).dump_json(fields)
+        message = InvalidMessage.from_raw(
+            topic=self._calls_topic, partition=0, offset=0, reason=reason, component="shim",
+            detected_at_ms=max(self.clock(), 0), key=str(fields.get("agent_id", "")).encode(),
+            payload=payload,
+        )
+        self.transport.send(self._dlq_topic, self._calls_topic.encode(),
+                            message.model_dump_json().encode())
+        self._count("dead_lettered")
+
+    def price(self, provider: str, model: str, *, input_tokens: int, output_tokens: int,
+              cached_input_tokens: int, at_ms: int) -> Price:
+        price = self._pricer.price(provider, model, input_tokens=input_tokens,
+                                   output_tokens=output_tokens,
+                                   cached_input_tokens=cached_input_tokens, at_ms=at_ms)
+        if not price.priced:
+            self._count("unpriced")
+        return price
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop listening and deliver queued events (up to ``timeout_s``). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            listener = self._listener
+        if listener is not None:
+            listener.stop()
+        left = self.transport.flush(timeout_s)
+        if left:
+            log.warning("agentledger: %d events still queued after %ss at close", left, timeout_s)
+        self.transport.close()
+
+
+class AgentLedger:
+    """One agent's identity: every call it records counts toward these scopes."""
+
+    def __init__(self, ledger: Ledger, *, agent_id: str, workflow: str | None, pool: str | None,
+                 task_type: str | None) -> None:
+        self.ledger = ledger
+        self.agent_id = agent_id
+        self.workflow = workflow
+        self.pool = pool
+        self.task_type = task_type
+
+    def scopes(self, task_type: str | None = None) -> tuple[str, ...]:
+        found = [f"agent:{self.agent_id}"]
+        if self.pool:
+            found.append(f"pool:{self.pool}")
+        if self.workflow:
+            found.append(f"workflow:{self.workflow}")
+        task = task_type or self.task_type
+        if task:
+            found.append(f"task_type:{task}")
+        return tuple(found)
+
+    def check_budget(self, task_type: str | None = None) -> None:
+        """Raise BudgetExceeded if a STOP stands for any of this agent's scopes."""
+        command = self.ledger.standing_stop(self.scopes(task_type))
+        if command is not None:
+            self.ledger._count("refused")
+            raise BudgetExceeded.from_command(command)
+
+    def call(self, *, provider: str, model: str, task_type: str | None = None,
+             attempt: int = 1) -> CallRecorder:
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt <= 10_000:
+            raise ValueError(f"attempt must be an int from 1 to 10,000, got {attempt!r}")
+        return CallRecorder(
+            self,
+            provider=_check_id("provider", provider),
+            model=_check_id("model", model),
+            task_type=_check_optional_id("task_type", task_type) or self.task_type,
+            attempt=attempt,
+        )
+
+
+class CallRecorder:
+    """The context manager of one LLM call; ``record()`` its usage inside the block."""
+
+    def __init__(self, agent: AgentLedger, *, provider: str, model: str, task_type: str | None,
+                 attempt: int) -> None:
+        self._agent = agent
+        self.provider = provider
+        self.model = model
+        self.used_model = model
+        self.task_type = task_type
+        self.attempt = attempt
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cached_input_tokens = 0
+        self.reasoning_tokens = 0
+        self.status: CallStatus = CallStatus.OK
+        self.error_type: str | None = None
+        self.event: CallEvent | None = None
+        """the event emitted when the block ended"""
+        self._started_ms: int | None = None
+
+    def record(
+        self,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_input_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        status: CallStatus | str | None = None,
+        error_type: str | None = None,
+        used_model: str | None = None,
+    ) -> None:
+        """Set this call's usage (a later call replaces an earlier one).
+
+        ``input_tokens`` is every prompt token, cached ones included; ``output_tokens`` includes
+        the reasoning tokens, as the providers bill them. ``used_model`` is the model that
+        actually served the call when the provider routed it elsewhere.
+        """
+        input_tokens = _check_tokens("input_tokens", input_tokens)
+        output_tokens = _check_tokens("output_tokens", output_tokens)
+        cached = _check_tokens("cached_input_tokens", cached_input_tokens)
+        reasoning = _check_tokens("reasoning_tokens", reasoning_tokens)
+        if cached > input_tokens:
+            raise ValueError(
+                f"cached_input_tokens ({cached}) is part of input_tokens ({input_tokens}) and "
+                "cannot exceed it: pass the total prompt tokens as input_tokens"
+            )
+        if reasoning > output_tokens:
+            raise ValueError(
+                f"reasoning_tokens ({reasoning}) is part of output_tokens ({output_tokens}) and "
+                "cannot exceed it: pass the total completion tokens as output_tokens"
+            )
+        if status is not None:
+            try:
+                self.status = CallStatus(status)
+            except ValueError:
+                allowed = ", ".join(s.value for s in CallStatus)
+                raise ValueError(f"status must be one of {allowed}, got {status!r}") from None
+        if error_type is not None:
+            if not isinstance(error_type, str) or len(error_type) > 200:
+                raise ValueError(f"error_type must be a string of at most 200 characters, "
+                                 f"got {error_type!r:.60}")
+            self.error_type = error_type
+        if used_model is not None:
+            self.used_model = _check_id("used_model", used_model)
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.cached_input_tokens = cached
+        self.reasoning_tokens = reasoning
+
+    def __enter__(self) -> Self:
+        self._agent.check_budget(self.task_type)
+        self._started_ms = self._agent.ledger.clock()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._started_ms is None:
+            return
+        ledger = self._agent.ledger
+        if exc_type is not None:
+            # A status the agent recorded itself (timeout, rate_limited) says more than "error".
+            if self.status is CallStatus.OK:
+                self.status = CallStatus.ERROR
+            if self.error_type is None:
+                self.error_type = exc_type.__name__[:200]
+        ended_ms = ledger.clock()
+        started = self._started_ms
+        price = ledger.price(
+            self.provider, self.used_model, input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens, cached_input_tokens=self.cached_input_tokens,
+            at_ms=started,
+        )
+        agent = self._agent
+        self.event = ledger.emit({
+            # A clock outside uuid7's range makes the event invalid (dlq), not the call fail.
+            "event_id": uuid7(started) if 0 <= started < 1 << 48 else uuid7(),
+            "event_time_ms": started,
+            "agent_id": agent.agent_id,
+            "pool": agent.pool,
+            "workflow_id": agent.workflow,
+            "task_type": self.task_type,
+            "provider": self.provider,
+            "requested_model": self.model,
+            "used_model": self.used_model,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cost_nano_usd": price.cost_nano_usd,
+            "priced": price.priced,
+            "pricing_version": price.pricing_version,
+            "latency_ms": max(ended_ms - started, 0),
+            "status": self.status,
+            "attempt": self.attempt,
+            "error_type": self.error_type,
+        })
+        if not price.priced:
+            # After the event is sent, so an agent that turns warnings into errors still has
+            # the call on record.
+            warnings.warn(
+                f"no price known for model {self.used_model!r} of provider {self.provider!r}: "
+                f"the call is recorded with priced=False and cost 0 ({price.problem})",
+                UnpricedModelWarning,
+                stacklevel=2,
+            )
