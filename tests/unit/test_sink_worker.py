@@ -1,0 +1,318 @@
+"""SinkWorker batch logic with in-memory fakes of the consumer, producer and table.
+
+The real broker and chDB paths are covered by tests/integration/test_sink_service.py; here the
+fakes let each rule be checked deterministically: what is inserted with which token, what goes
+to the dlq, and that offsets are committed only after every effect succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from agentledger.config import Settings
+from agentledger.schemas import CallEvent, InvalidMessage
+from agentledger.sinks.database import ClickHouseError
+from agentledger.sinks.worker import SinkWorker, consumer_config
+
+JAN = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+FEB = 1_706_745_600_000  # 2024-02-01T00:00:00Z
+
+
+@dataclass
+class Msg:
+    _topic: str
+    _partition: int
+    _offset: int
+    _value: bytes | None
+    _key: bytes | None = b"k"
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+
+@dataclass
+class FakeConsumer:
+    log: list[str]
+    queued: list[Msg] = field(default_factory=list)
+    commits: list[list[tuple[str, int, int]]] = field(default_factory=list)
+    assigned: list[TopicPartition] = field(default_factory=list)
+    on_assign: Any = None
+    on_revoke: Any = None
+    paused: bool = False
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None,
+                  on_lost: Any = None) -> None:
+        self.on_assign, self.on_revoke = on_assign, on_revoke
+
+    def assign_partitions(self, topic: str, partitions: Sequence[int]) -> None:
+        self.assigned = [TopicPartition(topic, p) for p in partitions]
+        self.on_assign(self, self.assigned)
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Msg]:
+        taken, self.queued = self.queued[:num_messages], self.queued[num_messages:]
+        return taken
+
+    def commit(self, message: Any = None, offsets: Any = None, asynchronous: bool = True) -> None:
+        assert asynchronous is False
+        self.log.append("commit")
+        self.commits.append(sorted((tp.topic, tp.partition, tp.offset) for tp in offsets))
+
+    def assignment(self) -> list[TopicPartition]:
+        return list(self.assigned)
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused = True
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused = False
+
+    def poll(self, timeout: float = -1) -> None:
+        return None
+
+    def seek(self, partition: TopicPartition) -> None:
+        raise AssertionError("nothing is delivered while paused in these tests")
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
+
+    def get_watermark_offsets(self, partition: Any, timeout: float = 1.0,
+                              cached: bool = False) -> tuple[int, int]:
+        return (0, 0)
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+@dataclass
+class FakeProducer:
+    log: list[str]
+    sent: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    pending: list[Any] = field(default_factory=list)
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                on_delivery: Any = None) -> None:
+        assert value is not None and key is not None
+        self.sent.append((topic, key, value))
+        self.pending.append(on_delivery)
+
+    def flush(self, timeout: float = -1) -> int:
+        for callback in self.pending:
+            callback(None, None)
+        if self.pending:
+            self.log.append("dlq flushed")
+        self.pending = []
+        return 0
+
+    def poll(self, timeout: float = -1) -> int:
+        return 0
+
+
+@dataclass
+class FakeStore:
+    log: list[str]
+    failures_left: int = 0
+    inserts: list[tuple[str, list[int]]] = field(default_factory=list)
+    landed: dict[tuple[str, int], set[int]] = field(default_factory=dict)
+
+    def insert_calls(self, rows: Sequence[Sequence[object]], token: str) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            self.log.append("insert failed")
+            raise ClickHouseError("Code: 241. MEMORY_LIMIT_EXCEEDED", code=241)
+        self.log.append(f"insert {token}")
+        self.inserts.append((token, [int(str(r[-2])) for r in rows]))
+
+    def present_offsets(self, topic: str, partition: int, from_offset: int) -> set[int]:
+        return {o for o in self.landed.get((topic, partition), set()) if o >= from_offset}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000
+
+    def __call__(self) -> int:
+        self.now += 1
+        return self.now
+
+
+@dataclass
+class Rig:
+    worker: SinkWorker
+    consumer: FakeConsumer
+    producer: FakeProducer
+    store: FakeStore
+    log: list[str]
+    topic: str
+
+
+@pytest.fixture
+def rig() -> Rig:
+    settings = Settings(topic_prefix="u.", kafka="127.0.0.1:1")
+    log: list[str] = []
+    consumer, producer, store = FakeConsumer(log), FakeProducer(log), FakeStore(log)
+    worker = SinkWorker(settings, store, consumer=consumer, producer=producer, clock=Clock(),
+                        batch_max_rows=100, batch_max_ms=50, retry_initial_s=0.001,
+                        retry_max_s=0.004)
+    worker.subscribe()
+    consumer.assign_partitions(settings.topics.calls, [0, 1])
+    return Rig(worker, consumer, producer, store, log, settings.topics.calls)
+
+
+def call(n: int, time_ms: int = JAN, **extra: object) -> bytes:
+    values: dict[str, object] = {
+        "event_id": uuid.UUID(int=n), "event_time_ms": time_ms, "agent_id": f"a{n % 3}",
+        "provider": "p", "requested_model": "m", "used_model": "m", "cost_nano_usd": n,
+        "latency_ms": 1, **extra}
+    return CallEvent.model_validate(values).model_dump_json().encode()
+
+
+def test_consumer_config_is_manual_commit_from_earliest() -> None:
+    config = consumer_config(Settings(topic_prefix="team1.", kafka="h:1"))
+    assert config["group.id"] == "team1.sink"
+    assert config["enable.auto.commit"] is False
+    assert config["auto.offset.reset"] == "earliest"
+
+
+def test_batch_is_inserted_per_partition_with_offset_tokens_then_committed(rig: Rig) -> None:
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, 5, call(1)), Msg(t, 1, 0, call(2)), Msg(t, 0, 6, call(3)),
+                           Msg(t, 0, 7, call(4))]
+    assert rig.worker.step()
+    assert rig.store.inserts == [(f"{t}:0:5-7", [5, 6, 7]), (f"{t}:1:0-0", [0])]
+    assert rig.consumer.commits == [[(t, 0, 8), (t, 1, 1)]]
+    assert rig.log == [f"insert {t}:0:5-7", f"insert {t}:1:0-0", "commit"]
+    assert rig.worker.stats.rows_inserted == 4
+    assert not rig.worker.step()  # nothing left: no empty insert, no commit
+    assert len(rig.consumer.commits) == 1
+
+
+def test_batch_stops_at_max_rows(rig: Rig) -> None:
+    rig.consumer.queued = [Msg(rig.topic, 0, i, call(i)) for i in range(250)]
+    rig.worker.step()
+    assert rig.store.inserts[0][0] == f"{rig.topic}:0:0-99"
+    rig.worker.step()
+    rig.worker.step()
+    assert [tok for tok, _ in rig.store.inserts] == [
+        f"{rig.topic}:0:0-99", f"{rig.topic}:0:100-199", f"{rig.topic}:0:200-249"]
+    assert rig.consumer.commits[-1] == [(rig.topic, 0, 250)]
+
+
+def test_a_batch_spanning_two_months_is_two_inserts_one_part_each(rig: Rig) -> None:
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, 0, call(1, JAN)), Msg(t, 0, 1, call(2, FEB)),
+                           Msg(t, 0, 2, call(3, JAN))]
+    rig.worker.step()
+    assert sorted(rig.store.inserts) == [(f"{t}:0:0-2", [0, 2]), (f"{t}:0:1-1", [1])]
+
+
+def test_invalid_records_go_to_the_dlq_with_a_reason_and_are_not_inserted(rig: Rig) -> None:
+    t = rig.topic
+    bad_json = b"\xff not json"
+    bad_schema = json.dumps({"agent_id": "a", "cost_nano_usd": -5}).encode()
+    too_slow = call(9, latency_ms=1 << 40)
+    rig.consumer.queued = [Msg(t, 0, 0, call(1)), Msg(t, 0, 1, bad_json),
+                           Msg(t, 0, 2, bad_schema), Msg(t, 1, 0, too_slow),
+                           Msg(t, 1, 1, None)]
+    rig.worker.step()
+    assert rig.store.inserts == [(f"{t}:0:0-0", [0])]
+    dead = [InvalidMessage.model_validate_json(v) for _, _, v in rig.producer.sent]
+    assert [(d.partition, d.offset, d.component) for d in dead] == [
+        (0, 1, "sink"), (0, 2, "sink"), (1, 0, "sink"), (1, 1, "sink")]
+    assert all(topic == "u.dlq" for topic, _, _ in rig.producer.sent)
+    assert dead[0].payload() == bad_json
+    assert "Invalid JSON" in dead[0].reason
+    assert "cost_nano_usd: Input should be greater than or equal to 0" in dead[1].reason
+    assert "latency_ms=1099511627776 does not fit" in dead[2].reason
+    assert dead[3].payload() == b""
+    # The dlq is flushed before the commit, and the commit covers the invalid records too.
+    assert rig.log == [f"insert {t}:0:0-0", "dlq flushed", "commit"]
+    assert rig.consumer.commits == [[(t, 0, 3), (t, 1, 2)]]
+    assert rig.worker.stats.invalid == 4
+
+
+def test_insert_failures_are_retried_with_the_same_token_and_commit_waits(rig: Rig) -> None:
+    t = rig.topic
+    rig.store.failures_left = 3
+    rig.consumer.queued = [Msg(t, 0, 10, call(1)), Msg(t, 0, 11, call(2))]
+    rig.worker.step()
+    assert rig.log == ["insert failed"] * 3 + [f"insert {t}:0:10-11", "commit"]
+    assert rig.consumer.commits == [[(t, 0, 12)]]
+    assert rig.consumer.paused is False
+    assert rig.worker.stats.retrying is False and rig.worker.stats.last_error is None
+
+
+def test_stop_during_retry_abandons_the_batch_without_commit(rig: Rig) -> None:
+    rig.store.failures_left = 10**6
+    stop = rig.worker.stop
+    rig.consumer.queued = [Msg(rig.topic, 0, 0, call(1))]
+    timer = threading.Timer(0.05, stop.set)
+    timer.start()
+    try:
+        rig.worker.step()
+    finally:
+        timer.cancel()
+    assert rig.consumer.commits == []
+    assert rig.store.inserts == []
+    assert "insert failed" in rig.log
+
+
+def test_records_already_landed_by_a_crashed_run_are_skipped(rig: Rig) -> None:
+    t = rig.topic
+    # A previous run inserted offsets 3..5 of partition 0 but died before committing.
+    rig.store.landed[(t, 0)] = {3, 4, 5}
+    rig.consumer.queued = [Msg(t, 0, i, call(i)) for i in range(3, 9)]
+    rig.worker.step()
+    assert rig.store.inserts == [(f"{t}:0:6-8", [6, 7, 8])]
+    assert rig.consumer.commits == [[(t, 0, 9)]]
+    assert rig.worker.stats.rows_skipped_replayed == 3
+
+
+def test_landed_offsets_are_looked_up_again_after_reassignment(rig: Rig) -> None:
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, 0, call(0))]
+    rig.worker.step()
+    rig.consumer.on_revoke(rig.consumer, [TopicPartition(t, 0)])
+    rig.consumer.assign_partitions(t, [0])
+    rig.store.landed[(t, 0)] = {1}
+    rig.consumer.queued = [Msg(t, 0, 1, call(1)), Msg(t, 0, 2, call(2))]
+    rig.worker.step()
+    assert [tok for tok, _ in rig.store.inserts] == [f"{t}:0:0-0", f"{t}:0:2-2"]
+
+
+def test_records_of_a_revoked_partition_are_left_to_the_new_owner(rig: Rig) -> None:
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, 0, call(0)), Msg(t, 1, 0, call(1))]
+    rig.consumer.on_revoke(rig.consumer, [TopicPartition(t, 1)])
+    rig.worker.step()
+    assert rig.store.inserts == [(f"{t}:0:0-0", [0])]
+    assert rig.consumer.commits == [[(t, 0, 1)]]
+
+
+def test_batch_limits_must_be_positive() -> None:
+    log: list[str] = []
+    with pytest.raises(ValueError, match="batch_max_rows and batch_max_ms must be >= 1"):
+        SinkWorker(Settings(), FakeStore(log), consumer=FakeConsumer(log),
+                   producer=FakeProducer(log), batch_max_rows=0)
