@@ -115,6 +115,8 @@ class KafkaControlListener:
 
     POLL_TIMEOUT_S = 0.1
     RETRY_S = 1.0
+    # Short, so close() never waits long on a listener stuck asking a dead broker.
+    METADATA_TIMEOUT_S = 1.0
 
     def __init__(self, settings: Settings, state: ControlState, **config: Any) -> None:
         self._topic = settings.topics.control
@@ -181,7 +183,7 @@ class KafkaControlListener:
         catching up means, or None when stopped before the topic could be read."""
         while not self._stop.is_set():
             try:
-                metadata = consumer.list_topics(self._topic, timeout=5.0)
+                metadata = consumer.list_topics(self._topic, timeout=self.METADATA_TIMEOUT_S)
                 topic = metadata.topics.get(self._topic)
                 if topic is None or topic.error is not None or not topic.partitions:
                     why = topic.error if topic is not None else "missing"
@@ -190,7 +192,7 @@ class KafkaControlListener:
                     targets: dict[int, int] = {}
                     for partition in topic.partitions:
                         low, high = consumer.get_watermark_offsets(
-                            TopicPartition(self._topic, partition), timeout=5.0
+                            TopicPartition(self._topic, partition), timeout=self.METADATA_TIMEOUT_S
                         )
                         if high > low:
                             targets[partition] = high

@@ -215,7 +215,8 @@ class Ledger:
         return price
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop listening and deliver queued events (up to ``timeout_s``). Idempotent."""
+        """Stop listening, deliver queued events (waiting up to ``timeout_s``), close the
+        transport. Idempotent."""
         with self._lock:
             if self._closed:
                 return

@@ -28,7 +28,8 @@ class EventTransport(Protocol):
         """Wait up to ``timeout_s`` for queued messages; return how many are still queued."""
 
     def close(self) -> None:
-        """Flush what can be flushed and release resources; later sends are dropped."""
+        """Deliver what can still be delivered within a bound, then release resources; what
+        was not delivered is counted, and later sends are dropped."""
 
 
 @dataclass
@@ -85,16 +86,19 @@ class KafkaTransport:
 
     When librdkafka's local queue is full, ``send`` blocks the caller for at most
     ``block_s`` seconds while serving deliveries, then drops the message and counts it: an agent
-    is slowed down by a slow broker, never stopped by it.
+    is slowed down by a slow broker, never stopped by it. ``close`` waits at most
+    ``close_timeout_s`` for queued messages, then purges them (counted as delivery errors).
     """
 
-    def __init__(self, bootstrap: str, *, block_s: float = 1.0, **config: Any) -> None:
+    def __init__(self, bootstrap: str, *, block_s: float = 1.0, close_timeout_s: float = 10.0,
+                 **config: Any) -> None:
         self._config: dict[str, Any] = {
             **KAFKA_PRODUCER_DEFAULTS,
             **config,
             "bootstrap.servers": bootstrap,
         }
         self._block_s = block_s
+        self._close_timeout_s = close_timeout_s
         self.stats = TransportStats()
         self._lock = threading.Lock()
         self._producer: Producer | None = None
@@ -159,17 +163,17 @@ class KafkaTransport:
             return 0
         return int(producer.flush(timeout_s))
 
-    def close(self, timeout_s: float = 10.0) -> None:
+    def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         producer = self._producer
         if producer is None:
             return
-        left = int(producer.flush(timeout_s))
+        left = int(producer.flush(self._close_timeout_s))
         if left:
             log.warning("agentledger: %d events not delivered within %ss of close; purging them",
-                        left, timeout_s)
+                        left, self._close_timeout_s)
             # Purged messages come back through the delivery callback as errors, so they are
             # counted; Producer.close() would instead wait for them without a bound.
             producer.purge()
