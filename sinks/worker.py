@@ -56,6 +56,10 @@ def consumer_config(settings: Settings) -> dict[str, object]:
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
+        # A sink killed with -9 keeps its partitions until the broker gives up on it; 10 s
+        # (the default is 45 s) bounds how long a restarted sink waits to get them back.
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 3_000,
     }
 
 
@@ -225,6 +229,7 @@ class SinkWorker:
         """Collect and process one batch; False when nothing arrived."""
         batch = self.collect()
         if not batch:
+            self._update_lag()
             return False
         try:
             self.process(batch)
@@ -459,12 +464,13 @@ class SinkWorker:
         self._last_lag_ms = now
         try:
             positions = self.consumer.position(self.consumer.assignment())
-            lag = 0
+            lag: int | None = None
             for tp in positions:
+                # cached: the high watermark of the last fetch response, no broker round trip.
                 marks = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=True)
                 if marks is None or tp.offset < 0 or marks[1] < 0:
                     continue
-                lag += max(0, marks[1] - tp.offset)
+                lag = (lag or 0) + max(0, marks[1] - tp.offset)
         except _kafka_errors() as exc:
             log.debug("lag unavailable: %s", exc)
             return
