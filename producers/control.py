@@ -129,6 +129,7 @@ class KafkaControlListener:
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "client.id": "agentledger-shim-control",
+            "logger": log.getChild("librdkafka"),
             **config,
         }
         self._stop = threading.Event()
@@ -157,9 +158,11 @@ class KafkaControlListener:
             self._thread.join(timeout_s)
 
     def _note_error(self, what: str) -> None:
+        # While the broker is down the same error comes back every retry; say it once.
+        level = logging.DEBUG if what == self.last_error else logging.WARNING
         self.errors += 1
         self.last_error = what
-        log.warning("agentledger: control listener: %s", what)
+        log.log(level, "agentledger: control listener: %s", what)
 
     def _run(self) -> None:
         consumer: Consumer | None = None

@@ -252,6 +252,10 @@ class AgentLedger:
             found.append(f"task_type:{task}")
         return tuple(found)
 
+    def standing(self, task_type: str | None = None) -> list[ControlCommand]:
+        """Every unlapsed command that stands for this agent's scopes (STOP, THROTTLE, ...)."""
+        return self.ledger.control.standing(self.scopes(task_type), now_ms=self.ledger.clock())
+
     def check_budget(self, task_type: str | None = None) -> None:
         """Raise BudgetExceeded if a STOP stands for any of this agent's scopes."""
         command = self.ledger.standing_stop(self.scopes(task_type))

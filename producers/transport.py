@@ -90,14 +90,19 @@ class KafkaTransport:
     ``close_timeout_s`` for queued messages, then purges them (counted as delivery errors).
     """
 
+    LOG_EVERY_S = 10.0
+
     def __init__(self, bootstrap: str, *, block_s: float = 1.0, close_timeout_s: float = 10.0,
                  **config: Any) -> None:
         self._config: dict[str, Any] = {
             **KAFKA_PRODUCER_DEFAULTS,
+            # librdkafka would otherwise write its own lines to the agent's stderr.
+            "logger": log.getChild("librdkafka"),
             **config,
             "bootstrap.servers": bootstrap,
         }
         self._block_s = block_s
+        self._last_log_at = float("-inf")
         self._close_timeout_s = close_timeout_s
         self.stats = TransportStats()
         self._lock = threading.Lock()
@@ -114,6 +119,17 @@ class KafkaTransport:
                 producer = self._producer
         return producer
 
+    def _warn(self, what: str) -> None:
+        """Log at most one warning per LOG_EVERY_S: an outage fails every queued message, and
+        a line per message would flood the agent's log. Called with the lock held."""
+        now = time.monotonic()
+        if now - self._last_log_at < self.LOG_EVERY_S:
+            return
+        self._last_log_at = now
+        stats = self.stats
+        log.warning("agentledger: %s (so far: %d delivery errors, %d dropped, %d delivered)",
+                    what, stats.delivery_errors, stats.dropped, stats.delivered)
+
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         with self._lock:
             if err is None:
@@ -121,13 +137,13 @@ class KafkaTransport:
                 return
             self.stats.delivery_errors += 1
             self.stats.last_error = str(err)
-        log.warning("agentledger: event delivery failed: %s", err)
+            self._warn(f"event delivery failed: {err}")
 
     def _drop(self, why: str) -> None:
         with self._lock:
             self.stats.dropped += 1
             self.stats.last_error = why
-        log.warning("agentledger: event dropped: %s", why)
+            self._warn(f"event dropped: {why}")
 
     def send(self, topic: str, key: bytes, value: bytes) -> None:
         if self._closed:

@@ -257,10 +257,12 @@ def test_stop_lapses_at_until_ms(h: Harness) -> None:
 
 
 def test_other_actions_do_not_refuse_calls(h: Harness) -> None:
-    h.publish("agent:a", ControlAction.THROTTLE, params={"concurrency": 1})
-    with h.ledger.agent("a").call(provider="openai", model="gpt-4o"):
+    throttle = h.publish("agent:a", ControlAction.THROTTLE, params={"concurrency": 1})
+    agent = h.ledger.agent("a")
+    with agent.call(provider="openai", model="gpt-4o"):
         pass
     assert len(h.events()) == 1
+    assert agent.standing() == [throttle]
 
 
 def test_budget_exceeded_is_not_a_retryable_error() -> None:
