@@ -89,12 +89,16 @@ class ClickHouse:
             except self._errors as exc:
                 raise _wrap(exc) from exc
 
-    def insert(self, table: str, rows: Sequence[Sequence[object]], column_names: Sequence[str],
-               settings: dict[str, Any] | None = None) -> None:
+    def insert(
+        self,
+        table: str,
+        rows: Sequence[Sequence[object]],
+        column_names: Sequence[str],
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         with self._lock:
             try:
-                self._writer.insert(table, rows, column_names=list(column_names),
-                                    settings=settings)
+                self._writer.insert(table, rows, column_names=list(column_names), settings=settings)
             except self._errors as exc:
                 raise _wrap(exc) from exc
 

@@ -17,8 +17,9 @@ __all__ = ["MIGRATIONS", "Migration", "MigrationTarget", "applied_versions", "ap
 class MigrationTarget(Protocol):
     def command(self, sql: str, parameters: dict[str, object] | None = None) -> None: ...
 
-    def writer_query(self, sql: str,
-                     parameters: dict[str, object] | None = None) -> QueryResult: ...
+    def writer_query(
+        self, sql: str, parameters: dict[str, object] | None = None
+    ) -> QueryResult: ...
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,7 @@ ORDER BY (agent_id, event_time, event_id)
 SETTINGS non_replicated_deduplication_window = 10000
 """
 
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "calls table", (_CALLS_V1,)),
-)
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "calls table", (_CALLS_V1,)),)
 
 
 def applied_versions(target: MigrationTarget) -> set[int]:
@@ -94,8 +93,9 @@ def applied_versions(target: MigrationTarget) -> set[int]:
     return {int(row[0]) for row in result.rows}
 
 
-def apply_migrations(target: MigrationTarget,
-                     migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+def apply_migrations(
+    target: MigrationTarget, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> list[int]:
     """Apply the missing versions in order; return the versions applied by this call."""
     versions = [m.version for m in migrations]
     if versions != sorted(set(versions)):

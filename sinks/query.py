@@ -55,8 +55,9 @@ class QueryClient:
 
 
 class SinkQueryClient(QueryClient):
-    def __init__(self, base_url: str, token: str, engine_location: str = "",
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, token: str, engine_location: str = "", timeout_s: float = 60.0
+    ) -> None:
         if not base_url.startswith(("http://127.0.0.1:", "http://localhost:", "http://[::1]:")):
             raise ValueError(f"the sink API is served on loopback only, got {base_url!r}")
         self.base_url = base_url
@@ -67,9 +68,10 @@ class SinkQueryClient(QueryClient):
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         body = json.dumps({"sql": sql, "parameters": parameters or {}}).encode()
         request = urllib.request.Request(  # noqa: S310 - loopback http URL checked in __init__
-            f"{self.base_url}/query", data=body, method="POST",
-            headers={"Content-Type": "application/json",
-                     "Authorization": f"Bearer {self._token}"},
+            f"{self.base_url}/query",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"},
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
@@ -77,8 +79,10 @@ class SinkQueryClient(QueryClient):
         except urllib.error.HTTPError as exc:
             detail = _error_detail(exc)
             if exc.code == 401:
-                raise QueryError("the sink refused the API token (401): use the same "
-                                 "AGENTLEDGER_HOME / AGENTLEDGER_API_TOKEN as the stack") from exc
+                raise QueryError(
+                    "the sink refused the API token (401): use the same "
+                    "AGENTLEDGER_HOME / AGENTLEDGER_API_TOKEN as the stack"
+                ) from exc
             raise QueryError(f"query failed ({exc.code}): {detail}") from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             raise SinkNotRunningError(
@@ -86,8 +90,11 @@ class SinkQueryClient(QueryClient):
                 f"{self.engine_location or 'the state dir'}); start it with `agentledger up` "
                 f"[{self.base_url}: {getattr(exc, 'reason', exc)}]"
             ) from exc
-        return QueryResult(columns=list(payload["columns"]), rows=list(payload["rows"]),
-                           types=list(payload.get("types", [])))
+        return QueryResult(
+            columns=list(payload["columns"]),
+            rows=list(payload["rows"]),
+            types=list(payload.get("types", [])),
+        )
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:

@@ -45,11 +45,20 @@ def spend_by_agent_model(client: QueryClient, since_ms: int, until_ms: int) -> l
     """Calls with since_ms <= event time < until_ms (UTC ms), most expensive first."""
     if since_ms < 0 or until_ms < since_ms:
         raise ValueError(f"need 0 <= since_ms <= until_ms, got {since_ms} and {until_ms}")
-    result = client.query(SPEND_BY_AGENT_MODEL_SQL,
-                          {"since_ms": since_ms, "until_ms": until_ms})
+    result = client.query(SPEND_BY_AGENT_MODEL_SQL, {"since_ms": since_ms, "until_ms": until_ms})
     rows = []
     for agent_id, model, calls, failures, tokens_in, tokens_out, cost in result.rows:
         nano = int(cost)
-        rows.append(SpendRow(str(agent_id), str(model), int(calls), int(failures),
-                             int(tokens_in), int(tokens_out), nano, nano_to_usd(nano)))
+        rows.append(
+            SpendRow(
+                str(agent_id),
+                str(model),
+                int(calls),
+                int(failures),
+                int(tokens_in),
+                int(tokens_out),
+                nano,
+                nano_to_usd(nano),
+            )
+        )
     return rows

@@ -86,15 +86,18 @@ def yyyymm(ms: int) -> int:
 
 def _check_max(field: str, value: int, limit: int, column_type: str) -> None:
     if value > limit:
-        raise RowError(f"{field}={value} does not fit the calls column type {column_type} "
-                       f"(at most {limit})")
+        raise RowError(
+            f"{field}={value} does not fit the calls column type {column_type} (at most {limit})"
+        )
 
 
 def call_to_row(event: CallEvent, source: SourcePosition, ingested_at_ms: int) -> list[object]:
     """The row in CALL_COLUMNS order. Raises RowError naming the field that cannot be stored."""
     if event.event_time_ms > MAX_DATETIME64_MS:
-        raise RowError(f"event_time_ms={event.event_time_ms} is after 2299-12-31, the last "
-                       "instant DateTime64(3) can store")
+        raise RowError(
+            f"event_time_ms={event.event_time_ms} is after 2299-12-31, the last "
+            "instant DateTime64(3) can store"
+        )
     _check_max("latency_ms", event.latency_ms, _UINT32_MAX, "UInt32")
     _check_max("cost_nano_usd", event.cost_nano_usd, _INT64_MAX, "Int64")
     _check_max("spawn_depth", event.spawn_depth, _UINT16_MAX, "UInt16")
@@ -134,6 +137,7 @@ def dedup_token(topic: str, partition: int, first_offset: int, last_offset: int)
     """`insert_deduplication_token` of a chunk: its source offset range, so a retried chunk is
     dropped by ClickHouse (needs non_replicated_deduplication_window on the table)."""
     if first_offset < 0 or last_offset < first_offset:
-        raise ValueError(f"offset range must satisfy 0 <= first <= last, got "
-                         f"{first_offset}-{last_offset}")
+        raise ValueError(
+            f"offset range must satisfy 0 <= first <= last, got {first_offset}-{last_offset}"
+        )
     return f"{topic}:{partition}:{first_offset}-{last_offset}"

@@ -51,8 +51,9 @@ class QueryServer:
         return int(self._httpd.server_address[1])
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="sink-http",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="sink-http", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -66,7 +67,7 @@ class QueryServer:
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
             return False
-        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._token)
+        return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), self._token)
 
     def health(self) -> tuple[int, dict[str, object]]:
         body: dict[str, object] = dict(self._health_extra())
@@ -84,20 +85,24 @@ class QueryServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return HTTPStatus.BAD_REQUEST, {"error": f"body must be JSON: {exc}"}
         if not isinstance(request, dict):
-            return HTTPStatus.BAD_REQUEST, {"error": "body must be a JSON object "
-                                            '{"sql": "...", "parameters": {...}}'}
+            return HTTPStatus.BAD_REQUEST, {
+                "error": 'body must be a JSON object {"sql": "...", "parameters": {...}}'
+            }
         sql = request.get("sql")
         parameters = request.get("parameters")
         if not isinstance(sql, str) or not sql.strip():
             return HTTPStatus.BAD_REQUEST, {"error": "field 'sql' must be a non-empty string"}
         if parameters is not None and not isinstance(parameters, dict):
-            return HTTPStatus.BAD_REQUEST, {"error": "field 'parameters' must be an object "
-                                            "of {name: value} for {name:Type} placeholders"}
+            return HTTPStatus.BAD_REQUEST, {
+                "error": "field 'parameters' must be an object "
+                "of {name: value} for {name:Type} placeholders"
+            }
         try:
             result = self.database.readonly_query(sql, parameters)
         except ClickHouseError as exc:
-            status = (HTTPStatus.FORBIDDEN if exc.code == READONLY_ERROR_CODE
-                      else HTTPStatus.BAD_REQUEST)
+            status = (
+                HTTPStatus.FORBIDDEN if exc.code == READONLY_ERROR_CODE else HTTPStatus.BAD_REQUEST
+            )
             return status, {"error": str(exc)[:4000], "code": exc.code}
         return HTTPStatus.OK, result.to_json()
 
@@ -129,16 +134,19 @@ def _make_handler(server: QueryServer) -> type[BaseHTTPRequestHandler]:
                 self._send(HTTPStatus.NOT_FOUND, {"error": "GET /health or POST /query"})
                 return
             if not server.authorized(self.headers.get("Authorization")):
-                self._send(HTTPStatus.UNAUTHORIZED,
-                           {"error": "missing or wrong 'Authorization: Bearer <api token>'"})
+                self._send(
+                    HTTPStatus.UNAUTHORIZED,
+                    {"error": "missing or wrong 'Authorization: Bearer <api token>'"},
+                )
                 return
             try:
                 length = int(self.headers.get("Content-Length", "0"))
             except ValueError:
                 length = -1
             if length < 0 or length > MAX_BODY_BYTES:
-                self._send(HTTPStatus.BAD_REQUEST,
-                           {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}"})
+                self._send(
+                    HTTPStatus.BAD_REQUEST, {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}"}
+                )
                 return
             self._send(*server.query(self.rfile.read(length)))
 

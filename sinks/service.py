@@ -47,15 +47,28 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
     database = ClickHouse.open(settings.clickhouse_dsn)
     try:
         applied = apply_migrations(database)
-        log.info("ClickHouse %s ready (migrations applied now: %s)", database.description,
-                 applied or "none")
-        worker = SinkWorker(settings, CallsTable(database), stop=stop,
-                            batch_max_rows=batch_rows, batch_max_ms=batch_ms)
-        server = QueryServer(database, settings.sink_port, settings.api_token_value(),
-                             health_extra=worker.stats.as_json)
+        log.info(
+            "ClickHouse %s ready (migrations applied now: %s)",
+            database.description,
+            applied or "none",
+        )
+        worker = SinkWorker(
+            settings,
+            CallsTable(database),
+            stop=stop,
+            batch_max_rows=batch_rows,
+            batch_max_ms=batch_ms,
+        )
+        server = QueryServer(
+            database,
+            settings.sink_port,
+            settings.api_token_value(),
+            health_extra=worker.stats.as_json,
+        )
         server.start()
-        log.info("sink consuming %s, API on 127.0.0.1:%d", settings.topics.calls,
-                 settings.sink_port)
+        log.info(
+            "sink consuming %s, API on 127.0.0.1:%d", settings.topics.calls, settings.sink_port
+        )
         try:
             worker.run()
         finally:

@@ -24,8 +24,9 @@ class CallsTable:
         self.table = table
 
     def insert_calls(self, rows: Sequence[Sequence[object]], token: str) -> None:
-        self.database.insert(self.table, rows, CALL_COLUMNS,
-                             settings={"insert_deduplication_token": token})
+        self.database.insert(
+            self.table, rows, CALL_COLUMNS, settings={"insert_deduplication_token": token}
+        )
 
     def present_offsets(self, topic: str, partition: int, from_offset: int) -> set[int]:
         result = self.database.writer_query(

@@ -82,25 +82,33 @@ class MessageLike(Protocol):
 
 
 class ConsumerLike(Protocol):
-    def subscribe(self, topics: list[str], on_assign: Any = ..., on_revoke: Any = ...,
-                  on_lost: Any = ...) -> None: ...
+    def subscribe(
+        self, topics: list[str], on_assign: Any = ..., on_revoke: Any = ..., on_lost: Any = ...
+    ) -> None: ...
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]: ...
-    def commit(self, message: Any = None, offsets: Any = None,
-               asynchronous: bool = True) -> Any: ...
+    def commit(
+        self, message: Any = None, offsets: Any = None, asynchronous: bool = True
+    ) -> Any: ...
     def assignment(self) -> list[Any]: ...
     def pause(self, partitions: list[Any]) -> None: ...
     def resume(self, partitions: list[Any]) -> None: ...
     def poll(self, timeout: float = -1) -> Any: ...
     def seek(self, partition: Any) -> None: ...
     def position(self, partitions: list[Any]) -> list[Any]: ...
-    def get_watermark_offsets(self, partition: Any, timeout: float = ...,
-                              cached: bool = ...) -> tuple[int, int] | None: ...
+    def get_watermark_offsets(
+        self, partition: Any, timeout: float = ..., cached: bool = ...
+    ) -> tuple[int, int] | None: ...
     def close(self) -> None: ...
 
 
 class ProducerLike(Protocol):
-    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-                on_delivery: Any = None) -> None: ...
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        on_delivery: Any = None,
+    ) -> None: ...
     def flush(self, timeout: float = -1) -> int: ...
     def poll(self, timeout: float = -1) -> int: ...
 
@@ -167,8 +175,10 @@ class SinkWorker:
         stop: threading.Event | None = None,
     ) -> None:
         if batch_max_rows < 1 or batch_max_ms < 1:
-            raise ValueError(f"batch_max_rows and batch_max_ms must be >= 1, got "
-                             f"{batch_max_rows} and {batch_max_ms}")
+            raise ValueError(
+                f"batch_max_rows and batch_max_ms must be >= 1, got "
+                f"{batch_max_rows} and {batch_max_ms}"
+            )
         self.settings = settings
         self.store = store
         self.topic = settings.topics.calls
@@ -201,8 +211,12 @@ class SinkWorker:
     # -- partition assignment -----------------------------------------------------------
 
     def subscribe(self) -> None:
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.consumer.subscribe(
+            [self.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
 
     def _on_assign(self, _consumer: object, partitions: list[Any]) -> None:
         for tp in partitions:
@@ -247,8 +261,10 @@ class SinkWorker:
                 wait_ms = self.batch_max_ms - (self.clock() - started)
                 if wait_ms <= 0:
                     break
-            got = self.consumer.consume(num_messages=min(1000, self.batch_max_rows - len(messages)),
-                                        timeout=min(wait_ms, 200) / 1000)
+            got = self.consumer.consume(
+                num_messages=min(1000, self.batch_max_rows - len(messages)),
+                timeout=min(wait_ms, 200) / 1000,
+            )
             for msg in got:
                 if self._usable(msg):
                     messages.append(msg)
@@ -288,8 +304,9 @@ class SinkWorker:
             per_month: dict[int, Chunk] = {}
             for msg in records:
                 offset = _offset(msg)
-                commit_to[(topic, partition)] = max(commit_to.get((topic, partition), 0),
-                                                    offset + 1)
+                commit_to[(topic, partition)] = max(
+                    commit_to.get((topic, partition), 0), offset + 1
+                )
                 if offset in present:
                     self.stats.rows_skipped_replayed += 1
                     continue
@@ -300,8 +317,7 @@ class SinkWorker:
                 except (ValidationError, RowError) as exc:
                     dead.append(self._invalid(msg, source, _reason(exc), now))
                     continue
-                chunk = per_month.setdefault(yyyymm(event.event_time_ms),
-                                             Chunk(topic, partition))
+                chunk = per_month.setdefault(yyyymm(event.event_time_ms), Chunk(topic, partition))
                 chunk.rows.append(row)
                 chunk.offsets.append(offset)
             chunks.extend(per_month.values())
@@ -322,12 +338,19 @@ class SinkWorker:
         key = (topic, partition)
         present = self._present.get(key)
         if present is None:
-            present = self._retry(lambda: self.store.present_offsets(topic, partition, from_offset),
-                                  f"reading landed offsets of {topic}:{partition}")
+            present = self._retry(
+                lambda: self.store.present_offsets(topic, partition, from_offset),
+                f"reading landed offsets of {topic}:{partition}",
+            )
             if present:
-                log.info("%s:%d: %d records from %d on are already stored (uncommitted by a "
-                         "previous run); they are skipped", topic, partition, len(present),
-                         from_offset)
+                log.info(
+                    "%s:%d: %d records from %d on are already stored (uncommitted by a "
+                    "previous run); they are skipped",
+                    topic,
+                    partition,
+                    len(present),
+                    from_offset,
+                )
             self._present[key] = present
         return present
 
@@ -336,14 +359,25 @@ class SinkWorker:
         if present:
             self._present[key] = {o for o in present if o >= next_offset}
 
-    def _invalid(self, msg: MessageLike, source: SourcePosition, reason: str,
-                 now: int) -> InvalidMessage:
-        log.warning("invalid record %s:%d@%d -> dlq: %s", source.topic, source.partition,
-                    source.offset, reason[:300])
+    def _invalid(
+        self, msg: MessageLike, source: SourcePosition, reason: str, now: int
+    ) -> InvalidMessage:
+        log.warning(
+            "invalid record %s:%d@%d -> dlq: %s",
+            source.topic,
+            source.partition,
+            source.offset,
+            reason[:300],
+        )
         return InvalidMessage.from_raw(
-            topic=source.topic, partition=source.partition, offset=source.offset,
-            reason=reason, component="sink", detected_at_ms=now,
-            key=msg.key(), payload=msg.value(),
+            topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            reason=reason,
+            component="sink",
+            detected_at_ms=now,
+            key=msg.key(),
+            payload=msg.value(),
         )
 
     # -- effects, each retried until it succeeds or stop is requested ----------------------
@@ -370,8 +404,13 @@ class SinkWorker:
                     failures += 1
                     self.stats.retrying = True
                     self.stats.last_error = f"{what}: {exc}"[:500]
-                    log.warning("ClickHouse failed %s (attempt %d), retrying in %.1fs: %s",
-                                what, failures, delay, exc)
+                    log.warning(
+                        "ClickHouse failed %s (attempt %d), retrying in %.1fs: %s",
+                        what,
+                        failures,
+                        delay,
+                        exc,
+                    )
                     self._pause()
                     if self.stop.wait(delay):
                         raise _Abandon from exc
@@ -416,8 +455,12 @@ class SinkWorker:
             left = self.producer.flush(10.0)
             if not failed and left == 0:
                 return
-            log.warning("%d dlq records not delivered (%d still queued), retrying in %.1fs",
-                        len(failed), left, delay)
+            log.warning(
+                "%d dlq records not delivered (%d still queued), retrying in %.1fs",
+                len(failed),
+                left,
+                delay,
+            )
             if left:
                 # Still queued ones may yet be delivered; only re-send the failed ones.
                 self.producer.flush(30.0)
@@ -444,8 +487,9 @@ class SinkWorker:
     def _commit(self, commit_to: dict[TopicPartitionKey, int]) -> None:
         from confluent_kafka import KafkaException, TopicPartition
 
-        offsets = [TopicPartition(t, p, o) for (t, p), o in commit_to.items()
-                   if (t, p) in self._assigned]
+        offsets = [
+            TopicPartition(t, p, o) for (t, p), o in commit_to.items() if (t, p) in self._assigned
+        ]
         if not offsets:
             return
         try:

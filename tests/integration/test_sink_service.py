@@ -37,25 +37,34 @@ class SinkProcess:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
         assert self.settings.api_token is not None
-        env.update({
-            "AGENTLEDGER_KAFKA": self.settings.kafka,
-            "AGENTLEDGER_TOPIC_PREFIX": self.settings.topic_prefix,
-            "AGENTLEDGER_HOME": str(self.settings.home),
-            "AGENTLEDGER_API_TOKEN": self.settings.api_token.get_secret_value(),
-            "AGENTLEDGER_SINK_PORT": str(self.settings.sink_port),
-            "AGENTLEDGER_SINK_BATCH_MS": "200",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "AGENTLEDGER_KAFKA": self.settings.kafka,
+                "AGENTLEDGER_TOPIC_PREFIX": self.settings.topic_prefix,
+                "AGENTLEDGER_HOME": str(self.settings.home),
+                "AGENTLEDGER_API_TOKEN": self.settings.api_token.get_secret_value(),
+                "AGENTLEDGER_SINK_PORT": str(self.settings.sink_port),
+                "AGENTLEDGER_SINK_BATCH_MS": "200",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agentledger.sinks"],
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env(),
-                                         start_new_session=True)
-        wait_for(lambda: self.health() if self.alive() else self.fail("exited during start"),
-                 "sink healthy", timeout_s=60)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentledger.sinks"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(),
+                start_new_session=True,
+            )
+        wait_for(
+            lambda: self.health() if self.alive() else self.fail("exited during start"),
+            "sink healthy",
+            timeout_s=60,
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -100,14 +109,24 @@ def sink(stack_settings: Settings, tmp_path: Path) -> Iterator[SinkProcess]:
 
 def make_events(n: int, start: int = 0) -> list[CallEvent]:
     # Costs chosen so that a float sum would not be exact.
-    return [CallEvent(event_id=uuid.uuid4(), event_time_ms=BASE_MS + i * 1000,
-                      agent_id=f"agent-{i % 5}", workflow_id="wf-int", provider="openai",
-                      requested_model="gpt-4o", used_model="gpt-4o" if i % 3 else "gpt-4o-mini",
-                      input_tokens=100 + i, output_tokens=10 + i,
-                      cost_nano_usd=1_000_000_007 * (i + 1) + 123_456_789_012_345,
-                      latency_ms=50 + i, attempt=1 + i % 2,
-                      status=CallStatus.OK if i % 7 else CallStatus.ERROR)
-            for i in range(start, start + n)]
+    return [
+        CallEvent(
+            event_id=uuid.uuid4(),
+            event_time_ms=BASE_MS + i * 1000,
+            agent_id=f"agent-{i % 5}",
+            workflow_id="wf-int",
+            provider="openai",
+            requested_model="gpt-4o",
+            used_model="gpt-4o" if i % 3 else "gpt-4o-mini",
+            input_tokens=100 + i,
+            output_tokens=10 + i,
+            cost_nano_usd=1_000_000_007 * (i + 1) + 123_456_789_012_345,
+            latency_ms=50 + i,
+            attempt=1 + i % 2,
+            status=CallStatus.OK if i % 7 else CallStatus.ERROR,
+        )
+        for i in range(start, start + n)
+    ]
 
 
 def produce(settings: Settings, payloads: list[tuple[bytes, bytes]]) -> None:
@@ -122,8 +141,9 @@ def produce_events(settings: Settings, events: list[CallEvent]) -> None:
 
 
 def totals(client: QueryClient) -> tuple[int, int, int]:
-    result = client.query("SELECT count(), uniqExact(event_id), sum(toInt128(cost_nano_usd)) "
-                          "FROM calls")
+    result = client.query(
+        "SELECT count(), uniqExact(event_id), sum(toInt128(cost_nano_usd)) FROM calls"
+    )
     count, unique, cost = result.rows[0]
     return int(count), int(unique), int(cost)
 
@@ -156,14 +176,29 @@ def test_calls_land_exactly_once_and_garbage_goes_to_the_dlq(sink: SinkProcess) 
     sample = first[17]
     row = client.query(
         "SELECT agent_id, toUnixTimestamp64Milli(event_time), cost_nano_usd, status, attempt, "
-        "input_tokens, _topic FROM calls WHERE event_id = {id:UUID}", {"id": str(sample.event_id)})
-    assert row.rows == [[sample.agent_id, sample.event_time_ms, sample.cost_nano_usd,
-                         sample.status.value, sample.attempt, sample.input_tokens,
-                         settings.topics.calls]]
+        "input_tokens, _topic FROM calls WHERE event_id = {id:UUID}",
+        {"id": str(sample.event_id)},
+    )
+    assert row.rows == [
+        [
+            sample.agent_id,
+            sample.event_time_ms,
+            sample.cost_nano_usd,
+            sample.status.value,
+            sample.attempt,
+            sample.input_tokens,
+            settings.topics.calls,
+        ]
+    ]
 
     # Garbage and a schema-invalid record go to the dlq; the sink keeps consuming.
-    produce(settings, [(b"junk", b"\x00\x01 not json at all"),
-                       (b"bad", json.dumps({"agent_id": "x", "latency_ms": -1}).encode())])
+    produce(
+        settings,
+        [
+            (b"junk", b"\x00\x01 not json at all"),
+            (b"bad", json.dumps({"agent_id": "x", "latency_ms": -1}).encode()),
+        ],
+    )
     more = make_events(50, start=300)
     produce_events(settings, more)
     expected_cost += sum(e.cost_nano_usd for e in more)
@@ -208,8 +243,14 @@ def _replayed(sink: SinkProcess, records: int) -> dict[str, object] | None:
 
 
 def read_dlq(settings: Settings, at_least: int) -> list[InvalidMessage]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": f"dlq-{uuid.uuid4()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"dlq-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([settings.topics.dlq])
     found: list[InvalidMessage] = []
     try:
@@ -226,13 +267,19 @@ def read_dlq(settings: Settings, at_least: int) -> list[InvalidMessage]:
 
 def rewind_group(settings: Settings) -> None:
     """Commit offset 0 for every partition of the calls topic in the sink's group."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka,
-                         "group.id": f"{settings.topic_prefix}sink", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"{settings.topic_prefix}sink",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         metadata = consumer.list_topics(settings.topics.calls, timeout=10)
         partitions = metadata.topics[settings.topics.calls].partitions
         committed = consumer.committed(
-            [TopicPartition(settings.topics.calls, p) for p in partitions], timeout=10)
+            [TopicPartition(settings.topics.calls, p) for p in partitions], timeout=10
+        )
         assert sum(max(tp.offset, 0) for tp in committed) == 352, committed
         rewound = [TopicPartition(settings.topics.calls, p, 0) for p in partitions]
 

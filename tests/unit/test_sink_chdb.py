@@ -18,7 +18,7 @@ import pytest
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse, ClickHouseError
 from agentledger.sinks.migrations import MIGRATIONS, Migration, apply_migrations
-from agentledger.sinks.query import QueryClient, QueryResult
+from agentledger.sinks.query import DirectQueryClient, QueryClient, QueryError, QueryResult
 from agentledger.sinks.review import spend_by_agent_model
 from agentledger.sinks.rows import CALL_COLUMNS, SourcePosition, call_to_row, dedup_token
 from agentledger.sinks.store import CallsTable
@@ -38,17 +38,37 @@ def db(tmp_path: Path) -> Iterator[ClickHouse]:
         database.close()
 
 
-def event(n: int, *, agent: str = "a1", model: str = "m1", cost: int = 1,
-          time_ms: int = 1_700_000_000_000, status: CallStatus = CallStatus.OK) -> CallEvent:
-    return CallEvent(event_id=uuid.UUID(int=n), event_time_ms=time_ms + n, agent_id=agent,
-                     provider="p", requested_model=model, used_model=model, input_tokens=10 * n,
-                     output_tokens=n, cost_nano_usd=cost, latency_ms=5, status=status)
+def event(
+    n: int,
+    *,
+    agent: str = "a1",
+    model: str = "m1",
+    cost: int = 1,
+    time_ms: int = 1_700_000_000_000,
+    status: CallStatus = CallStatus.OK,
+) -> CallEvent:
+    return CallEvent(
+        event_id=uuid.UUID(int=n),
+        event_time_ms=time_ms + n,
+        agent_id=agent,
+        provider="p",
+        requested_model=model,
+        used_model=model,
+        input_tokens=10 * n,
+        output_tokens=n,
+        cost_nano_usd=cost,
+        latency_ms=5,
+        status=status,
+    )
 
 
-def rows_for(events: list[CallEvent], topic: str = "x.calls", partition: int = 0,
-             first_offset: int = 0) -> list[list[object]]:
-    return [call_to_row(e, SourcePosition(topic, partition, first_offset + i), 0)
-            for i, e in enumerate(events)]
+def rows_for(
+    events: list[CallEvent], topic: str = "x.calls", partition: int = 0, first_offset: int = 0
+) -> list[list[object]]:
+    return [
+        call_to_row(e, SourcePosition(topic, partition, first_offset + i), 0)
+        for i, e in enumerate(events)
+    ]
 
 
 def count(db: ClickHouse, sql: str = "SELECT count() FROM calls") -> int:
@@ -72,9 +92,11 @@ def test_migrations_are_idempotent_and_recorded(tmp_path: Path) -> None:
         assert recorded.rows == [[m.version, m.name] for m in MIGRATIONS]
         assert count(again) == 1
         engine = again.writer_query(
-            "SELECT engine, partition_key, sorting_key FROM system.tables WHERE name = 'calls'")
-        assert engine.rows == [["MergeTree", "toYYYYMM(event_time)",
-                                "agent_id, event_time, event_id"]]
+            "SELECT engine, partition_key, sorting_key FROM system.tables WHERE name = 'calls'"
+        )
+        assert engine.rows == [
+            ["MergeTree", "toYYYYMM(event_time)", "agent_id, event_time, event_id"]
+        ]
         create = str(again.writer_query("SHOW CREATE TABLE calls").rows[0][0])
         assert "non_replicated_deduplication_window = 10000" in create
     finally:
@@ -82,9 +104,14 @@ def test_migrations_are_idempotent_and_recorded(tmp_path: Path) -> None:
 
 
 def test_new_migration_is_applied_once_after_the_old_ones(db: ClickHouse) -> None:
-    extra = Migration(2, "test view", (
-        "CREATE VIEW IF NOT EXISTS calls_per_agent AS "
-        "SELECT agent_id, count() AS n FROM calls GROUP BY agent_id",))
+    extra = Migration(
+        2,
+        "test view",
+        (
+            "CREATE VIEW IF NOT EXISTS calls_per_agent AS "
+            "SELECT agent_id, count() AS n FROM calls GROUP BY agent_id",
+        ),
+    )
     assert apply_migrations(db, (*MIGRATIONS, extra)) == [2]
     assert apply_migrations(db, (*MIGRATIONS, extra)) == []
     assert count(db, "SELECT count() FROM calls_per_agent") == 0
@@ -109,8 +136,9 @@ def test_same_batch_twice_with_same_token_is_stored_once(db: ClickHouse) -> None
 
 def test_present_offsets_reports_landed_records_per_partition(db: ClickHouse) -> None:
     table = CallsTable(db)
-    table.insert_calls(rows_for([event(i) for i in range(5)], partition=2, first_offset=10),
-                       "t:2:10-14")
+    table.insert_calls(
+        rows_for([event(i) for i in range(5)], partition=2, first_offset=10), "t:2:10-14"
+    )
     table.insert_calls(rows_for([event(9)], partition=1, first_offset=12), "t:1:12-12")
     assert table.present_offsets("x.calls", 2, 12) == {12, 13, 14}
     assert table.present_offsets("x.calls", 1, 0) == {12}
@@ -119,9 +147,13 @@ def test_present_offsets_reports_landed_records_per_partition(db: ClickHouse) ->
 
 def test_readonly_session_refuses_writes_and_leaves_the_writer_usable(db: ClickHouse) -> None:
     CallsTable(db).insert_calls(rows_for([event(1)]), "t:0:0-0")
-    for sql in ("INSERT INTO calls (agent_id) VALUES ('x')", "DROP TABLE calls",
-                "TRUNCATE TABLE calls", "SELECT 1 SETTINGS readonly = 0",
-                "CREATE TABLE evil (a UInt8) ENGINE = Memory"):
+    for sql in (
+        "INSERT INTO calls (agent_id) VALUES ('x')",
+        "DROP TABLE calls",
+        "TRUNCATE TABLE calls",
+        "SELECT 1 SETTINGS readonly = 0",
+        "CREATE TABLE evil (a UInt8) ENGINE = Memory",
+    ):
         with pytest.raises(ClickHouseError) as info:
             db.readonly_query(sql)
         assert info.value.code == 164, sql
@@ -135,11 +167,14 @@ def test_readonly_query_binds_parameters_and_returns_json_values(db: ClickHouse)
     CallsTable(db).insert_calls(rows_for([event(1, cost=45_000_000)]), "t:0:0-0")
     result = db.readonly_query(
         "SELECT event_id, event_time, toDecimal128(sum(cost_nano_usd), 9) / 1000000000 AS usd "
-        "FROM calls WHERE agent_id = {a:String} GROUP BY event_id, event_time", {"a": "a1"})
+        "FROM calls WHERE agent_id = {a:String} GROUP BY event_id, event_time",
+        {"a": "a1"},
+    )
     assert result.columns == ["event_id", "event_time", "usd"]
     assert result.types[0] == "UUID"
-    assert result.rows == [["00000000-0000-0000-0000-000000000001",
-                            "2023-11-14T22:13:20.001000", "0.045000000"]]
+    assert result.rows == [
+        ["00000000-0000-0000-0000-000000000001", "2023-11-14T22:13:20.001000", "0.045000000"]
+    ]
 
 
 class _LocalClient(QueryClient):
@@ -151,7 +186,7 @@ class _LocalClient(QueryClient):
 
 
 def test_review_sums_exactly_and_orders_by_cost(db: ClickHouse) -> None:
-    big = (1 << 62)  # two of these overflow Int64: the review must not wrap
+    big = 1 << 62  # two of these overflow Int64: the review must not wrap
     events = [
         event(1, agent="cheap", cost=3),
         event(2, agent="cheap", cost=4, status=CallStatus.ERROR),
@@ -162,7 +197,9 @@ def test_review_sums_exactly_and_orders_by_cost(db: ClickHouse) -> None:
     CallsTable(db).insert_calls(rows_for(events), "t:0:0-4")
     rows = spend_by_agent_model(_LocalClient(db), 1_700_000_000_000, 1_700_000_000_010)
     assert [(r.agent_id, r.used_model, r.calls, r.failures) for r in rows] == [
-        ("rich", "m2", 2, 0), ("cheap", "m1", 2, 1)]
+        ("rich", "m2", 2, 0),
+        ("cheap", "m1", 2, 1),
+    ]
     assert rows[0].cost_nano_usd == 2 * big
     assert rows[0].cost_usd == Decimal(2 * big) / 10**9
     assert rows[1].cost_nano_usd == 7
@@ -170,3 +207,23 @@ def test_review_sums_exactly_and_orders_by_cost(db: ClickHouse) -> None:
     assert (rows[1].input_tokens, rows[1].output_tokens) == (30, 3)
     with pytest.raises(ValueError, match="since_ms <= until_ms"):
         spend_by_agent_model(_LocalClient(db), 10, 5)
+
+
+def test_direct_query_client_is_read_only(tmp_path: Path) -> None:
+    # The server-DSN path of QueryClient; chDB stands in for the server (same client code).
+    path = tmp_path / "ch"
+    setup = open_db(path)
+    try:
+        apply_migrations(setup)
+        CallsTable(setup).insert_calls(rows_for([event(1, cost=5)]), "t:0:0-0")
+    finally:
+        setup.close()
+    direct = DirectQueryClient(f"chdb://{path}")
+    try:
+        assert direct.query(
+            "SELECT sum(cost_nano_usd) FROM calls WHERE agent_id = {a:String}", {"a": "a1"}
+        ).rows == [[5]]
+        with pytest.raises(QueryError, match="READONLY"):
+            direct.query("DROP TABLE calls")
+    finally:
+        direct.close()

@@ -97,11 +97,25 @@ def test_every_callevent_field_has_a_column() -> None:
 
 
 def test_optional_fields_map_to_null() -> None:
-    event = CallEvent(event_time_ms=0, agent_id="a", provider="p", requested_model="m",
-                      used_model="m", cost_nano_usd=0, latency_ms=0)
+    event = CallEvent(
+        event_time_ms=0,
+        agent_id="a",
+        provider="p",
+        requested_model="m",
+        used_model="m",
+        cost_nano_usd=0,
+        latency_ms=0,
+    )
     row = dict(zip(CALL_COLUMNS, call_to_row(event, SOURCE, 0), strict=True))
-    for name in ("pool", "workflow_id", "parent_agent_id", "task_type", "task_id",
-                 "pricing_version", "error_type"):
+    for name in (
+        "pool",
+        "workflow_id",
+        "parent_agent_id",
+        "task_type",
+        "task_id",
+        "pricing_version",
+        "error_type",
+    ):
         assert row[name] is None, name
     assert row["event_time"] == datetime(1970, 1, 1, tzinfo=UTC)
     assert row["status"] == "ok"
@@ -115,16 +129,29 @@ def test_optional_fields_map_to_null() -> None:
         ("event_time_ms", MAX_DATETIME64_MS + 1, "after 2299-12-31"),
     ],
 )
-def test_values_that_do_not_fit_a_column_are_refused_by_name(field: str, value: int,
-                                                             needle: str) -> None:
+def test_values_that_do_not_fit_a_column_are_refused_by_name(
+    field: str, value: int, needle: str
+) -> None:
     with pytest.raises(RowError, match=needle):
         call_to_row(make_event(**{field: value}), SOURCE, 0)
 
 
 def test_largest_storable_values_pass() -> None:
-    row = dict(zip(CALL_COLUMNS, call_to_row(
-        make_event(latency_ms=(1 << 32) - 1, cost_nano_usd=(1 << 63) - 1,
-                   event_time_ms=MAX_DATETIME64_MS), SOURCE, 0), strict=True))
+    row = dict(
+        zip(
+            CALL_COLUMNS,
+            call_to_row(
+                make_event(
+                    latency_ms=(1 << 32) - 1,
+                    cost_nano_usd=(1 << 63) - 1,
+                    event_time_ms=MAX_DATETIME64_MS,
+                ),
+                SOURCE,
+                0,
+            ),
+            strict=True,
+        )
+    )
     assert row["event_time"] == datetime(2299, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)
     assert row["cost_nano_usd"] == (1 << 63) - 1
 

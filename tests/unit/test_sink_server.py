@@ -29,10 +29,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueryServer]:
     database = ClickHouse.open(f"chdb://{tmp_path_factory.mktemp('sink') / 'ch'}")
     try:
         apply_migrations(database)
-        rows = [call_to_row(CallEvent(event_id=uuid.UUID(int=i), event_time_ms=1_000 + i,
-                                      agent_id=f"a{i % 2}", provider="p", requested_model="m",
-                                      used_model="m", cost_nano_usd=10 * i, latency_ms=1),
-                            SourcePosition("s.calls", 0, i), 0) for i in range(4)]
+        rows = [
+            call_to_row(
+                CallEvent(
+                    event_id=uuid.UUID(int=i),
+                    event_time_ms=1_000 + i,
+                    agent_id=f"a{i % 2}",
+                    provider="p",
+                    requested_model="m",
+                    used_model="m",
+                    cost_nano_usd=10 * i,
+                    latency_ms=1,
+                ),
+                SourcePosition("s.calls", 0, i),
+                0,
+            )
+            for i in range(4)
+        ]
         CallsTable(database).insert_calls(rows, "s.calls:0:0-3")
         srv = QueryServer(database, 0, TOKEN, health_extra=lambda: {"lag": 0})
         srv.start()
@@ -57,7 +70,9 @@ def test_health_needs_no_token_and_counts_rows(server: QueryServer) -> None:
 def test_query_with_parameters(server: QueryServer) -> None:
     result = client(server).query(
         "SELECT agent_id, sum(cost_nano_usd) AS cost, any(event_id) AS id FROM calls "
-        "WHERE agent_id = {a:String} GROUP BY agent_id", {"a": "a1"})
+        "WHERE agent_id = {a:String} GROUP BY agent_id",
+        {"a": "a1"},
+    )
     assert result.columns == ["agent_id", "cost", "id"]
     assert result.types == ["String", "Int64", "UUID"]
     assert result.rows[0][:2] == ["a1", 40]
@@ -65,16 +80,20 @@ def test_query_with_parameters(server: QueryServer) -> None:
 
 
 def test_writes_are_refused_with_403(server: QueryServer) -> None:
-    for sql in ("INSERT INTO calls (agent_id) VALUES ('x')", "DROP TABLE calls",
-                "ALTER TABLE calls DELETE WHERE 1"):
+    for sql in (
+        "INSERT INTO calls (agent_id) VALUES ('x')",
+        "DROP TABLE calls",
+        "ALTER TABLE calls DELETE WHERE 1",
+    ):
         with pytest.raises(QueryError, match=r"\(403\).*readonly"):
             client(server).query(sql)
     assert client(server).query("SELECT count() FROM calls").rows == [[4]]
 
 
 def _post(srv: QueryServer, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(f"http://127.0.0.1:{srv.port}/query", data=body,
-                                     method="POST", headers=headers)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{srv.port}/query", data=body, method="POST", headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
@@ -91,15 +110,19 @@ def test_token_is_required(server: QueryServer) -> None:
         client(server, token="nope").query("SELECT 1")
 
 
-@pytest.mark.parametrize(("body", "needle"), [
-    (b"{not json", "body must be JSON"),
-    (b"[1]", "body must be a JSON object"),
-    (b'{"sql": ""}', "field 'sql' must be a non-empty string"),
-    (b'{"sql": "SELECT 1", "parameters": [1]}', "field 'parameters' must be an object"),
-    (b'{"sql": "SELEC nonsense"}', "SYNTAX_ERROR"),
-])
-def test_bad_requests_get_400_with_the_reason(server: QueryServer, body: bytes,
-                                              needle: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "body must be JSON"),
+        (b"[1]", "body must be a JSON object"),
+        (b'{"sql": ""}', "field 'sql' must be a non-empty string"),
+        (b'{"sql": "SELECT 1", "parameters": [1]}', "field 'parameters' must be an object"),
+        (b'{"sql": "SELEC nonsense"}', "SYNTAX_ERROR"),
+    ],
+)
+def test_bad_requests_get_400_with_the_reason(
+    server: QueryServer, body: bytes, needle: str
+) -> None:
     status, reply = _post(server, body, {"Authorization": f"Bearer {TOKEN}"})
     assert status == 400
     assert needle in str(reply["error"])

@@ -63,8 +63,9 @@ class FakeConsumer:
     on_revoke: Any = None
     paused: bool = False
 
-    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None,
-                  on_lost: Any = None) -> None:
+    def subscribe(
+        self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None
+    ) -> None:
         self.on_assign, self.on_revoke = on_assign, on_revoke
 
     def assign_partitions(self, topic: str, partitions: Sequence[int]) -> None:
@@ -98,8 +99,9 @@ class FakeConsumer:
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
 
-    def get_watermark_offsets(self, partition: Any, timeout: float = 1.0,
-                              cached: bool = False) -> tuple[int, int]:
+    def get_watermark_offsets(
+        self, partition: Any, timeout: float = 1.0, cached: bool = False
+    ) -> tuple[int, int]:
         return (0, 0)
 
     def close(self) -> None:
@@ -112,8 +114,13 @@ class FakeProducer:
     sent: list[tuple[str, bytes, bytes]] = field(default_factory=list)
     pending: list[Any] = field(default_factory=list)
 
-    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-                on_delivery: Any = None) -> None:
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        on_delivery: Any = None,
+    ) -> None:
         assert value is not None and key is not None
         self.sent.append((topic, key, value))
         self.pending.append(on_delivery)
@@ -173,9 +180,17 @@ def rig() -> Rig:
     settings = Settings(topic_prefix="u.", kafka="127.0.0.1:1")
     log: list[str] = []
     consumer, producer, store = FakeConsumer(log), FakeProducer(log), FakeStore(log)
-    worker = SinkWorker(settings, store, consumer=consumer, producer=producer, clock=Clock(),
-                        batch_max_rows=100, batch_max_ms=50, retry_initial_s=0.001,
-                        retry_max_s=0.004)
+    worker = SinkWorker(
+        settings,
+        store,
+        consumer=consumer,
+        producer=producer,
+        clock=Clock(),
+        batch_max_rows=100,
+        batch_max_ms=50,
+        retry_initial_s=0.001,
+        retry_max_s=0.004,
+    )
     worker.subscribe()
     consumer.assign_partitions(settings.topics.calls, [0, 1])
     return Rig(worker, consumer, producer, store, log, settings.topics.calls)
@@ -183,9 +198,16 @@ def rig() -> Rig:
 
 def call(n: int, time_ms: int = JAN, **extra: object) -> bytes:
     values: dict[str, object] = {
-        "event_id": uuid.UUID(int=n), "event_time_ms": time_ms, "agent_id": f"a{n % 3}",
-        "provider": "p", "requested_model": "m", "used_model": "m", "cost_nano_usd": n,
-        "latency_ms": 1, **extra}
+        "event_id": uuid.UUID(int=n),
+        "event_time_ms": time_ms,
+        "agent_id": f"a{n % 3}",
+        "provider": "p",
+        "requested_model": "m",
+        "used_model": "m",
+        "cost_nano_usd": n,
+        "latency_ms": 1,
+        **extra,
+    }
     return CallEvent.model_validate(values).model_dump_json().encode()
 
 
@@ -198,8 +220,12 @@ def test_consumer_config_is_manual_commit_from_earliest() -> None:
 
 def test_batch_is_inserted_per_partition_with_offset_tokens_then_committed(rig: Rig) -> None:
     t = rig.topic
-    rig.consumer.queued = [Msg(t, 0, 5, call(1)), Msg(t, 1, 0, call(2)), Msg(t, 0, 6, call(3)),
-                           Msg(t, 0, 7, call(4))]
+    rig.consumer.queued = [
+        Msg(t, 0, 5, call(1)),
+        Msg(t, 1, 0, call(2)),
+        Msg(t, 0, 6, call(3)),
+        Msg(t, 0, 7, call(4)),
+    ]
     assert rig.worker.step()
     assert rig.store.inserts == [(f"{t}:0:5-7", [5, 6, 7]), (f"{t}:1:0-0", [0])]
     assert rig.consumer.commits == [[(t, 0, 8), (t, 1, 1)]]
@@ -216,14 +242,20 @@ def test_batch_stops_at_max_rows(rig: Rig) -> None:
     rig.worker.step()
     rig.worker.step()
     assert [tok for tok, _ in rig.store.inserts] == [
-        f"{rig.topic}:0:0-99", f"{rig.topic}:0:100-199", f"{rig.topic}:0:200-249"]
+        f"{rig.topic}:0:0-99",
+        f"{rig.topic}:0:100-199",
+        f"{rig.topic}:0:200-249",
+    ]
     assert rig.consumer.commits[-1] == [(rig.topic, 0, 250)]
 
 
 def test_a_batch_spanning_two_months_is_two_inserts_one_part_each(rig: Rig) -> None:
     t = rig.topic
-    rig.consumer.queued = [Msg(t, 0, 0, call(1, JAN)), Msg(t, 0, 1, call(2, FEB)),
-                           Msg(t, 0, 2, call(3, JAN))]
+    rig.consumer.queued = [
+        Msg(t, 0, 0, call(1, JAN)),
+        Msg(t, 0, 1, call(2, FEB)),
+        Msg(t, 0, 2, call(3, JAN)),
+    ]
     rig.worker.step()
     assert sorted(rig.store.inserts) == [(f"{t}:0:0-2", [0, 2]), (f"{t}:0:1-1", [1])]
 
@@ -233,14 +265,22 @@ def test_invalid_records_go_to_the_dlq_with_a_reason_and_are_not_inserted(rig: R
     bad_json = b"\xff not json"
     bad_schema = json.dumps({"agent_id": "a", "cost_nano_usd": -5}).encode()
     too_slow = call(9, latency_ms=1 << 40)
-    rig.consumer.queued = [Msg(t, 0, 0, call(1)), Msg(t, 0, 1, bad_json),
-                           Msg(t, 0, 2, bad_schema), Msg(t, 1, 0, too_slow),
-                           Msg(t, 1, 1, None)]
+    rig.consumer.queued = [
+        Msg(t, 0, 0, call(1)),
+        Msg(t, 0, 1, bad_json),
+        Msg(t, 0, 2, bad_schema),
+        Msg(t, 1, 0, too_slow),
+        Msg(t, 1, 1, None),
+    ]
     rig.worker.step()
     assert rig.store.inserts == [(f"{t}:0:0-0", [0])]
     dead = [InvalidMessage.model_validate_json(v) for _, _, v in rig.producer.sent]
     assert [(d.partition, d.offset, d.component) for d in dead] == [
-        (0, 1, "sink"), (0, 2, "sink"), (1, 0, "sink"), (1, 1, "sink")]
+        (0, 1, "sink"),
+        (0, 2, "sink"),
+        (1, 0, "sink"),
+        (1, 1, "sink"),
+    ]
     assert all(topic == "u.dlq" for topic, _, _ in rig.producer.sent)
     assert dead[0].payload() == bad_json
     assert "Invalid JSON" in dead[0].reason
@@ -314,5 +354,10 @@ def test_records_of_a_revoked_partition_are_left_to_the_new_owner(rig: Rig) -> N
 def test_batch_limits_must_be_positive() -> None:
     log: list[str] = []
     with pytest.raises(ValueError, match="batch_max_rows and batch_max_ms must be >= 1"):
-        SinkWorker(Settings(), FakeStore(log), consumer=FakeConsumer(log),
-                   producer=FakeProducer(log), batch_max_rows=0)
+        SinkWorker(
+            Settings(),
+            FakeStore(log),
+            consumer=FakeConsumer(log),
+            producer=FakeProducer(log),
+            batch_max_rows=0,
+        )
