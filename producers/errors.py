@@ -21,6 +21,16 @@ def _iso_utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_PERIOD_NAMES = {24 * 3600 * 1000: "day", 7 * 24 * 3600 * 1000: "week"}
+
+
+def _period_of(command: ControlCommand) -> str | None:
+    """The budget period's name, from the window the processor states (start to reset)."""
+    if command.period_start_ms is None or command.until_ms is None:
+        return None
+    return _PERIOD_NAMES.get(command.until_ms - command.period_start_ms)
+
+
 class BudgetExceeded(Exception):
     """A STOP stands for one of the agent's budget scopes, so the call was refused.
 
@@ -48,7 +58,7 @@ class BudgetExceeded(Exception):
 
     @classmethod
     def from_command(cls, command: ControlCommand) -> BudgetExceeded:
-        period = command.params.get("period")
+        period = command.params.get("period") or _period_of(command)
         limit, spend = command.limit_nano_usd, command.spend_nano_usd
         return cls(
             command.scope,

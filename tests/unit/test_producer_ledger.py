@@ -271,6 +271,18 @@ def test_budget_exceeded_is_not_a_retryable_error() -> None:
     assert not isinstance(exc, OSError | TimeoutError | ConnectionError)
 
 
+@pytest.mark.parametrize(("days", "word"), [(1, " (day)"), (7, " (week)"), (3, "")])
+def test_period_named_from_the_window_the_processor_states(days: int, word: str) -> None:
+    day_ms = 24 * 3600 * 1000
+    cmd = ControlCommand(scope="agent:a", action=ControlAction.STOP, reason="r",
+                         limit_nano_usd=5_000_000_000, spend_nano_usd=5_000_000_001,
+                         period_start_ms=MIDNIGHT - days * day_ms, until_ms=MIDNIGHT,
+                         issued_at_ms=T0)
+    assert str(BudgetExceeded.from_command(cmd)) == (
+        f"budget exceeded for agent:a: spent $5.000000001 of $5.00{word}; "
+        "resets 2026-11-24T00:00:00Z")
+
+
 def test_budget_exceeded_message_without_amounts_and_pickling() -> None:
     exc = BudgetExceeded("workflow:w", "stopped by operator")
     assert str(exc) == "budget exceeded for workflow:w: stopped by operator"
