@@ -9,10 +9,15 @@ from agentledger.schemas import nano_to_usd
 
 from .query import QueryClient
 
-__all__ = ["SPEND_BY_AGENT_MODEL_SQL", "SpendRow", "spend_by_agent_model"]
+__all__ = [
+    "SPEND_BY_AGENT_MODEL_IN_WORKFLOW_SQL",
+    "SPEND_BY_AGENT_MODEL_SQL",
+    "SpendRow",
+    "spend_by_agent_model",
+]
 
 # sum() over Int64 wraps silently on overflow in ClickHouse, so money is summed as Int128.
-SPEND_BY_AGENT_MODEL_SQL = """
+_TEMPLATE = """
 SELECT
     agent_id,
     used_model,
@@ -24,9 +29,15 @@ SELECT
 FROM calls
 WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')
   AND event_time < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC')
+  %s
 GROUP BY agent_id, used_model
 ORDER BY cost_nano_usd DESC, agent_id, used_model
 """
+
+
+# Two fixed statements rather than SQL assembled from input: the filter's value is a parameter.
+SPEND_BY_AGENT_MODEL_SQL = _TEMPLATE % ""
+SPEND_BY_AGENT_MODEL_IN_WORKFLOW_SQL = _TEMPLATE % "AND workflow_id = {workflow_id:String}"
 
 
 @dataclass(frozen=True)
@@ -41,11 +52,19 @@ class SpendRow:
     cost_usd: Decimal
 
 
-def spend_by_agent_model(client: QueryClient, since_ms: int, until_ms: int) -> list[SpendRow]:
-    """Calls with since_ms <= event time < until_ms (UTC ms), most expensive first."""
+def spend_by_agent_model(
+    client: QueryClient, since_ms: int, until_ms: int, workflow_id: str | None = None
+) -> list[SpendRow]:
+    """Calls with since_ms <= event time < until_ms (UTC ms), optionally of one workflow, most
+    expensive first."""
     if since_ms < 0 or until_ms < since_ms:
         raise ValueError(f"need 0 <= since_ms <= until_ms, got {since_ms} and {until_ms}")
-    result = client.query(SPEND_BY_AGENT_MODEL_SQL, {"since_ms": since_ms, "until_ms": until_ms})
+    parameters: dict[str, object] = {"since_ms": since_ms, "until_ms": until_ms}
+    sql = SPEND_BY_AGENT_MODEL_SQL
+    if workflow_id is not None:
+        sql = SPEND_BY_AGENT_MODEL_IN_WORKFLOW_SQL
+        parameters["workflow_id"] = workflow_id
+    result = client.query(sql, parameters)
     rows = []
     for agent_id, model, calls, failures, tokens_in, tokens_out, cost in result.rows:
         nano = int(cost)

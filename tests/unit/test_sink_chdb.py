@@ -46,6 +46,7 @@ def event(
     cost: int = 1,
     time_ms: int = 1_700_000_000_000,
     status: CallStatus = CallStatus.OK,
+    workflow: str | None = None,
 ) -> CallEvent:
     return CallEvent(
         event_id=uuid.UUID(int=n),
@@ -59,6 +60,7 @@ def event(
         cost_nano_usd=cost,
         latency_ms=5,
         status=status,
+        workflow_id=workflow,
     )
 
 
@@ -189,7 +191,7 @@ def test_review_sums_exactly_and_orders_by_cost(db: ClickHouse) -> None:
     big = 1 << 62  # two of these overflow Int64: the review must not wrap
     events = [
         event(1, agent="cheap", cost=3),
-        event(2, agent="cheap", cost=4, status=CallStatus.ERROR),
+        event(2, agent="cheap", cost=4, status=CallStatus.ERROR, workflow="wf-x"),
         event(3, agent="rich", model="m2", cost=big),
         event(4, agent="rich", model="m2", cost=big),
         event(5, agent="late", cost=10**12, time_ms=1_800_000_000_000),
@@ -205,6 +207,11 @@ def test_review_sums_exactly_and_orders_by_cost(db: ClickHouse) -> None:
     assert rows[1].cost_nano_usd == 7
     assert rows[1].cost_usd == Decimal("0.000000007")
     assert (rows[1].input_tokens, rows[1].output_tokens) == (30, 3)
+    only_wf = spend_by_agent_model(
+        _LocalClient(db), 1_700_000_000_000, 1_700_000_000_010, workflow_id="wf-x"
+    )
+    assert [(r.agent_id, r.calls, r.cost_nano_usd) for r in only_wf] == [("cheap", 1, 4)]
+    assert spend_by_agent_model(_LocalClient(db), 0, 1, workflow_id="wf-x") == []
     with pytest.raises(ValueError, match="since_ms <= until_ms"):
         spend_by_agent_model(_LocalClient(db), 10, 5)
 
