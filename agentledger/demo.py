@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from agentledger.config import Settings
-from agentledger.schemas import BudgetPolicy, CallStatus, PolicyFile, nano_to_usd
-from agentledger.tables import render_table
+from agentledger.review_report import review_table
+from agentledger.schemas import BudgetPolicy, CallStatus, PolicyFile
 from agentledger.traces import TraceCall, load_trace
 
 __all__ = ["run_demo"]
@@ -64,6 +64,7 @@ def run_demo(
     _say(f"   loaded {len(conv) + len(code)} real call sizes from the Azure LLM traces")
 
     ledger = Ledger(settings)
+    review_since_ms = int(time.time() * 1000) - 1000
     ledger.wait_for_control(15.0)
     lock = threading.Lock()
 
@@ -161,27 +162,10 @@ def run_demo(
         time.sleep(0.5)
     _say(f"   {landed} of {emitted} calls in ClickHouse")
 
-    _say(f"== 5/5 review of workflow {workflow}: spend per agent and model")
-    result = client.query(
-        "SELECT agent_id, used_model, count() AS calls, countIf(status != 'ok') AS failed, "
-        "max(attempt) AS max_attempt, sum(input_tokens) AS input_tokens, "
-        "sum(output_tokens) AS output_tokens, sum(cost_nano_usd) AS cost_nano "
-        "FROM calls WHERE workflow_id = {wf:String} GROUP BY agent_id, used_model "
-        "ORDER BY cost_nano DESC",
-        {"wf": workflow},
-    )
-    rows = [[*r[:7], f"${nano_to_usd(int(r[7]))}"] for r in result.rows]
+    _say(f"== 5/5 review of workflow {workflow}")
+    _say(review_table(settings, review_since_ms, int(time.time() * 1000) + 1, workflow_id=workflow))
     _say(
-        render_table(
-            ["agent", "model", "calls", "failed", "max attempt", "input tok", "output tok", "cost"],
-            rows,
-            right_align=[False, False, True, True, True, True, True, True],
-        )
-    )
-    total = sum(int(r[7]) for r in result.rows)
-    _say(
-        f"   total ${nano_to_usd(total)}; the runaway's retries cost the most, "
-        "and they stopped at its budget."
+        f"   {runaway_id} retried a failing call on gpt-4o until its ${limit} daily budget stopped it."
     )
     if stop_after:
         stack.down()
