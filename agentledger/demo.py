@@ -165,7 +165,8 @@ def run_demo(
     _say(f"== 5/5 review of workflow {workflow}")
     _say(review_table(settings, review_since_ms, int(time.time() * 1000) + 1, workflow_id=workflow))
     _say(
-        f"   {runaway_id} retried a failing call on gpt-4o until its ${limit} daily budget stopped it."
+        f"   {runaway_id} retried a failing call on gpt-4o "
+        f"until its ${limit} daily budget stopped it."
     )
     if stop_after:
         stack.down()
