@@ -55,8 +55,11 @@ class _Service:
 
 
 class Stack:
-    def __init__(self, settings: Settings, progress: Progress = _stderr) -> None:
+    def __init__(
+        self, settings: Settings, progress: Progress = _stderr, *, manage_kafka: bool | None = None
+    ) -> None:
         self.settings = settings
+        self._manage_kafka = manage_kafka
         self.progress = progress
         self.home = settings.home.resolve()
         self.run_dir = self.home / "run"
@@ -69,6 +72,8 @@ class Stack:
     @property
     def manages_kafka(self) -> bool:
         """Only a single loopback bootstrap is ours to run; anything else is the user's cluster."""
+        if self._manage_kafka is not None:
+            return self._manage_kafka
         servers = self.settings.kafka.split(",")
         return len(servers) == 1 and servers[0].rsplit(":", 1)[0] in LOOPBACK_HOSTS
 
