@@ -1,0 +1,288 @@
+"""The faust application: spend per agent per period, budgets from the policies topic, and
+signed STOP / RESUME commands on the control topic.
+
+Design choices against known faust traps:
+- spend lives in a plain Table keyed by agent id, with our own period buckets (windowed tables
+  expire by wall clock and drop late events);
+- each table value carries the applied source offset next to the spend, so one changelog
+  message is one atomic, idempotent update;
+- commands are derived from state and compared with the last one published, kept in the
+  same value, so a crash between write and publish is repaired on replay or by the sweep timer;
+- no exactly_once, agent concurrency 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from faust.types import TP
+from faust.web import Request, Response, View
+from pydantic import ValidationError
+
+from agentledger.config import Settings
+from agentledger.schemas import CallEvent, ControlCommand, InvalidMessage, sign_command
+
+from .budgets import SpendState, apply_event, decide, spend_report
+from .policies import InvalidPolicy, PolicyBook, follow_policies
+
+__all__ = ["COMPONENT", "Processor", "build_app", "calls_partition_count", "wall_clock_ms"]
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "processor"
+SWEEP_INTERVAL_S = 1.0
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def calls_partition_count(settings: Settings, timeout_s: float = 30.0) -> int:
+    """Partitions of the calls topic; the spend table's changelog must have as many."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka})
+    topic = settings.topics.calls
+    meta = admin.list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise RuntimeError(
+            f"calls topic {topic!r} is missing on {settings.kafka}; create the stack's topics "
+            "first (agentledger up, or deploy.ensure_topics)"
+        )
+    return len(meta.partitions)
+
+
+class Processor:
+    """The work done per event and per timer tick, around the pure core in budgets.py."""
+
+    def __init__(
+        self, app: faust.App, settings: Settings, clock: Clock, partitions: int
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.clock = clock
+        self.book = PolicyBook()
+        self._key = settings.control_key_bytes()
+        # The timer and the agent both read-modify-write state and publish; one at a time.
+        self._lock = asyncio.Lock()
+        topics = settings.topics
+        self.calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
+        self.control = app.topic(topics.control, key_serializer="raw", value_serializer="raw")
+        self.dlq = app.topic(topics.dlq, key_serializer="raw", value_serializer="raw")
+        self.spend = app.Table(
+            "spend",
+            partitions=partitions,
+            # str and dict both serialize as JSON, so keys come back as str on recovery.
+            key_type=str,
+            value_type=dict,
+        )
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def dead_letter(
+        self,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        payload: bytes | None,
+        reason: str,
+    ) -> None:
+        record = InvalidMessage.from_raw(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            reason=reason,
+            component=COMPONENT,
+            detected_at_ms=self.clock(),
+            key=key,
+            payload=payload,
+        )
+        log.warning("dead-lettered %s:%s@%s: %s", topic, partition, offset, reason[:200])
+        await self.dlq.send(
+            key=f"{topic}:{partition}".encode(), value=record.model_dump_json().encode()
+        )
+
+    async def reject_policy(self, bad: InvalidPolicy) -> None:
+        await self.dead_letter(
+            topic=self.settings.topics.policies,
+            partition=bad.partition,
+            offset=bad.offset,
+            key=bad.key,
+            payload=bad.value,
+            reason=bad.reason,
+        )
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def settle(self, scope: str, state: SpendState) -> SpendState:
+        """Publish what the state calls for, if it differs from what stands; return the state
+        with the published command recorded."""
+        if not self.book.ready.is_set():
+            return state  # a missing policy must not look like a lifted budget
+        command = decide(state, self.book.policies, scope, self.clock())
+        if command is None:
+            return state
+        signed = sign_command(command, self._key)
+        await self.publish(signed)
+        return SpendState(
+            applied=state.applied,
+            periods=state.periods,
+            last_command=signed,
+            partition=state.partition,
+        )
+
+    async def publish(self, command: ControlCommand) -> None:
+        await self.control.send(
+            key=command.scope.encode(), value=command.model_dump_json().encode()
+        )
+        log.info("published %s for %s: %s", command.action.value, command.scope, command.reason)
+
+    # -- the stream -------------------------------------------------------------------------
+
+    async def on_call(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+    ) -> None:
+        if not value:
+            await self.dead_letter(
+                topic=topic, partition=partition, offset=offset, key=key, payload=value,
+                reason="empty value; expected a CallEvent JSON object",
+            )
+            return
+        try:
+            event = CallEvent.model_validate_json(value)
+        except ValidationError as exc:
+            await self.dead_letter(
+                topic=topic, partition=partition, offset=offset, key=key, payload=value,
+                reason=f"not a valid CallEvent: {exc}",
+            )
+            return
+        async with self._lock:
+            raw = self.spend.get(event.agent_id)
+            state = SpendState.from_json(raw) if raw is not None else SpendState()
+            if state.already_applied(partition, offset):
+                return
+            state = apply_event(state, event, partition, offset, now_ms=self.clock())
+            state = await self.settle(f"agent:{event.agent_id}", state)
+            self.spend[event.agent_id] = state.to_json()
+
+    # -- the timer --------------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Re-decide every local agent: period rollovers (RESUME) and repairs after a crash."""
+        if not self.book.ready.is_set() or self.app.rebalancing or self.app.in_recovery:
+            return
+        actives = self.app.assignor.assigned_actives()
+        calls = self.settings.topics.calls
+        async with self._lock:
+            for agent_id, raw in list(self.spend.data.items()):
+                state = SpendState.from_json(raw)
+                if state.partition is None or TP(calls, state.partition) not in actives:
+                    continue
+                settled = await self.settle(f"agent:{agent_id}", state)
+                if settled is not state:
+                    value = settled.to_json()
+                    # Outside a stream faust cannot infer the partition, so write the store
+                    # and the changelog ourselves, on the partition the agent lives on.
+                    self.spend.data[agent_id] = value
+                    self.spend.send_changelog(state.partition, agent_id, value)
+
+    # -- web --------------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        expected = f"Bearer {self.settings.api_token_value()}"
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    def state_of(self, scope: str) -> dict[str, Any] | None:
+        kind, _, agent_id = scope.partition(":")
+        if kind != "agent" or not agent_id:
+            return None
+        raw = self.spend.get(agent_id)
+        state = SpendState.from_json(raw) if raw is not None else None
+        return spend_report(state, self.book.policies, scope, self.clock())
+
+
+def build_app(
+    settings: Settings, *, clock: Clock | None = None, calls_partitions: int | None = None
+) -> faust.App:
+    """Build (but do not start) the processor app. Reads the calls topic's partition count
+    from the broker unless ``calls_partitions`` is given."""
+    partitions = calls_partitions or calls_partition_count(settings)
+    app = faust.App(
+        f"{settings.topic_prefix}processor",
+        broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
+        store="memory://",
+        datadir=str(settings.home.resolve() / "processor"),
+        autodiscover=False,
+        # Latency: the shim must see a STOP within 2 s of the crossing event.
+        producer_linger=0.0,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=1024,
+        stream_wait_empty=False,
+        table_standby_replicas=0,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=True,
+        web_bind="127.0.0.1",
+        web_host="127.0.0.1",
+        web_port=settings.processor_port,
+        # faust's built-in pages expose tables and internals without authentication.
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
+    )
+    proc = Processor(app, settings, clock or wall_clock_ms, partitions)
+    app.processor = proc  # type: ignore[attr-defined]  # for tests and tooling
+
+    @app.agent(proc.calls, concurrency=1)
+    async def process_calls(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            await proc.on_call(msg.topic, msg.partition, msg.offset, msg.key, event.value)
+
+    @app.task  # type: ignore[untyped-decorator]  # faust types app.task loosely
+    async def load_policies() -> None:
+        await follow_policies(
+            proc.book,
+            bootstrap=settings.kafka,
+            topic=settings.topics.policies,
+            on_invalid=proc.reject_policy,
+        )
+
+    @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]
+    async def sweep() -> None:
+        await proc.sweep()
+
+    @app.page("/health")
+    async def health(web: View, request: Request) -> Response:
+        return web.json(
+            {
+                "status": "ok",
+                "policies": len(proc.book),
+                "policies_loaded": proc.book.ready.is_set(),
+            }
+        )
+
+    @app.page("/state/{scope}")
+    async def state(web: View, request: Request, scope: str) -> Response:
+        if not proc.authorized(request):
+            return web.json({"error": "missing or wrong bearer token"}, status=401)
+        report = proc.state_of(scope)
+        if report is None:
+            return web.json(
+                {"error": f"scope must look like 'agent:<id>', got {scope!r}"}, status=404
+            )
+        return web.json(report)
+
+    return app

@@ -1,0 +1,144 @@
+"""Budget policies, read from the compacted policies topic and kept in memory.
+
+Every worker needs every policy (a policy's scope says nothing about which partition its
+agents land in), so the follower reads the whole topic with its own consumer: no group, all
+partitions, from the beginning, and keeps following it for hot reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from agentledger.schemas import BudgetPolicy
+
+__all__ = ["InvalidPolicy", "PolicyBook", "follow_policies"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InvalidPolicy:
+    """A policies record that could not be applied, for the dead-letter topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+
+
+class PolicyBook:
+    """The policies in force, keyed ``<scope>|<period>`` like the topic."""
+
+    def __init__(self) -> None:
+        self._policies: dict[str, BudgetPolicy] = {}
+        self.ready = asyncio.Event()
+
+    @property
+    def policies(self) -> Mapping[str, BudgetPolicy]:
+        return self._policies
+
+    def __len__(self) -> int:
+        return len(self._policies)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> str | None:
+        """Apply one record; return why it was rejected, or None when it was applied.
+
+        An empty value is a tombstone and deletes the policy under that key.
+        """
+        if not key:
+            return "policies record has no key; expected '<scope>|<period>'"
+        try:
+            name = key.decode()
+        except UnicodeDecodeError:
+            return "policies record key is not UTF-8; expected '<scope>|<period>'"
+        if not value:
+            self._policies.pop(name, None)
+            return None
+        try:
+            policy = BudgetPolicy.model_validate_json(value)
+        except ValidationError as exc:
+            return f"policies record {name!r} is not a valid BudgetPolicy: {exc}"
+        if policy.key != name:
+            return (
+                f"policies record key {name!r} does not match its policy "
+                f"(scope|period = {policy.key!r}); publish it under {policy.key!r}"
+            )
+        self._policies[name] = policy
+        return None
+
+
+async def _partitions_of(bootstrap: str, topic: str, timeout_ms: int = 30_000) -> set[int]:
+    # A group-less consumer only knows metadata of assigned topics; the producer API fetches
+    # a topic's metadata on request.
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaTimeoutError
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    await producer.start()
+    try:
+        numbers: set[int] = await producer.partitions_for(topic)
+    except KafkaTimeoutError:
+        raise RuntimeError(
+            f"policies topic {topic!r} not found on {bootstrap}; create the stack's topics "
+            "first (agentledger up, or deploy.ensure_topics)"
+        ) from None
+    finally:
+        await producer.stop()
+    return numbers
+
+
+OnInvalid = Callable[[InvalidPolicy], Awaitable[None]]
+
+
+async def follow_policies(
+    book: PolicyBook,
+    *,
+    bootstrap: str,
+    topic: str,
+    on_invalid: OnInvalid,
+    poll_timeout_ms: int = 200,
+) -> None:
+    """Read ``topic`` into ``book`` forever; set ``book.ready`` once caught up.
+
+    Caught up means: positions reached the end offsets seen at start, on every partition.
+    Runs until cancelled.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    numbers = await _partitions_of(bootstrap, topic)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(numbers)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        targets: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        while True:
+            batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
+            for tp, records in batches.items():
+                for record in records:
+                    reason = book.apply(record.key, record.value)
+                    if reason is not None:
+                        log.warning("rejected policies record at %s@%s", tp, record.offset)
+                        await on_invalid(
+                            InvalidPolicy(tp.partition, record.offset, record.key,
+                                          record.value, reason)
+                        )
+            if not book.ready.is_set():
+                positions = {tp: await consumer.position(tp) for tp in tps}
+                if all(positions[tp] >= targets[tp] for tp in tps):
+                    log.info("policies loaded: %d in force", len(book))
+                    book.ready.set()
+    finally:
+        await consumer.stop()
