@@ -60,6 +60,8 @@ class Stack:
     ) -> None:
         self.settings = settings
         self._manage_kafka = manage_kafka
+        # Children started by this object are reaped by it (no zombies, no leak warnings).
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
         self.progress = progress
         self.home = settings.home.resolve()
         self.run_dir = self.home / "run"
@@ -208,6 +210,7 @@ class Stack:
             start_new_session=True,
         )
         log.close()
+        self._children[service.name] = proc
         self._pid_file(service).write_text(f"{proc.pid}\n")
         self.progress(
             f"starting {service.name} on 127.0.0.1:{service.port} (log: {self._log_file(service)})"
@@ -240,6 +243,9 @@ class Stack:
             return False
         _terminate(pid, 0 if kill else timeout_s)
         self._pid_file(service).unlink(missing_ok=True)
+        child = self._children.pop(name, None)
+        if child is not None:
+            child.wait(timeout=30)
         return True
 
     def start_service(self, name: str, timeout_s: float = 120.0) -> None:
