@@ -92,13 +92,16 @@ def test_budget_crossing_stops_agent_and_history_is_exact(stack: Stack) -> None:
             time.sleep(0.02)
         assert refused_after is not None, "no STOP reached the agent within 10 s"
         print(
-            f"STOP reached the agent {refused_after * 1000:.0f} ms after the crossing event was flushed"
+            f"STOP reached the agent {refused_after * 1000:.0f} ms "
+            "after the crossing event was flushed"
         )
         assert refused_after <= 2.0
 
-        with pytest.raises(BudgetExceeded) as stop:
-            with runaway.call(provider="openai", model="gpt-4o"):
-                pytest.fail("the call body must not run while a STOP stands")
+        with (
+            pytest.raises(BudgetExceeded) as stop,
+            runaway.call(provider="openai", model="gpt-4o"),
+        ):
+            pytest.fail("the call body must not run while a STOP stands")
         assert stop.value.scope == "agent:e2e-runaway"
         assert stop.value.limit_usd == limit
         assert stop.value.spend_usd == Decimal(spent_runaway) / 10**9
