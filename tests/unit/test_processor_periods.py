@@ -1,0 +1,87 @@
+"""Budget periods: UTC day and ISO week (Monday), from event-time milliseconds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agentledger.schemas import Period
+from agentledger.stream_processors.periods import (
+    DAY_MS,
+    WEEK_MS,
+    parse_period_key,
+    period_window,
+)
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def test_day_window_of_a_known_instant() -> None:
+    window = period_window(Period.DAY, ms("2026-03-04T17:30:00.123"))
+    assert window.start_ms == ms("2026-03-04T00:00:00")
+    assert window.end_ms == ms("2026-03-05T00:00:00")
+    assert window.key == f"day:{ms('2026-03-04T00:00:00')}"
+
+
+def test_day_boundaries_are_start_inclusive_end_exclusive() -> None:
+    midnight = ms("2026-03-05T00:00:00")
+    assert period_window(Period.DAY, midnight).start_ms == midnight
+    assert period_window(Period.DAY, midnight - 1).end_ms == midnight
+    assert period_window(Period.DAY, midnight - 1).start_ms == midnight - DAY_MS
+
+
+def test_week_starts_on_monday() -> None:
+    # 2026-03-04 is a Wednesday; its ISO week runs Monday 2026-03-02 .. Monday 2026-03-09.
+    window = period_window(Period.WEEK, ms("2026-03-04T12:00:00"))
+    assert window.start_ms == ms("2026-03-02T00:00:00")
+    assert window.end_ms == ms("2026-03-09T00:00:00")
+    sunday_last_ms = ms("2026-03-09T00:00:00") - 1
+    assert period_window(Period.WEEK, sunday_last_ms).start_ms == ms("2026-03-02T00:00:00")
+    assert period_window(Period.WEEK, ms("2026-03-09T00:00:00")).start_ms == ms(
+        "2026-03-09T00:00:00"
+    )
+
+
+def test_week_before_the_first_epoch_monday() -> None:
+    # 1970-01-01 was a Thursday, so its week began on Monday 1969-12-29.
+    window = period_window(Period.WEEK, 0)
+    assert window.start_ms == ms("1969-12-29T00:00:00")
+
+
+# datetime stops at year 9999, a little before the 48-bit limit of event_time_ms.
+YEAR_10000_MS = 253_402_300_800_000
+
+
+@given(
+    st.integers(min_value=0, max_value=YEAR_10000_MS - WEEK_MS - 1),
+    st.sampled_from(list(Period)),
+)
+def test_every_instant_lies_in_its_window(ts: int, period: Period) -> None:
+    window = period_window(period, ts)
+    assert window.contains(ts)
+    assert window.end_ms - window.start_ms == (DAY_MS if period is Period.DAY else WEEK_MS)
+    start = datetime.fromtimestamp(window.start_ms / 1000, tz=UTC)
+    assert (start.hour, start.minute, start.second) == (0, 0, 0)
+    if period is Period.WEEK:
+        assert start.isoweekday() == 1
+    assert parse_period_key(window.key) == window
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("day", "must look like"),
+        ("month:0", "kind must be one of"),
+        ("day:abc", "integer milliseconds"),
+        (f"day:{DAY_MS + 5}", "not the start of a day"),
+        (f"week:{ms('2026-03-04T00:00:00')}", "not the start of a week"),
+    ],
+)
+def test_bad_period_keys_are_named(key: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_period_key(key)

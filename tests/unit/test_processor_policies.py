@@ -1,0 +1,51 @@
+"""PolicyBook: the in-memory view of the compacted policies topic."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from agentledger.schemas import BudgetPolicy, Period
+from agentledger.stream_processors.policies import PolicyBook
+
+
+def record(policy: BudgetPolicy) -> tuple[bytes, bytes]:
+    return policy.key.encode(), policy.model_dump_json().encode()
+
+
+def test_records_add_replace_and_tombstones_delete() -> None:
+    book = PolicyBook()
+    daily = BudgetPolicy(scope="agent:x", limit_usd=Decimal("5"))
+    weekly = BudgetPolicy(scope="agent:x", period=Period.WEEK, limit_usd=Decimal("20"))
+    assert book.apply(*record(daily)) is None
+    assert book.apply(*record(weekly)) is None
+    assert len(book) == 2
+
+    raised = BudgetPolicy(scope="agent:x", limit_usd=Decimal("7.5"))
+    assert book.apply(*record(raised)) is None
+    assert book.policies["agent:x|day"].limit_nano_usd == 7_500_000_000
+
+    assert book.apply(b"agent:x|day", None) is None
+    assert book.apply(b"agent:x|week", b"") is None
+    assert len(book) == 0
+    # Deleting what is not there is fine: compaction may replay a tombstone.
+    assert book.apply(b"agent:x|day", None) is None
+
+
+def test_bad_records_are_rejected_with_a_reason_and_change_nothing() -> None:
+    book = PolicyBook()
+    good = BudgetPolicy(scope="agent:x", limit_usd=Decimal("5"))
+    book.apply(*record(good))
+
+    reason = book.apply(b"agent:x|day", b"{not json")
+    assert reason is not None
+    assert "not a valid BudgetPolicy" in reason
+    reason = book.apply(b"agent:x|day", b'{"scope": "agent:x", "limit_usd": "-1"}')
+    assert reason is not None
+    assert "limit_usd" in reason
+    reason = book.apply(b"agent:y|day", good.model_dump_json().encode())
+    assert reason is not None
+    assert "does not match" in reason
+    assert book.apply(None, good.model_dump_json().encode()) is not None
+    assert book.apply(b"\xff\xfe", b"") is not None
+
+    assert dict(book.policies) == {"agent:x|day": good}
