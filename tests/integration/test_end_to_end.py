@@ -3,6 +3,10 @@ shim -> Kafka -> sink -> ClickHouse, on the real broker with the real services a
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -123,3 +127,47 @@ def test_budget_crossing_stops_agent_and_history_is_exact(stack: Stack) -> None:
     ).rows
     assert [(str(m), int(c)) for m, c, _ in rows] == [("gpt-4o", n), ("gpt-4o-mini", n)]
     assert int(rows[0][2]) == spent_runaway
+
+    # The CLI reads the same history through the sink (the process that owns chDB).
+    env = {**os.environ, **stack.child_env()}
+    sql = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentledger",
+            "sql",
+            "--format",
+            "json",
+            "SELECT agent_id, count() AS n FROM calls GROUP BY agent_id ORDER BY agent_id",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert sql.returncode == 0, sql.stderr
+    assert json.loads(sql.stdout)["rows"] == [["e2e-runaway", n], ["e2e-steady", n]]
+    refused = subprocess.run(
+        [sys.executable, "-m", "agentledger", "sql", "DROP TABLE calls"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2 and "agentledger: error:" in refused.stderr
+    assert sink_totals(client, "wf-e2e") == (emitted, expected_total)
+    review = subprocess.run(
+        [sys.executable, "-m", "agentledger", "review", "--since", "1h"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert review.returncode == 0, review.stderr
+    lines = review.stdout.splitlines()
+    runaway_row = next(line for line in lines if line.startswith("e2e-runaway"))
+    assert runaway_row.split()[:3] == ["e2e-runaway", "gpt-4o", str(n)]
+    assert f"total: ${Decimal(expected_total) / 10**9:.9f} over {emitted} calls" in review.stdout
