@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,9 +80,8 @@ class Processor:
         self.spend = app.Table(
             "spend",
             partitions=partitions,
-            # str and dict both serialize as JSON, so keys come back as str on recovery.
-            key_type=str,
-            value_type=dict,
+            # No key/value types: faust then uses plain JSON for both (str keys, dict
+            # values), and recovery does not try to rebuild faust Records from them.
         )
 
     # -- dead letters -----------------------------------------------------------------------
@@ -226,6 +226,15 @@ def build_app(
         # Latency: the shim must see a STOP within 2 s of the crossing event.
         producer_linger=0.0,
         broker_commit_interval=1.0,
+        # Static membership: a worker restarted after a crash takes its partitions back at
+        # once instead of waiting for the dead member's session to expire. Host and port
+        # identify a worker (two on one host cannot share the web port).
+        consumer_group_instance_id=(
+            f"{settings.topic_prefix}processor-{socket.gethostname()}-{settings.processor_port}"
+        ),
+        # A worker that is gone for good loses its partitions after this long.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         stream_buffer_maxsize=1024,
         stream_wait_empty=False,
         table_standby_replicas=0,
