@@ -22,12 +22,17 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
-from faust.types import TP
 from faust.web import Request, Response, View
 from pydantic import ValidationError
 
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent, ControlCommand, InvalidMessage, sign_command
+from agentledger.schemas import (
+    CallEvent,
+    ControlAction,
+    ControlCommand,
+    InvalidMessage,
+    sign_command,
+)
 
 from .budgets import SpendState, apply_event, decide, spend_report
 from .policies import InvalidPolicy, PolicyBook, follow_policies
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "processor"
 SWEEP_INTERVAL_S = 1.0
+FULL_SWEEP_EVERY_S = 60.0
 Clock = Callable[[], int]
 
 
@@ -73,6 +79,11 @@ class Processor:
         self._key = settings.control_key_bytes()
         # The timer and the agent both read-modify-write state and publish; one at a time.
         self._lock = asyncio.Lock()
+        # Sweep bookkeeping, in memory only: the first sweep after a start is a full one.
+        self._standing: set[str] = set()
+        self._swept_version: int | None = None
+        self._swept_actives: frozenset[int] = frozenset()
+        self._full_sweep_at = 0.0
         topics = settings.topics
         self.calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
         self.control = app.topic(topics.control, key_serializer="raw", value_serializer="raw")
@@ -173,27 +184,60 @@ class Processor:
             state = apply_event(state, event, partition, offset, now_ms=self.clock())
             state = await self.settle(f"agent:{event.agent_id}", state)
             self.spend[event.agent_id] = state.to_json()
+            self._track(event.agent_id, state)
 
     # -- the timer --------------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Re-decide every local agent: period rollovers (RESUME) and repairs after a crash."""
+        """Re-decide local agents: period rollovers (RESUME), policy changes, and agents whose
+        events arrived before the policies were loaded.
+
+        Only agents with a standing STOP can roll over, so a tick looks at those alone; every
+        agent is looked at when the policies or the assigned partitions changed, and at least
+        every FULL_SWEEP_EVERY_S as a backstop.
+        """
         if not self.book.ready.is_set() or self.app.rebalancing or self.app.in_recovery:
             return
-        actives = self.app.assignor.assigned_actives()
         calls = self.settings.topics.calls
+        actives = frozenset(
+            tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == calls
+        )
+        now = time.monotonic()
+        full = (
+            self.book.version != self._swept_version
+            or actives != self._swept_actives
+            or now - self._full_sweep_at >= FULL_SWEEP_EVERY_S
+        )
         async with self._lock:
-            for agent_id, raw in list(self.spend.data.items()):
+            agent_ids = list(self.spend.data.keys()) if full else sorted(self._standing)
+            for agent_id in agent_ids:
+                raw = self.spend.get(agent_id)
+                if raw is None:
+                    self._standing.discard(agent_id)
+                    continue
                 state = SpendState.from_json(raw)
-                if state.partition is None or TP(calls, state.partition) not in actives:
+                if state.partition is None or state.partition not in actives:
+                    self._standing.discard(agent_id)
                     continue
                 settled = await self.settle(f"agent:{agent_id}", state)
+                self._track(agent_id, settled)
                 if settled is not state:
                     value = settled.to_json()
                     # Outside a stream faust cannot infer the partition, so write the store
                     # and the changelog ourselves, on the partition the agent lives on.
                     self.spend.data[agent_id] = value
                     self.spend.send_changelog(state.partition, agent_id, value)
+        if full:
+            self._swept_version = self.book.version
+            self._swept_actives = actives
+            self._full_sweep_at = now
+
+    def _track(self, agent_id: str, state: SpendState) -> None:
+        command = state.last_command
+        if command is not None and command.action is ControlAction.STOP:
+            self._standing.add(agent_id)
+        else:
+            self._standing.discard(agent_id)
 
     # -- web --------------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ class PolicyBook:
     def __init__(self) -> None:
         self._policies: dict[str, BudgetPolicy] = {}
         self.ready = asyncio.Event()
+        #: Bumped on every change, so a consumer can tell that decisions may differ now.
+        self.version = 0
 
     @property
     def policies(self) -> Mapping[str, BudgetPolicy]:
@@ -58,7 +60,8 @@ class PolicyBook:
         except UnicodeDecodeError:
             return "policies record key is not UTF-8; expected '<scope>|<period>'"
         if not value:
-            self._policies.pop(name, None)
+            if self._policies.pop(name, None) is not None:
+                self.version += 1
             return None
         try:
             policy = BudgetPolicy.model_validate_json(value)
@@ -69,7 +72,9 @@ class PolicyBook:
                 f"policies record key {name!r} does not match its policy "
                 f"(scope|period = {policy.key!r}); publish it under {policy.key!r}"
             )
-        self._policies[name] = policy
+        if self._policies.get(name) != policy:
+            self._policies[name] = policy
+            self.version += 1
         return None
 
 

@@ -216,15 +216,13 @@ def avoid_midnight() -> None:
         time.sleep(left / 1000 + 1)
 
 
-def group_is_empty(settings: Settings, group: str) -> bool:
-    admin = AdminClient({"bootstrap.servers": settings.kafka})
+def group_is_empty(admin: AdminClient, group: str) -> bool:
     description = admin.describe_consumer_groups([group])[group].result(timeout=10)
     return description.state.name in {"EMPTY", "DEAD"}
 
 
-def rewind_group(settings: Settings, group: str, partitions: int) -> None:
+def rewind_group(admin: AdminClient, settings: Settings, group: str, partitions: int) -> None:
     """Commit offset 0 on every calls partition: the next worker replays everything."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka})
     starts = [TopicPartition(settings.topics.calls, p, 0) for p in range(partitions)]
     request = ConsumerGroupTopicPartitions(group, starts)
     admin.alter_consumer_group_offsets([request])[group].result(timeout=10)
@@ -280,8 +278,9 @@ def test_stop_is_signed_exact_and_survives_kill_9_and_full_replay(
     # Crash hard, then make the next worker replay every call from offset 0.
     worker.kill()
     group = f"{settings.topic_prefix}processor"
-    wait_for("the dead worker to leave the group", lambda: group_is_empty(settings, group), 30)
-    rewind_group(settings, group, partitions=6)
+    admin = AdminClient({"bootstrap.servers": settings.kafka})
+    wait_for("the dead worker to leave the group", lambda: group_is_empty(admin, group), 30)
+    rewind_group(admin, settings, group, partitions=6)
 
     restarted = workers()
     restarted.wait_ready()

@@ -49,3 +49,16 @@ def test_bad_records_are_rejected_with_a_reason_and_change_nothing() -> None:
     assert book.apply(b"\xff\xfe", b"") is not None
 
     assert dict(book.policies) == {"agent:x|day": good}
+
+
+def test_version_moves_only_when_the_policies_change() -> None:
+    book = PolicyBook()
+    daily = BudgetPolicy(scope="agent:x", limit_usd=Decimal("5"))
+    book.apply(*record(daily))
+    after_add = book.version
+    book.apply(*record(daily))  # compaction and restarts replay the same record
+    book.apply(b"agent:x|day", b"{bad")
+    book.apply(b"agent:nobody|day", None)
+    assert book.version == after_add == 1
+    book.apply(b"agent:x|day", None)
+    assert book.version == 2
