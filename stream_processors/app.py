@@ -327,7 +327,8 @@ def build_app(
             }
         )
 
-    @app.page("/state/{scope}")
+    # Agent ids may contain "/", so the scope takes the rest of the path.
+    @app.page("/state/{scope:.+}")
     async def state(web: View, request: Request, scope: str) -> Response:
         if not proc.authorized(request):
             return web.json({"error": "missing or wrong bearer token"}, status=401)
