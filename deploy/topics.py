@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agentledger.schemas import Topics
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 __all__ = ["TopicSpec", "ensure_topics", "topic_specs"]
 
@@ -88,4 +93,31 @@ def ensure_topics(
             if exc.args and getattr(exc.args[0], "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
                 continue
             raise
+    _wait_for_leaders(admin, [s.name for s in specs], timeout_s)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    """Block until every partition of ``names`` has a leader.
+
+    CreateTopics returns before leaders are elected; a client that reads offsets in that gap
+    gets NOT_LEADER_FOR_PARTITION.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=timeout_s).topics
+        missing = [
+            name
+            for name in names
+            if name not in topics
+            or topics[name].error is not None
+            or not topics[name].partitions
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        ]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"topics without a partition leader after {timeout_s:.0f}s: {missing}"
+            )
+        time.sleep(0.1)
