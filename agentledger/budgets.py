@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from agentledger.config import Settings
 from agentledger.schemas import BudgetPolicy, PolicyFile, parse_policy_file
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer, TopicPartition
 
 __all__ = ["apply_policies", "list_policies", "load_policy_file"]
 
@@ -79,10 +84,7 @@ def list_policies(settings: Settings, timeout_s: float = 10.0) -> list[BudgetPol
         partitions = [
             TopicPartition(settings.topics.policies, p, OFFSET_BEGINNING) for p in topic.partitions
         ]
-        ends = {}
-        for tp in partitions:
-            _low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-            ends[tp.partition] = high
+        ends = {tp.partition: _high_watermark(consumer, tp, timeout_s) for tp in partitions}
         consumer.assign(partitions)
         latest: dict[str, BudgetPolicy | None] = {}
         pending = {p for p, end in ends.items() if end > 0}
@@ -111,3 +113,24 @@ def list_policies(settings: Settings, timeout_s: float = 10.0) -> list[BudgetPol
         return [p for p in latest.values() if p is not None]
     finally:
         consumer.close()
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> int:
+    """The partition's end offset, retried while a just-created partition has no leader yet."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            return int(high)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and error.code() in (
+                KafkaError.NOT_LEADER_FOR_PARTITION,
+                KafkaError.LEADER_NOT_AVAILABLE,
+                KafkaError.UNKNOWN_TOPIC_OR_PART,
+            )
+            if not retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
