@@ -67,13 +67,18 @@ class ControlState:
             command = ControlCommand.model_validate_json(command_bytes)
         except ValidationError as exc:
             self._count("rejected_invalid")
-            log.warning("agentledger: ignoring malformed control command: %s",
-                        exc.errors(include_url=False, include_input=False))
+            log.warning(
+                "agentledger: ignoring malformed control command: %s",
+                exc.errors(include_url=False, include_input=False),
+            )
             return False
         if not command.signature:
             self._count("rejected_unsigned")
-            log.warning("agentledger: ignoring unsigned control command %s for %s",
-                        command.command_id, command.scope)
+            log.warning(
+                "agentledger: ignoring unsigned control command %s for %s",
+                command.command_id,
+                command.scope,
+            )
             return False
         try:
             verify_command(command, self._key)
@@ -199,8 +204,9 @@ class KafkaControlListener:
                         )
                         if high > low:
                             targets[partition] = high
-                    consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING)
-                                     for p in topic.partitions])
+                    consumer.assign(
+                        [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in topic.partitions]
+                    )
                     if not targets:
                         self._caught_up.set()
                     return targets
@@ -229,8 +235,9 @@ class KafkaControlListener:
         offset = msg.offset()
         self._reached(targets, partition, None if offset is None else offset + 1)
 
-    def _reached(self, targets: dict[int, int], partition: int | None, next_offset: int | None
-                 ) -> None:
+    def _reached(
+        self, targets: dict[int, int], partition: int | None, next_offset: int | None
+    ) -> None:
         if self._caught_up.is_set() or partition is None or partition not in targets:
             return
         if next_offset is None or next_offset >= targets[partition]:

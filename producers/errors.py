@@ -84,14 +84,35 @@ class BudgetExceeded(Exception):
     def __reduce__(self) -> tuple[object, ...]:
         # Keyword-only fields would be lost by the default pickling of exceptions, and agents
         # do send exceptions across process pools.
-        return (_rebuild, (self.scope, self.reason, self.limit_usd, self.spend_usd,
-                           self.resets_at_ms, self.period))
+        return (
+            _rebuild,
+            (
+                self.scope,
+                self.reason,
+                self.limit_usd,
+                self.spend_usd,
+                self.resets_at_ms,
+                self.period,
+            ),
+        )
 
 
-def _rebuild(scope: str, reason: str, limit_usd: Decimal | None, spend_usd: Decimal | None,
-             resets_at_ms: int | None, period: str | None) -> BudgetExceeded:
-    return BudgetExceeded(scope, reason, limit_usd=limit_usd, spend_usd=spend_usd,
-                          resets_at_ms=resets_at_ms, period=period)
+def _rebuild(
+    scope: str,
+    reason: str,
+    limit_usd: Decimal | None,
+    spend_usd: Decimal | None,
+    resets_at_ms: int | None,
+    period: str | None,
+) -> BudgetExceeded:
+    return BudgetExceeded(
+        scope,
+        reason,
+        limit_usd=limit_usd,
+        spend_usd=spend_usd,
+        resets_at_ms=resets_at_ms,
+        period=period,
+    )
 
 
 class UnpricedModelWarning(UserWarning):

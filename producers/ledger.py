@@ -184,8 +184,9 @@ class Ledger:
         except ValidationError as exc:
             self._dead_letter(fields, exc)
             return None
-        self.transport.send(self._calls_topic, event.agent_id.encode(),
-                            event.model_dump_json().encode())
+        self.transport.send(
+            self._calls_topic, event.agent_id.encode(), event.model_dump_json().encode()
+        )
         self._count("events")
         return event
 
@@ -197,19 +198,38 @@ class Ledger:
         log.error("agentledger: %s", reason)
         payload = TypeAdapter(dict[str, Any]).dump_json(fields)
         message = InvalidMessage.from_raw(
-            topic=self._calls_topic, partition=0, offset=0, reason=reason, component="shim",
-            detected_at_ms=max(self.clock(), 0), key=str(fields.get("agent_id", "")).encode(),
+            topic=self._calls_topic,
+            partition=0,
+            offset=0,
+            reason=reason,
+            component="shim",
+            detected_at_ms=max(self.clock(), 0),
+            key=str(fields.get("agent_id", "")).encode(),
             payload=payload,
         )
-        self.transport.send(self._dlq_topic, self._calls_topic.encode(),
-                            message.model_dump_json().encode())
+        self.transport.send(
+            self._dlq_topic, self._calls_topic.encode(), message.model_dump_json().encode()
+        )
         self._count("dead_lettered")
 
-    def price(self, provider: str, model: str, *, input_tokens: int, output_tokens: int,
-              cached_input_tokens: int, at_ms: int) -> Price:
-        price = self._pricer.price(provider, model, input_tokens=input_tokens,
-                                   output_tokens=output_tokens,
-                                   cached_input_tokens=cached_input_tokens, at_ms=at_ms)
+    def price(
+        self,
+        provider: str,
+        model: str,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int,
+        at_ms: int,
+    ) -> Price:
+        price = self._pricer.price(
+            provider,
+            model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+            at_ms=at_ms,
+        )
         if not price.priced:
             self._count("unpriced")
         return price
@@ -233,8 +253,15 @@ class Ledger:
 class AgentLedger:
     """One agent's identity: every call it records counts toward these scopes."""
 
-    def __init__(self, ledger: Ledger, *, agent_id: str, workflow: str | None, pool: str | None,
-                 task_type: str | None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        agent_id: str,
+        workflow: str | None,
+        pool: str | None,
+        task_type: str | None,
+    ) -> None:
         self.ledger = ledger
         self.agent_id = agent_id
         self.workflow = workflow
@@ -263,8 +290,9 @@ class AgentLedger:
             self.ledger._count("refused")
             raise BudgetExceeded.from_command(command)
 
-    def call(self, *, provider: str, model: str, task_type: str | None = None,
-             attempt: int = 1) -> CallRecorder:
+    def call(
+        self, *, provider: str, model: str, task_type: str | None = None, attempt: int = 1
+    ) -> CallRecorder:
         if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt <= 10_000:
             raise ValueError(f"attempt must be an int from 1 to 10,000, got {attempt!r}")
         return CallRecorder(
@@ -279,8 +307,9 @@ class AgentLedger:
 class CallRecorder:
     """The context manager of one LLM call; ``record()`` its usage inside the block."""
 
-    def __init__(self, agent: AgentLedger, *, provider: str, model: str, task_type: str | None,
-                 attempt: int) -> None:
+    def __init__(
+        self, agent: AgentLedger, *, provider: str, model: str, task_type: str | None, attempt: int
+    ) -> None:
         self._agent = agent
         self.provider = provider
         self.model = model
@@ -336,8 +365,9 @@ class CallRecorder:
                 raise ValueError(f"status must be one of {allowed}, got {status!r}") from None
         if error_type is not None:
             if not isinstance(error_type, str) or len(error_type) > 200:
-                raise ValueError(f"error_type must be a string of at most 200 characters, "
-                                 f"got {error_type!r:.60}")
+                raise ValueError(
+                    f"error_type must be a string of at most 200 characters, got {error_type!r:.60}"
+                )
             self.error_type = error_type
         if used_model is not None:
             self.used_model = _check_id("used_model", used_model)
@@ -369,34 +399,39 @@ class CallRecorder:
         ended_ms = ledger.clock()
         started = self._started_ms
         price = ledger.price(
-            self.provider, self.used_model, input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens, cached_input_tokens=self.cached_input_tokens,
+            self.provider,
+            self.used_model,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cached_input_tokens=self.cached_input_tokens,
             at_ms=started,
         )
         agent = self._agent
-        self.event = ledger.emit({
-            # A clock outside uuid7's range makes the event invalid (dlq), not the call fail.
-            "event_id": uuid7(started) if 0 <= started < 1 << 48 else uuid7(),
-            "event_time_ms": started,
-            "agent_id": agent.agent_id,
-            "pool": agent.pool,
-            "workflow_id": agent.workflow,
-            "task_type": self.task_type,
-            "provider": self.provider,
-            "requested_model": self.model,
-            "used_model": self.used_model,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "cached_input_tokens": self.cached_input_tokens,
-            "reasoning_tokens": self.reasoning_tokens,
-            "cost_nano_usd": price.cost_nano_usd,
-            "priced": price.priced,
-            "pricing_version": price.pricing_version,
-            "latency_ms": max(ended_ms - started, 0),
-            "status": self.status,
-            "attempt": self.attempt,
-            "error_type": self.error_type,
-        })
+        self.event = ledger.emit(
+            {
+                # A clock outside uuid7's range makes the event invalid (dlq), not the call fail.
+                "event_id": uuid7(started) if 0 <= started < 1 << 48 else uuid7(),
+                "event_time_ms": started,
+                "agent_id": agent.agent_id,
+                "pool": agent.pool,
+                "workflow_id": agent.workflow,
+                "task_type": self.task_type,
+                "provider": self.provider,
+                "requested_model": self.model,
+                "used_model": self.used_model,
+                "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "cached_input_tokens": self.cached_input_tokens,
+                "reasoning_tokens": self.reasoning_tokens,
+                "cost_nano_usd": price.cost_nano_usd,
+                "priced": price.priced,
+                "pricing_version": price.pricing_version,
+                "latency_ms": max(ended_ms - started, 0),
+                "status": self.status,
+                "attempt": self.attempt,
+                "error_type": self.error_type,
+            }
+        )
         if not price.priced:
             # After the event is sent, so an agent that turns warnings into errors still has
             # the call on record.

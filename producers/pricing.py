@@ -102,8 +102,9 @@ class Pricer:
     def __init__(self, overrides: Mapping[str, PriceOverride] | None = None) -> None:
         self._overrides = dict(overrides or {})
         for model, pair in self._overrides.items():
-            if (len(pair) != 2 or not all(isinstance(p, Decimal) and p.is_finite() and p >= 0
-                                          for p in pair)):
+            if len(pair) != 2 or not all(
+                isinstance(p, Decimal) and p.is_finite() and p >= 0 for p in pair
+            ):
                 raise ValueError(
                     f"price_overrides[{model!r}] must be (input, output) USD per 1M tokens as two "
                     f"finite non-negative Decimals, got {pair!r}"
@@ -158,8 +159,11 @@ class Pricer:
         if sheet is None:
             try:
                 usd = model_info.calc_price(
-                    Usage(input_tokens=input_tokens, output_tokens=output_tokens,
-                          cache_read_tokens=cached_input_tokens),
+                    Usage(
+                        input_tokens=input_tokens,
+                        output_tokens=output_tokens,
+                        cache_read_tokens=cached_input_tokens,
+                    ),
                     provider_info,
                     genai_request_timestamp=when,
                 ).total_price

@@ -92,8 +92,9 @@ class KafkaTransport:
 
     LOG_EVERY_S = 10.0
 
-    def __init__(self, bootstrap: str, *, block_s: float = 1.0, close_timeout_s: float = 10.0,
-                 **config: Any) -> None:
+    def __init__(
+        self, bootstrap: str, *, block_s: float = 1.0, close_timeout_s: float = 10.0, **config: Any
+    ) -> None:
         self._config: dict[str, Any] = {
             **KAFKA_PRODUCER_DEFAULTS,
             # librdkafka would otherwise write its own lines to the agent's stderr.
@@ -127,8 +128,13 @@ class KafkaTransport:
             return
         self._last_log_at = now
         stats = self.stats
-        log.warning("agentledger: %s (so far: %d delivery errors, %d dropped, %d delivered)",
-                    what, stats.delivery_errors, stats.dropped, stats.delivered)
+        log.warning(
+            "agentledger: %s (so far: %d delivery errors, %d dropped, %d delivered)",
+            what,
+            stats.delivery_errors,
+            stats.dropped,
+            stats.delivered,
+        )
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         with self._lock:
@@ -188,8 +194,11 @@ class KafkaTransport:
             return
         left = int(producer.flush(self._close_timeout_s))
         if left:
-            log.warning("agentledger: %d events not delivered within %ss of close; purging them",
-                        left, self._close_timeout_s)
+            log.warning(
+                "agentledger: %d events not delivered within %ss of close; purging them",
+                left,
+                self._close_timeout_s,
+            )
             # Purged messages come back through the delivery callback as errors, so they are
             # counted; Producer.close() would instead wait for them without a bound.
             producer.purge()

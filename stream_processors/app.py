@@ -69,9 +69,7 @@ def calls_partition_count(settings: Settings, timeout_s: float = 30.0) -> int:
 class Processor:
     """The work done per event and per timer tick, around the pure core in budgets.py."""
 
-    def __init__(
-        self, app: faust.App, settings: Settings, clock: Clock, partitions: int
-    ) -> None:
+    def __init__(self, app: faust.App, settings: Settings, clock: Clock, partitions: int) -> None:
         self.app = app
         self.settings = settings
         self.clock = clock
@@ -164,7 +162,11 @@ class Processor:
     ) -> None:
         if not value:
             await self.dead_letter(
-                topic=topic, partition=partition, offset=offset, key=key, payload=value,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                key=key,
+                payload=value,
                 reason="empty value; expected a CallEvent JSON object",
             )
             return
@@ -172,7 +174,11 @@ class Processor:
             event = CallEvent.model_validate_json(value)
         except ValidationError as exc:
             await self.dead_letter(
-                topic=topic, partition=partition, offset=offset, key=key, payload=value,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                key=key,
+                payload=value,
                 reason=f"not a valid CallEvent: {exc}",
             )
             return

@@ -137,8 +137,9 @@ async def follow_policies(
                     if reason is not None:
                         log.warning("rejected policies record at %s@%s", tp, record.offset)
                         await on_invalid(
-                            InvalidPolicy(tp.partition, record.offset, record.key,
-                                          record.value, reason)
+                            InvalidPolicy(
+                                tp.partition, record.offset, record.key, record.value, reason
+                            )
                         )
             if not book.ready.is_set():
                 positions = {tp: await consumer.position(tp) for tp in tps}

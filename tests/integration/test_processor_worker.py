@@ -243,9 +243,7 @@ def test_stop_is_signed_exact_and_survives_kill_9_and_full_replay(
     control, _ = readers
     avoid_midnight()
     producer = make_producer(settings)
-    publish_policy(
-        producer, settings, BudgetPolicy(scope="agent:x", limit_usd=Decimal("0.05"))
-    )
+    publish_policy(producer, settings, BudgetPolicy(scope="agent:x", limit_usd=Decimal("0.05")))
     worker = workers()
     startup_s = worker.wait_ready()
 

@@ -12,12 +12,22 @@ KEY = TEST_CONTROL_KEY.encode()
 OTHER_KEY = b"not-the-control-key-0123456789"
 
 
-def command(scope: str = "agent:a1", action: ControlAction = ControlAction.STOP,
-            issued_at_ms: int = 1_000, until_ms: int | None = None,
-            key: bytes | None = KEY) -> ControlCommand:
-    cmd = ControlCommand(scope=scope, action=action, reason="daily budget spent",
-                         limit_nano_usd=5_000_000_000, spend_nano_usd=5_001_200_000,
-                         issued_at_ms=issued_at_ms, until_ms=until_ms)
+def command(
+    scope: str = "agent:a1",
+    action: ControlAction = ControlAction.STOP,
+    issued_at_ms: int = 1_000,
+    until_ms: int | None = None,
+    key: bytes | None = KEY,
+) -> ControlCommand:
+    cmd = ControlCommand(
+        scope=scope,
+        action=action,
+        reason="daily budget spent",
+        limit_nano_usd=5_000_000_000,
+        spend_nano_usd=5_001_200_000,
+        issued_at_ms=issued_at_ms,
+        until_ms=until_ms,
+    )
     return cmd if key is None else sign_command(cmd, key)
 
 
@@ -63,8 +73,9 @@ def test_tampered_command_is_ignored(state: ControlState) -> None:
     assert counts(state) == {"accepted": 1, "rejected_forged": 1}
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"{}", b'{"scope": "agent:a1"}', b"\xff\xfe",
-                                 b'[1, 2]'])
+@pytest.mark.parametrize(
+    "raw", [b"", b"not json", b"{}", b'{"scope": "agent:a1"}', b"\xff\xfe", b"[1, 2]"]
+)
 def test_malformed_command_is_ignored(state: ControlState, raw: bytes) -> None:
     assert state.apply(raw) is False
     assert counts(state) == {"rejected_invalid": 1}

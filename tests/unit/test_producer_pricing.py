@@ -37,8 +37,9 @@ def genai_nano(provider: str, model: str, inp: int, out: int, cached: int) -> in
 def make_ledger(**kwargs: object) -> tuple[Ledger, InMemoryTransport]:
     transport = InMemoryTransport()
     settings = Settings(control_key=SecretStr(TEST_CONTROL_KEY), topic_prefix="price.")
-    ledger = Ledger(settings, transport=transport, start_control_listener=False,
-                    clock=lambda: AT_MS, **kwargs)  # type: ignore[arg-type]
+    ledger = Ledger(
+        settings, transport=transport, start_control_listener=False, clock=lambda: AT_MS, **kwargs
+    )  # type: ignore[arg-type]
     return ledger, transport
 
 
@@ -55,16 +56,29 @@ MODELS = [
     ("deepseek", "deepseek-chat"),
     ("mistral", "mistral-large-latest"),
 ]
-USAGES = [(1200, 300, 0), (1200, 300, 800), (10_000, 2_000, 0), (250_000, 4_000, 200_000),
-          (0, 0, 0), (1, 1, 1)]
+USAGES = [
+    (1200, 300, 0),
+    (1200, 300, 800),
+    (10_000, 2_000, 0),
+    (250_000, 4_000, 200_000),
+    (0, 0, 0),
+    (1, 1, 1),
+]
 
 
 @pytest.mark.parametrize(("provider", "model"), MODELS)
 @pytest.mark.parametrize(("inp", "out", "cached"), USAGES)
-def test_cost_equals_genai_prices(provider: str, model: str, inp: int, out: int,
-                                  cached: int) -> None:
-    price = Pricer().price(provider, model, input_tokens=inp, output_tokens=out,
-                           cached_input_tokens=cached, at_ms=AT_MS)
+def test_cost_equals_genai_prices(
+    provider: str, model: str, inp: int, out: int, cached: int
+) -> None:
+    price = Pricer().price(
+        provider,
+        model,
+        input_tokens=inp,
+        output_tokens=out,
+        cached_input_tokens=cached,
+        at_ms=AT_MS,
+    )
     assert price.priced
     assert price.pricing_version == PRICING_VERSION
     assert price.cost_nano_usd == genai_nano(provider, model, inp, out, cached)
@@ -72,17 +86,30 @@ def test_cost_equals_genai_prices(provider: str, model: str, inp: int, out: int,
 
 def test_known_value_from_the_notes() -> None:
     # NOTES.md: gpt-4o at 10,000 input + 2,000 output tokens costs 0.045 USD.
-    price = Pricer().price("openai", "gpt-4o", input_tokens=10_000, output_tokens=2_000,
-                           cached_input_tokens=0, at_ms=AT_MS)
+    price = Pricer().price(
+        "openai",
+        "gpt-4o",
+        input_tokens=10_000,
+        output_tokens=2_000,
+        cached_input_tokens=0,
+        at_ms=AT_MS,
+    )
     assert price.cost_nano_usd == 45_000_000
 
 
 def test_cached_tokens_are_cheaper_when_the_model_has_a_cache_rate() -> None:
     pricer = Pricer()
-    full = pricer.price("openai", "gpt-4o", input_tokens=10_000, output_tokens=0,
-                        cached_input_tokens=0, at_ms=AT_MS)
-    cached = pricer.price("openai", "gpt-4o", input_tokens=10_000, output_tokens=0,
-                          cached_input_tokens=10_000, at_ms=AT_MS)
+    full = pricer.price(
+        "openai", "gpt-4o", input_tokens=10_000, output_tokens=0, cached_input_tokens=0, at_ms=AT_MS
+    )
+    cached = pricer.price(
+        "openai",
+        "gpt-4o",
+        input_tokens=10_000,
+        output_tokens=0,
+        cached_input_tokens=10_000,
+        at_ms=AT_MS,
+    )
     assert 0 < cached.cost_nano_usd < full.cost_nano_usd
 
 
@@ -95,8 +122,14 @@ def test_every_model_in_the_snapshot_prices_like_genai_prices() -> None:
     for provider in get_snapshot().providers:
         for model in provider.models:
             for inp, out, cached in [(1200, 300, 800), (250_001, 77, 3)]:
-                ours = pricer.price(provider.id, model.id, input_tokens=inp, output_tokens=out,
-                                    cached_input_tokens=cached, at_ms=AT_MS)
+                ours = pricer.price(
+                    provider.id,
+                    model.id,
+                    input_tokens=inp,
+                    output_tokens=out,
+                    cached_input_tokens=cached,
+                    at_ms=AT_MS,
+                )
                 try:
                     theirs = genai_nano(provider.id, model.id, inp, out, cached)
                 except (LookupError, ValueError):
@@ -105,8 +138,9 @@ def test_every_model_in_the_snapshot_prices_like_genai_prices() -> None:
                     continue
                 checked += 1
                 if not ours.priced or ours.cost_nano_usd != theirs:
-                    mismatches.append(f"{provider.id}/{model.id} {inp}/{out}/{cached}: "
-                                      f"{ours} != {theirs}")
+                    mismatches.append(
+                        f"{provider.id}/{model.id} {inp}/{out}/{cached}: {ours} != {theirs}"
+                    )
     assert checked > 3000
     assert mismatches == []
 
@@ -118,11 +152,18 @@ def test_every_model_in_the_snapshot_prices_like_genai_prices() -> None:
     out=st.integers(0, 200_000),
     cached_share=st.fractions(0, 1),
 )
-def test_cost_matches_for_any_usage(model: tuple[str, str], inp: int, out: int,
-                                    cached_share: object) -> None:
+def test_cost_matches_for_any_usage(
+    model: tuple[str, str], inp: int, out: int, cached_share: object
+) -> None:
     cached = int(inp * cached_share)  # type: ignore[operator]
-    price = Pricer().price(model[0], model[1], input_tokens=inp, output_tokens=out,
-                           cached_input_tokens=cached, at_ms=AT_MS)
+    price = Pricer().price(
+        model[0],
+        model[1],
+        input_tokens=inp,
+        output_tokens=out,
+        cached_input_tokens=cached,
+        at_ms=AT_MS,
+    )
     assert price.cost_nano_usd == genai_nano(model[0], model[1], inp, out, cached)
 
 
@@ -132,8 +173,9 @@ def test_ledger_event_carries_the_exact_cost() -> None:
     with agent.call(provider="anthropic", model="claude-3-5-sonnet-latest") as call:
         call.record(input_tokens=5000, output_tokens=700, cached_input_tokens=4000)
     (event,) = emitted(transport)
-    assert event.cost_nano_usd == genai_nano("anthropic", "claude-3-5-sonnet-latest",
-                                             5000, 700, 4000)
+    assert event.cost_nano_usd == genai_nano(
+        "anthropic", "claude-3-5-sonnet-latest", 5000, 700, 4000
+    )
     assert event.priced is True
     assert event.pricing_version == PRICING_VERSION
 
@@ -141,8 +183,10 @@ def test_ledger_event_carries_the_exact_cost() -> None:
 def test_unknown_model_is_recorded_unpriced_with_a_warning() -> None:
     ledger, transport = make_ledger()
     agent = ledger.agent("researcher-1")
-    with pytest.warns(UnpricedModelWarning, match="no-such-model-9000"), \
-            agent.call(provider="openai", model="no-such-model-9000") as call:
+    with (
+        pytest.warns(UnpricedModelWarning, match="no-such-model-9000"),
+        agent.call(provider="openai", model="no-such-model-9000") as call,
+    ):
         call.record(input_tokens=1000, output_tokens=100)
     (event,) = emitted(transport)
     assert (event.priced, event.cost_nano_usd, event.pricing_version) == (False, 0, None)
@@ -152,8 +196,10 @@ def test_unknown_model_is_recorded_unpriced_with_a_warning() -> None:
 
 def test_unknown_provider_is_recorded_unpriced_with_a_warning() -> None:
     ledger, transport = make_ledger()
-    with pytest.warns(UnpricedModelWarning, match="my-local-vllm"), \
-            ledger.agent("a").call(provider="my-local-vllm", model="gpt-4o"):
+    with (
+        pytest.warns(UnpricedModelWarning, match="my-local-vllm"),
+        ledger.agent("a").call(provider="my-local-vllm", model="gpt-4o"),
+    ):
         pass
     assert [e.priced for e in emitted(transport)] == [False]
 

@@ -88,8 +88,12 @@ class TransportContract:
 
     def test_ledger_events_arrive_keyed_by_agent(self, harness: TransportHarness) -> None:
         ticks = iter(range(1_790_000_000_000, 1_790_000_000_000 + 1000, 7))
-        ledger = Ledger(harness.settings, transport=harness.transport,
-                        start_control_listener=False, clock=lambda: next(ticks))
+        ledger = Ledger(
+            harness.settings,
+            transport=harness.transport,
+            start_control_listener=False,
+            clock=lambda: next(ticks),
+        )
         for agent_id in ("planner", "coder"):
             agent = ledger.agent(agent_id, workflow="wf-1")
             for n in range(3):
@@ -136,11 +140,16 @@ def dead_bootstrap() -> str:
 
 @pytest.fixture
 def dead_transport(dead_bootstrap: str) -> Iterator[KafkaTransport]:
-    transport = KafkaTransport(dead_bootstrap, block_s=0.2, close_timeout_s=0.5, **{
-        "message.timeout.ms": 800,
-        "queue.buffering.max.messages": 3,
-        "reconnect.backoff.max.ms": 200,
-    })
+    transport = KafkaTransport(
+        dead_bootstrap,
+        block_s=0.2,
+        close_timeout_s=0.5,
+        **{
+            "message.timeout.ms": 800,
+            "queue.buffering.max.messages": 3,
+            "reconnect.backoff.max.ms": 200,
+        },
+    )
     yield transport
     transport.close()
 
@@ -167,10 +176,12 @@ def test_kafka_full_queue_blocks_briefly_then_drops(dead_transport: KafkaTranspo
 
 
 def test_ledger_keeps_working_without_a_broker(dead_bootstrap: str, tmp_path: object) -> None:
-    settings = Settings(kafka=dead_bootstrap, control_key=SecretStr(TEST_CONTROL_KEY),
-                        topic_prefix="dead.")
-    transport = KafkaTransport(dead_bootstrap, block_s=0.05, close_timeout_s=0.5,
-                               **{"message.timeout.ms": 500})
+    settings = Settings(
+        kafka=dead_bootstrap, control_key=SecretStr(TEST_CONTROL_KEY), topic_prefix="dead."
+    )
+    transport = KafkaTransport(
+        dead_bootstrap, block_s=0.05, close_timeout_s=0.5, **{"message.timeout.ms": 500}
+    )
     ledger = Ledger(settings, transport=transport)
     agent = ledger.agent("offline-agent", pool="p")
     for _ in range(3):
