@@ -119,6 +119,16 @@ class Stack:
         return self.log_dir / f"{service.name}.log"
 
     def running_pid(self, service: _Service) -> int | None:
+        child = self._children.get(service.name)
+        if child is not None:
+            # Our own child: trust the handle. Right after fork, /proc/<pid>/cmdline still shows
+            # this process's command line until exec completes, so the check below would call a
+            # healthy, starting child "stale".
+            if child.poll() is None:
+                return child.pid
+            self._children.pop(service.name)
+            self._pid_file(service).unlink(missing_ok=True)
+            return None
         path = self._pid_file(service)
         try:
             pid = int(path.read_text().strip())

@@ -5,6 +5,7 @@ other's data."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +20,19 @@ from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
 TEST_CONTROL_KEY = "test-control-key-0123456789abcdef"
 
 
+def docker_reachable() -> bool:
+    """A Docker engine answers on DOCKER_HOST (or the default unix socket)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        return True  # a remote engine: let testcontainers try it
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(host.removeprefix("unix://"))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -30,6 +44,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("AGENTLEDGER_TEST_KAFKA")
     if external:
         yield external
+        return
+    if shutil.which("java") is None and docker_reachable():
+        # No JVM to run the Maven-fetched broker, but a Docker engine: use a container broker.
+        # (Our build machines have Java and no Docker engine, so this branch runs only on
+        # contributors' machines.)
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield container.get_bootstrap_server()
         return
     broker = KafkaBroker(
         state_dir=tmp_path_factory.mktemp("kafka"),
