@@ -55,6 +55,11 @@ def topic_specs(topics: Topics, calls_partitions: int = 6) -> list[TopicSpec]:
             },
         ),
         TopicSpec(
+            topics.alerts,
+            3,
+            {"retention.ms": str(30 * DAY_MS), "cleanup.policy": "delete"},
+        ),
+        TopicSpec(
             topics.dlq,
             1,
             {

@@ -1,5 +1,6 @@
 """Wire schemas shared by every component. This package imports nothing else from agentledger."""
 
+from .alerts import ALERT_VERSION, Alert, AlertKind, Severity
 from .control import (
     CONTROL_COMMAND_VERSION,
     ControlAction,
@@ -23,11 +24,14 @@ from .policy import (
 from .topics import Topics
 
 __all__ = [
+    "ALERT_VERSION",
     "BUDGET_POLICY_VERSION",
     "CALL_EVENT_VERSION",
     "CONTROL_COMMAND_VERSION",
     "DEAD_LETTER_VERSION",
     "NANO_PER_USD",
+    "Alert",
+    "AlertKind",
     "BudgetPolicy",
     "CallEvent",
     "CallStatus",
@@ -37,6 +41,7 @@ __all__ = [
     "Period",
     "PolicyFile",
     "PolicyFileError",
+    "Severity",
     "SignatureError",
     "Topics",
     "nano_to_usd",

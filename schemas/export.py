@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .alerts import ALERT_VERSION, Alert
 from .control import CONTROL_COMMAND_VERSION, ControlCommand
 from .dlq import DEAD_LETTER_VERSION, InvalidMessage
 from .events import CALL_EVENT_VERSION, CallEvent
@@ -22,6 +23,7 @@ PUBLISHED: dict[str, tuple[type[BaseModel], int]] = {
     "control_command": (ControlCommand, CONTROL_COMMAND_VERSION),
     "budget_policy": (BudgetPolicy, BUDGET_POLICY_VERSION),
     "invalid_message": (InvalidMessage, DEAD_LETTER_VERSION),
+    "alert": (Alert, ALERT_VERSION),
 }
 
 

@@ -24,8 +24,12 @@ class Topics:
         return f"{self.prefix}policies"
 
     @property
+    def alerts(self) -> str:
+        return f"{self.prefix}alerts"
+
+    @property
     def dlq(self) -> str:
         return f"{self.prefix}dlq"
 
     def all(self) -> tuple[str, ...]:
-        return (self.calls, self.control, self.policies, self.dlq)
+        return (self.calls, self.control, self.policies, self.alerts, self.dlq)
