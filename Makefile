@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install kafka demo test test-unit test-integration lint format typecheck schemas up down status clean
+
+.PHONY: help install kafka demo test bench test-unit test-integration lint format typecheck schemas up down status clean
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -34,6 +35,9 @@ test-unit: install ## unit tests only (no broker)
 
 test-integration: install kafka ## integration tests only
 	$(BIN)/pytest tests/integration
+
+bench: install kafka ## run the benchmarks; writes bench/results.json and prints a table
+	$(BIN)/python bench/run.py
 
 lint: install ## read-only checks: ruff, format check, mypy --strict
 	$(BIN)/ruff check .

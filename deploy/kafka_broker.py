@@ -332,7 +332,11 @@ def _cmdline_mentions(pid: int, needle: str) -> bool:
 
 
 def _kafka_cluster_id() -> str:
-    # Kafka's random-uuid is a url-safe base64 of 16 random bytes without padding.
+    # Kafka's random-uuid is a url-safe base64 of 16 random bytes without padding, and, like
+    # Kafka's own Uuid.randomUuid, never starts with "-": the storage tool would read it as a flag.
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        value = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not value.startswith("-"):
+            return value

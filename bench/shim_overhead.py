@@ -1,0 +1,109 @@
+"""P4: the shim's overhead per call on the caller's thread, next to a bare confluent-kafka
+produce of the same payload, measured in the same process and run.
+
+Each figure is the median of per-iteration perf_counter_ns() deltas over N iterations after a
+warm-up; the payload is one real CallEvent as the shim would send it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import SecretStr
+
+from agentledger.config import Settings
+from agentledger.producers import Ledger
+from agentledger.producers.transport import InMemoryTransport, KafkaTransport
+
+WARMUP = 2_000
+
+
+def _median_ns(step: Callable[[], None], iterations: int) -> float:
+    for _ in range(WARMUP):
+        step()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter_ns()
+        step()
+        samples.append(time.perf_counter_ns() - start)
+    return statistics.median(samples)
+
+
+def measure(bootstrap: str, home: str, iterations: int = 20_000) -> dict[str, Any]:
+    from confluent_kafka import Producer
+
+    settings = Settings(
+        kafka=bootstrap,
+        home=home,  # type: ignore[arg-type]
+        topic_prefix="bench.",
+        control_key=SecretStr("bench-control-key-0123456789"),
+    )
+    topic = settings.topics.calls
+
+    def shim_step(ledger: Ledger) -> Callable[[], None]:
+        agent = ledger.agent("bench-agent", workflow="wf-bench", pool="bench")
+
+        def step() -> None:
+            with agent.call(provider="openai", model="gpt-4o-mini") as call:
+                call.record(input_tokens=1200, output_tokens=300)
+
+        return step
+
+    memory = Ledger(settings, transport=InMemoryTransport(), start_control_listener=False)
+    in_memory_ns = _median_ns(shim_step(memory), iterations)
+    memory.close()
+
+    kafka_transport = KafkaTransport(bootstrap)
+    kafka = Ledger(settings, transport=kafka_transport, start_control_listener=False)
+    kafka_ns = _median_ns(shim_step(kafka), iterations)
+    kafka.close()
+
+    with memory_payload(settings) as (key, value):
+        producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "linger.ms": 5,
+                "acks": "all",
+                "enable.idempotence": True,
+                "compression.type": "lz4",
+            }
+        )
+
+        def bare() -> None:
+            producer.produce(topic, key=key, value=value)
+            producer.poll(0)
+
+        bare_ns = _median_ns(bare, iterations)
+        producer.flush(30)
+
+    return {
+        "iterations": iterations,
+        "shim_in_memory_us": round(in_memory_ns / 1000, 2),
+        "shim_kafka_us": round(kafka_ns / 1000, 2),
+        "bare_produce_us": round(bare_ns / 1000, 2),
+        "shim_minus_bare_us": round((kafka_ns - bare_ns) / 1000, 2),
+    }
+
+
+class memory_payload:
+    """One real event as the shim serialises it, captured through the in-memory transport."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __enter__(self) -> tuple[bytes, bytes]:
+        transport = InMemoryTransport()
+        ledger = Ledger(self.settings, transport=transport, start_control_listener=False)
+        with ledger.agent("bench-agent", workflow="wf-bench", pool="bench").call(
+            provider="openai", model="gpt-4o-mini"
+        ) as call:
+            call.record(input_tokens=1200, output_tokens=300)
+        ledger.close()
+        _topic, key, value = transport.messages[0]
+        return key, value
+
+    def __exit__(self, *_: object) -> None:
+        return None
