@@ -14,14 +14,23 @@ connects to nothing until the first agent or call.
 """
 
 from .control import ControlState, KafkaControlListener
-from .errors import BudgetExceeded, UnpricedModelWarning
-from .ledger import AgentLedger, CallRecorder, Ledger, wall_clock_ms
+from .errors import BudgetExceeded, NewWorkRefused, ThrottleTimeout, UnpricedModelWarning
+from .ledger import (
+    AgentLedger,
+    AsyncCallRecorder,
+    CallRecorder,
+    Ledger,
+    TaskUnit,
+    wall_clock_ms,
+)
 from .pricing import PRICING_VERSION, Price, PriceOverride, Pricer
+from .scope import TaskScope, current_task
 from .transport import EventTransport, InMemoryTransport, KafkaTransport, TransportStats
 
 __all__ = [
     "PRICING_VERSION",
     "AgentLedger",
+    "AsyncCallRecorder",
     "BudgetExceeded",
     "CallRecorder",
     "ControlState",
@@ -30,10 +39,15 @@ __all__ = [
     "KafkaControlListener",
     "KafkaTransport",
     "Ledger",
+    "NewWorkRefused",
     "Price",
     "PriceOverride",
     "Pricer",
+    "TaskScope",
+    "TaskUnit",
+    "ThrottleTimeout",
     "TransportStats",
     "UnpricedModelWarning",
+    "current_task",
     "wall_clock_ms",
 ]

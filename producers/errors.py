@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Self
 
 from agentledger.schemas import ControlCommand, nano_to_usd
 
-__all__ = ["BudgetExceeded", "UnpricedModelWarning", "format_usd"]
+__all__ = [
+    "BudgetExceeded",
+    "NewWorkRefused",
+    "ThrottleTimeout",
+    "UnpricedModelWarning",
+    "format_usd",
+]
 
 
 def format_usd(amount: Decimal) -> str:
@@ -57,7 +64,7 @@ class BudgetExceeded(Exception):
         super().__init__(self._message())
 
     @classmethod
-    def from_command(cls, command: ControlCommand) -> BudgetExceeded:
+    def from_command(cls, command: ControlCommand) -> Self:
         period = command.params.get("period") or _period_of(command)
         limit, spend = command.limit_nano_usd, command.spend_nano_usd
         return cls(
@@ -87,6 +94,7 @@ class BudgetExceeded(Exception):
         return (
             _rebuild,
             (
+                type(self),
                 self.scope,
                 self.reason,
                 self.limit_usd,
@@ -98,6 +106,7 @@ class BudgetExceeded(Exception):
 
 
 def _rebuild(
+    cls: type[BudgetExceeded],
     scope: str,
     reason: str,
     limit_usd: Decimal | None,
@@ -105,7 +114,7 @@ def _rebuild(
     resets_at_ms: int | None,
     period: str | None,
 ) -> BudgetExceeded:
-    return BudgetExceeded(
+    return cls(
         scope,
         reason,
         limit_usd=limit_usd,
@@ -113,6 +122,23 @@ def _rebuild(
         resets_at_ms=resets_at_ms,
         period=period,
     )
+
+
+class NewWorkRefused(BudgetExceeded):
+    """A REFUSE_NEW_WORK (the warn threshold) stands for one of the agent's scopes, so a new
+    ``agent.task()`` was refused; calls inside tasks already running go on."""
+
+    def _message(self) -> str:
+        detail = super()._message().removeprefix(f"budget exceeded for {self.scope}: ")
+        return f"new work refused for {self.scope}: {detail}"
+
+
+class ThrottleTimeout(BudgetExceeded):
+    """A THROTTLE stood for one of the agent's scopes and no slot freed up within the ledger's
+    ``throttle_max_wait_s``. ``reason`` says how long the call waited for how many slots."""
+
+    def _message(self) -> str:
+        return f"throttled at {self.scope}: {self.reason}"
 
 
 class UnpricedModelWarning(UserWarning):

@@ -13,6 +13,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextvars import Token
 from functools import lru_cache
 from types import TracebackType
 from typing import Any, Self
@@ -31,16 +32,41 @@ from agentledger.schemas import (
 from agentledger.schemas.events import Identifier
 
 from .control import ControlState, KafkaControlListener
-from .errors import BudgetExceeded, UnpricedModelWarning
+from .errors import BudgetExceeded, NewWorkRefused, ThrottleTimeout, UnpricedModelWarning
 from .pricing import Price, PriceOverride, Pricer
+from .scope import _CURRENT, TaskScope
+from .throttle import ScopeLimiter
 from .transport import EventTransport, KafkaTransport
 
-__all__ = ["AgentLedger", "CallRecorder", "Ledger", "wall_clock_ms"]
+__all__ = [
+    "AgentLedger",
+    "AsyncCallRecorder",
+    "CallRecorder",
+    "Ledger",
+    "TaskUnit",
+    "wall_clock_ms",
+]
 
 log = logging.getLogger(__name__)
 
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 _MAX_TOKENS = 100_000_000
+
+
+STAT_NAMES = (
+    "events",
+    "unpriced",
+    "refused",
+    "refused_new_work",
+    "throttled",
+    "throttle_timeouts",
+    "routed",
+    "bad_commands",
+    "dead_lettered",
+)
+
+# Which standing command wins when several scopes have one: the narrowest first.
+_SCOPE_ORDER = {"agent": 0, "task_type": 1, "workflow": 2, "pool": 3}
 
 
 def wall_clock_ms() -> int:
@@ -88,7 +114,14 @@ class Ledger:
         clock: Callable[[], int] = wall_clock_ms,
         start_control_listener: bool = True,
         price_overrides: Mapping[str, PriceOverride] | None = None,
+        throttle_max_wait_s: float | None = None,
     ) -> None:
+        if throttle_max_wait_s is not None and not throttle_max_wait_s >= 0:
+            raise ValueError(
+                f"throttle_max_wait_s must be None (wait as long as it takes) or >= 0 seconds, "
+                f"got {throttle_max_wait_s!r}"
+            )
+        self.throttle_max_wait_s = throttle_max_wait_s
         self.settings = settings
         self.transport: EventTransport = (
             transport if transport is not None else KafkaTransport(settings.kafka)
@@ -102,7 +135,8 @@ class Ledger:
         self._lock = threading.Lock()
         self._listener: KafkaControlListener | None = None
         self._closed = False
-        self.stats: dict[str, int] = {"events": 0, "unpriced": 0, "refused": 0, "dead_lettered": 0}
+        self._limiters: dict[str, ScopeLimiter] = {}
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Ledger:
@@ -167,10 +201,43 @@ class Ledger:
         self._ensure_listener()
         return handle
 
+    def commands(self, scopes: tuple[str, ...]) -> list[ControlCommand]:
+        """The unlapsed commands standing for ``scopes``, narrowest scope first."""
+        found = self.control.standing(scopes, now_ms=self.clock())
+        if len(found) > 1:
+            found.sort(key=lambda c: _SCOPE_ORDER.get(c.scope.partition(":")[0], 9))
+        return found
+
     def standing_stop(self, scopes: tuple[str, ...]) -> ControlCommand | None:
-        for command in self.control.standing(scopes, now_ms=self.clock()):
+        for command in self.commands(scopes):
             if command.action is ControlAction.STOP:
                 return command
+        return None
+
+    def limiter(self, scope: str) -> ScopeLimiter:
+        limiter = self._limiters.get(scope)
+        if limiter is None:
+            with self._lock:
+                limiter = self._limiters.setdefault(scope, ScopeLimiter())
+        return limiter
+
+    def throttle_limit(self, command: ControlCommand) -> int | None:
+        """A THROTTLE's concurrency, or None (counted as a bad command) when it has none."""
+        raw = command.params.get("concurrency")
+        try:
+            limit = int(raw) if raw is not None else 0
+        except ValueError:
+            limit = 0
+        if limit >= 1:
+            return limit
+        self._count("bad_commands")
+        log.debug("agentledger: THROTTLE for %s without a concurrency >= 1", command.scope)
+        return None
+
+    def current_limit(self, scope: str) -> int | None:
+        for command in self.control.standing((scope,), now_ms=self.clock()):
+            if command.action is ControlAction.THROTTLE:
+                return self.throttle_limit(command)
         return None
 
     def _count(self, stat: str) -> None:
@@ -261,12 +328,49 @@ class AgentLedger:
         workflow: str | None,
         pool: str | None,
         task_type: str | None,
+        parent_agent_id: str | None = None,
+        spawn_depth: int = 0,
     ) -> None:
         self.ledger = ledger
         self.agent_id = agent_id
         self.workflow = workflow
         self.pool = pool
         self.task_type = task_type
+        self.parent_agent_id = parent_agent_id
+        self.spawn_depth = spawn_depth
+
+    def spawn(
+        self,
+        agent_id: str,
+        *,
+        workflow: str | None = None,
+        pool: str | None = None,
+        task_type: str | None = None,
+    ) -> AgentLedger:
+        """A child agent: records this agent as its parent, one level deeper, and belongs to
+        this agent's pool and workflow unless given others."""
+        if self.spawn_depth >= 1000:
+            raise ValueError(f"spawn depth is limited to 1000; {self.agent_id} is at 1000")
+        return AgentLedger(
+            self.ledger,
+            agent_id=_check_id("agent_id", agent_id),
+            workflow=_check_optional_id("workflow", workflow) or self.workflow,
+            pool=_check_optional_id("pool", pool) or self.pool,
+            task_type=_check_optional_id("task_type", task_type),
+            parent_agent_id=self.agent_id,
+            spawn_depth=self.spawn_depth + 1,
+        )
+
+    def current_task(self) -> TaskScope | None:
+        """The innermost running ``task()`` of this agent in the caller's context."""
+        task = _CURRENT.get()
+        return task if task is not None and task.agent_id == self.agent_id else None
+
+    def _task_type(self, task_type: str | None) -> str | None:
+        if task_type:
+            return task_type
+        task = self.current_task()
+        return task.task_type if task is not None else self.task_type
 
     def scopes(self, task_type: str | None = None) -> tuple[str, ...]:
         found = [f"agent:{self.agent_id}"]
@@ -274,14 +378,14 @@ class AgentLedger:
             found.append(f"pool:{self.pool}")
         if self.workflow:
             found.append(f"workflow:{self.workflow}")
-        task = task_type or self.task_type
+        task = self._task_type(task_type)
         if task:
             found.append(f"task_type:{task}")
         return tuple(found)
 
     def standing(self, task_type: str | None = None) -> list[ControlCommand]:
-        """Every unlapsed command that stands for this agent's scopes (STOP, THROTTLE, ...)."""
-        return self.ledger.control.standing(self.scopes(task_type), now_ms=self.ledger.clock())
+        """Every unlapsed command that stands for this agent's scopes, narrowest scope first."""
+        return self.ledger.commands(self.scopes(task_type))
 
     def check_budget(self, task_type: str | None = None) -> None:
         """Raise BudgetExceeded if a STOP stands for any of this agent's scopes."""
@@ -290,31 +394,120 @@ class AgentLedger:
             self.ledger._count("refused")
             raise BudgetExceeded.from_command(command)
 
+    def model_for(self, task_type: str | None, default: str) -> str:
+        """The model to call for ``default``: the target of the narrowest standing ROUTE from
+        ``default`` in this agent's scopes (with ``task_type``), else ``default`` itself."""
+        return _route(self.ledger, self.standing(task_type), default)
+
+    def task(self, task_type: str, task_id: str | None = None) -> TaskUnit:
+        """A unit of work: calls inside the block carry ``task_type`` and ``task_id`` (a new
+        uuid7 when not given). Entering it is refused with BudgetExceeded under a STOP and with
+        NewWorkRefused under a REFUSE_NEW_WORK; calls in tasks already running go on."""
+        return TaskUnit(
+            self,
+            _check_id("task_type", task_type),
+            _check_optional_id("task_id", task_id),
+        )
+
     def call(
-        self, *, provider: str, model: str, task_type: str | None = None, attempt: int = 1
+        self,
+        *,
+        provider: str,
+        model: str,
+        task_type: str | None = None,
+        attempt: int = 1,
     ) -> CallRecorder:
         if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt <= 10_000:
             raise ValueError(f"attempt must be an int from 1 to 10,000, got {attempt!r}")
+        task = self.current_task()
+        task_type = _check_optional_id("task_type", task_type)
         return CallRecorder(
             self,
             provider=_check_id("provider", provider),
             model=_check_id("model", model),
-            task_type=_check_optional_id("task_type", task_type) or self.task_type,
+            task_type=task_type or (task.task_type if task else None) or self.task_type,
+            task_id=task.task_id if task is not None else None,
             attempt=attempt,
         )
 
+    def acall(
+        self,
+        *,
+        provider: str,
+        model: str,
+        task_type: str | None = None,
+        attempt: int = 1,
+    ) -> AsyncCallRecorder:
+        """``call()`` for coroutines: ``async with agent.acall(...) as call``; a THROTTLE
+        wait yields to the event loop instead of blocking it."""
+        return AsyncCallRecorder(
+            self.call(provider=provider, model=model, task_type=task_type, attempt=attempt)
+        )
+
+
+def _route(ledger: Ledger, commands: list[ControlCommand], model: str) -> str:
+    for command in commands:
+        if command.action is ControlAction.ROUTE and command.params.get("from") == model:
+            target = command.params.get("to")
+            if isinstance(target, str) and _is_identifier(target):
+                return target
+            ledger._count("bad_commands")
+    return model
+
+
+class TaskUnit:
+    """``with agent.task("summarize") as task:``; ``task.task_id`` names the unit."""
+
+    def __init__(self, agent: AgentLedger, task_type: str, task_id: str | None) -> None:
+        self._agent = agent
+        self.task_type = task_type
+        self.task_id = task_id
+        self._token: Token[TaskScope | None] | None = None
+
+    def __enter__(self) -> Self:
+        agent, ledger = self._agent, self._agent.ledger
+        for command in agent.standing(self.task_type):
+            if command.action is ControlAction.STOP:
+                ledger._count("refused")
+                raise BudgetExceeded.from_command(command)
+        for command in agent.standing(self.task_type):
+            if command.action is ControlAction.REFUSE_NEW_WORK:
+                ledger._count("refused_new_work")
+                raise NewWorkRefused.from_command(command)
+        if self.task_id is None:
+            self.task_id = str(uuid7())
+        self._token = _CURRENT.set(TaskScope(agent.agent_id, self.task_type, self.task_id))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
+
 
 class CallRecorder:
-    """The context manager of one LLM call; ``record()`` its usage inside the block."""
+    """The context manager of one LLM call; ``record()`` its usage inside the block.
+
+    ``model`` is the model to actually call (a standing ROUTE may have replaced the requested
+    one, kept in ``requested_model``)."""
 
     def __init__(
-        self, agent: AgentLedger, *, provider: str, model: str, task_type: str | None, attempt: int
+        self,
+        agent: AgentLedger,
+        *,
+        provider: str,
+        model: str,
+        task_type: str | None,
+        attempt: int,
+        task_id: str | None = None,
     ) -> None:
         self._agent = agent
         self.provider = provider
+        self.requested_model = model
         self.model = model
         self.used_model = model
         self.task_type = task_type
+        self.task_id = task_id
         self.attempt = attempt
         self.input_tokens = 0
         self.output_tokens = 0
@@ -325,6 +518,7 @@ class CallRecorder:
         self.event: CallEvent | None = None
         """the event emitted when the block ended"""
         self._started_ms: int | None = None
+        self._held: list[ScopeLimiter] = []
 
     def record(
         self,
@@ -376,10 +570,88 @@ class CallRecorder:
         self.cached_input_tokens = cached
         self.reasoning_tokens = reasoning
 
+    def _admit(self) -> tuple[list[str], dict[str, ControlCommand]]:
+        """Refuse under a STOP, apply a ROUTE; return the scopes whose slots the call takes
+        (sorted, so concurrent calls take them in one order) and the THROTTLEs among them."""
+        agent = self._agent
+        ledger = agent.ledger
+        scopes = agent.scopes(self.task_type)
+        commands = ledger.commands(scopes)
+        throttles: dict[str, ControlCommand] = {}
+        for command in commands:
+            if command.action is ControlAction.STOP:
+                ledger._count("refused")
+                raise BudgetExceeded.from_command(command)
+            if command.action is ControlAction.THROTTLE:
+                throttles[command.scope] = command
+        routed = _route(ledger, commands, self.requested_model)
+        if routed != self.requested_model:
+            ledger._count("routed")
+            self.model = self.used_model = routed
+        return sorted(scopes), throttles
+
+    def _timeout(self, command: ControlCommand, limit: int | None) -> ThrottleTimeout:
+        ledger = self._agent.ledger
+        ledger._count("throttle_timeouts")
+        self._release()
+        base = BudgetExceeded.from_command(command)
+        return ThrottleTimeout(
+            command.scope,
+            f"no slot of {limit} concurrent calls freed up within {ledger.throttle_max_wait_s}s",
+            limit_usd=base.limit_usd,
+            spend_usd=base.spend_usd,
+            resets_at_ms=base.resets_at_ms,
+            period=base.period,
+        )
+
+    def _limit(self, throttles: dict[str, ControlCommand], scope: str) -> int | None:
+        command = throttles.get(scope)
+        return None if command is None else self._agent.ledger.throttle_limit(command)
+
+    def _refresher(self, scope: str) -> Callable[[], int | None]:
+        ledger = self._agent.ledger
+        return lambda: ledger.current_limit(scope)
+
     def __enter__(self) -> Self:
-        self._agent.check_budget(self.task_type)
-        self._started_ms = self._agent.ledger.clock()
+        scopes, throttles = self._admit()
+        ledger = self._agent.ledger
+        waited = False
+        for scope in scopes:
+            limiter = ledger.limiter(scope)
+            limit = self._limit(throttles, scope)
+            if not limiter.try_acquire(limit):
+                waited = True
+                if not limiter.acquire(limit, self._refresher(scope), ledger.throttle_max_wait_s):
+                    raise self._timeout(throttles[scope], limit)
+            self._held.append(limiter)
+        if waited:
+            ledger._count("throttled")
+        self._started_ms = ledger.clock()
         return self
+
+    async def _enter_async(self) -> Self:
+        scopes, throttles = self._admit()
+        ledger = self._agent.ledger
+        waited = False
+        for scope in scopes:
+            limiter = ledger.limiter(scope)
+            limit = self._limit(throttles, scope)
+            if not limiter.try_acquire(limit):
+                waited = True
+                if not await limiter.acquire_async(
+                    limit, self._refresher(scope), ledger.throttle_max_wait_s
+                ):
+                    raise self._timeout(throttles[scope], limit)
+            self._held.append(limiter)
+        if waited:
+            ledger._count("throttled")
+        self._started_ms = ledger.clock()
+        return self
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for limiter in held:
+            limiter.release()
 
     def __exit__(
         self,
@@ -387,6 +659,12 @@ class CallRecorder:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        try:
+            self._emit(exc_type)
+        finally:
+            self._release()
+
+    def _emit(self, exc_type: type[BaseException] | None) -> None:
         if self._started_ms is None:
             return
         ledger = self._agent.ledger
@@ -415,9 +693,12 @@ class CallRecorder:
                 "agent_id": agent.agent_id,
                 "pool": agent.pool,
                 "workflow_id": agent.workflow,
+                "parent_agent_id": agent.parent_agent_id,
+                "spawn_depth": agent.spawn_depth,
                 "task_type": self.task_type,
+                "task_id": self.task_id,
                 "provider": self.provider,
-                "requested_model": self.model,
+                "requested_model": self.requested_model,
                 "used_model": self.used_model,
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
@@ -439,5 +720,23 @@ class CallRecorder:
                 f"no price known for model {self.used_model!r} of provider {self.provider!r}: "
                 f"the call is recorded with priced=False and cost 0 ({price.problem})",
                 UnpricedModelWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+
+
+class AsyncCallRecorder:
+    """``async with agent.acall(...) as call``: yields the underlying ``CallRecorder``."""
+
+    def __init__(self, recorder: CallRecorder) -> None:
+        self.recorder = recorder
+
+    async def __aenter__(self) -> CallRecorder:
+        return await self.recorder._enter_async()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.recorder.__exit__(exc_type, exc, tb)
