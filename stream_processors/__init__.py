@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .budgets import SpendState, apply_event, decide, format_usd, matching_policies, spend_report
+from .budgets import (
+    Delivery,
+    SpendState,
+    apply_cost,
+    apply_event,
+    decide,
+    format_usd,
+    matching_policies,
+    policy_specificity,
+    spend_report,
+)
 from .periods import DAY_MS, WEEK_MS, PeriodWindow, parse_period_key, period_window
 from .policies import InvalidPolicy, PolicyBook, follow_policies
+from .scopes import ScopeCost, forwarded_costs, scopes_topic_name
 
 if TYPE_CHECKING:
     from .app import build_app
@@ -18,18 +29,24 @@ if TYPE_CHECKING:
 __all__ = [
     "DAY_MS",
     "WEEK_MS",
+    "Delivery",
     "InvalidPolicy",
     "PeriodWindow",
     "PolicyBook",
+    "ScopeCost",
     "SpendState",
+    "apply_cost",
     "apply_event",
     "build_app",
     "decide",
     "follow_policies",
     "format_usd",
+    "forwarded_costs",
     "matching_policies",
     "parse_period_key",
     "period_window",
+    "policy_specificity",
+    "scopes_topic_name",
     "spend_report",
 ]
 

@@ -1,5 +1,9 @@
-"""The faust application: spend per agent per period, budgets from the policies topic, and
+"""The faust application: spend per scope per period, budgets from the policies topic, and
 signed STOP / RESUME commands on the control topic.
+
+Two hops: calls (keyed by agent) are summed per agent, then each event's cost is forwarded,
+keyed by pool / workflow / task type, to the scopes topic and summed per scope there (see
+scopes.py for why that hop is exact too).
 
 Design choices against known faust traps:
 - spend lives in a plain Table keyed by agent id, with our own period buckets (windowed tables
@@ -19,6 +23,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import faust
@@ -34,17 +39,40 @@ from agentledger.schemas import (
     sign_command,
 )
 
-from .budgets import SpendState, apply_event, decide, spend_report
+from .budgets import Delivery, SpendState, apply_cost, apply_event, decide, spend_report
 from .policies import InvalidPolicy, PolicyBook, follow_policies
+from .scopes import ScopeCost, ensure_scopes_topic, forwarded_costs, scopes_topic_name
 
-__all__ = ["COMPONENT", "Processor", "build_app", "calls_partition_count", "wall_clock_ms"]
+__all__ = [
+    "COMPONENT",
+    "FUTURE_TOLERANCE_MS",
+    "Processor",
+    "build_app",
+    "calls_partition_count",
+    "wall_clock_ms",
+]
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "processor"
 SWEEP_INTERVAL_S = 1.0
 FULL_SWEEP_EVERY_S = 60.0
+# Events stamped further than this into the future are dead-lettered: a skewed or forged clock
+# must not pre-spend a budget period that has not started.
+FUTURE_TOLERANCE_MS = 5 * 60 * 1000
 Clock = Callable[[], int]
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    """One spend table, the topic that feeds it, and how its keys name scopes."""
+
+    table: Any  # faust.Table; untyped in faust
+    topic: str
+    agent_keys: bool  # keys are agent ids (scope "agent:<key>") rather than whole scopes
+
+    def scope_of(self, key: str) -> str:
+        return f"agent:{key}" if self.agent_keys else key
 
 
 def wall_clock_ms() -> int:
@@ -69,28 +97,44 @@ def calls_partition_count(settings: Settings, timeout_s: float = 30.0) -> int:
 class Processor:
     """The work done per event and per timer tick, around the pure core in budgets.py."""
 
-    def __init__(self, app: faust.App, settings: Settings, clock: Clock, partitions: int) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        clock: Clock,
+        partitions: int,
+        future_tolerance_ms: int = FUTURE_TOLERANCE_MS,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.clock = clock
+        self.future_tolerance_ms = future_tolerance_ms
         self.book = PolicyBook()
         self._key = settings.control_key_bytes()
         # The timer and the agent both read-modify-write state and publish; one at a time.
         self._lock = asyncio.Lock()
         # Sweep bookkeeping, in memory only: the first sweep after a start is a full one.
-        self._standing: set[str] = set()
+        self._standing: set[tuple[str, str]] = set()  # (table name, key)
         self._swept_version: int | None = None
-        self._swept_actives: frozenset[int] = frozenset()
+        self._swept_actives: frozenset[tuple[str, int]] = frozenset()
         self._full_sweep_at = 0.0
         topics = settings.topics
         self.calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
         self.control = app.topic(topics.control, key_serializer="raw", value_serializer="raw")
         self.dlq = app.topic(topics.dlq, key_serializer="raw", value_serializer="raw")
+        self.scopes = app.topic(
+            scopes_topic_name(settings), key_serializer="raw", value_serializer="raw"
+        )
         self.spend = app.Table(
             "spend",
             partitions=partitions,
             # No key/value types: faust then uses plain JSON for both (str keys, dict
             # values), and recovery does not try to rebuild faust Records from them.
+        )
+        self.scope_spend = app.Table("scope-spend", partitions=partitions)
+        self.ledgers = (
+            _Ledger(self.spend, topics.calls, agent_keys=True),
+            _Ledger(self.scope_spend, scopes_topic_name(settings), agent_keys=False),
         )
 
     # -- dead letters -----------------------------------------------------------------------
@@ -142,12 +186,7 @@ class Processor:
             return state
         signed = sign_command(command, self._key)
         await self.publish(signed)
-        return SpendState(
-            applied=state.applied,
-            periods=state.periods,
-            last_command=signed,
-            partition=state.partition,
-        )
+        return replace(state, last_command=signed)
 
     async def publish(self, command: ControlCommand) -> None:
         await self.control.send(
@@ -182,15 +221,70 @@ class Processor:
                 reason=f"not a valid CallEvent: {exc}",
             )
             return
+        now = self.clock()
+        if event.event_time_ms > now + self.future_tolerance_ms:
+            await self.dead_letter(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                key=key,
+                payload=value,
+                reason=(
+                    f"event_time_ms {event.event_time_ms} is {event.event_time_ms - now} ms "
+                    f"in the future; at most {self.future_tolerance_ms} ms is tolerated"
+                ),
+            )
+            return
         async with self._lock:
             raw = self.spend.get(event.agent_id)
             state = SpendState.from_json(raw) if raw is not None else SpendState()
-            if state.already_applied(partition, offset):
+            delivery = state.delivery(event.event_id.hex, partition, offset)
+            if delivery is Delivery.DUPLICATE:
+                log.info("event %s delivered again at %s; not counted", event.event_id, offset)
                 return
-            state = apply_event(state, event, partition, offset, now_ms=self.clock())
-            state = await self.settle(f"agent:{event.agent_id}", state)
-            self.spend[event.agent_id] = state.to_json()
-            self._track(event.agent_id, state)
+            if delivery is Delivery.NEW:
+                state = apply_event(state, event, partition, offset, now_ms=now)
+                state = await self.settle(f"agent:{event.agent_id}", state)
+                self.spend[event.agent_id] = state.to_json()
+                self._track("spend", event.agent_id, state)
+            # A replay forwards again: the first run may have written the agent's state but
+            # crashed before the forward left; the scopes hop ignores what it has seen.
+            for cost in forwarded_costs(event, partition, offset):
+                await self.scopes.send(key=cost.scope.encode(), value=cost.to_bytes())
+
+    async def on_scope_cost(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+    ) -> None:
+        try:
+            cost = ScopeCost.from_bytes(value)
+        except ValueError as exc:
+            await self.dead_letter(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                key=key,
+                payload=value,
+                reason=str(exc),
+            )
+            return
+        async with self._lock:
+            raw = self.scope_spend.get(cost.scope)
+            state = SpendState.from_json(raw) if raw is not None else SpendState()
+            updated = apply_cost(
+                state,
+                event_id=cost.event_id,
+                event_time_ms=cost.event_time_ms,
+                cost_nano_usd=cost.cost_nano_usd,
+                partition=cost.partition,
+                offset=cost.offset,
+                now_ms=self.clock(),
+                state_partition=partition,
+            )
+            if updated is state:
+                return
+            updated = await self.settle(cost.scope, updated)
+            self.scope_spend[cost.scope] = updated.to_json()
+            self._track("scope-spend", cost.scope, updated)
 
     # -- the timer --------------------------------------------------------------------------
 
@@ -204,10 +298,8 @@ class Processor:
         """
         if not self.book.ready.is_set() or self.app.rebalancing or self.app.in_recovery:
             return
-        calls = self.settings.topics.calls
-        actives = frozenset(
-            tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == calls
-        )
+        assigned = self.app.assignor.assigned_actives()
+        actives = frozenset((tp.topic, tp.partition) for tp in assigned)
         now = time.monotonic()
         full = (
             self.book.version != self._swept_version
@@ -215,35 +307,46 @@ class Processor:
             or now - self._full_sweep_at >= FULL_SWEEP_EVERY_S
         )
         async with self._lock:
-            agent_ids = list(self.spend.data.keys()) if full else sorted(self._standing)
-            for agent_id in agent_ids:
-                raw = self.spend.get(agent_id)
-                if raw is None:
-                    self._standing.discard(agent_id)
-                    continue
-                state = SpendState.from_json(raw)
-                if state.partition is None or state.partition not in actives:
-                    self._standing.discard(agent_id)
-                    continue
-                settled = await self.settle(f"agent:{agent_id}", state)
-                self._track(agent_id, settled)
-                if settled is not state:
-                    value = settled.to_json()
-                    # Outside a stream faust cannot infer the partition, so write the store
-                    # and the changelog ourselves, on the partition the agent lives on.
-                    self.spend.data[agent_id] = value
-                    self.spend.send_changelog(state.partition, agent_id, value)
+            for ledger in self.ledgers:
+                name = ledger.table.name
+                if full:
+                    keys = list(ledger.table.data.keys())
+                else:
+                    keys = sorted(k for t, k in self._standing if t == name)
+                for key in keys:
+                    await self._sweep_one(ledger, key, actives)
         if full:
             self._swept_version = self.book.version
             self._swept_actives = actives
             self._full_sweep_at = now
 
-    def _track(self, agent_id: str, state: SpendState) -> None:
+    async def _sweep_one(
+        self, ledger: _Ledger, key: str, actives: frozenset[tuple[str, int]]
+    ) -> None:
+        name = ledger.table.name
+        raw = ledger.table.get(key)
+        if raw is None:
+            self._standing.discard((name, key))
+            return
+        state = SpendState.from_json(raw)
+        if state.partition is None or (ledger.topic, state.partition) not in actives:
+            self._standing.discard((name, key))
+            return
+        settled = await self.settle(ledger.scope_of(key), state)
+        self._track(name, key, settled)
+        if settled is not state:
+            value = settled.to_json()
+            # Outside a stream faust cannot infer the partition, so write the store and the
+            # changelog ourselves, on the partition the key lives on.
+            ledger.table.data[key] = value
+            ledger.table.send_changelog(state.partition, key, value)
+
+    def _track(self, table: str, key: str, state: SpendState) -> None:
         command = state.last_command
         if command is not None and command.action is ControlAction.STOP:
-            self._standing.add(agent_id)
+            self._standing.add((table, key))
         else:
-            self._standing.discard(agent_id)
+            self._standing.discard((table, key))
 
     # -- web --------------------------------------------------------------------------------
 
@@ -253,20 +356,32 @@ class Processor:
         return hmac.compare_digest(given.encode(), expected.encode())
 
     def state_of(self, scope: str) -> dict[str, Any] | None:
-        kind, _, agent_id = scope.partition(":")
-        if kind != "agent" or not agent_id:
+        """The live report for ``scope``, or None when it names no scope kind we sum."""
+        kind, _, name = scope.partition(":")
+        if not name:
             return None
-        raw = self.spend.get(agent_id)
+        if kind == "agent":
+            raw = self.spend.get(name)
+        elif kind in {"pool", "workflow", "task_type"}:
+            raw = self.scope_spend.get(scope)
+        else:
+            return None
         state = SpendState.from_json(raw) if raw is not None else None
         return spend_report(state, self.book.policies, scope, self.clock())
 
 
 def build_app(
-    settings: Settings, *, clock: Clock | None = None, calls_partitions: int | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    calls_partitions: int | None = None,
+    future_tolerance_ms: int = FUTURE_TOLERANCE_MS,
 ) -> faust.App:
     """Build (but do not start) the processor app. Reads the calls topic's partition count
-    from the broker unless ``calls_partitions`` is given."""
+    from the broker unless ``calls_partitions`` is given, and creates the scopes topic (the
+    second hop) if it is missing."""
     partitions = calls_partitions or calls_partition_count(settings)
+    ensure_scopes_topic(settings, partitions)
     app = faust.App(
         f"{settings.topic_prefix}processor",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
@@ -301,7 +416,7 @@ def build_app(
         web_stats_enabled=False,
         web_metrics_enabled=False,
     )
-    proc = Processor(app, settings, clock or wall_clock_ms, partitions)
+    proc = Processor(app, settings, clock or wall_clock_ms, partitions, future_tolerance_ms)
     app.processor = proc  # type: ignore[attr-defined]  # for tests and tooling
 
     @app.agent(proc.calls, concurrency=1)
@@ -309,6 +424,12 @@ def build_app(
         async for event in stream.events():
             msg = event.message
             await proc.on_call(msg.topic, msg.partition, msg.offset, msg.key, event.value)
+
+    @app.agent(proc.scopes, concurrency=1)
+    async def process_scope_costs(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            await proc.on_scope_cost(msg.topic, msg.partition, msg.offset, msg.key, event.value)
 
     @app.task  # type: ignore[untyped-decorator]  # faust types app.task loosely
     async def load_policies() -> None:
@@ -341,7 +462,11 @@ def build_app(
         report = proc.state_of(scope)
         if report is None:
             return web.json(
-                {"error": f"scope must look like 'agent:<id>', got {scope!r}"}, status=404
+                {
+                    "error": "scope must look like 'agent:<id>', 'pool:<id>', "
+                    f"'workflow:<id>' or 'task_type:<id>', got {scope!r}"
+                },
+                status=404,
             )
         return web.json(report)
 

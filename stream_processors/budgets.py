@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from enum import StrEnum
+from fnmatch import fnmatchcase
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,17 +35,35 @@ from .periods import DAY_MS, PeriodWindow, parse_period_key, period_window
 
 __all__ = [
     "KEEP_PERIODS_MS",
+    "RECENT_IDS",
+    "Delivery",
     "SpendState",
+    "apply_cost",
     "apply_event",
     "decide",
     "format_usd",
     "matching_policies",
+    "policy_specificity",
     "spend_report",
 ]
 
 # Buckets that ended this long before now are dropped from the live state: no budget period
 # reaches back that far, and the full history lives in ClickHouse.
 KEEP_PERIODS_MS = 35 * DAY_MS
+# Event ids remembered per state value, to count an event delivered twice (the same bytes
+# produced twice, at two offsets) once. Bounded because the whole value is rewritten to the
+# changelog on every event; a duplicate arriving more than this many events of the same key
+# later is counted again.
+RECENT_IDS = 128
+
+
+class Delivery(StrEnum):
+    """What one record at one source offset is, relative to a state."""
+
+    NEW = "new"  # count it
+    REPLAY = "replay"  # this very record was counted already (offset at or below applied)
+    DUPLICATE = "duplicate"  # another record with the same event id was counted
+
 
 _PERIOD_WORDS = {Period.DAY: "daily", Period.WEEK: "weekly"}
 
@@ -56,10 +76,20 @@ class SpendState:
     periods: Mapping[str, int] = field(default_factory=dict)
     last_command: ControlCommand | None = None
     partition: int | None = None
+    #: Recently counted event ids (hex) and the source offset each was counted at, oldest first.
+    recent: Mapping[str, int] = field(default_factory=dict)
 
     def already_applied(self, partition: int, offset: int) -> bool:
         done = self.applied.get(partition)
         return done is not None and offset <= done
+
+    def delivery(self, event_id: str | None, partition: int, offset: int) -> Delivery:
+        seen_at = self.recent.get(event_id) if event_id is not None else None
+        if seen_at is not None and seen_at != offset:
+            return Delivery.DUPLICATE
+        if self.already_applied(partition, offset):
+            return Delivery.REPLAY
+        return Delivery.NEW
 
     def spend(self, window: PeriodWindow) -> int:
         return self.periods.get(window.key, 0)
@@ -72,6 +102,8 @@ class SpendState:
                 self.last_command.model_dump(mode="json") if self.last_command else None
             ),
             "partition": self.partition,
+            # A list, not an object: the order says which ids to forget first.
+            "recent": [[event_id, offset] for event_id, offset in self.recent.items()],
         }
 
     @classmethod
@@ -101,7 +133,20 @@ class SpendState:
         partition = data.get("partition")
         if partition is not None:
             partition = _int(partition, "partition")
-        return cls(applied=applied, periods=periods, last_command=command, partition=partition)
+        recent_raw = data.get("recent", [])
+        if not isinstance(recent_raw, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+            for pair in recent_raw
+        ):
+            raise ValueError("spend state field 'recent' must be a list of [event_id, offset]")
+        recent = {pair[0]: _int(pair[1], f"recent.{pair[0]}") for pair in recent_raw}
+        return cls(
+            applied=applied,
+            periods=periods,
+            last_command=command,
+            partition=partition,
+            recent=recent,
+        )
 
 
 def _int(value: Any, name: str) -> int:
@@ -110,30 +155,95 @@ def _int(value: Any, name: str) -> int:
     return value
 
 
-def apply_event(
-    state: SpendState, event: CallEvent, partition: int, offset: int, *, now_ms: int
+def apply_cost(
+    state: SpendState,
+    *,
+    event_id: str | None,
+    event_time_ms: int,
+    cost_nano_usd: int,
+    partition: int,
+    offset: int,
+    now_ms: int,
+    state_partition: int | None = None,
 ) -> SpendState:
-    """Count ``event`` (read at ``partition``/``offset``) in the periods of its event time.
+    """Count one cost (read at source ``partition``/``offset``) in the periods of its time.
 
-    Returns ``state`` itself when that offset was already applied, so a replay is a no-op.
-    Every event counts toward both its day and its week, so a policy published later, of
-    either period, sees the spend made before it arrived.
+    Returns ``state`` itself for a replayed offset or an event id counted already, so both
+    are no-ops. Every cost counts toward every period kind, so a policy published later, of
+    any period, sees the spend made before it arrived. ``state_partition`` is where the
+    state lives when that differs from the source partition (the scopes hop).
     """
-    if state.already_applied(partition, offset):
+    if state.delivery(event_id, partition, offset) is not Delivery.NEW:
         return state
     periods = dict(state.periods)
     for period in Period:
-        key = period_window(period, event.event_time_ms).key
-        periods[key] = periods.get(key, 0) + event.cost_nano_usd
+        key = period_window(period, event_time_ms).key
+        periods[key] = periods.get(key, 0) + cost_nano_usd
     horizon = now_ms - KEEP_PERIODS_MS
     periods = {k: v for k, v in periods.items() if parse_period_key(k).end_ms > horizon}
     applied = {**state.applied, partition: offset}
-    return replace(state, applied=applied, periods=periods, partition=partition)
+    recent = dict(state.recent)
+    if event_id is not None:
+        recent[event_id] = offset
+        while len(recent) > RECENT_IDS:
+            del recent[next(iter(recent))]
+    return replace(
+        state,
+        applied=applied,
+        periods=periods,
+        partition=partition if state_partition is None else state_partition,
+        recent=recent,
+    )
+
+
+def apply_event(
+    state: SpendState, event: CallEvent, partition: int, offset: int, *, now_ms: int
+) -> SpendState:
+    """Count ``event`` (read at ``partition``/``offset``); see :func:`apply_cost`."""
+    return apply_cost(
+        state,
+        event_id=event.event_id.hex,
+        event_time_ms=event.event_time_ms,
+        cost_nano_usd=event.cost_nano_usd,
+        partition=partition,
+        offset=offset,
+        now_ms=now_ms,
+    )
+
+
+def policy_specificity(pattern: str) -> int:
+    """How specific a scope pattern is: the number of its literal (non-wildcard) characters.
+
+    ``agent:*`` (every agent) is the least specific agent pattern, so it is the default.
+    """
+    return sum(1 for ch in pattern if ch not in "*?")
+
+
+def _is_glob(pattern: str) -> bool:
+    return "*" in pattern or "?" in pattern
 
 
 def matching_policies(policies: Iterable[BudgetPolicy], scope: str) -> list[BudgetPolicy]:
-    """The policies that govern ``scope``: exact scope match, one per period."""
-    return sorted((p for p in policies if p.scope == scope), key=lambda p: p.period.value)
+    """The policies that govern ``scope``: at most one per period, ordered by period.
+
+    Per period, a policy naming the scope exactly wins; otherwise the matching glob with the
+    most literal characters (``agent:researcher-*`` before ``agent:*``); a tie goes to the
+    alphabetically first pattern, so every worker picks the same one.
+    """
+    best: dict[Period, BudgetPolicy] = {}
+    for policy in policies:
+        pattern = policy.scope
+        if pattern != scope and not (_is_glob(pattern) and fnmatchcase(scope, pattern)):
+            continue
+        current = best.get(policy.period)
+        if current is None or _rank(policy, scope) < _rank(current, scope):
+            best[policy.period] = policy
+    return sorted(best.values(), key=lambda p: p.period.value)
+
+
+def _rank(policy: BudgetPolicy, scope: str) -> tuple[int, int, str]:
+    exact = 0 if policy.scope == scope else 1
+    return (exact, -policy_specificity(policy.scope), policy.scope)
 
 
 def format_usd(nano: int) -> str:

@@ -1,0 +1,118 @@
+"""The second hop: costs re-keyed from agent to pool, workflow and task type.
+
+The calls topic is keyed by agent id, so one worker sees all of an agent's events but not all
+of a pool's. After counting an event for its agent, the first hop forwards one small record
+per other scope (pool, workflow, task type) to ``<prefix>processor-scopes``, keyed by scope;
+the second hop sums those per scope.
+
+Exactness of this hop: each record carries the calls partition and offset it came from. A
+scope's state keeps the highest calls offset applied per calls partition (one worker forwards
+a calls partition in offset order, and a scope key always lands on the same scopes
+partition), so a re-sent record, from a replay after a crash, is recognised and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from agentledger.config import Settings
+from agentledger.schemas import CallEvent
+
+__all__ = [
+    "SCOPES_RETENTION_MS",
+    "ScopeCost",
+    "ensure_scopes_topic",
+    "forwarded_costs",
+    "scopes_topic_name",
+]
+
+# Only unprocessed records matter here (a replay of the first hop re-sends them), so the
+# retention just has to outlast a long outage of the second hop.
+SCOPES_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+def scopes_topic_name(settings: Settings) -> str:
+    return f"{settings.topic_prefix}processor-scopes"
+
+
+@dataclass(frozen=True)
+class ScopeCost:
+    """One event's cost, forwarded to one non-agent scope."""
+
+    scope: str
+    event_id: str
+    event_time_ms: int
+    cost_nano_usd: int
+    partition: int  # of the calls topic
+    offset: int  # in that calls partition
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "scope": self.scope,
+                "event_id": self.event_id,
+                "event_time_ms": self.event_time_ms,
+                "cost_nano_usd": self.cost_nano_usd,
+                "partition": self.partition,
+                "offset": self.offset,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, value: bytes | None) -> ScopeCost:
+        """Parse a forwarded record; raise ValueError naming the bad field."""
+        if not value:
+            raise ValueError("scope cost record is empty")
+        try:
+            data: Any = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"scope cost record is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("scope cost record must be a JSON object")
+        for name in ("scope", "event_id"):
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise ValueError(f"scope cost field {name!r} must be a non-empty string")
+        for name in ("event_time_ms", "cost_nano_usd", "partition", "offset"):
+            number = data.get(name)
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise ValueError(f"scope cost field {name!r} must be an integer >= 0")
+        return cls(
+            scope=data["scope"],
+            event_id=data["event_id"],
+            event_time_ms=data["event_time_ms"],
+            cost_nano_usd=data["cost_nano_usd"],
+            partition=data["partition"],
+            offset=data["offset"],
+        )
+
+
+def forwarded_costs(event: CallEvent, partition: int, offset: int) -> list[ScopeCost]:
+    """The records the first hop forwards for ``event``: one per scope except its agent."""
+    return [
+        ScopeCost(
+            scope=scope,
+            event_id=event.event_id.hex,
+            event_time_ms=event.event_time_ms,
+            cost_nano_usd=event.cost_nano_usd,
+            partition=partition,
+            offset=offset,
+        )
+        for scope in event.scopes()
+        if not scope.startswith("agent:")
+    ]
+
+
+def ensure_scopes_topic(settings: Settings, partitions: int) -> None:
+    """Create the scopes topic with explicit config, if missing (as ensure_topics does for the
+    stack's topics). It has as many partitions as calls, like the spend tables."""
+    from agentledger.deploy import TopicSpec, ensure_topics
+
+    spec = TopicSpec(
+        scopes_topic_name(settings),
+        partitions,
+        {"retention.ms": str(SCOPES_RETENTION_MS), "cleanup.policy": "delete"},
+    )
+    ensure_topics(settings.kafka, [spec])
