@@ -7,6 +7,7 @@ running stack. Every figure records the command that reproduces it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import sys
@@ -32,7 +33,7 @@ def _free_port() -> int:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT.parent))
-    from bench import shim_overhead
+    from bench import pipeline, shim_overhead
 
     figures: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="agentledger-bench-") as tmp:
@@ -56,6 +57,38 @@ def main() -> int:
                     "details": p4,
                     "seconds": round(time.monotonic() - started, 1),
                     "command": f"{COMMAND}  (bench/shim_overhead.py)",
+                }
+            )
+            count = int(os.environ.get("AGENTLEDGER_BENCH_EVENTS", "50000"))
+            print(f"P1/P5: {count:,} trace events through processor and sink ...", flush=True)
+            started = time.monotonic()
+            p1 = pipeline.measure(
+                broker.bootstrap, Path(tmp) / "stack", (_free_port(), _free_port()), count
+            )
+            seconds = round(time.monotonic() - started, 1)
+            command = f"{COMMAND}  (bench/pipeline.py, AGENTLEDGER_BENCH_EVENTS={count})"
+            figures.append(
+                {
+                    "id": "P1",
+                    "name": "end-to-end events/s through the processor (produce to committed)",
+                    "value": p1.get("processor_events_per_s", "did not finish"),
+                    "unit": "events/s",
+                    "target": ">= 50,000 events/s (issue #4)",
+                    "details": p1,
+                    "seconds": seconds,
+                    "command": command,
+                }
+            )
+            figures.append(
+                {
+                    "id": "P5",
+                    "name": "sink rows/s into ClickHouse (produce to committed)",
+                    "value": p1.get("sink_rows_per_s", "did not finish"),
+                    "unit": "rows/s",
+                    "target": "(issue #5)",
+                    "details": {k: v for k, v in p1.items() if k.startswith(("sink", "events"))},
+                    "seconds": seconds,
+                    "command": command,
                 }
             )
         finally:
@@ -87,8 +120,6 @@ def main() -> int:
 
 
 def _cpus() -> int:
-    import os
-
     return os.cpu_count() or 0
 
 
