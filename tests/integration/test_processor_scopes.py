@@ -1,0 +1,195 @@
+"""Pool, workflow and task-type scopes on the real broker: the second hop (scopes topic) is
+exact through duplicates, a kill -9 and a full replay of both hops."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from decimal import Decimal
+
+import pytest
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+import tests.integration.test_processor_worker as base
+from agentledger.config import Settings
+from agentledger.schemas import BudgetPolicy, CallEvent, ControlAction, verify_command
+from agentledger.stream_processors.app import FUTURE_TOLERANCE_MS
+from agentledger.stream_processors.periods import DAY_MS
+from agentledger.stream_processors.scopes import scopes_topic_name
+
+pytestmark = pytest.mark.integration
+
+# The worker fixtures and helpers of the single-scope tests, shared rather than copied.
+workers = base.workers
+readers = base.readers
+Worker = base.Worker
+TopicReader = base.TopicReader
+
+
+def event(agent: str, cost: int, at_ms: int, **scopes: str) -> CallEvent:
+    return CallEvent(
+        event_time_ms=at_ms,
+        agent_id=agent,
+        provider="openai",
+        requested_model="gpt-4o",
+        used_model="gpt-4o",
+        cost_nano_usd=cost,
+        latency_ms=100,
+        **scopes,  # type: ignore[arg-type]
+    )
+
+
+def ground_truth(settings: Settings, now_ms: int) -> dict[str, dict[int, int]]:
+    """Recompute spend per scope and UTC day from the calls topic itself: every valid event
+    once per event id, future ones (beyond the tolerance) left out."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "group.id": "ground-truth",
+            "enable.auto.commit": False,
+        }
+    )
+    topic = settings.topics.calls
+    try:
+        parts = [TopicPartition(topic, p, 0) for p in range(6)]
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(6)
+        }
+        consumer.assign(parts)
+        seen: set[str] = set()
+        totals: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        done = {p: ends[p] == 0 for p in range(6)}
+        deadline = time.monotonic() + 30
+        while not all(done.values()):
+            assert time.monotonic() < deadline, "ground truth: calls topic not read in 30 s"
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            assert msg.error() is None, msg.error()
+            partition, offset = msg.partition(), msg.offset()
+            assert partition is not None and offset is not None
+            if offset + 1 >= ends[partition]:
+                done[partition] = True
+            call = CallEvent.model_validate_json(msg.value() or b"")
+            if call.event_id.hex in seen or call.event_time_ms > now_ms + FUTURE_TOLERANCE_MS:
+                continue
+            seen.add(call.event_id.hex)
+            day = call.event_time_ms - call.event_time_ms % DAY_MS
+            for scope in call.scopes():
+                totals[scope][day] += call.cost_nano_usd
+    finally:
+        consumer.close()
+    return totals
+
+
+def day_buckets(worker: Worker, scope: str) -> dict[int, int]:
+    buckets = worker.state(scope)["buckets"]
+    return {int(k[4:]): int(v) for k, v in buckets.items() if k.startswith("day:")}
+
+
+def rewind(admin: AdminClient, settings: Settings, group: str) -> None:
+    """Commit offset 0 on every partition of both hops' source topics."""
+    starts = [
+        TopicPartition(topic, p, 0)
+        for topic in (settings.topics.calls, scopes_topic_name(settings))
+        for p in range(6)
+    ]
+    admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, starts)])[group].result(
+        timeout=10
+    )
+
+
+def test_pool_workflow_and_task_type_are_exact_through_duplicates_kill_9_and_replay(
+    stack_settings: Settings,
+    workers: Callable[[], Worker],
+    readers: tuple[TopicReader, TopicReader],
+) -> None:
+    settings = stack_settings
+    control, dlq = readers
+    base.avoid_midnight()
+    producer = base.make_producer(settings)
+    calls = settings.topics.calls
+    # pool:research stops at $0.005 a day; the default for agents is far above their spend.
+    base.publish_policy(
+        producer, settings, BudgetPolicy(scope="pool:research", limit_usd=Decimal("0.005"))
+    )
+    base.publish_policy(
+        producer, settings, BudgetPolicy(scope="agent:*", limit_usd=Decimal("1000"))
+    )
+    worker = workers()
+    worker.wait_ready()
+
+    now = base.now_ms()
+    research = {"pool": "research", "workflow_id": "wf-1", "task_type": "search"}
+    batch = [
+        event("researcher-1", 3_000_001, now, **research),
+        event("researcher-2", 2_500_000, now, **research),
+        event("writer-1", 4_000_000, now, pool="writing", workflow_id="wf-1", task_type="draft"),
+        # Late: yesterday's event counts into yesterday, in every scope.
+        event("researcher-2", 1_234_567, now - DAY_MS, **research),
+        event("loner", 999, now),
+    ]
+    for item in batch:
+        base.send(producer, calls, item.agent_id.encode(), item.model_dump_json().encode())
+    # The same bytes twice (a producer retry): counted once.
+    twice = event("researcher-1", 1_111_111, now, **research).model_dump_json().encode()
+    base.send(producer, calls, b"researcher-1", twice)
+    base.send(producer, calls, b"researcher-1", twice)
+    # An hour ahead of the clock is beyond the tolerance: dead-lettered, not counted.
+    future = event("researcher-1", 10**12, now + 3_600_000, **research)
+    base.send(producer, calls, b"researcher-1", future.model_dump_json().encode())
+
+    scopes = ["pool:research", "pool:writing", "workflow:wf-1", "task_type:search"]
+    scopes += ["agent:researcher-1", "agent:researcher-2", "agent:loner"]
+    truth = ground_truth(settings, base.now_ms())
+    assert truth["pool:research"][now - now % DAY_MS] == 3_000_001 + 2_500_000 + 1_111_111
+    assert (
+        truth["workflow:wf-1"][now - now % DAY_MS] == 3_000_001 + 2_500_000 + 1_111_111 + 4_000_000
+    )
+
+    def matches() -> bool:
+        return all(day_buckets(worker, s) == dict(truth[s]) for s in scopes)
+
+    base.wait_for("every scope to reach the ground truth", matches)
+    letters = base.wait_for("the future event in the dlq", dlq.poll)
+    assert len(letters) == 1 and b"in the future" in letters[0][1]
+
+    found = base.wait_for(
+        "a STOP for pool:research", lambda: base.commands(control, "pool:research")
+    )
+    stop = found[0][0]
+    verify_command(stop, settings.control_key_bytes())
+    assert stop.action is ControlAction.STOP
+    # Which research event crossed first depends on partition interleaving; the STOP states
+    # the spend at the crossing.
+    assert 5_000_000 <= stop.spend_nano_usd <= truth["pool:research"][now - now % DAY_MS]
+    assert stop.limit_nano_usd == 5_000_000
+    assert stop.reason.startswith("pool:research spent $0.00")
+    assert stop.reason.endswith(" of $0.005 daily budget")
+    # No other scope is over its limit.
+    assert base.commands(control, "pool:writing") == []
+    assert base.commands(control, "agent:researcher-1") == []
+
+    # kill -9, then replay both hops from offset 0.
+    worker.kill()
+    group = f"{settings.topic_prefix}processor"
+    admin = AdminClient({"bootstrap.servers": settings.kafka})
+    base.wait_for("the dead worker to leave the group", lambda: base.group_is_empty(admin, group))
+    rewind(admin, settings, group)
+    restarted = workers()
+    restarted.wait_ready()
+    extra = event("researcher-2", 777, base.now_ms(), **research)
+    base.send(producer, calls, b"researcher-2", extra.model_dump_json().encode())
+    truth = ground_truth(settings, base.now_ms())
+
+    def matches_after() -> bool:
+        return all(day_buckets(restarted, s) == dict(truth[s]) for s in scopes)
+
+    base.wait_for("every scope to reach the ground truth after replay", matches_after)
+    time.sleep(2.5)  # two sweep ticks: a re-issued STOP would be published by now
+    assert matches_after()
+    assert [c.command_id for c, _ in base.commands(control, "pool:research")] == [stop.command_id]
+    assert len(dlq.poll()) == 2  # the replayed future event is dead-lettered again, nothing else
