@@ -51,6 +51,9 @@ class ControlState:
         # The newest accepted command per scope, kept after a RESUME clears the standing one, so
         # a replay of the older STOP is still recognised.
         self._latest: dict[str, tuple[int, uuid.UUID]] = {}
+        # The latest spend the processor reported per scope (any command carrying spend and
+        # limit), for the local reservation check; a RESUME starts a new period and drops it.
+        self._reports: dict[str, ControlCommand] = {}
         self.metrics: dict[str, int] = dict.fromkeys(METRIC_NAMES, 0)
 
     @classmethod
@@ -96,10 +99,24 @@ class ControlState:
             self._latest[command.scope] = (command.issued_at_ms, command.command_id)
             if command.action is ControlAction.RESUME:
                 self._standing.pop(command.scope, None)
+                self._reports.pop(command.scope, None)
             else:
                 self._standing[command.scope] = command
+            if command.spend_nano_usd is not None and command.limit_nano_usd is not None:
+                self._reports[command.scope] = command
             self.metrics["accepted"] += 1
         return True
+
+    def report(self, scope: str, now_ms: int) -> ControlCommand | None:
+        """The latest unlapsed command for ``scope`` that stated its spend and limit."""
+        found = self._reports.get(scope)
+        if found is None or (found.until_ms is not None and found.until_ms <= now_ms):
+            return None
+        return found
+
+    @property
+    def has_reports(self) -> bool:
+        return bool(self._reports)
 
     def standing(self, scopes: Iterable[str], now_ms: int | None = None) -> list[ControlCommand]:
         """The commands standing for ``scopes``, in that order; with ``now_ms``, lapsed ones

@@ -83,6 +83,8 @@ class BudgetExceeded(Exception):
                 detail += f" ({self.period})"
         else:
             detail = self.reason or "stopped"
+        if self.reason.startswith("local reservation"):
+            detail += f"; refused by the {self.reason}"
         message = f"budget exceeded for {self.scope}: {detail}"
         if self.resets_at_ms is not None:
             message += f"; resets {_iso_utc(self.resets_at_ms)}"

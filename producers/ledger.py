@@ -27,6 +27,7 @@ from agentledger.schemas import (
     ControlAction,
     ControlCommand,
     InvalidMessage,
+    nano_to_usd,
     uuid7,
 )
 from agentledger.schemas.events import Identifier
@@ -34,6 +35,7 @@ from agentledger.schemas.events import Identifier
 from .control import ControlState, KafkaControlListener
 from .errors import BudgetExceeded, NewWorkRefused, ThrottleTimeout, UnpricedModelWarning
 from .pricing import Price, PriceOverride, Pricer
+from .reservation import SpendBook
 from .scope import _CURRENT, TaskScope
 from .throttle import ScopeLimiter
 from .transport import EventTransport, KafkaTransport
@@ -60,6 +62,7 @@ STAT_NAMES = (
     "refused_new_work",
     "throttled",
     "throttle_timeouts",
+    "refused_local",
     "routed",
     "bad_commands",
     "dead_lettered",
@@ -115,7 +118,11 @@ class Ledger:
         start_control_listener: bool = True,
         price_overrides: Mapping[str, PriceOverride] | None = None,
         throttle_max_wait_s: float | None = None,
+        default_max_output_tokens: int = 4096,
     ) -> None:
+        self.default_max_output_tokens = _check_tokens(
+            "default_max_output_tokens", default_max_output_tokens
+        )
         if throttle_max_wait_s is not None and not throttle_max_wait_s >= 0:
             raise ValueError(
                 f"throttle_max_wait_s must be None (wait as long as it takes) or >= 0 seconds, "
@@ -136,6 +143,7 @@ class Ledger:
         self._listener: KafkaControlListener | None = None
         self._closed = False
         self._limiters: dict[str, ScopeLimiter] = {}
+        self.spend_book = SpendBook()
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
 
     @classmethod
@@ -396,7 +404,8 @@ class AgentLedger:
 
     def model_for(self, task_type: str | None, default: str) -> str:
         """The model to call for ``default``: the target of the narrowest standing ROUTE from
-        ``default`` in this agent's scopes (with ``task_type``), else ``default`` itself."""
+        ``default`` (or from ``*``, every model) in this agent's scopes (with ``task_type``),
+        else ``default`` itself."""
         return _route(self.ledger, self.standing(task_type), default)
 
     def task(self, task_type: str, task_id: str | None = None) -> TaskUnit:
@@ -416,7 +425,14 @@ class AgentLedger:
         model: str,
         task_type: str | None = None,
         attempt: int = 1,
+        max_tokens: int | None = None,
+        estimated_input_tokens: int = 0,
     ) -> CallRecorder:
+        """One LLM call: ``with agent.call(...) as call: ... call.record(...)``.
+
+        ``max_tokens`` (the output cap passed to the provider) and ``estimated_input_tokens``
+        size the reservation checked against the processor's last spend report; without
+        ``max_tokens`` the ledger's ``default_max_output_tokens`` is reserved."""
         if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt <= 10_000:
             raise ValueError(f"attempt must be an int from 1 to 10,000, got {attempt!r}")
         task = self.current_task()
@@ -428,6 +444,8 @@ class AgentLedger:
             task_type=task_type or (task.task_type if task else None) or self.task_type,
             task_id=task.task_id if task is not None else None,
             attempt=attempt,
+            max_tokens=None if max_tokens is None else _check_tokens("max_tokens", max_tokens),
+            estimated_input_tokens=_check_tokens("estimated_input_tokens", estimated_input_tokens),
         )
 
     def acall(
@@ -437,17 +455,26 @@ class AgentLedger:
         model: str,
         task_type: str | None = None,
         attempt: int = 1,
+        max_tokens: int | None = None,
+        estimated_input_tokens: int = 0,
     ) -> AsyncCallRecorder:
         """``call()`` for coroutines: ``async with agent.acall(...) as call``; a THROTTLE
         wait yields to the event loop instead of blocking it."""
         return AsyncCallRecorder(
-            self.call(provider=provider, model=model, task_type=task_type, attempt=attempt)
+            self.call(
+                provider=provider,
+                model=model,
+                task_type=task_type,
+                attempt=attempt,
+                max_tokens=max_tokens,
+                estimated_input_tokens=estimated_input_tokens,
+            )
         )
 
 
 def _route(ledger: Ledger, commands: list[ControlCommand], model: str) -> str:
     for command in commands:
-        if command.action is ControlAction.ROUTE and command.params.get("from") == model:
+        if command.action is ControlAction.ROUTE and command.params.get("from") in (model, "*"):
             target = command.params.get("to")
             if isinstance(target, str) and _is_identifier(target):
                 return target
@@ -500,6 +527,8 @@ class CallRecorder:
         task_type: str | None,
         attempt: int,
         task_id: str | None = None,
+        max_tokens: int | None = None,
+        estimated_input_tokens: int = 0,
     ) -> None:
         self._agent = agent
         self.provider = provider
@@ -519,6 +548,11 @@ class CallRecorder:
         """the event emitted when the block ended"""
         self._started_ms: int | None = None
         self._held: list[ScopeLimiter] = []
+        self.max_tokens = max_tokens
+        self.estimated_input_tokens = estimated_input_tokens
+        self.reserved_nano_usd = 0
+        """the estimated maximum cost reserved when the call started"""
+        self._scopes: tuple[str, ...] = ()
 
     def record(
         self,
@@ -575,7 +609,7 @@ class CallRecorder:
         (sorted, so concurrent calls take them in one order) and the THROTTLEs among them."""
         agent = self._agent
         ledger = agent.ledger
-        scopes = agent.scopes(self.task_type)
+        scopes = self._scopes = agent.scopes(self.task_type)
         commands = ledger.commands(scopes)
         throttles: dict[str, ControlCommand] = {}
         for command in commands:
@@ -626,6 +660,7 @@ class CallRecorder:
             self._held.append(limiter)
         if waited:
             ledger._count("throttled")
+        self._reserve()
         self._started_ms = ledger.clock()
         return self
 
@@ -645,8 +680,50 @@ class CallRecorder:
             self._held.append(limiter)
         if waited:
             ledger._count("throttled")
+        self._reserve()
         self._started_ms = ledger.clock()
         return self
+
+    def _reserve(self) -> None:
+        ledger = self._agent.ledger
+        control = ledger.control
+        if not control.has_reports:
+            return
+        now = ledger.clock()
+        reports: dict[str, tuple[int, int, int]] = {}
+        for scope in self._scopes:
+            report = control.report(scope, now)
+            if report is not None and report.spend_nano_usd is not None:
+                limit = report.limit_nano_usd
+                if limit is not None:
+                    reports[scope] = (report.spend_nano_usd, limit, report.issued_at_ms)
+        if not reports:
+            return
+        amount = ledger._pricer.price(
+            self.provider,
+            self.model,
+            input_tokens=self.estimated_input_tokens,
+            output_tokens=(
+                self.max_tokens if self.max_tokens is not None else ledger.default_max_output_tokens
+            ),
+            cached_input_tokens=0,
+            at_ms=now,
+        ).cost_nano_usd
+        refusal = ledger.spend_book.reserve(self._scopes, reports, amount, now)
+        if refusal is None:
+            self.reserved_nano_usd = amount
+            return
+        ledger._count("refused_local")
+        self._release()
+        report = control.report(refusal.scope, now)
+        raise BudgetExceeded(
+            refusal.scope,
+            f"local reservation: {nano_to_usd(refusal.reserved_nano_usd)} USD for this call "
+            f"would pass the limit",
+            limit_usd=nano_to_usd(refusal.limit_nano_usd),
+            spend_usd=nano_to_usd(refusal.committed_nano_usd),
+            resets_at_ms=None if report is None else report.until_ms,
+        )
 
     def _release(self) -> None:
         held, self._held = self._held, []
@@ -663,6 +740,11 @@ class CallRecorder:
             self._emit(exc_type)
         finally:
             self._release()
+            if self._started_ms is not None:
+                ledger = self._agent.ledger
+                cost = self.event.cost_nano_usd if self.event is not None else 0
+                ledger.spend_book.settle(self._scopes, self.reserved_nano_usd, cost, ledger.clock())
+                self.reserved_nano_usd = 0
 
     def _emit(self, exc_type: type[BaseException] | None) -> None:
         if self._started_ms is None:

@@ -81,7 +81,7 @@ def test_refuse_new_work_refuses_tasks_but_not_calls_in_running_ones(h: Harness)
             "workflow:wf-1",
             ControlAction.REFUSE_NEW_WORK,
             limit_nano_usd=4_000_000_000,
-            spend_nano_usd=4_100_000_000,
+            spend_nano_usd=3_200_000_000,
         )
         with agent.call(**GPT):
             pass
@@ -93,7 +93,7 @@ def test_refuse_new_work_refuses_tasks_but_not_calls_in_running_ones(h: Harness)
     exc = info.value
     assert isinstance(exc, BudgetExceeded)
     assert exc.scope == "workflow:wf-1"
-    assert str(exc) == "new work refused for workflow:wf-1: spent $4.10 of $4.00"
+    assert str(exc) == "new work refused for workflow:wf-1: spent $3.20 of $4.00"
     assert type(pickle.loads(pickle.dumps(exc))) is NewWorkRefused
     assert h.ledger.stats["refused_new_work"] == 1
     h.publish("workflow:wf-1", ControlAction.RESUME)
@@ -183,6 +183,15 @@ def test_narrowest_route_wins_and_task_type_route_applies_in_its_tasks(h: Harnes
     h.publish("agent:a", ControlAction.RESUME)
     h.publish("pool:p", ControlAction.RESUME)
     assert agent.model_for(None, "gpt-4o") == "gpt-4o"
+
+
+def test_route_from_star_routes_every_model(h: Harness) -> None:
+    agent = h.ledger.agent("a", workflow="w")
+    h.publish("workflow:w", ControlAction.ROUTE, params={"from": "*", "to": "gpt-4o-mini"})
+    assert agent.model_for(None, "o3") == "gpt-4o-mini"
+    with agent.call(provider="openai", model="gpt-4.1") as call:
+        assert call.model == "gpt-4o-mini"
+    assert (h.events()[0].requested_model, h.events()[0].used_model) == ("gpt-4.1", "gpt-4o-mini")
 
 
 def test_route_to_an_invalid_model_is_ignored_and_counted(h: Harness) -> None:
