@@ -11,7 +11,15 @@ from typing import Protocol
 
 from .results import QueryResult
 
-__all__ = ["MIGRATIONS", "Migration", "MigrationTarget", "applied_versions", "apply_migrations"]
+__all__ = [
+    "MIGRATIONS",
+    "ROLLUP_GRAINS",
+    "ROLLUP_QUANTILES",
+    "Migration",
+    "MigrationTarget",
+    "applied_versions",
+    "apply_migrations",
+]
 
 
 class MigrationTarget(Protocol):
@@ -84,7 +92,171 @@ ORDER BY (agent_id, event_time, event_id)
 SETTINGS non_replicated_deduplication_window = 10000
 """
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "calls table", (_CALLS_V1,)),)
+# The worker skips a record whose event_id is already stored (a spool replay re-sends an event
+# at a new offset). The lookup filters on event_time (partition pruning) and event_id, which is
+# not a key prefix; a bloom filter index lets it skip granules without that id.
+_CALLS_EVENT_ID_INDEX = (
+    "ALTER TABLE calls ADD INDEX IF NOT EXISTS idx_event_id event_id "
+    "TYPE bloom_filter(0.001) GRANULARITY 1"
+)
+
+# Every command seen on the control topic, verified or not: an audit of who told agents what.
+_CONTROL_COMMANDS_V3 = """
+CREATE TABLE IF NOT EXISTS control_commands
+(
+    schema_version UInt8,
+    command_id UUID,
+    issued_at DateTime64(3, 'UTC'),
+    scope String,
+    action LowCardinality(String),
+    params String,
+    reason String,
+    limit_nano_usd Nullable(Int64),
+    spend_nano_usd Nullable(Int64),
+    period_start Nullable(DateTime64(3, 'UTC')),
+    until Nullable(DateTime64(3, 'UTC')),
+    issuer LowCardinality(String),
+    signature Nullable(String),
+    verified Bool,
+    _topic LowCardinality(String),
+    _partition UInt32,
+    _offset UInt64,
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX idx_source_offset _offset TYPE minmax GRANULARITY 1,
+    INDEX idx_command_id command_id TYPE bloom_filter(0.001) GRANULARITY 1
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(issued_at)
+ORDER BY (scope, issued_at, command_id)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+_ALERTS_V3 = """
+CREATE TABLE IF NOT EXISTS alerts
+(
+    schema_version UInt8,
+    alert_id UUID,
+    issued_at DateTime64(3, 'UTC'),
+    kind LowCardinality(String),
+    severity LowCardinality(String),
+    scope String,
+    message String,
+    period_start Nullable(DateTime64(3, 'UTC')),
+    spend_nano_usd Nullable(Int64),
+    limit_nano_usd Nullable(Int64),
+    action Nullable(String),
+    details String,
+    _topic LowCardinality(String),
+    _partition UInt32,
+    _offset UInt64,
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX idx_source_offset _offset TYPE minmax GRANULARITY 1,
+    INDEX idx_alert_id alert_id TYPE bloom_filter(0.001) GRANULARITY 1
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(issued_at)
+ORDER BY (scope, issued_at, alert_id)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+# Rollups per minute, hour and day, fed by materialized views on `calls`. Every dimension is
+# kept (agent, pool, workflow, task type, model) so one table answers "by any of them" with a
+# GROUP BY; nullable dimensions become '' because key columns cannot be Nullable. Sums are
+# Int128/UInt64 SimpleAggregateFunction, so merges never wrap; latency is a quantiles state.
+# non_replicated_deduplication_window on the targets: without it a retried insert (same token)
+# is dropped by `calls` but still counted by the views (NOTES.md).
+ROLLUP_GRAINS: dict[str, str] = {
+    "minute": "toStartOfMinute",
+    "hour": "toStartOfHour",
+    "day": "toStartOfDay",
+}
+ROLLUP_QUANTILES = (0.5, 0.9, 0.99)
+_Q = ", ".join(str(q) for q in ROLLUP_QUANTILES)
+
+
+def _rollup_table(grain: str) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS calls_by_{grain}
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    pool String,
+    workflow_id String,
+    task_type String,
+    used_model LowCardinality(String),
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles({_Q}), UInt32)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, workflow_id, task_type)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+
+def _rollup_select(bucket_fn: str, where: str = "") -> str:
+    # Only our own constants are interpolated: the grain function and a guard clause.
+    return f"""
+SELECT
+    {bucket_fn}(event_time, 'UTC') AS bucket,
+    agent_id,
+    ifNull(pool, '') AS pool,
+    ifNull(workflow_id, '') AS workflow_id,
+    ifNull(task_type, '') AS task_type,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState({_Q})(latency_ms) AS latency_ms
+FROM calls
+{where}
+GROUP BY bucket, agent_id, pool, workflow_id, task_type, used_model
+"""  # noqa: S608
+
+
+def _rollup_view(grain: str, bucket_fn: str) -> str:
+    return (
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_{grain}_mv TO calls_by_{grain} AS"
+        + _rollup_select(bucket_fn)
+    )
+
+
+def _rollup_backfill(grain: str, bucket_fn: str) -> str:
+    # Calls stored before this migration: migrations run before the worker starts, so nothing
+    # inserts meanwhile, and the emptiness guard makes a re-run after an interruption
+    # (backfilled, not yet recorded) a no-op.
+    where = f"WHERE (SELECT count() FROM calls_by_{grain}) = 0"  # noqa: S608 - our grain name
+    return f"INSERT INTO calls_by_{grain}" + _rollup_select(bucket_fn, where)
+
+
+_ROLLUPS_V4 = tuple(
+    statement
+    for grain, fn in ROLLUP_GRAINS.items()
+    for statement in (
+        _rollup_table(grain),
+        _rollup_view(grain, fn),
+        _rollup_backfill(grain, fn),
+    )
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "calls table", (_CALLS_V1,)),
+    Migration(2, "calls: event_id bloom filter index for replay dedup", (_CALLS_EVENT_ID_INDEX,)),
+    Migration(3, "control_commands and alerts tables", (_CONTROL_COMMANDS_V3, _ALERTS_V3)),
+    Migration(4, "rollups per minute, hour and day", _ROLLUPS_V4),
+)
 
 
 def applied_versions(target: MigrationTarget) -> set[int]:

@@ -13,7 +13,7 @@ from agentledger.config import Settings
 from .database import ClickHouse
 from .migrations import apply_migrations
 from .server import QueryServer
-from .store import CallsTable
+from .store import SinkTables
 from .worker import SinkWorker
 
 __all__ = ["BATCH_MAX_MS_ENV", "BATCH_MAX_ROWS_ENV", "run_sink"]
@@ -54,7 +54,7 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
         )
         worker = SinkWorker(
             settings,
-            CallsTable(database),
+            SinkTables(database),
             stop=stop,
             batch_max_rows=batch_rows,
             batch_max_ms=batch_ms,

@@ -1,7 +1,10 @@
-"""SinkWorker: the calls topic -> the `calls` table, exactly once in effect.
+"""SinkWorker: the calls, control and alerts topics -> their tables, exactly once in effect.
 
 Per batch (up to `batch_max_rows` records or `batch_max_ms` of event-loop time):
 1. every record is parsed; an invalid one becomes an InvalidMessage for the dlq, never a row;
+   a record whose id (event_id, command_id, alert_id) is already stored, or repeats earlier in
+   the batch, is skipped: a spool replay re-sends an event at a new offset and it must count
+   once, in the base table and so in every rollup fed from it;
 2. valid rows are inserted per Kafka partition (and per month, so that each insert writes one
    ClickHouse part and is all-or-nothing) with `insert_deduplication_token` =
    "<topic>:<partition>:<first offset>-<last offset>" of the chunk's rows; a failed insert is
@@ -17,22 +20,23 @@ one part, so it is either wholly present or wholly absent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
-from pydantic import ValidationError
-
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent, InvalidMessage
+from agentledger.schemas import InvalidMessage
 
 from .database import ClickHouseError
-from .rows import RowError, SourcePosition, call_to_row, dedup_token, yyyymm
-from .store import CallsStore
+from .rows import SourcePosition, dedup_token
+from .store import SinkStore
+from .streams import Decoded, DecodeError, SinkStream, default_streams
 
 __all__ = ["Chunk", "SinkStats", "SinkWorker", "consumer_config", "wall_clock_ms"]
 
@@ -119,6 +123,7 @@ class SinkStats:
 
     rows_inserted: int = 0
     rows_skipped_replayed: int = 0
+    duplicates_skipped: int = 0
     invalid: int = 0
     batches: int = 0
     last_commit_ms: int | None = None
@@ -131,6 +136,7 @@ class SinkStats:
         return {
             "rows_inserted": self.rows_inserted,
             "rows_skipped_replayed": self.rows_skipped_replayed,
+            "duplicates_skipped": self.duplicates_skipped,
             "invalid": self.invalid,
             "batches": self.batches,
             "last_commit_ms": self.last_commit_ms,
@@ -147,6 +153,7 @@ class Chunk:
 
     topic: str
     partition: int
+    stream: SinkStream
     rows: list[list[object]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
 
@@ -163,8 +170,9 @@ class SinkWorker:
     def __init__(
         self,
         settings: Settings,
-        store: CallsStore,
+        store: SinkStore,
         *,
+        streams: Sequence[SinkStream] | None = None,
         consumer: ConsumerLike | None = None,
         producer: ProducerLike | None = None,
         clock: Clock = wall_clock_ms,
@@ -182,6 +190,8 @@ class SinkWorker:
         self.settings = settings
         self.store = store
         self.topic = settings.topics.calls
+        chosen = list(streams) if streams is not None else default_streams(settings)
+        self._streams: dict[str, SinkStream] = {s.topic: s for s in chosen}
         self.dlq_topic = settings.topics.dlq
         self.clock = clock
         self.batch_max_rows = batch_max_rows
@@ -212,7 +222,7 @@ class SinkWorker:
 
     def subscribe(self) -> None:
         self.consumer.subscribe(
-            [self.topic],
+            list(self._streams),
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
@@ -293,15 +303,19 @@ class SinkWorker:
         for msg in messages:
             by_partition[(msg.topic() or "", msg.partition() or 0)].append(msg)
 
-        chunks: list[Chunk] = []
+        # Decode first, for every partition, so that ids repeated across partitions or already
+        # stored are dropped before anything is inserted.
+        candidates: list[tuple[SinkStream, int, int, Decoded]] = []
         dead: list[InvalidMessage] = []
         commit_to: dict[TopicPartitionKey, int] = {}
         for (topic, partition), records in by_partition.items():
-            if (topic, partition) not in self._assigned:
+            stream = self._streams.get(topic)
+            if stream is None or (topic, partition) not in self._assigned:
                 # Revoked between fetch and now: the new owner reads these records.
                 continue
-            present = self._present_offsets(topic, partition, min(_offset(m) for m in records))
-            per_month: dict[int, Chunk] = {}
+            present = self._present_offsets(
+                stream, topic, partition, min(_offset(m) for m in records)
+            )
             for msg in records:
                 offset = _offset(msg)
                 commit_to[(topic, partition)] = max(
@@ -311,17 +325,17 @@ class SinkWorker:
                     self.stats.rows_skipped_replayed += 1
                     continue
                 source = SourcePosition(topic, partition, offset)
-                try:
-                    event = CallEvent.model_validate_json(msg.value() or b"")
-                    row = call_to_row(event, source, now)
-                except (ValidationError, RowError) as exc:
-                    dead.append(self._invalid(msg, source, _reason(exc), now))
+                value = msg.value()
+                if not value and stream.skip_empty:
                     continue
-                chunk = per_month.setdefault(yyyymm(event.event_time_ms), Chunk(topic, partition))
-                chunk.rows.append(row)
-                chunk.offsets.append(offset)
-            chunks.extend(per_month.values())
+                try:
+                    decoded = stream.decode(value or b"", source, now)
+                except DecodeError as exc:
+                    dead.append(self._invalid(msg, source, str(exc), now))
+                    continue
+                candidates.append((stream, partition, offset, decoded))
 
+        chunks = self._chunks(self._drop_duplicate_ids(candidates))
         for chunk in chunks:
             self._insert(chunk)
         if dead:
@@ -334,12 +348,60 @@ class SinkWorker:
             self._forget_present_below(key, commit_to[key])
         self._update_lag()
 
-    def _present_offsets(self, topic: str, partition: int, from_offset: int) -> set[int]:
+    def _drop_duplicate_ids(
+        self, candidates: list[tuple[SinkStream, int, int, Decoded]]
+    ) -> list[tuple[SinkStream, int, int, Decoded]]:
+        """Keep the first record of each id in this batch, and none whose id is stored already
+        (a spool replay delivers the same event at a new offset: it must count once)."""
+        by_stream: dict[str, list[Decoded]] = defaultdict(list)
+        for stream, _partition, _source_offset, decoded in candidates:
+            by_stream[stream.topic].append(decoded)
+        stored: dict[str, set[uuid.UUID]] = {}
+        for topic, decoded_list in by_stream.items():
+            stream = self._streams[topic]
+            ids = sorted({d.record_id for d in decoded_list})
+            lo = min(d.time_ms for d in decoded_list)
+            hi = max(d.time_ms for d in decoded_list)
+            stored[topic] = self._retry(
+                functools.partial(self.store.present_ids, stream, ids, lo, hi),
+                f"looking up {len(ids)} ids in {stream.table}",
+            )
+        kept = []
+        seen: set[tuple[str, uuid.UUID]] = set()
+        for item in candidates:
+            stream, decoded = item[0], item[3]
+            key = (stream.topic, decoded.record_id)
+            if decoded.record_id in stored[stream.topic] or key in seen:
+                self.stats.duplicates_skipped += 1
+                continue
+            seen.add(key)
+            kept.append(item)
+        if len(kept) < len(candidates):
+            log.info(
+                "%d records repeat an id that is stored or earlier in the batch: skipped",
+                len(candidates) - len(kept),
+            )
+        return kept
+
+    @staticmethod
+    def _chunks(items: list[tuple[SinkStream, int, int, Decoded]]) -> list[Chunk]:
+        per_key: dict[tuple[str, int, int], Chunk] = {}
+        for stream, partition, offset, decoded in items:
+            chunk = per_key.setdefault(
+                (stream.topic, partition, decoded.month), Chunk(stream.topic, partition, stream)
+            )
+            chunk.rows.append(decoded.row)
+            chunk.offsets.append(offset)
+        return list(per_key.values())
+
+    def _present_offsets(
+        self, stream: SinkStream, topic: str, partition: int, from_offset: int
+    ) -> set[int]:
         key = (topic, partition)
         present = self._present.get(key)
         if present is None:
             present = self._retry(
-                lambda: self.store.present_offsets(topic, partition, from_offset),
+                lambda: self.store.present_offsets(stream, topic, partition, from_offset),
                 f"reading landed offsets of {topic}:{partition}",
             )
             if present:
@@ -389,7 +451,7 @@ class SinkWorker:
             if (chunk.topic, chunk.partition) not in self._assigned:
                 # Revoked while we retried: the new owner replays these records.
                 return
-            self.store.insert_calls(chunk.rows, token)
+            self.store.insert(chunk.stream, chunk.rows, token)
 
         self._retry(attempt, f"inserting {len(chunk.rows)} rows ({token})")
 
@@ -536,13 +598,3 @@ def _offset(msg: MessageLike) -> int:
     if offset is None or offset < 0:
         raise ValueError(f"a consumed record has no offset: {offset!r}")
     return offset
-
-
-def _reason(exc: ValidationError | RowError) -> str:
-    if isinstance(exc, ValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<record>'}: {err['msg']}"
-            for err in exc.errors(include_url=False)
-        )
-        return f"not a valid CallEvent: {problems}"
-    return f"cannot be stored: {exc}"

@@ -19,7 +19,16 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent, CallStatus, InvalidMessage
+from agentledger.schemas import (
+    Alert,
+    AlertKind,
+    CallEvent,
+    CallStatus,
+    ControlAction,
+    ControlCommand,
+    InvalidMessage,
+    sign_command,
+)
 from agentledger.sinks.query import QueryClient, QueryError
 
 pytestmark = pytest.mark.integration
@@ -45,6 +54,7 @@ class SinkProcess:
                 "AGENTLEDGER_API_TOKEN": self.settings.api_token.get_secret_value(),
                 "AGENTLEDGER_SINK_PORT": str(self.settings.sink_port),
                 "AGENTLEDGER_SINK_BATCH_MS": "200",
+                "AGENTLEDGER_CONTROL_KEY": self.settings.control_key_bytes().decode(),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -310,3 +320,57 @@ def test_sigterm_stops_cleanly(sink: SinkProcess) -> None:
     # chDB was closed: a new process can open the same path and sees the same rows.
     sink.start()
     assert totals(client)[0] == 10
+
+
+def test_spool_replay_control_commands_and_alerts(sink: SinkProcess) -> None:
+    settings = sink.settings
+    sink.start()
+    client = QueryClient.from_settings(settings)
+    events = make_events(40)
+    produce_events(settings, events)
+    # A spool replay: the same events again, at new offsets (and keys, so other partitions).
+    produce(settings, [(b"replay", e.model_dump_json().encode()) for e in events[:15]])
+    fresh = make_events(5, start=40)
+    produce_events(settings, fresh)
+    expected_cost = sum(e.cost_nano_usd for e in events + fresh)
+    wait_for_totals(client, (45, 45, expected_cost))
+    wait_for(lambda: (sink.health() or {}).get("duplicates_skipped") == 15, "15 duplicates skipped")
+    day = client.query("SELECT sum(calls), sum(cost_nano_usd) FROM calls_by_day")
+    assert day.rows == [[45, expected_cost]]
+
+    signed = sign_command(
+        ControlCommand(
+            scope="agent:agent-1", action=ControlAction.STOP, reason="r", issued_at_ms=BASE_MS
+        ),
+        settings.control_key_bytes(),
+    )
+    # Signed, then changed (a forgery carries its own id: a copy under the genuine command's id
+    # would be dropped as a repeat of it, see sinks/README.md).
+    forged = signed.model_copy(
+        update={"reason": "changed after signing", "command_id": uuid.uuid4()}
+    )
+    alert = Alert(kind=AlertKind.THRESHOLD, scope="agent:agent-1", message="80%", issued_at_ms=1)
+    producer = Producer({"bootstrap.servers": settings.kafka})
+    for topic, key, payload in [
+        (settings.topics.control, b"agent:agent-1", signed.model_dump_json().encode()),
+        (settings.topics.control, b"agent:agent-2", forged.model_dump_json().encode()),
+        (settings.topics.control, b"agent:agent-3", b"not a command"),
+        (settings.topics.alerts, b"agent:agent-1", alert.model_dump_json().encode()),
+        (settings.topics.alerts, b"agent:agent-1", alert.model_dump_json().encode()),
+    ]:
+        producer.produce(topic, key=key, value=payload)
+    assert producer.flush(30) == 0
+
+    def audit() -> list[list[object]] | None:
+        rows = client.query("SELECT reason, verified FROM control_commands ORDER BY reason").rows
+        return rows if len(rows) == 2 else None
+
+    assert wait_for(audit, "two control commands stored") == [
+        ["changed after signing", False],
+        ["r", True],
+    ]
+    wait_for(lambda: client.query("SELECT count() FROM alerts").rows == [[1]], "one alert stored")
+    dead = read_dlq(settings, 1)
+    assert [(d.topic, d.reason.startswith("not a valid ControlCommand")) for d in dead] == [
+        (settings.topics.control, True)
+    ]

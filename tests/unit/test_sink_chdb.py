@@ -15,13 +15,17 @@ from typing import Any
 
 import pytest
 
+from agentledger.config import Settings
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse, ClickHouseError
 from agentledger.sinks.migrations import MIGRATIONS, Migration, apply_migrations
 from agentledger.sinks.query import DirectQueryClient, QueryClient, QueryError, QueryResult
 from agentledger.sinks.review import spend_by_agent_model
 from agentledger.sinks.rows import CALL_COLUMNS, SourcePosition, call_to_row, dedup_token
-from agentledger.sinks.store import CallsTable
+from agentledger.sinks.store import SinkTables
+from agentledger.sinks.streams import calls_stream
+
+CALLS = calls_stream(Settings(topic_prefix="x."))
 
 
 def open_db(path: Path) -> ClickHouse:
@@ -90,7 +94,9 @@ def test_migrations_are_idempotent_and_recorded(tmp_path: Path) -> None:
     again = open_db(path)
     try:
         assert apply_migrations(again) == []
-        recorded = again.writer_query("SELECT version, name FROM schema_migrations FINAL")
+        recorded = again.writer_query(
+            "SELECT version, name FROM schema_migrations FINAL ORDER BY version"
+        )
         assert recorded.rows == [[m.version, m.name] for m in MIGRATIONS]
         assert count(again) == 1
         engine = again.writer_query(
@@ -107,14 +113,14 @@ def test_migrations_are_idempotent_and_recorded(tmp_path: Path) -> None:
 
 def test_new_migration_is_applied_once_after_the_old_ones(db: ClickHouse) -> None:
     extra = Migration(
-        2,
+        MIGRATIONS[-1].version + 1,
         "test view",
         (
             "CREATE VIEW IF NOT EXISTS calls_per_agent AS "
             "SELECT agent_id, count() AS n FROM calls GROUP BY agent_id",
         ),
     )
-    assert apply_migrations(db, (*MIGRATIONS, extra)) == [2]
+    assert apply_migrations(db, (*MIGRATIONS, extra)) == [extra.version]
     assert apply_migrations(db, (*MIGRATIONS, extra)) == []
     assert count(db, "SELECT count() FROM calls_per_agent") == 0
 
@@ -125,30 +131,32 @@ def test_migration_versions_must_increase(db: ClickHouse) -> None:
 
 
 def test_same_batch_twice_with_same_token_is_stored_once(db: ClickHouse) -> None:
-    table = CallsTable(db)
+    table = SinkTables(db)
     rows = rows_for([event(i) for i in range(50)], first_offset=100)
     token = dedup_token("x.calls", 0, 100, 149)
-    table.insert_calls(rows, token)
-    table.insert_calls(rows, token)
+    table.insert(CALLS, rows, token)
+    table.insert(CALLS, rows, token)
     assert count(db) == 50
     # A different token is a different batch: the window does not hide it.
-    table.insert_calls(rows_for([event(99)], first_offset=150), dedup_token("x.calls", 0, 150, 150))
+    table.insert(
+        CALLS, rows_for([event(99)], first_offset=150), dedup_token("x.calls", 0, 150, 150)
+    )
     assert count(db) == 51
 
 
 def test_present_offsets_reports_landed_records_per_partition(db: ClickHouse) -> None:
-    table = CallsTable(db)
-    table.insert_calls(
-        rows_for([event(i) for i in range(5)], partition=2, first_offset=10), "t:2:10-14"
+    table = SinkTables(db)
+    table.insert(
+        CALLS, rows_for([event(i) for i in range(5)], partition=2, first_offset=10), "t:2:10-14"
     )
-    table.insert_calls(rows_for([event(9)], partition=1, first_offset=12), "t:1:12-12")
-    assert table.present_offsets("x.calls", 2, 12) == {12, 13, 14}
-    assert table.present_offsets("x.calls", 1, 0) == {12}
-    assert table.present_offsets("other.calls", 2, 0) == set()
+    table.insert(CALLS, rows_for([event(9)], partition=1, first_offset=12), "t:1:12-12")
+    assert table.present_offsets(CALLS, "x.calls", 2, 12) == {12, 13, 14}
+    assert table.present_offsets(CALLS, "x.calls", 1, 0) == {12}
+    assert table.present_offsets(CALLS, "other.calls", 2, 0) == set()
 
 
 def test_readonly_session_refuses_writes_and_leaves_the_writer_usable(db: ClickHouse) -> None:
-    CallsTable(db).insert_calls(rows_for([event(1)]), "t:0:0-0")
+    SinkTables(db).insert(CALLS, rows_for([event(1)]), "t:0:0-0")
     for sql in (
         "INSERT INTO calls (agent_id) VALUES ('x')",
         "DROP TABLE calls",
@@ -161,12 +169,12 @@ def test_readonly_session_refuses_writes_and_leaves_the_writer_usable(db: ClickH
         assert info.value.code == 164, sql
     assert count(db) == 1
     # The writer session was not turned read-only by any of that.
-    CallsTable(db).insert_calls(rows_for([event(2)], first_offset=1), "t:0:1-1")
+    SinkTables(db).insert(CALLS, rows_for([event(2)], first_offset=1), "t:0:1-1")
     assert count(db) == 2
 
 
 def test_readonly_query_binds_parameters_and_returns_json_values(db: ClickHouse) -> None:
-    CallsTable(db).insert_calls(rows_for([event(1, cost=45_000_000)]), "t:0:0-0")
+    SinkTables(db).insert(CALLS, rows_for([event(1, cost=45_000_000)]), "t:0:0-0")
     result = db.readonly_query(
         "SELECT event_id, event_time, toDecimal128(sum(cost_nano_usd), 9) / 1000000000 AS usd "
         "FROM calls WHERE agent_id = {a:String} GROUP BY event_id, event_time",
@@ -196,7 +204,7 @@ def test_review_sums_exactly_and_orders_by_cost(db: ClickHouse) -> None:
         event(4, agent="rich", model="m2", cost=big),
         event(5, agent="late", cost=10**12, time_ms=1_800_000_000_000),
     ]
-    CallsTable(db).insert_calls(rows_for(events), "t:0:0-4")
+    SinkTables(db).insert(CALLS, rows_for(events), "t:0:0-4")
     rows = spend_by_agent_model(_LocalClient(db), 1_700_000_000_000, 1_700_000_000_010)
     assert [(r.agent_id, r.used_model, r.calls, r.failures) for r in rows] == [
         ("rich", "m2", 2, 0),
@@ -222,7 +230,7 @@ def test_direct_query_client_is_read_only(tmp_path: Path) -> None:
     setup = open_db(path)
     try:
         apply_migrations(setup)
-        CallsTable(setup).insert_calls(rows_for([event(1, cost=5)]), "t:0:0-0")
+        SinkTables(setup).insert(CALLS, rows_for([event(1, cost=5)]), "t:0:0-0")
     finally:
         setup.close()
     direct = DirectQueryClient(f"chdb://{path}")

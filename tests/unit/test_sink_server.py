@@ -11,13 +11,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from agentledger.config import Settings
 from agentledger.schemas import CallEvent
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.migrations import apply_migrations
 from agentledger.sinks.query import QueryClient, QueryError, SinkNotRunningError, SinkQueryClient
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.server import QueryServer
-from agentledger.sinks.store import CallsTable
+from agentledger.sinks.store import SinkTables
+from agentledger.sinks.streams import calls_stream
 from tests.conftest import SettingsFactory
 
 TOKEN = "server-test-token"
@@ -46,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueryServer]:
             )
             for i in range(4)
         ]
-        CallsTable(database).insert_calls(rows, "s.calls:0:0-3")
+        SinkTables(database).insert(calls_stream(Settings()), rows, "s.calls:0:0-3")
         srv = QueryServer(database, 0, TOKEN, health_extra=lambda: {"lag": 0})
         srv.start()
         try:

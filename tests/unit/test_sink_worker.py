@@ -16,12 +16,25 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from pydantic import SecretStr
 
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent, InvalidMessage
+from agentledger.schemas import (
+    Alert,
+    AlertKind,
+    CallEvent,
+    ControlAction,
+    ControlCommand,
+    InvalidMessage,
+    sign_command,
+)
+from agentledger.sinks.audit_rows import CONTROL_COLUMNS, command_to_row
 from agentledger.sinks.database import ClickHouseError
+from agentledger.sinks.rows import SourcePosition
+from agentledger.sinks.streams import SinkStream
 from agentledger.sinks.worker import SinkWorker, consumer_config
 
+KEY = "unit-test-control-key-0123456789"
 JAN = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 FEB = 1_706_745_600_000  # 2024-02-01T00:00:00Z
 
@@ -144,16 +157,28 @@ class FakeStore:
     inserts: list[tuple[str, list[int]]] = field(default_factory=list)
     landed: dict[tuple[str, int], set[int]] = field(default_factory=dict)
 
-    def insert_calls(self, rows: Sequence[Sequence[object]], token: str) -> None:
+    stored_ids: set[uuid.UUID] = field(default_factory=set)
+    id_lookups: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def insert(self, stream: SinkStream, rows: Sequence[Sequence[object]], token: str) -> None:
         if self.failures_left:
             self.failures_left -= 1
             self.log.append("insert failed")
             raise ClickHouseError("Code: 241. MEMORY_LIMIT_EXCEEDED", code=241)
         self.log.append(f"insert {token}")
         self.inserts.append((token, [int(str(r[-2])) for r in rows]))
+        self.stored_ids.update(uuid.UUID(str(r[1])) for r in rows)
 
-    def present_offsets(self, topic: str, partition: int, from_offset: int) -> set[int]:
+    def present_offsets(
+        self, stream: SinkStream, topic: str, partition: int, from_offset: int
+    ) -> set[int]:
         return {o for o in self.landed.get((topic, partition), set()) if o >= from_offset}
+
+    def present_ids(
+        self, stream: SinkStream, ids: Sequence[uuid.UUID], from_ms: int, to_ms: int
+    ) -> set[uuid.UUID]:
+        self.id_lookups.append((stream.table, from_ms, to_ms))
+        return self.stored_ids & set(ids)
 
 
 class Clock:
@@ -177,7 +202,7 @@ class Rig:
 
 @pytest.fixture
 def rig() -> Rig:
-    settings = Settings(topic_prefix="u.", kafka="127.0.0.1:1")
+    settings = Settings(topic_prefix="u.", kafka="127.0.0.1:1", control_key=SecretStr(KEY))
     log: list[str] = []
     consumer, producer, store = FakeConsumer(log), FakeProducer(log), FakeStore(log)
     worker = SinkWorker(
@@ -355,9 +380,113 @@ def test_batch_limits_must_be_positive() -> None:
     log: list[str] = []
     with pytest.raises(ValueError, match="batch_max_rows and batch_max_ms must be >= 1"):
         SinkWorker(
-            Settings(),
+            Settings(control_key=SecretStr(KEY)),
             FakeStore(log),
             consumer=FakeConsumer(log),
             producer=FakeProducer(log),
             batch_max_rows=0,
         )
+
+
+def test_an_event_id_already_stored_is_skipped_at_its_new_offset(rig: Rig) -> None:
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, 0, call(1)), Msg(t, 0, 1, call(2))]
+    rig.worker.step()
+    # A spool replay re-sends event 1 at a new offset, next to a new event 3.
+    rig.consumer.queued = [Msg(t, 0, 2, call(1)), Msg(t, 0, 3, call(3))]
+    rig.worker.step()
+    assert rig.store.inserts == [(f"{t}:0:0-1", [0, 1]), (f"{t}:0:3-3", [3])]
+    assert rig.consumer.commits[-1] == [(t, 0, 4)]
+    assert rig.worker.stats.duplicates_skipped == 1
+    # The lookup is narrowed to the batch's event-time range.
+    assert rig.store.id_lookups[-1] == ("calls", JAN, JAN)
+
+
+def test_an_event_id_repeated_within_a_batch_is_stored_once(rig: Rig) -> None:
+    t = rig.topic
+    rig.consumer.queued = [
+        Msg(t, 0, 0, call(7)),
+        Msg(t, 1, 0, call(7)),
+        Msg(t, 1, 1, call(8)),
+        Msg(t, 0, 1, call(7)),
+    ]
+    rig.worker.step()
+    stored = sorted(o for _, offsets in rig.store.inserts for o in offsets)
+    assert len(stored) == 2
+    assert rig.consumer.commits == [[(t, 0, 2), (t, 1, 2)]]
+    assert rig.worker.stats.duplicates_skipped == 2
+
+
+def test_an_id_lookup_failure_is_retried_before_anything_is_inserted(rig: Rig) -> None:
+    t = rig.topic
+    failures = [2]
+    real = rig.store.present_ids
+
+    def flaky(*args: Any) -> set[uuid.UUID]:
+        if failures[0]:
+            failures[0] -= 1
+            rig.log.append("lookup failed")
+            raise ClickHouseError("Code: 210. NETWORK_ERROR", code=210)
+        return real(*args)
+
+    rig.store.present_ids = flaky  # type: ignore[method-assign,assignment]
+    rig.consumer.queued = [Msg(t, 0, 0, call(1))]
+    rig.worker.step()
+    assert rig.log == ["lookup failed", "lookup failed", f"insert {t}:0:0-0", "commit"]
+
+
+def signed_command(scope: str = "agent:a1", *, sign: bool = True) -> bytes:
+    command = ControlCommand(
+        scope=scope, action=ControlAction.STOP, reason="over budget", issued_at_ms=JAN + 5
+    )
+    if sign:
+        command = sign_command(command, KEY.encode())
+    return command.model_dump_json().encode()
+
+
+def test_control_commands_are_stored_with_their_verification(rig: Rig) -> None:
+    control = rig.worker.settings.topics.control
+    rig.consumer.assign_partitions(control, [0])
+    forged = ControlCommand.model_validate_json(signed_command()).model_copy(
+        update={"reason": "tampered"}
+    )
+    rig.consumer.queued = [
+        Msg(control, 0, 0, signed_command()),
+        Msg(control, 0, 1, signed_command("agent:a2", sign=False)),
+        Msg(control, 0, 2, forged.model_dump_json().encode()),
+        Msg(control, 0, 3, None),  # a tombstone of the compacted topic: nothing to store
+        Msg(control, 0, 4, b'{"scope": "agent:a1"}'),
+    ]
+    rig.worker.step()
+    assert [tok for tok, _ in rig.store.inserts] == [f"{control}:0:0-2"]
+    dead = [InvalidMessage.model_validate_json(v) for _, _, v in rig.producer.sent]
+    assert [(d.topic, d.offset) for d in dead] == [(control, 4)]
+    assert "not a valid ControlCommand" in dead[0].reason
+    assert rig.consumer.commits == [[(control, 0, 5)]]
+
+
+def test_control_rows_record_whether_the_signature_verifies() -> None:
+    source = SourcePosition("c", 0, 0)
+    good = ControlCommand.model_validate_json(signed_command())
+    rows = [
+        command_to_row(good, KEY.encode(), source, JAN),
+        command_to_row(good, b"another-key-of-enough-bytes", source, JAN),
+        command_to_row(good.model_copy(update={"signature": None}), KEY.encode(), source, JAN),
+    ]
+    verified = CONTROL_COLUMNS.index("verified")
+    assert [r[verified] for r in rows] == [True, False, False]
+
+
+def test_alerts_are_stored_and_garbage_goes_to_the_dlq(rig: Rig) -> None:
+    alerts = rig.worker.settings.topics.alerts
+    rig.consumer.assign_partitions(alerts, [0])
+    alert = Alert(kind=AlertKind.RETRY_LOOP, scope="agent:a1", message="m", issued_at_ms=JAN)
+    rig.consumer.queued = [
+        Msg(alerts, 0, 0, alert.model_dump_json().encode()),
+        Msg(alerts, 0, 1, alert.model_dump_json().encode()),  # the same alert again
+        Msg(alerts, 0, 2, None),
+    ]
+    rig.worker.step()
+    assert rig.store.inserts == [(f"{alerts}:0:0-0", [0])]
+    dead = [InvalidMessage.model_validate_json(v) for _, _, v in rig.producer.sent]
+    assert [(d.offset, d.reason.startswith("not a valid Alert")) for d in dead] == [(2, True)]
