@@ -1,0 +1,152 @@
+"""Overshoot with 16 parallel callers against the real broker and the real processor
+(`python -m agentledger.stream_processors` as a subprocess).
+
+Two measurements, printed (run with ``-s`` to see them) and checked against the bound that
+producers/README.md states:
+- STOP only: the overshoot is what the callers start while the processor's STOP travels back
+  (the freshness window); no local bound applies.
+- With a spend report below the limit (as a warn threshold publishes it): this process refuses
+  locally once its reservations would pass the limit, so with ``max_tokens`` honoured the
+  overshoot is zero whatever the pipeline's lag.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agentledger.config import Settings
+from agentledger.producers import AgentLedger, BudgetExceeded, Ledger
+from agentledger.schemas import BudgetPolicy, ControlAction, ControlCommand, sign_command
+from tests.integration.test_processor_worker import (
+    Worker,
+    avoid_midnight,
+    make_producer,
+    publish_policy,
+    wait_for,
+)
+from tests.integration.test_producer_kafka import KEY, publish
+
+pytestmark = pytest.mark.integration
+
+CALLERS = 16
+MINI = {"provider": "openai", "model": "gpt-4o-mini"}
+CALL_NANO = 600_000  # 1,000 output tokens of gpt-4o-mini
+LIMIT_NANO = 100 * CALL_NANO  # $0.06
+LLM_LATENCY_S = 0.02
+
+
+def run_callers(agents: list[AgentLedger], stop_after_s: float) -> tuple[int, int]:
+    """Every agent calls in its own thread until refused (or ``stop_after_s``); return the
+    calls made and the callers that were refused."""
+    made = 0
+    refused = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + stop_after_s
+
+    def caller(agent: AgentLedger) -> None:
+        nonlocal made, refused
+        while time.monotonic() < deadline:
+            try:
+                with agent.call(**MINI, max_tokens=1000) as call:
+                    time.sleep(LLM_LATENCY_S)
+                    call.record(input_tokens=0, output_tokens=1000)
+            except BudgetExceeded:
+                with lock:
+                    refused += 1
+                return
+            with lock:
+                made += 1
+
+    threads = [threading.Thread(target=caller, args=(a,)) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(stop_after_s + 30)
+    return made, refused
+
+
+def settled_spend(worker: Worker, scope: str, expected: int) -> int:
+    def spend() -> int | None:
+        got = worker.day_spend(scope)
+        return got if got == expected else None
+
+    return int(wait_for(f"{scope} spend to reach {expected}", spend, 60.0))
+
+
+@pytest.fixture
+def processor(stack_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    worker = Worker(stack_settings, tmp_path / "processor.log")
+    yield worker
+    worker.kill()
+
+
+def test_overshoot_of_sixteen_callers(stack_settings: Settings, processor: Worker) -> None:
+    avoid_midnight()
+    producer = make_producer(stack_settings)
+    for pool in ("stoponly", "reserved"):
+        publish_policy(
+            producer,
+            stack_settings,
+            BudgetPolicy(scope=f"pool:{pool}", limit_usd=Decimal(LIMIT_NANO) / 10**9),
+        )
+    worker = processor
+    worker.wait_ready()
+
+    with Ledger(stack_settings) as ledger:
+        assert ledger.wait_for_control(30.0)
+
+        # 1. STOP only.
+        agents = [ledger.agent(f"s-{i}", pool="stoponly") for i in range(CALLERS)]
+        started = time.monotonic()
+        made, refused = run_callers(agents, stop_after_s=60.0)
+        took = time.monotonic() - started
+        assert refused == CALLERS, "the processor's STOP never reached every caller"
+        spent = settled_spend(worker, "pool:stoponly", made * CALL_NANO)
+        stop_only = spent - LIMIT_NANO
+        print(
+            f"\nSTOP only: {CALLERS} callers made {made} calls of ${CALL_NANO / 1e9} in "
+            f"{took:.2f}s; overshoot ${stop_only / 1e9:.4f} = {stop_only // CALL_NANO} calls "
+            f"({stop_only * 100 // LIMIT_NANO}% of the limit)"
+        )
+        assert stop_only >= 0
+
+        # 2. A spend report below the limit: 40 calls spent, then the report, then the race.
+        agents = [ledger.agent(f"r-{i}", pool="reserved") for i in range(CALLERS)]
+        for i in range(40):
+            with agents[i % CALLERS].call(**MINI, max_tokens=1000) as call:
+                call.record(output_tokens=1000)
+        assert ledger.transport.flush(10) == 0
+        reported = settled_spend(worker, "pool:reserved", 40 * CALL_NANO)
+        report = sign_command(
+            ControlCommand(
+                scope="pool:reserved",
+                action=ControlAction.REFUSE_NEW_WORK,
+                reason="pool:reserved at 40% of its day budget",
+                spend_nano_usd=reported,
+                limit_nano_usd=LIMIT_NANO,
+                issued_at_ms=time.time_ns() // 1_000_000,
+            ),
+            KEY,
+        )
+        publish(stack_settings, report)
+        wait_for(
+            "the shim to learn the report",
+            lambda: ledger.control.report("pool:reserved", time.time_ns() // 1_000_000),
+        )
+        made, refused = run_callers(agents, stop_after_s=60.0)
+        assert refused == CALLERS
+        spent = settled_spend(worker, "pool:reserved", (40 + made) * CALL_NANO)
+        reserved = spent - LIMIT_NANO
+        print(
+            f"with a report at 40%: {made} more calls; overshoot ${reserved / 1e9:.4f} "
+            f"({ledger.stats['refused_local']} local refusals)"
+        )
+        # The documented bound for one process with max_tokens honoured: no overshoot.
+        assert reserved <= 0
+        assert made == 60  # and no under-use either: exactly the room left
