@@ -72,13 +72,19 @@ class ClickHouse:
         import clickhouse_connect
 
         description = dsn if dsn.startswith("chdb:") else dsn.split("@")[-1]
-        writer = clickhouse_connect.get_client(dsn=dsn)
+        errors = _import_error_base()
+        try:
+            writer = clickhouse_connect.get_client(dsn=dsn)
+        except errors as exc:
+            raise _wrap(exc) from exc
         try:
             reader = clickhouse_connect.get_client(
                 dsn=dsn, settings={"readonly": readonly_level(dsn)}
             )
-        except BaseException:
+        except BaseException as exc:
             writer.close()
+            if isinstance(exc, errors):
+                raise _wrap(exc) from exc
             raise
         return cls(writer, reader, description)
 

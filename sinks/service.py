@@ -6,17 +6,18 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from agentledger.config import Settings
 
-from .database import ClickHouse
+from .database import ClickHouse, ClickHouseError
 from .migrations import apply_migrations
 from .server import QueryServer
 from .store import SinkTables
 from .worker import SinkWorker
 
-__all__ = ["BATCH_MAX_MS_ENV", "BATCH_MAX_ROWS_ENV", "run_sink"]
+__all__ = ["BATCH_MAX_MS_ENV", "BATCH_MAX_ROWS_ENV", "open_with_retry", "run_sink"]
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,10 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
     batch_ms = _env_int(BATCH_MAX_MS_ENV, 1_000)
     if settings.embedded_clickhouse:
         (settings.home / "clickhouse").mkdir(parents=True, exist_ok=True)
-    database = ClickHouse.open(settings.clickhouse_dsn)
+    database = open_with_retry(settings.clickhouse_dsn, stop)
+    if database is None:
+        return 0
     try:
-        applied = apply_migrations(database)
-        log.info(
-            "ClickHouse %s ready (migrations applied now: %s)",
-            database.description,
-            applied or "none",
-        )
         worker = SinkWorker(
             settings,
             SinkTables(database),
@@ -78,6 +75,53 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
     finally:
         database.close()
     return 0
+
+
+def _describe(dsn: str) -> str:
+    # Never log credentials of a server DSN.
+    return dsn if dsn.startswith("chdb:") else dsn.split("@")[-1]
+
+
+def open_with_retry(
+    dsn: str,
+    stop: threading.Event,
+    *,
+    opener: Callable[[str], ClickHouse] = ClickHouse.open,
+    initial_s: float = 0.5,
+    max_s: float = 15.0,
+) -> ClickHouse | None:
+    """Open ClickHouse and apply the migrations, retrying with backoff while it is unreachable
+    (a server still starting, a chDB path another process holds); None if stop is requested
+    first. Nothing is consumed before this succeeds, so waiting loses nothing."""
+    delay = initial_s
+    attempt = 0
+    while True:
+        attempt += 1
+        database: ClickHouse | None = None
+        try:
+            database = opener(dsn)
+            applied = apply_migrations(database)
+        except ClickHouseError as exc:
+            if database is not None:
+                database.close()
+            log.warning(
+                "ClickHouse %s unreachable at start (attempt %d), retrying in %.1fs: %s",
+                _describe(dsn),
+                attempt,
+                delay,
+                str(exc)[:300],
+            )
+            if stop.wait(delay):
+                log.info("stop requested while waiting for ClickHouse")
+                return None
+            delay = min(delay * 2, max_s)
+            continue
+        log.info(
+            "ClickHouse %s ready (migrations applied now: %s)",
+            database.description,
+            applied or "none",
+        )
+        return database
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

@@ -490,3 +490,24 @@ def test_alerts_are_stored_and_garbage_goes_to_the_dlq(rig: Rig) -> None:
     assert rig.store.inserts == [(f"{alerts}:0:0-0", [0])]
     dead = [InvalidMessage.model_validate_json(v) for _, _, v in rig.producer.sent]
     assert [(d.offset, d.reason.startswith("not a valid Alert")) for d in dead] == [(2, True)]
+
+
+def test_consumption_is_paused_while_clickhouse_is_down(rig: Rig) -> None:
+    t = rig.topic
+    paused_during_failures: list[bool] = []
+    real_insert = rig.store.insert
+
+    def down_then_up(stream: SinkStream, rows: Sequence[Sequence[object]], token: str) -> None:
+        if len(paused_during_failures) < 3:
+            # The first failure pauses; record the state each later attempt sees.
+            paused_during_failures.append(rig.consumer.paused)
+            raise ClickHouseError("Code: 210. Connection refused", code=210)
+        real_insert(stream, rows, token)
+
+    rig.store.insert = down_then_up  # type: ignore[method-assign]
+    rig.consumer.queued = [Msg(t, 0, 0, call(1))]
+    rig.worker.step()
+    assert paused_during_failures == [False, True, True]
+    assert rig.consumer.paused is False
+    assert rig.store.inserts == [(f"{t}:0:0-0", [0])]
+    assert rig.consumer.commits == [[(t, 0, 1)]]
