@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 __all__ = ["Refusal", "SpendBook"]
 
-# Costs are kept summed per second, so memory stays bounded at any call rate; a second that a
+# Costs are kept summed per 100 ms, so memory stays bounded at any call rate; a bucket that a
 # report only partly covers is kept whole (counted twice rather than missed).
-BUCKET_MS = 1000
+BUCKET_MS = 100
 # Unconfirmed costs older than this are assumed counted by the processor even without a newer
 # report, so a process that never hears again does not refuse forever.
 KEEP_MS = 10 * 60_000

@@ -149,4 +149,6 @@ def test_overshoot_of_sixteen_callers(stack_settings: Settings, processor: Worke
         )
         # The documented bound for one process with max_tokens honoured: no overshoot.
         assert reserved <= 0
-        assert made == 60  # and no under-use either: exactly the room left
+        # Under-use is bounded too: only calls that ended within 100 ms before the report
+        # can be counted twice (at most the 40 of the warm-up).
+        assert 20 <= made <= 60

@@ -144,9 +144,9 @@ def test_sixteen_threads_never_pass_the_limit(h: Harness) -> None:
 
 def test_spend_book_keeps_a_partly_reported_second() -> None:
     book = SpendBook()
-    book.settle(("agent:a",), 0, 5, ended_ms=10_400)
-    book.settle(("agent:a",), 0, 7, ended_ms=11_100)
-    # A report issued at 10_500 may or may not include the 10_400 cost: it is kept.
-    assert book.unconfirmed("agent:a", report_ms=10_500, now_ms=11_200) == 12
-    assert book.unconfirmed("agent:a", report_ms=11_000, now_ms=11_200) == 7
-    assert book.unconfirmed("agent:a", report_ms=12_000, now_ms=12_000) == 0
+    book.settle(("agent:a",), 0, 5, ended_ms=10_040)
+    book.settle(("agent:a",), 0, 7, ended_ms=10_110)
+    # A report issued at 10_050 may or may not include the 10_040 cost: it is kept.
+    assert book.unconfirmed("agent:a", report_ms=10_050, now_ms=10_120) == 12
+    assert book.unconfirmed("agent:a", report_ms=10_100, now_ms=10_120) == 7
+    assert book.unconfirmed("agent:a", report_ms=10_200, now_ms=10_200) == 0
