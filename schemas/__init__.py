@@ -19,6 +19,7 @@ from .policy import (
     Period,
     PolicyFile,
     PolicyFileError,
+    Threshold,
     parse_policy_file,
 )
 from .topics import Topics
@@ -43,6 +44,7 @@ __all__ = [
     "PolicyFileError",
     "Severity",
     "SignatureError",
+    "Threshold",
     "Topics",
     "nano_to_usd",
     "parse_policy_file",

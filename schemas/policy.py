@@ -1,4 +1,8 @@
-"""BudgetPolicy and the YAML policy file that `agentledger budgets apply` publishes."""
+"""BudgetPolicy and the YAML policy file that `agentledger budgets apply` publishes.
+
+Version 2 adds graduated ``thresholds`` (each with an action) and the month period; a
+version 1 record (no thresholds: stop at 100%) still parses.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .control import Scope
+from .control import ControlAction, Scope
 from .money import usd_to_nano
 
 __all__ = [
@@ -18,15 +22,67 @@ __all__ = [
     "Period",
     "PolicyFile",
     "PolicyFileError",
+    "Threshold",
     "parse_policy_file",
 ]
 
-BUDGET_POLICY_VERSION: Literal[1] = 1
+BUDGET_POLICY_VERSION: Literal[2] = 2
 
 
 class Period(StrEnum):
     DAY = "day"
     WEEK = "week"
+    MONTH = "month"
+
+
+_MODEL = r"[A-Za-z0-9._:/@+\-]{1,200}"
+
+
+def _decimal_from_yaml(value: Any) -> Any:
+    # YAML turns `5.10` into a float; going through its shortest repr keeps what the user
+    # wrote instead of the binary approximation.
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return value
+
+
+class Threshold(BaseModel):
+    """At ``at_percent`` of the limit, do ``action``: ``alert``, ``refuse_new_work``,
+    ``throttle:N`` (at most N calls in flight), ``route:MODEL`` (call MODEL instead) or
+    ``stop``. Every crossing also raises an alert."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at_percent: Decimal = Field(gt=0, le=10_000, max_digits=7, decimal_places=2)
+    action: str = Field(
+        pattern=rf"^(alert|refuse_new_work|stop|throttle:[1-9][0-9]{{0,5}}|route:{_MODEL})$",
+        description="alert | refuse_new_work | throttle:N | route:MODEL | stop",
+    )
+    from_model: str = Field(
+        default="*",
+        pattern=rf"^(\*|{_MODEL})$",
+        description="route only: the requested model that is re-routed; '*' means every model",
+    )
+
+    _as_decimal = field_validator("at_percent", mode="before")(_decimal_from_yaml)
+
+    @property
+    def control_action(self) -> ControlAction | None:
+        """The command this threshold publishes; None for a plain alert."""
+        kind = self.action.partition(":")[0]
+        return None if kind == "alert" else ControlAction(kind)
+
+    @property
+    def params(self) -> dict[str, str | int]:
+        kind, _, arg = self.action.partition(":")
+        if kind == "throttle":
+            return {"concurrency": int(arg)}
+        if kind == "route":
+            return {"from": self.from_model, "to": arg}
+        return {}
+
+
+DEFAULT_THRESHOLDS = (Threshold(at_percent=Decimal(100), action="stop"),)
 
 
 class BudgetPolicy(BaseModel):
@@ -34,20 +90,28 @@ class BudgetPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = BUDGET_POLICY_VERSION
+    schema_version: Literal[1, 2] = BUDGET_POLICY_VERSION
     scope: Scope
     period: Period = Period.DAY
     limit_usd: Decimal = Field(gt=0, max_digits=21, decimal_places=9)
     timezone: Literal["UTC"] = "UTC"
+    thresholds: tuple[Threshold, ...] = Field(
+        default=(), description="empty means the v1 behaviour: stop at 100%"
+    )
 
-    @field_validator("limit_usd", mode="before")
+    _no_float_rounding = field_validator("limit_usd", mode="before")(_decimal_from_yaml)
+
+    @field_validator("thresholds")
     @classmethod
-    def _no_float_rounding(cls, value: Any) -> Any:
-        # YAML turns `5.10` into a float; going through its shortest repr keeps what the user
-        # wrote instead of the binary approximation.
-        if isinstance(value, float):
-            return Decimal(repr(value))
-        return value
+    def _distinct_percents(cls, value: tuple[Threshold, ...]) -> tuple[Threshold, ...]:
+        percents = [t.at_percent for t in value]
+        if len(set(percents)) != len(percents):
+            raise ValueError(f"each at_percent may appear once, got {[str(p) for p in percents]}")
+        return tuple(sorted(value, key=lambda t: t.at_percent))
+
+    @property
+    def effective_thresholds(self) -> tuple[Threshold, ...]:
+        return self.thresholds or DEFAULT_THRESHOLDS
 
     @property
     def limit_nano_usd(self) -> int:

@@ -39,7 +39,7 @@ from agentledger.schemas import (
     sign_command,
 )
 
-from .budgets import Delivery, SpendState, apply_cost, apply_event, decide, spend_report
+from .budgets import Delivery, SpendState, apply_cost, apply_event, evaluate, spend_report
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .scopes import ScopeCost, ensure_scopes_topic, forwarded_costs, scopes_topic_name
 
@@ -122,6 +122,7 @@ class Processor:
         self.calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
         self.control = app.topic(topics.control, key_serializer="raw", value_serializer="raw")
         self.dlq = app.topic(topics.dlq, key_serializer="raw", value_serializer="raw")
+        self.alerts = app.topic(topics.alerts, key_serializer="raw", value_serializer="raw")
         self.scopes = app.topic(
             scopes_topic_name(settings), key_serializer="raw", value_serializer="raw"
         )
@@ -181,10 +182,15 @@ class Processor:
         with the published command recorded."""
         if not self.book.ready.is_set():
             return state  # a missing policy must not look like a lifted budget
-        command = decide(state, self.book.policies, scope, self.clock())
-        if command is None:
+        decision = evaluate(state, self.book.policies, scope, self.clock())
+        for alert in decision.alerts:
+            await self.alerts.send(key=scope.encode(), value=alert.model_dump_json().encode())
+            log.warning("alert for %s: %s", scope, alert.message)
+        if decision.alerted != state.alerted:
+            state = replace(state, alerted=decision.alerted)
+        if decision.command is None:
             return state
-        signed = sign_command(command, self._key)
+        signed = sign_command(decision.command, self._key)
         await self.publish(signed)
         return replace(state, last_command=signed)
 
@@ -292,7 +298,7 @@ class Processor:
         """Re-decide local agents: period rollovers (RESUME), policy changes, and agents whose
         events arrived before the policies were loaded.
 
-        Only agents with a standing STOP can roll over, so a tick looks at those alone; every
+        Only keys with a standing command can roll over, so a tick looks at those alone; every
         agent is looked at when the policies or the assigned partitions changed, and at least
         every FULL_SWEEP_EVERY_S as a backstop.
         """
@@ -343,7 +349,8 @@ class Processor:
 
     def _track(self, table: str, key: str, state: SpendState) -> None:
         command = state.last_command
-        if command is not None and command.action is ControlAction.STOP:
+        # Any standing command (not only STOP) lapses at its period's end.
+        if command is not None and command.action is not ControlAction.RESUME:
             self._standing.add((table, key))
         else:
             self._standing.discard((table, key))

@@ -23,11 +23,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from agentledger.schemas import (
+    Alert,
+    AlertKind,
     BudgetPolicy,
     CallEvent,
     ControlAction,
     ControlCommand,
     Period,
+    Severity,
+    Threshold,
     nano_to_usd,
 )
 
@@ -36,11 +40,15 @@ from .periods import DAY_MS, PeriodWindow, parse_period_key, period_window
 __all__ = [
     "KEEP_PERIODS_MS",
     "RECENT_IDS",
+    "Crossing",
+    "Decision",
     "Delivery",
     "SpendState",
     "apply_cost",
     "apply_event",
+    "crossings",
     "decide",
+    "evaluate",
     "format_usd",
     "matching_policies",
     "policy_specificity",
@@ -65,7 +73,7 @@ class Delivery(StrEnum):
     DUPLICATE = "duplicate"  # another record with the same event id was counted
 
 
-_PERIOD_WORDS = {Period.DAY: "daily", Period.WEEK: "weekly"}
+_PERIOD_WORDS = {Period.DAY: "daily", Period.WEEK: "weekly", Period.MONTH: "monthly"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class SpendState:
     partition: int | None = None
     #: Recently counted event ids (hex) and the source offset each was counted at, oldest first.
     recent: Mapping[str, int] = field(default_factory=dict)
+    #: Threshold crossings already alerted (:attr:`Crossing.key`), for the current periods.
+    alerted: tuple[str, ...] = ()
 
     def already_applied(self, partition: int, offset: int) -> bool:
         done = self.applied.get(partition)
@@ -104,6 +114,7 @@ class SpendState:
             "partition": self.partition,
             # A list, not an object: the order says which ids to forget first.
             "recent": [[event_id, offset] for event_id, offset in self.recent.items()],
+            "alerted": list(self.alerted),
         }
 
     @classmethod
@@ -140,12 +151,16 @@ class SpendState:
         ):
             raise ValueError("spend state field 'recent' must be a list of [event_id, offset]")
         recent = {pair[0]: _int(pair[1], f"recent.{pair[0]}") for pair in recent_raw}
+        alerted = data.get("alerted", [])
+        if not isinstance(alerted, list) or not all(isinstance(k, str) for k in alerted):
+            raise ValueError("spend state field 'alerted' must be a list of strings")
         return cls(
             applied=applied,
             periods=periods,
             last_command=command,
             partition=partition,
             recent=recent,
+            alerted=tuple(alerted),
         )
 
 
@@ -255,75 +270,179 @@ def format_usd(nano: int) -> str:
     return f"${amount:,f}"
 
 
+# Which command wins when thresholds of several periods (or several thresholds) are crossed:
+# the one that restrains the agent most.
+_SEVERITY = {
+    ControlAction.ROUTE: 1,
+    ControlAction.THROTTLE: 2,
+    ControlAction.REFUSE_NEW_WORK: 3,
+    ControlAction.STOP: 4,
+}
+_ACTION_WORDS = {
+    "alert": "alert",
+    "refuse_new_work": "refuse new work",
+    "throttle": "throttle",
+    "route": "route",
+    "stop": "stop",
+}
+
+
 @dataclass(frozen=True)
-class _Breach:
+class Crossing:
+    """One threshold of one policy that the current period's spend has reached."""
+
     policy: BudgetPolicy
+    threshold: Threshold
     window: PeriodWindow
     spend: int
     limit: int
 
+    @property
+    def key(self) -> str:
+        """Names the crossing in the state, so its alert is raised once per period."""
+        return f"{self.policy.key}|{self.window.start_ms}|{self.threshold.at_percent}"
 
-def _breaches(
+    def rank(self) -> tuple[int, int, int, int, Decimal]:
+        action = self.threshold.control_action
+        severity = _SEVERITY[action] if action is not None else 0
+        # Among throttles the smallest concurrency is the tightest.
+        concurrency = self.threshold.params.get("concurrency", 0)
+        tight = -concurrency if isinstance(concurrency, int) else 0
+        return (
+            severity,
+            tight,
+            self.window.end_ms,
+            self.window.start_ms,
+            self.threshold.at_percent,
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the state calls for now: a command to publish (None: what stands is right), the
+    alerts to raise, and the crossings alerted so far (to keep in the state)."""
+
+    command: ControlCommand | None
+    alerts: tuple[Alert, ...]
+    alerted: tuple[str, ...]
+
+
+def crossings(
     state: SpendState, policies: Iterable[BudgetPolicy], scope: str, now_ms: int
-) -> list[_Breach]:
+) -> list[Crossing]:
+    """Every threshold reached in the current period of each policy that governs ``scope``.
+
+    Reached means spend >= at_percent% of the limit, compared exactly in integers.
+    """
     found = []
     for policy in matching_policies(policies, scope):
         window = period_window(policy.period, now_ms)
         spend = state.spend(window)
         limit = policy.limit_nano_usd
-        if spend >= limit:
-            found.append(_Breach(policy, window, spend, limit))
+        for threshold in policy.effective_thresholds:
+            # at_percent has at most 2 decimals: compare spend * 10_000 with limit * pct * 100.
+            if spend * 10_000 >= limit * int(threshold.at_percent * 100):
+                found.append(Crossing(policy, threshold, window, spend, limit))
     return found
+
+
+def _reason(scope: str, top: Crossing) -> str:
+    word = _PERIOD_WORDS[top.policy.period]
+    text = f"{scope} spent {format_usd(top.spend)} of {format_usd(top.limit)} {word} budget"
+    threshold = top.threshold
+    if threshold.action == "stop" and threshold.at_percent == 100:
+        return text  # the plain v1 budget
+    kind, _, arg = threshold.action.partition(":")
+    what = _ACTION_WORDS[kind] + (f" {arg}" if arg else "")
+    if kind == "route":
+        what = f"route {threshold.from_model} to {arg}"
+    return f"{text}; at {threshold.at_percent}%: {what}"
+
+
+def _same_standing(last: ControlCommand | None, wanted: ControlCommand) -> bool:
+    return (
+        last is not None
+        and last.action is wanted.action
+        and last.params == wanted.params
+        and last.period_start_ms == wanted.period_start_ms
+        and last.until_ms == wanted.until_ms
+        and last.limit_nano_usd == wanted.limit_nano_usd
+    )
+
+
+def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
+    threshold = crossing.threshold
+    word = _PERIOD_WORDS[crossing.policy.period]
+    return Alert(
+        kind=AlertKind.THRESHOLD,
+        severity=Severity.CRITICAL if threshold.action == "stop" else Severity.WARNING,
+        scope=scope,
+        message=(
+            f"{scope} reached {threshold.at_percent}% of its {word} budget: spent "
+            f"{format_usd(crossing.spend)} of {format_usd(crossing.limit)}; "
+            f"action: {threshold.action}"
+        ),
+        issued_at_ms=now_ms,
+        period_start_ms=crossing.window.start_ms,
+        spend_nano_usd=crossing.spend,
+        limit_nano_usd=crossing.limit,
+        action=threshold.action,
+        details={"policy": crossing.policy.key, "at_percent": str(threshold.at_percent)},
+    )
+
+
+def evaluate(
+    state: SpendState, policies: Mapping[str, BudgetPolicy], scope: str, now_ms: int
+) -> Decision:
+    """Derive the command and the alerts for ``scope`` from the state and the policies.
+
+    The most restraining crossed threshold's action stands (stop > refuse_new_work >
+    throttle > route; the smallest throttle; then the latest-ending period). It lapses
+    (RESUME) when the period rolls over or the policy is raised or removed. Each crossing is
+    alerted once per period. Unsigned: the caller signs.
+    """
+    found = crossings(state, policies.values(), scope, now_ms)
+    previously = set(state.alerted)
+    alerts = tuple(_alert(scope, c, now_ms) for c in found if c.key not in previously)
+    alerted = tuple(sorted({c.key for c in found}))
+    acting = [c for c in found if c.threshold.control_action is not None]
+    last = state.last_command
+    standing = last is not None and last.action is not ControlAction.RESUME
+    if acting:
+        top = max(acting, key=Crossing.rank)
+        action = top.threshold.control_action
+        assert action is not None  # filtered above
+        command = ControlCommand(
+            scope=scope,
+            action=action,
+            params=top.threshold.params,
+            reason=_reason(scope, top),
+            limit_nano_usd=top.limit,
+            spend_nano_usd=top.spend,
+            period_start_ms=top.window.start_ms,
+            until_ms=top.window.end_ms,
+            issued_at_ms=now_ms,
+        )
+        if _same_standing(last, command):
+            return Decision(None, alerts, alerted)
+        return Decision(command, alerts, alerted)
+    if last is None or not standing:
+        return Decision(None, alerts, alerted)
+    if last.until_ms is not None and last.until_ms <= now_ms:
+        why = f"{scope}: the budget period that was spent has ended; a new period started"
+    else:
+        why = f"{scope}: no budget threshold is crossed any more (policy raised or removed)"
+    resume = ControlCommand(
+        scope=scope, action=ControlAction.RESUME, reason=why, issued_at_ms=now_ms
+    )
+    return Decision(resume, alerts, alerted)
 
 
 def decide(
     state: SpendState, policies: Mapping[str, BudgetPolicy], scope: str, now_ms: int
 ) -> ControlCommand | None:
-    """The command to publish for ``scope`` now, or None when what stands is already right.
-
-    A STOP stands while the current period's spend is at or above a limit; it lapses (RESUME)
-    when the period rolls over, or when the policy is raised or removed. With several breached
-    periods, the STOP lasts until the latest of their ends. Unsigned: the caller signs.
-    """
-    breaches = _breaches(state, policies.values(), scope, now_ms)
-    last = state.last_command
-    last_is_stop = last is not None and last.action is ControlAction.STOP
-    if breaches:
-        worst = max(breaches, key=lambda b: (b.window.end_ms, b.window.start_ms))
-        if (
-            last is not None
-            and last_is_stop
-            and last.period_start_ms == worst.window.start_ms
-            and last.until_ms == worst.window.end_ms
-            and last.limit_nano_usd == worst.limit
-        ):
-            return None
-        word = _PERIOD_WORDS[worst.policy.period]
-        return ControlCommand(
-            scope=scope,
-            action=ControlAction.STOP,
-            reason=(
-                f"{scope} spent {format_usd(worst.spend)} of {format_usd(worst.limit)} "
-                f"{word} budget"
-            ),
-            limit_nano_usd=worst.limit,
-            spend_nano_usd=worst.spend,
-            period_start_ms=worst.window.start_ms,
-            until_ms=worst.window.end_ms,
-            issued_at_ms=now_ms,
-        )
-    if last is None or not last_is_stop:
-        return None
-    if last.until_ms is not None and last.until_ms <= now_ms:
-        why = f"{scope}: the budget period that was spent has ended; a new period started"
-    else:
-        why = f"{scope}: no budget is exceeded any more (policy raised or removed)"
-    return ControlCommand(
-        scope=scope,
-        action=ControlAction.RESUME,
-        reason=why,
-        issued_at_ms=now_ms,
-    )
+    """The command to publish for ``scope`` now, or None when what stands is already right."""
+    return evaluate(state, policies, scope, now_ms).command
 
 
 def spend_report(
@@ -346,6 +465,16 @@ def spend_report(
                 "spend_usd": f"{nano_to_usd(spend):f}",
                 "limit_nano_usd": policy.limit_nano_usd if policy else None,
                 "limit_usd": str(policy.limit_usd) if policy else None,
+                "percent_used": _percent(spend, policy.limit_nano_usd) if policy else None,
+                "policy": policy.scope if policy else None,
+                "thresholds": (
+                    [
+                        {"at_percent": str(t.at_percent), "action": t.action}
+                        for t in policy.effective_thresholds
+                    ]
+                    if policy
+                    else []
+                ),
             }
         )
     return {
@@ -357,4 +486,11 @@ def spend_report(
             state.last_command.model_dump(mode="json") if state.last_command else None
         ),
         "applied_offsets": {str(p): o for p, o in sorted(state.applied.items())},
+        "alerted": list(state.alerted),
     }
+
+
+def _percent(spend: int, limit: int) -> str:
+    """Percent of the limit spent, two decimals, rounded down (exact integer arithmetic)."""
+    hundredths = spend * 10_000 // limit
+    return f"{hundredths // 100}.{hundredths % 100:02d}"

@@ -86,7 +86,12 @@ def test_events_sum_exactly_into_their_day_and_week() -> None:
     clock = FakeClock(WED_NOON)
     state = feed(SpendState(), [1, 2_000_000_001, 3], WED_NOON, clock)
     week = period_window(Period.WEEK, WED_NOON)
-    assert state.periods == {WED.key: 2_000_000_005, week.key: 2_000_000_005}
+    month = period_window(Period.MONTH, WED_NOON)
+    assert state.periods == {
+        WED.key: 2_000_000_005,
+        week.key: 2_000_000_005,
+        month.key: 2_000_000_005,
+    }
     assert state.applied == {0: 2}
     assert state.partition == 0
 
@@ -292,7 +297,7 @@ def test_spend_report_shows_current_periods_with_limits() -> None:
     clock = FakeClock(WED_NOON)
     state = feed(SpendState(), [1_500_000_000], WED_NOON, clock)
     report = spend_report(state, policies(DAILY_5), "agent:x", clock())
-    day, week = report["periods"]
+    day, week, month = report["periods"]
     assert day == {
         "period": "day",
         "start_ms": WED.start_ms,
@@ -301,8 +306,12 @@ def test_spend_report_shows_current_periods_with_limits() -> None:
         "spend_usd": "1.500000000",
         "limit_nano_usd": LIMIT,
         "limit_usd": "5.00",
+        "percent_used": "30.00",
+        "policy": "agent:x",
+        "thresholds": [{"at_percent": "100", "action": "stop"}],
     }
-    assert week["limit_nano_usd"] is None
+    assert week["limit_nano_usd"] is None and week["percent_used"] is None
+    assert month["spend_nano_usd"] == 1_500_000_000
     assert week["spend_nano_usd"] == 1_500_000_000
     empty = spend_report(None, {}, "agent:nobody", clock())
-    assert [p["spend_nano_usd"] for p in empty["periods"]] == [0, 0]
+    assert [p["spend_nano_usd"] for p in empty["periods"]] == [0, 0, 0]

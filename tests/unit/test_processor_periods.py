@@ -64,9 +64,15 @@ YEAR_10000_MS = 253_402_300_800_000
 def test_every_instant_lies_in_its_window(ts: int, period: Period) -> None:
     window = period_window(period, ts)
     assert window.contains(ts)
-    assert window.end_ms - window.start_ms == (DAY_MS if period is Period.DAY else WEEK_MS)
     start = datetime.fromtimestamp(window.start_ms / 1000, tz=UTC)
     assert (start.hour, start.minute, start.second) == (0, 0, 0)
+    if period is Period.MONTH:
+        assert start.day == 1
+        assert 28 * DAY_MS <= window.end_ms - window.start_ms <= 31 * DAY_MS
+        following = period_window(Period.MONTH, window.end_ms)
+        assert following.start_ms == window.end_ms
+    else:
+        assert window.end_ms - window.start_ms == (DAY_MS if period is Period.DAY else WEEK_MS)
     if period is Period.WEEK:
         assert start.isoweekday() == 1
     assert parse_period_key(window.key) == window
@@ -76,7 +82,8 @@ def test_every_instant_lies_in_its_window(ts: int, period: Period) -> None:
     ("key", "problem"),
     [
         ("day", "must look like"),
-        ("month:0", "kind must be one of"),
+        ("year:0", "kind must be one of"),
+        (f"month:{ms('2026-03-02T00:00:00')}", "not the start of a month"),
         ("day:abc", "integer milliseconds"),
         (f"day:{DAY_MS + 5}", "not the start of a day"),
         (f"week:{ms('2026-03-04T00:00:00')}", "not the start of a week"),
@@ -85,3 +92,19 @@ def test_every_instant_lies_in_its_window(ts: int, period: Period) -> None:
 def test_bad_period_keys_are_named(key: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         parse_period_key(key)
+
+
+def test_month_windows_follow_the_calendar() -> None:
+    feb = period_window(Period.MONTH, ms("2028-02-29T23:59:59"))
+    assert (feb.start_ms, feb.end_ms) == (ms("2028-02-01T00:00:00"), ms("2028-03-01T00:00:00"))
+    dec = period_window(Period.MONTH, ms("2026-12-31T12:00:00"))
+    assert (dec.start_ms, dec.end_ms) == (ms("2026-12-01T00:00:00"), ms("2027-01-01T00:00:00"))
+    before_epoch = period_window(Period.MONTH, -1)
+    assert before_epoch.start_ms == ms("1969-12-01T00:00:00")
+
+
+def test_month_beyond_year_9999_does_not_fail() -> None:
+    # event_time_ms may reach 2**48 - 1 (year 10889), past what datetime can hold.
+    window = period_window(Period.MONTH, (1 << 48) - 1)
+    assert window.contains((1 << 48) - 1)
+    assert parse_period_key(window.key) == window

@@ -1,0 +1,170 @@
+"""Graduated thresholds on the real broker: alert, refuse_new_work, throttle:N, route:MODEL and
+stop over day, week and month periods; every crossing raises one Alert on the alerts topic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import tests.integration.test_processor_worker as base
+from agentledger.config import Settings
+from agentledger.schemas import (
+    Alert,
+    AlertKind,
+    BudgetPolicy,
+    CallEvent,
+    ControlAction,
+    ControlCommand,
+    Severity,
+    verify_command,
+)
+
+pytestmark = pytest.mark.integration
+
+workers = base.workers
+readers = base.readers
+Worker = base.Worker
+TopicReader = base.TopicReader
+
+
+@pytest.fixture
+def alerts_reader(stack_settings: Settings) -> Iterator[TopicReader]:
+    reader = TopicReader(stack_settings.kafka, stack_settings.topics.alerts, 3)
+    yield reader
+    reader.close()
+
+
+def alerts_for(reader: TopicReader, scope: str) -> list[Alert]:
+    found = []
+    for key, value, _ in reader.poll():
+        alert = Alert.model_validate_json(value)
+        assert key == alert.scope.encode()
+        if alert.scope == scope:
+            found.append(alert)
+    return found
+
+
+def spend(agent: str, cost: int, pool: str | None = None) -> bytes:
+    return (
+        CallEvent(
+            event_time_ms=base.now_ms(),
+            agent_id=agent,
+            pool=pool,
+            provider="openai",
+            requested_model="gpt-4o",
+            used_model="gpt-4o",
+            cost_nano_usd=cost,
+            latency_ms=100,
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def test_every_action_over_day_week_and_month_with_one_alert_per_crossing(
+    stack_settings: Settings,
+    workers: Callable[[], Worker],
+    readers: tuple[TopicReader, TopicReader],
+    alerts_reader: TopicReader,
+) -> None:
+    settings = stack_settings
+    control, _ = readers
+    base.avoid_midnight()
+    producer = base.make_producer(settings)
+    calls = settings.topics.calls
+    policies = [
+        {
+            "scope": "agent:researcher-*",
+            "period": "day",
+            "limit_usd": "0.01",
+            "thresholds": [
+                {"at_percent": 50, "action": "alert"},
+                {"at_percent": 80, "action": "refuse_new_work"},
+                {"at_percent": 100, "action": "stop"},
+            ],
+        },
+        {
+            "scope": "agent:writer",
+            "period": "week",
+            "limit_usd": "0.01",
+            "thresholds": [{"at_percent": 100, "action": "throttle:2"}],
+        },
+        {
+            "scope": "pool:research",
+            "period": "month",
+            "limit_usd": "0.02",
+            "thresholds": [{"at_percent": 100, "action": "route:gpt-4o-mini"}],
+        },
+    ]
+    for raw in policies:
+        base.publish_policy(producer, settings, BudgetPolicy.model_validate(raw))
+    worker = workers()
+    worker.wait_ready()
+    key = settings.control_key_bytes()
+
+    def standing(scope: str, count: int) -> list[ControlCommand]:
+        found = base.wait_for(
+            f"{count} command(s) for {scope}",
+            lambda: len(base.commands(control, scope)) >= count and base.commands(control, scope),
+        )
+        for command, _ in found:
+            verify_command(command, key)
+        return [command for command, _ in found]
+
+    def send(agent: str, cost: int, pool: str | None = None) -> None:
+        base.send(producer, calls, agent.encode(), spend(agent, cost, pool))
+
+    # researcher-1: 60% -> alert only; 85% -> refuse_new_work; 100% -> stop.
+    send("researcher-1", 6_000_000, "research")
+    alert = base.wait_for("the 50% alert", lambda: alerts_for(alerts_reader, "agent:researcher-1"))
+    assert [a.action for a in alert] == ["alert"]
+    assert alert[0].kind is AlertKind.THRESHOLD and alert[0].spend_nano_usd == 6_000_000
+    assert base.commands(control, "agent:researcher-1") == []
+
+    send("researcher-1", 2_500_000, "research")
+    [refuse] = standing("agent:researcher-1", 1)
+    assert refuse.action is ControlAction.REFUSE_NEW_WORK
+    assert refuse.reason.endswith("at 80%: refuse new work")
+    send("researcher-1", 1_500_000, "research")
+    stop = standing("agent:researcher-1", 2)[1]
+    assert stop.action is ControlAction.STOP
+    assert stop.spend_nano_usd == 10_000_000 and stop.limit_nano_usd == 10_000_000
+    base.wait_for(
+        "three researcher alerts", lambda: len(alerts_for(alerts_reader, "agent:researcher-1")) >= 3
+    )
+    researcher_alerts = alerts_for(alerts_reader, "agent:researcher-1")
+    assert [a.action for a in researcher_alerts] == ["alert", "refuse_new_work", "stop"]
+    assert researcher_alerts[-1].severity is Severity.CRITICAL
+
+    # writer: weekly throttle at the ceiling.
+    send("writer", 10_000_000)
+    [throttle] = standing("agent:writer", 1)
+    assert throttle.action is ControlAction.THROTTLE
+    assert throttle.params == {"concurrency": 2}
+
+    # pool:research: monthly route once both researchers' spend reaches $0.02.
+    send("researcher-2", 10_000_000, "research")
+    [route] = standing("pool:research", 1)
+    assert route.action is ControlAction.ROUTE
+    assert route.params == {"from": "*", "to": "gpt-4o-mini"}
+    assert route.spend_nano_usd == 20_000_000
+    assert worker.state("pool:research")["periods"][2]["percent_used"] == "100.00"
+
+    # researcher-2 matches the glob on its own budget: $0.01 of $0.01 -> all three crossings at
+    # once, and STOP (the most restraining) is the one command published.
+    [stop_2] = standing("agent:researcher-2", 1)
+    assert stop_2.action is ControlAction.STOP
+
+    # Two sweep ticks later nothing is re-published, no alert is repeated.
+    time.sleep(2.5)
+    assert len(base.commands(control, "agent:researcher-1")) == 2
+    assert len(base.commands(control, "pool:research")) == 1
+    assert len(alerts_for(alerts_reader, "agent:researcher-1")) == 3
+    assert [a.action for a in alerts_for(alerts_reader, "agent:researcher-2")] == [
+        "alert",
+        "refuse_new_work",
+        "stop",
+    ]
+    assert len(alerts_for(alerts_reader, "pool:research")) == 1

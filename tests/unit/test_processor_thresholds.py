@@ -1,0 +1,264 @@
+"""Graduated thresholds (BudgetPolicy v2): actions, alerts once per crossing, precedence,
+RESUME at the period boundary, and v1 records still meaning 'stop at 100%'."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from agentledger.schemas import (
+    AlertKind,
+    BudgetPolicy,
+    ControlAction,
+    Period,
+    Severity,
+    parse_policy_file,
+)
+from agentledger.stream_processors.budgets import (
+    SpendState,
+    apply_cost,
+    evaluate,
+)
+from agentledger.stream_processors.periods import DAY_MS, period_window
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+NOON = ms("2026-03-04T12:00:00")
+DAY = period_window(Period.DAY, NOON)
+USD = 1_000_000_000
+
+
+def spent(nano: int, at_ms: int = NOON, state: SpendState | None = None) -> SpendState:
+    state = state or SpendState()
+    offset = state.applied.get(0, -1) + 1
+    return apply_cost(
+        state,
+        event_id=None,
+        event_time_ms=at_ms,
+        cost_nano_usd=nano,
+        partition=0,
+        offset=offset,
+        now_ms=at_ms,
+    )
+
+
+def book(*items: BudgetPolicy) -> dict[str, BudgetPolicy]:
+    return {p.key: p for p in items}
+
+
+def graduated(scope: str = "agent:r1", **extra: Any) -> BudgetPolicy:
+    return BudgetPolicy.model_validate(
+        {
+            "scope": scope,
+            "period": "day",
+            "limit_usd": 5,
+            "thresholds": [
+                {"at_percent": 100, "action": "stop"},
+                {"at_percent": 50, "action": "alert"},
+                {"at_percent": 80, "action": "refuse_new_work"},
+            ],
+            **extra,
+        }
+    )
+
+
+def settle(state: SpendState, policies: dict[str, BudgetPolicy], now: int) -> Any:
+    """What the app does: evaluate, keep the alerted crossings and the published command."""
+    decision = evaluate(state, policies, "agent:r1", now)
+    state = replace(state, alerted=decision.alerted)
+    if decision.command is not None:
+        state = replace(state, last_command=decision.command)
+    return state, decision
+
+
+def test_thresholds_are_sorted_and_the_default_is_stop_at_100() -> None:
+    policy = graduated()
+    assert [t.at_percent for t in policy.thresholds] == [50, 80, 100]
+    plain = BudgetPolicy.model_validate_json(
+        '{"schema_version": 1, "scope": "agent:x", "limit_usd": "5"}'
+    )
+    assert [(t.at_percent, t.action) for t in plain.effective_thresholds] == [
+        (Decimal(100), "stop")
+    ]
+
+
+def test_graduated_actions_alert_once_each_and_escalate() -> None:
+    policies = book(graduated())
+    state, decision = settle(spent(2 * USD), policies, NOON)
+    assert (decision.command, decision.alerts) == (None, ())
+
+    state, decision = settle(spent(USD // 2, state=state), policies, NOON)  # 50%
+    assert decision.command is None
+    [alert] = decision.alerts
+    assert (alert.kind, alert.severity, alert.action) == (
+        AlertKind.THRESHOLD,
+        Severity.WARNING,
+        "alert",
+    )
+    assert alert.spend_nano_usd == 2_500_000_000 and alert.limit_nano_usd == 5 * USD
+    assert "reached 50% of its daily budget" in alert.message
+
+    state, decision = settle(spent(USD + USD // 2, state=state), policies, NOON)  # 80%
+    assert [a.action for a in decision.alerts] == ["refuse_new_work"]
+    command = decision.command
+    assert command is not None and command.action is ControlAction.REFUSE_NEW_WORK
+    assert command.reason == ("agent:r1 spent $4.00 of $5.00 daily budget; at 80%: refuse new work")
+    assert (command.period_start_ms, command.until_ms) == (DAY.start_ms, DAY.end_ms)
+
+    # More spend under the same standing command: nothing new.
+    state, decision = settle(spent(1, state=state), policies, NOON)
+    assert (decision.command, decision.alerts) == (None, ())
+
+    state, decision = settle(spent(USD, state=state), policies, NOON)  # 100%
+    assert [a.severity for a in decision.alerts] == [Severity.CRITICAL]
+    assert decision.command is not None and decision.command.action is ControlAction.STOP
+    assert decision.command.reason == "agent:r1 spent $5.000000001 of $5.00 daily budget"
+
+    # Next day: RESUME, and the crossings are forgotten so they alert again tomorrow.
+    tomorrow = NOON + DAY_MS
+    state, decision = settle(state, policies, tomorrow)
+    assert decision.command is not None and decision.command.action is ControlAction.RESUME
+    assert "period that was spent has ended" in decision.command.reason
+    assert state.alerted == ()
+
+
+def test_throttle_and_route_carry_their_params() -> None:
+    throttle = BudgetPolicy.model_validate(
+        {
+            "scope": "agent:r1",
+            "limit_usd": 1,
+            "thresholds": [{"at_percent": 100, "action": "throttle:2"}],
+        }
+    )
+    _, decision = settle(spent(USD), book(throttle), NOON)
+    command = decision.command
+    assert command is not None and command.action is ControlAction.THROTTLE
+    assert command.params == {"concurrency": 2}
+    assert command.reason.endswith("at 100%: throttle 2")
+
+    route = BudgetPolicy.model_validate(
+        {
+            "scope": "agent:r1",
+            "period": "week",
+            "limit_usd": 1,
+            "thresholds": [
+                {"at_percent": 90, "action": "route:gpt-4o-mini", "from_model": "gpt-4o"}
+            ],
+        }
+    )
+    _, decision = settle(spent(USD), book(route), NOON)
+    command = decision.command
+    assert command is not None and command.action is ControlAction.ROUTE
+    assert command.params == {"from": "gpt-4o", "to": "gpt-4o-mini"}
+    assert command.until_ms == period_window(Period.WEEK, NOON).end_ms
+
+
+def test_the_most_restraining_crossed_action_stands() -> None:
+    route_week = BudgetPolicy.model_validate(
+        {
+            "scope": "agent:r1",
+            "period": "week",
+            "limit_usd": 1,
+            "thresholds": [{"at_percent": 100, "action": "route:cheap"}],
+        }
+    )
+    throttle_day = BudgetPolicy.model_validate(
+        {
+            "scope": "agent:r1",
+            "limit_usd": 1,
+            "thresholds": [
+                {"at_percent": 50, "action": "throttle:4"},
+                {"at_percent": 100, "action": "throttle:1"},
+            ],
+        }
+    )
+    _, decision = settle(spent(USD), book(route_week, throttle_day), NOON)
+    command = decision.command
+    assert command is not None and command.action is ControlAction.THROTTLE
+    assert command.params == {"concurrency": 1}
+    assert len(decision.alerts) == 3  # every crossing is alerted, whatever stands
+
+
+def test_lowering_the_action_replaces_the_command_and_removal_resumes() -> None:
+    policies = book(graduated())
+    state, decision = settle(spent(5 * USD), policies, NOON)
+    assert decision.command is not None and decision.command.action is ControlAction.STOP
+    raised = book(graduated(limit_usd=6))  # 83%: refuse new work instead of stop
+    state, decision = settle(state, raised, NOON + 1)
+    assert decision.command is not None
+    assert decision.command.action is ControlAction.REFUSE_NEW_WORK
+    state, decision = settle(state, {}, NOON + 2)
+    assert decision.command is not None and decision.command.action is ControlAction.RESUME
+    assert "policy raised or removed" in decision.command.reason
+
+
+def test_percent_comparison_is_exact() -> None:
+    policy = BudgetPolicy.model_validate(
+        {
+            "scope": "agent:r1",
+            "limit_usd": "0.000000003",  # 3 nano-USD
+            "thresholds": [{"at_percent": "66.67", "action": "alert"}],
+        }
+    )
+    # 2 / 3 = 66.666..% < 66.67%: no alert; 3 / 3 reaches it.
+    assert evaluate(spent(2), book(policy), "agent:r1", NOON).alerts == ()
+    assert len(evaluate(spent(3), book(policy), "agent:r1", NOON).alerts) == 1
+
+
+@pytest.mark.parametrize(
+    ("threshold", "problem"),
+    [
+        ({"at_percent": 0, "action": "stop"}, "at_percent"),
+        ({"at_percent": 80, "action": "throttle:0"}, "action"),
+        ({"at_percent": 80, "action": "route:"}, "action"),
+        ({"at_percent": 80, "action": "explode"}, "action"),
+        ({"at_percent": 80.123, "action": "alert"}, "at_percent"),
+    ],
+)
+def test_bad_thresholds_are_named(threshold: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        BudgetPolicy.model_validate({"scope": "agent:x", "limit_usd": 1, "thresholds": [threshold]})
+
+
+def test_duplicate_percent_is_rejected_with_its_line() -> None:
+    text = (
+        "budgets:\n"
+        "  - scope: agent:researcher-1\n"
+        "    limit_usd: 5\n"
+        "    thresholds:\n"
+        "      - {at_percent: 80, action: refuse_new_work}\n"
+        "      - {at_percent: 80, action: stop}\n"
+    )
+    with pytest.raises(ValueError, match=r"policy.yaml:5: budgets.0.thresholds: .*once"):
+        parse_policy_file(text, "policy.yaml")
+
+
+def test_the_issue_example_file_parses() -> None:
+    text = """
+budgets:
+  - scope: agent:researcher-1
+    period: day
+    limit_usd: 5
+    thresholds:
+      - {at_percent: 80, action: refuse_new_work}
+      - {at_percent: 100, action: stop}
+  - scope: pool:research
+    period: week
+    limit_usd: 100
+    thresholds: [{at_percent: 100, action: "route:gpt-4o-mini"}]
+  - scope: agent:*
+    period: month
+    limit_usd: 50.10
+"""
+    parsed = parse_policy_file(text).budgets
+    assert [p.scope for p in parsed] == ["agent:researcher-1", "pool:research", "agent:*"]
+    assert parsed[1].thresholds[0].params == {"from": "*", "to": "gpt-4o-mini"}
+    assert parsed[2].period is Period.MONTH and parsed[2].limit_usd == Decimal("50.10")
