@@ -19,6 +19,7 @@ from .policy import (
     Period,
     PolicyFile,
     PolicyFileError,
+    Spike,
     Threshold,
     parse_policy_file,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "PolicyFileError",
     "Severity",
     "SignatureError",
+    "Spike",
     "Threshold",
     "Topics",
     "nano_to_usd",

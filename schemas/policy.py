@@ -11,7 +11,14 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .control import ControlAction, Scope
 from .money import usd_to_nano
@@ -22,6 +29,7 @@ __all__ = [
     "Period",
     "PolicyFile",
     "PolicyFileError",
+    "Spike",
     "Threshold",
     "parse_policy_file",
 ]
@@ -82,6 +90,27 @@ class Threshold(BaseModel):
         return {}
 
 
+class Spike(BaseModel):
+    """Spend within one shorter ``window`` reaching ``at_percent`` of the policy's (longer)
+    limit, e.g. 20% of a weekly budget in one day: an alert (kind spike), and ``action`` when
+    it is not plain ``alert``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window: Period = Period.DAY
+    at_percent: Decimal = Field(gt=0, le=10_000, max_digits=7, decimal_places=2)
+    action: str = Field(
+        default="alert",
+        pattern=rf"^(alert|refuse_new_work|stop|throttle:[1-9][0-9]{{0,5}}|route:{_MODEL})$",
+    )
+    from_model: str = Field(default="*", pattern=rf"^(\*|{_MODEL})$")
+
+    _as_decimal = field_validator("at_percent", mode="before")(_decimal_from_yaml)
+
+    def as_threshold(self) -> Threshold:
+        return Threshold(at_percent=self.at_percent, action=self.action, from_model=self.from_model)
+
+
 DEFAULT_THRESHOLDS = (Threshold(at_percent=Decimal(100), action="stop"),)
 
 
@@ -98,6 +127,7 @@ class BudgetPolicy(BaseModel):
     thresholds: tuple[Threshold, ...] = Field(
         default=(), description="empty means the v1 behaviour: stop at 100%"
     )
+    spike: Spike | None = None
 
     _no_float_rounding = field_validator("limit_usd", mode="before")(_decimal_from_yaml)
 
@@ -108,6 +138,16 @@ class BudgetPolicy(BaseModel):
         if len(set(percents)) != len(percents):
             raise ValueError(f"each at_percent may appear once, got {[str(p) for p in percents]}")
         return tuple(sorted(value, key=lambda t: t.at_percent))
+
+    @model_validator(mode="after")
+    def _spike_window_is_shorter(self) -> BudgetPolicy:
+        order = list(Period)
+        if self.spike is not None and order.index(self.spike.window) >= order.index(self.period):
+            raise ValueError(
+                f"spike.window ({self.spike.window.value}) must be shorter than the policy's "
+                f"period ({self.period.value})"
+            )
+        return self
 
     @property
     def effective_thresholds(self) -> tuple[Threshold, ...]:

@@ -296,11 +296,13 @@ class Crossing:
     window: PeriodWindow
     spend: int
     limit: int
+    kind: AlertKind = AlertKind.THRESHOLD
 
     @property
     def key(self) -> str:
         """Names the crossing in the state, so its alert is raised once per period."""
-        return f"{self.policy.key}|{self.window.start_ms}|{self.threshold.at_percent}"
+        spike = "|spike" if self.kind is AlertKind.SPIKE else ""
+        return f"{self.policy.key}|{self.window.start_ms}|{self.threshold.at_percent}{spike}"
 
     def rank(self) -> tuple[int, int, int, int, Decimal]:
         action = self.threshold.control_action
@@ -343,6 +345,21 @@ def crossings(
             # at_percent has at most 2 decimals: compare spend * 10_000 with limit * pct * 100.
             if spend * 10_000 >= limit * int(threshold.at_percent * 100):
                 found.append(Crossing(policy, threshold, window, spend, limit))
+        if policy.spike is not None:
+            # Spike: the shorter window's spend against the policy's own (longer) limit.
+            short = period_window(policy.spike.window, now_ms)
+            burst = state.spend(short)
+            if burst * 10_000 >= limit * int(policy.spike.at_percent * 100):
+                found.append(
+                    Crossing(
+                        policy,
+                        policy.spike.as_threshold(),
+                        short,
+                        burst,
+                        limit,
+                        AlertKind.SPIKE,
+                    )
+                )
     return found
 
 
@@ -350,6 +367,11 @@ def _reason(scope: str, top: Crossing) -> str:
     word = _PERIOD_WORDS[top.policy.period]
     text = f"{scope} spent {format_usd(top.spend)} of {format_usd(top.limit)} {word} budget"
     threshold = top.threshold
+    if top.kind is AlertKind.SPIKE:
+        text = (
+            f"{scope} spent {format_usd(top.spend)} in one {top.window.period.value}, "
+            f"{threshold.at_percent}% or more of its {format_usd(top.limit)} {word} budget (spike)"
+        )
     if threshold.action == "stop" and threshold.at_percent == 100:
         return text  # the plain v1 budget
     kind, _, arg = threshold.action.partition(":")
@@ -373,15 +395,23 @@ def _same_standing(last: ControlCommand | None, wanted: ControlCommand) -> bool:
 def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
     threshold = crossing.threshold
     word = _PERIOD_WORDS[crossing.policy.period]
-    return Alert(
-        kind=AlertKind.THRESHOLD,
-        severity=Severity.CRITICAL if threshold.action == "stop" else Severity.WARNING,
-        scope=scope,
-        message=(
+    if crossing.kind is AlertKind.SPIKE:
+        message = (
+            f"{scope} spent {format_usd(crossing.spend)} in one "
+            f"{crossing.window.period.value}: {threshold.at_percent}% or more of its "
+            f"{format_usd(crossing.limit)} {word} budget; action: {threshold.action}"
+        )
+    else:
+        message = (
             f"{scope} reached {threshold.at_percent}% of its {word} budget: spent "
             f"{format_usd(crossing.spend)} of {format_usd(crossing.limit)}; "
             f"action: {threshold.action}"
-        ),
+        )
+    return Alert(
+        kind=crossing.kind,
+        severity=Severity.CRITICAL if threshold.action == "stop" else Severity.WARNING,
+        scope=scope,
+        message=message,
         issued_at_ms=now_ms,
         period_start_ms=crossing.window.start_ms,
         spend_nano_usd=crossing.spend,

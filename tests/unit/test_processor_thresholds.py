@@ -262,3 +262,50 @@ budgets:
     assert [p.scope for p in parsed] == ["agent:researcher-1", "pool:research", "agent:*"]
     assert parsed[1].thresholds[0].params == {"from": "*", "to": "gpt-4o-mini"}
     assert parsed[2].period is Period.MONTH and parsed[2].limit_usd == Decimal("50.10")
+
+
+def weekly_with_spike(action: str = "alert") -> BudgetPolicy:
+    return BudgetPolicy.model_validate(
+        {
+            "scope": "agent:r1",
+            "period": "week",
+            "limit_usd": 10,
+            "thresholds": [{"at_percent": 100, "action": "stop"}],
+            "spike": {"window": "day", "at_percent": 20, "action": action},
+        }
+    )
+
+
+def test_spike_alerts_on_a_fifth_of_the_weekly_budget_in_one_day() -> None:
+    policies = book(weekly_with_spike())
+    monday = ms("2026-03-02T12:00:00")
+    # $1.50 on Monday and $1.50 on Tuesday: 30% of the week, but never 20% in one day.
+    state = spent(USD + USD // 2, monday)
+    state = spent(USD + USD // 2, NOON - DAY_MS, state)
+    assert evaluate(state, policies, "agent:r1", NOON - DAY_MS).alerts == ()
+    # $2 on Wednesday: a spike, alerted once, no command (the action is a plain alert).
+    state = spent(2 * USD, NOON, state)
+    state, decision = settle(state, policies, NOON)
+    [alert] = decision.alerts
+    assert alert.kind is AlertKind.SPIKE
+    assert alert.spend_nano_usd == 2 * USD and alert.limit_nano_usd == 10 * USD
+    assert alert.period_start_ms == DAY.start_ms
+    assert "in one day" in alert.message
+    assert decision.command is None
+    assert settle(state, policies, NOON + 1)[1].alerts == ()
+
+
+def test_spike_with_an_action_publishes_it_until_the_day_ends() -> None:
+    policies = book(weekly_with_spike("throttle:1"))
+    _, decision = settle(spent(2 * USD), policies, NOON)
+    command = decision.command
+    assert command is not None and command.action is ControlAction.THROTTLE
+    assert command.until_ms == DAY.end_ms
+    assert "(spike)" in command.reason
+
+
+def test_spike_window_must_be_shorter_than_the_period() -> None:
+    with pytest.raises(ValidationError, match=r"spike\.window"):
+        BudgetPolicy.model_validate(
+            {"scope": "agent:x", "limit_usd": 1, "spike": {"window": "day", "at_percent": 5}}
+        )
