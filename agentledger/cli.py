@@ -81,6 +81,64 @@ def _cmd_budgets_list(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_budgets_diff(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.budgets import diff_policies, list_policies, load_policy_file
+
+    wanted = load_policy_file(Path(args.file))
+    changes = diff_policies(list_policies(settings), wanted)
+    for change in changes:
+        print(change.describe())
+    pending = sum(c.change in {"add", "change"} for c in changes)
+    print(f"{pending} budget(s) would be published by `agentledger budgets apply {args.file}`")
+    return 0
+
+
+def _utc(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) + "Z"
+
+
+def _cmd_spend(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.stream_processors.client import fetch_state
+
+    report = fetch_state(settings, args.scope)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    periods = [p for p in report.get("periods", []) if args.period in (None, p.get("period"))]
+    print(f"{report.get('scope')} at {_utc(report.get('now_ms'))}")
+    print(
+        render_table(
+            ["period", "from", "until", "spend (USD)", "limit (USD)", "% used", "policy"],
+            [
+                [
+                    p["period"],
+                    _utc(p["start_ms"]),
+                    _utc(p["end_ms"]),
+                    p["spend_usd"],
+                    p.get("limit_usd") or "-",
+                    p.get("percent_used") or "-",
+                    p.get("policy") or "-",
+                ]
+                for p in periods
+            ],
+            right_align=[False, False, False, True, True, True, False],
+        )
+    )
+    command = report.get("last_command")
+    if command and command.get("action") != "resume":
+        params = command.get("params") or {}
+        extra = f" {json.dumps(params, sort_keys=True)}" if params else ""
+        print(
+            f"standing: {command['action'].upper()}{extra} until {_utc(command.get('until_ms'))}"
+            f": {command.get('reason')}"
+        )
+    else:
+        print("standing: none (calls proceed)")
+    return 0
+
+
 def _cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     from agentledger.sinks.query import QueryClient
 
@@ -93,11 +151,14 @@ def _cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_review(settings: Settings, args: argparse.Namespace) -> int:
-    from agentledger.review_report import print_review
+    from agentledger.review_report import run_review
 
-    until_ms = int(time.time() * 1000)
+    # The window ends at the next whole minute so its bounds fall on the rollups' grain (the
+    # review then reads the rollups) while still covering every call up to now.
+    until_ms = (int(time.time() * 1000) // 60_000 + 1) * 60_000
     since_ms = until_ms - parse_duration_ms(args.since)
-    print_review(settings, since_ms, until_ms)
+    html = Path(args.html) if args.html else None
+    print(run_review(settings, since_ms, until_ms, by=args.by, html_path=html))
     return 0
 
 
@@ -134,14 +195,34 @@ def _parser() -> argparse.ArgumentParser:
     budgets.add_parser("list", help="list the published budgets").set_defaults(
         run=_cmd_budgets_list
     )
+    diff = budgets.add_parser("diff", help="show what `budgets apply FILE` would change")
+    diff.add_argument("file")
+    diff.set_defaults(run=_cmd_budgets_diff)
+
+    spend = sub.add_parser(
+        "spend", help="live spend, limit, %% used and the standing command of one scope"
+    )
+    spend.add_argument("scope", help="agent:<id>, pool:<id>, workflow:<id> or task_type:<id>")
+    spend.add_argument("--period", choices=["day", "week", "month"], help="only this period")
+    spend.add_argument("--json", action="store_true", help="the processor's raw report")
+    spend.set_defaults(run=_cmd_spend)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query against the call history")
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "json"], default="table")
     sql.set_defaults(run=_cmd_sql)
 
-    review = sub.add_parser("review", help="spend per agent and model for a recent period")
+    review = sub.add_parser(
+        "review", help="top spenders, why their spend grew, cheaper models that would do"
+    )
     review.add_argument("--since", default="24h", help="how far back, e.g. 24h, 7d (default 24h)")
+    review.add_argument(
+        "--by",
+        choices=["agent", "pool", "workflow", "task_type", "model"],
+        default="agent",
+        help="rank spenders by this dimension (default agent)",
+    )
+    review.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     review.set_defaults(run=_cmd_review)
 
     demo = sub.add_parser("demo", help="run a simulated multi-agent workload with a runaway agent")

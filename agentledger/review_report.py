@@ -1,14 +1,20 @@
-"""`agentledger review`: spend per agent and model for a period, most expensive first."""
+"""`agentledger review`: spend per agent and model, top spenders with the reasons their spend
+grew against the previous period, model remap recommendations, and an optional HTML report."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentledger.config import Settings
 from agentledger.schemas import nano_to_usd
 from agentledger.tables import render_table
 
-__all__ = ["print_review", "review_table"]
+if TYPE_CHECKING:
+    from agentledger.sinks.insights import Review, Spender
+
+__all__ = ["print_review", "render_review", "review_table", "run_review"]
 
 
 def _utc(ms: int) -> str:
@@ -53,3 +59,131 @@ def print_review(
     settings: Settings, since_ms: int, until_ms: int, workflow_id: str | None = None
 ) -> None:
     print(review_table(settings, since_ms, until_ms, workflow_id))
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def _change(now: int, before: int | None) -> str:
+    if before is None or before == 0:
+        return "new" if now else "-"
+    return f"{100 * (now - before) / before:+.0f}%"
+
+
+def _usd(nano: int | None) -> str:
+    return "-" if nano is None else f"{nano_to_usd(nano):.6f}"
+
+
+def render_review(review: Review) -> str:
+    """Top spenders with the reasons their spend grew, then model remap recommendations."""
+    from agentledger.sinks.insights import MIN_CALLS_FOR_REMAP
+
+    lines = [
+        f"top spenders by {review.by}, {_utc(review.since_ms)} .. {_utc(review.until_ms)} "
+        f"vs the previous {_duration(review.until_ms - review.since_ms)} "
+        f"(from {review.source})",
+    ]
+    rows = []
+    for s in review.current:
+        p = review.previous.get(s.key)
+        rows.append(
+            [
+                s.key or "(none)",
+                _usd(s.cost_nano_usd),
+                _change(s.cost_nano_usd, p.cost_nano_usd if p else None),
+                s.calls,
+                _shares(s, p, "retry_cost_nano_usd"),
+                _shares(s, p, "failed_cost_nano_usd"),
+                _shares(s, p, "expensive_cost_nano_usd"),
+                f"{s.max_spawn_depth}/{s.max_fan_out}",
+                f"{_usd(s.cost_per_ok_task_nano)} ({_usd(p.cost_per_ok_task_nano) if p else '-'})",
+            ]
+        )
+    lines.append(
+        render_table(
+            [
+                review.by,
+                "cost (USD)",
+                "vs prev",
+                "calls",
+                "retry share (prev)",
+                "failed share (prev)",
+                "expensive models (prev)",
+                "depth/fan-out",
+                "cost per ok task (prev)",
+            ],
+            rows,
+            right_align=[False, True, True, True, True, True, True, True, True],
+        )
+    )
+    lines.append(
+        f"total: ${nano_to_usd(review.total_nano_usd)} over {review.total_calls} calls "
+        f"(previous period ${nano_to_usd(review.previous_total_nano_usd)}); expensive models "
+        f"(cost per token >= 3x the median): {', '.join(review.expensive) or 'none'}"
+    )
+    lines.append("")
+    lines.append(
+        f"model remap recommendations (both models >= {MIN_CALLS_FOR_REMAP} calls in the same "
+        "scope, success rate within 2 points, p50 latency within 1.25x):"
+    )
+    if review.remaps:
+        lines.append(
+            render_table(
+                ["scope", "from -> to", "calls (from/to)", "success", "p50 ms", "saving (USD)"],
+                [
+                    [
+                        f"{r.scope_kind}:{r.scope}",
+                        f"{r.from_model} -> {r.to_model}",
+                        f"{r.from_calls}/{r.to_calls}",
+                        f"{100 * r.from_success:.1f}% -> {100 * r.to_success:.1f}%",
+                        f"{r.from_p50_ms:.0f} -> {r.to_p50_ms:.0f}",
+                        _usd(r.saving_nano_usd),
+                    ]
+                    for r in review.remaps
+                ],
+                right_align=[False, False, True, True, True, True],
+            )
+        )
+    else:
+        lines.append("none: no cheaper model with enough evidence of comparable results")
+    return "\n".join(lines)
+
+
+def _shares(now: Spender, before: Spender | None, part: str) -> str:
+    mine = _pct(now.share(getattr(now, part)))
+    theirs = _pct(before.share(getattr(before, part))) if before is not None else "-"
+    return f"{mine} ({theirs})"
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000)):
+        if ms % size == 0 and ms >= size:
+            return f"{ms // size}{unit}"
+    return f"{ms / 1000:g}s"
+
+
+def run_review(
+    settings: Settings,
+    since_ms: int,
+    until_ms: int,
+    by: str = "agent",
+    html_path: Path | None = None,
+) -> str:
+    """The text of `agentledger review`; writes the HTML report too when html_path is given."""
+    from agentledger.sinks.insights import build_review
+    from agentledger.sinks.query import QueryClient
+
+    spend = review_table(settings, since_ms, until_ms)
+    client = QueryClient.from_settings(settings)
+    try:
+        review = build_review(client, since_ms, until_ms, by=by)
+    finally:
+        client.close()
+    text = f"{spend}\n\n{render_review(review)}"
+    if html_path is not None:
+        from agentledger.sinks.review_html import render_html
+
+        html_path.write_text(render_html(review), encoding="utf-8")
+        text += f"\n\nHTML report: {html_path}"
+    return text

@@ -1,0 +1,387 @@
+"""The batch review: who spent most in a window, why their spend grew against the previous
+window of the same length, and which cheaper models would have done the same work.
+
+Everything money is integer nano-USD (sums are Int128 in ClickHouse, int in Python); ratios are
+computed only for display. Counters and costs come from the rollups when the window's bounds
+fall on a rollup grain (the CLI aligns them to the minute), otherwise from `calls`; both give
+the same numbers (tested). Spawn structure and tasks come from `calls` (not in the rollups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from statistics import median_low
+
+from .migrations import ROLLUP_GRAINS
+from .query import QueryClient
+
+__all__ = [
+    "DIMENSIONS",
+    "EXPENSIVE_FACTOR",
+    "LATENCY_TOLERANCE",
+    "MIN_CALLS_FOR_REMAP",
+    "SUCCESS_TOLERANCE",
+    "KeyModelStats",
+    "Remap",
+    "Review",
+    "SpendPoint",
+    "Spender",
+    "build_review",
+    "expensive_models",
+    "key_model_stats",
+    "recommend_remaps",
+    "source_for",
+]
+
+# --by value -> (column in the rollups, expression over `calls`). A fixed whitelist: these are
+# the only identifiers ever interpolated into the review SQL.
+DIMENSIONS: dict[str, tuple[str, str]] = {
+    "agent": ("agent_id", "agent_id"),
+    "pool": ("pool", "ifNull(pool, '')"),
+    "workflow": ("workflow_id", "ifNull(workflow_id, '')"),
+    "task_type": ("task_type", "ifNull(task_type, '')"),
+    "model": ("used_model", "used_model"),
+}
+
+# A model is "expensive" when its cost per token is at least this many times the median cost
+# per token of the models used in the window (the lower median, so with two models the cheaper
+# one is the reference).
+EXPENSIVE_FACTOR = 3
+# Remap evidence: both models need this many calls for the same agent or task type, the cheaper
+# one's success rate may be at most SUCCESS_TOLERANCE below, its p50 latency at most
+# LATENCY_TOLERANCE times the other's. Below the sample size nothing is recommended.
+MIN_CALLS_FOR_REMAP = 30
+SUCCESS_TOLERANCE = 0.02
+LATENCY_TOLERANCE = 1.25
+
+_GRAIN_MS = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+def source_for(since_ms: int, until_ms: int) -> str | None:
+    """The coarsest rollup grain both bounds fall on, or None (then the raw table is used)."""
+    for grain in reversed(list(ROLLUP_GRAINS)):
+        step = _GRAIN_MS[grain]
+        if since_ms % step == 0 and until_ms % step == 0:
+            return grain
+    return None
+
+
+@dataclass(frozen=True)
+class KeyModelStats:
+    key: str
+    model: str
+    calls: int
+    failures: int
+    retries: int
+    tokens: int
+    cost_nano_usd: int
+    failed_cost_nano_usd: int
+    retry_cost_nano_usd: int
+    latency_p50_ms: float
+
+
+def _window_sql(grain: str | None, key_column: str) -> str:
+    if grain is not None:
+        return f"""
+SELECT {key_column} AS key, used_model, sum(calls), sum(failures), sum(retries),
+    sum(input_tokens) + sum(output_tokens), sum(cost_nano_usd), sum(failed_cost_nano_usd),
+    sum(retry_cost_nano_usd), quantilesMerge(0.5, 0.9, 0.99)(latency_ms)[1]
+FROM calls_by_{grain}
+WHERE bucket >= toDateTime(intDiv({{since_ms:Int64}}, 1000), 'UTC')
+  AND bucket < toDateTime(intDiv({{until_ms:Int64}}, 1000), 'UTC')
+GROUP BY key, used_model
+ORDER BY key, used_model
+"""  # noqa: S608 - key_column and grain come from DIMENSIONS / ROLLUP_GRAINS only
+    return f"""
+SELECT {key_column} AS key, used_model, count(), countIf(status != 'ok'), countIf(attempt > 1),
+    sum(input_tokens + output_tokens), sum(toInt128(cost_nano_usd)),
+    sumIf(toInt128(cost_nano_usd), status != 'ok'), sumIf(toInt128(cost_nano_usd), attempt > 1),
+    quantiles(0.5, 0.9, 0.99)(latency_ms)[1]
+FROM calls
+WHERE event_time >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')
+  AND event_time < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')
+GROUP BY key, used_model
+ORDER BY key, used_model
+"""  # noqa: S608 - key_column comes from DIMENSIONS only
+
+
+def _check_window(since_ms: int, until_ms: int) -> None:
+    if since_ms < 0 or until_ms < since_ms:
+        raise ValueError(f"need 0 <= since_ms <= until_ms, got {since_ms} and {until_ms}")
+
+
+def _dimension(by: str) -> tuple[str, str]:
+    try:
+        return DIMENSIONS[by]
+    except KeyError:
+        raise ValueError(f"--by must be one of {', '.join(DIMENSIONS)}, got {by!r}") from None
+
+
+def key_model_stats(
+    client: QueryClient, by: str, since_ms: int, until_ms: int, *, use_rollups: bool = True
+) -> list[KeyModelStats]:
+    _check_window(since_ms, until_ms)
+    rollup_column, raw_expression = _dimension(by)
+    grain = source_for(since_ms, until_ms) if use_rollups else None
+    sql = _window_sql(grain, rollup_column if grain else raw_expression)
+    result = client.query(sql, {"since_ms": since_ms, "until_ms": until_ms})
+    return [
+        KeyModelStats(
+            str(r[0]),
+            str(r[1]),
+            int(r[2]),
+            int(r[3]),
+            int(r[4]),
+            int(r[5]),
+            int(r[6]),
+            int(r[7]),
+            int(r[8]),
+            float(r[9]),
+        )
+        for r in result.rows
+    ]
+
+
+def expensive_models(stats: list[KeyModelStats], factor: int = EXPENSIVE_FACTOR) -> set[str]:
+    per_model: dict[str, list[int]] = {}
+    for s in stats:
+        totals = per_model.setdefault(s.model, [0, 0])
+        totals[0] += s.cost_nano_usd
+        totals[1] += s.tokens
+    rates = {m: c / t for m, (c, t) in per_model.items() if t > 0}
+    if len(rates) < 2:
+        return set()
+    middle = median_low(rates.values())
+    return {m for m, rate in rates.items() if middle > 0 and rate >= factor * middle}
+
+
+@dataclass(frozen=True)
+class Structure:
+    max_spawn_depth: int
+    max_fan_out: int
+    ok_tasks: int
+
+
+def _structure(client: QueryClient, by: str, since_ms: int, until_ms: int) -> dict[str, Structure]:
+    _, raw = _dimension(by)
+    # By agent, fan-out belongs to the parent: how many distinct agents it spawned.
+    fan_key = "ifNull(parent_agent_id, '')" if by == "agent" else raw
+    window = (
+        "event_time >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
+        "AND event_time < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC')"
+    )
+    sql = f"""
+SELECT key, max(depth), max(fan_out), sum(ok_tasks) FROM (
+    SELECT {raw} AS key, max(spawn_depth) AS depth, toUInt64(0) AS fan_out,
+        uniqExactIf(task_id, status = 'ok' AND task_id IS NOT NULL) AS ok_tasks
+    FROM calls WHERE {window} GROUP BY key
+    UNION ALL
+    SELECT key, toUInt16(0), max(children), toUInt64(0) FROM (
+        SELECT {fan_key} AS key, parent_agent_id, uniqExact(agent_id) AS children
+        FROM calls WHERE {window} AND parent_agent_id IS NOT NULL
+        GROUP BY key, parent_agent_id
+    ) GROUP BY key
+) GROUP BY key
+"""  # noqa: S608 - raw/fan_key come from DIMENSIONS only; values are parameters
+    result = client.query(sql, {"since_ms": since_ms, "until_ms": until_ms})
+    return {str(r[0]): Structure(int(r[1]), int(r[2]), int(r[3])) for r in result.rows}
+
+
+@dataclass(frozen=True)
+class Spender:
+    key: str
+    calls: int
+    cost_nano_usd: int
+    retry_cost_nano_usd: int
+    failed_cost_nano_usd: int
+    expensive_cost_nano_usd: int
+    max_spawn_depth: int
+    max_fan_out: int
+    ok_tasks: int
+
+    def share(self, part: int) -> float | None:
+        return part / self.cost_nano_usd if self.cost_nano_usd else None
+
+    @property
+    def cost_per_ok_task_nano(self) -> int | None:
+        return self.cost_nano_usd // self.ok_tasks if self.ok_tasks else None
+
+
+def _spenders(
+    stats: list[KeyModelStats], expensive: set[str], structure: dict[str, Structure]
+) -> dict[str, Spender]:
+    sums: dict[str, list[int]] = {}
+    for s in stats:
+        acc = sums.setdefault(s.key, [0, 0, 0, 0, 0])
+        acc[0] += s.calls
+        acc[1] += s.cost_nano_usd
+        acc[2] += s.retry_cost_nano_usd
+        acc[3] += s.failed_cost_nano_usd
+        acc[4] += s.cost_nano_usd if s.model in expensive else 0
+    spenders = {}
+    for key, (calls, cost, retry, failed, pricey) in sums.items():
+        shape = structure.get(key, Structure(0, 0, 0))
+        spenders[key] = Spender(
+            key,
+            calls,
+            cost,
+            retry,
+            failed,
+            pricey,
+            shape.max_spawn_depth,
+            shape.max_fan_out,
+            shape.ok_tasks,
+        )
+    return spenders
+
+
+@dataclass(frozen=True)
+class Remap:
+    scope_kind: str  # "agent" or "task_type"
+    scope: str
+    from_model: str
+    to_model: str
+    from_calls: int
+    to_calls: int
+    from_success: float
+    to_success: float
+    from_p50_ms: float
+    to_p50_ms: float
+    saving_nano_usd: int
+
+
+def recommend_remaps(
+    stats: list[KeyModelStats],
+    scope_kind: str,
+    *,
+    min_calls: int = MIN_CALLS_FOR_REMAP,
+    success_tolerance: float = SUCCESS_TOLERANCE,
+    latency_tolerance: float = LATENCY_TOLERANCE,
+) -> list[Remap]:
+    """For each scope and model A, the cheapest model B (per call) used in the same scope with
+    enough calls on both sides, a success rate within tolerance and a p50 latency within
+    tolerance. Saving = what A's calls would have cost at B's cost per call."""
+    by_scope: dict[str, list[KeyModelStats]] = {}
+    for s in stats:
+        if s.key:
+            by_scope.setdefault(s.key, []).append(s)
+    remaps = []
+    for scope, models in sorted(by_scope.items()):
+        solid = [m for m in models if m.calls >= min_calls]
+        for a in solid:
+            best: tuple[int, KeyModelStats] | None = None
+            for b in solid:
+                if b.model == a.model:
+                    continue
+                # a.cost/a.calls > b.cost/b.calls, in integers.
+                if a.cost_nano_usd * b.calls <= b.cost_nano_usd * a.calls:
+                    continue
+                if _success(b) < _success(a) - success_tolerance:
+                    continue
+                if b.latency_p50_ms > latency_tolerance * a.latency_p50_ms:
+                    continue
+                saving = a.cost_nano_usd - (a.calls * b.cost_nano_usd) // b.calls
+                if best is None or saving > best[0]:
+                    best = (saving, b)
+            if best is not None:
+                saving, b = best
+                remaps.append(
+                    Remap(
+                        scope_kind,
+                        scope,
+                        a.model,
+                        b.model,
+                        a.calls,
+                        b.calls,
+                        _success(a),
+                        _success(b),
+                        a.latency_p50_ms,
+                        b.latency_p50_ms,
+                        saving,
+                    )
+                )
+    return sorted(remaps, key=lambda r: (-r.saving_nano_usd, r.scope, r.from_model))
+
+
+def _success(s: KeyModelStats) -> float:
+    return (s.calls - s.failures) / s.calls if s.calls else 0.0
+
+
+@dataclass(frozen=True)
+class SpendPoint:
+    bucket_ms: int
+    cost_nano_usd: int
+
+
+def spend_over_time(client: QueryClient, since_ms: int, until_ms: int) -> list[SpendPoint]:
+    """Spend per hour (per minute for windows up to 3 h, per day beyond 7 d), from `calls` so
+    any window is exact."""
+    span = until_ms - since_ms
+    unit = "MINUTE" if span <= 3 * 3_600_000 else "HOUR" if span <= 7 * 86_400_000 else "DAY"
+    result = client.query(
+        f"SELECT toUnixTimestamp(toStartOfInterval(event_time, INTERVAL 1 {unit}, 'UTC')) AS b, "  # noqa: S608 - unit is one of three constants
+        "sum(toInt128(cost_nano_usd)) FROM calls "
+        "WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
+        "AND event_time < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC') "
+        "GROUP BY b ORDER BY b",
+        {"since_ms": since_ms, "until_ms": until_ms},
+    )
+    return [SpendPoint(int(r[0]) * 1000, int(r[1])) for r in result.rows]
+
+
+@dataclass(frozen=True)
+class Review:
+    by: str
+    since_ms: int
+    until_ms: int
+    current: list[Spender]
+    previous: dict[str, Spender]
+    expensive: list[str]
+    remaps: list[Remap]
+    total_nano_usd: int
+    total_calls: int
+    previous_total_nano_usd: int
+    series: list[SpendPoint] = field(default_factory=list)
+    source: str = "calls"
+
+    @property
+    def previous_since_ms(self) -> int:
+        return max(0, 2 * self.since_ms - self.until_ms)
+
+
+def build_review(
+    client: QueryClient, since_ms: int, until_ms: int, by: str = "agent", top: int = 10
+) -> Review:
+    """The review of [since_ms, until_ms) against [2*since_ms - until_ms, since_ms)."""
+    _check_window(since_ms, until_ms)
+    _dimension(by)
+    prev_since = max(0, 2 * since_ms - until_ms)
+    now_stats = key_model_stats(client, by, since_ms, until_ms)
+    prev_stats = key_model_stats(client, by, prev_since, since_ms)
+    expensive = expensive_models(now_stats + prev_stats)
+    current = _spenders(now_stats, expensive, _structure(client, by, since_ms, until_ms))
+    previous = _spenders(prev_stats, expensive, _structure(client, by, prev_since, since_ms))
+    ranked = sorted(current.values(), key=lambda s: (-s.cost_nano_usd, s.key))[:top]
+    remaps = []
+    for scope_kind in ("task_type", "agent"):
+        stats = (
+            now_stats
+            if by == scope_kind
+            else key_model_stats(client, scope_kind, since_ms, until_ms)
+        )
+        remaps.extend(recommend_remaps(stats, scope_kind))
+    grain = source_for(since_ms, until_ms)
+    return Review(
+        by=by,
+        since_ms=since_ms,
+        until_ms=until_ms,
+        current=ranked,
+        previous={k: v for k, v in previous.items() if k in {s.key for s in ranked}},
+        expensive=sorted(expensive),
+        remaps=remaps,
+        total_nano_usd=sum(s.cost_nano_usd for s in current.values()),
+        total_calls=sum(s.calls for s in current.values()),
+        previous_total_nano_usd=sum(s.cost_nano_usd for s in previous.values()),
+        series=spend_over_time(client, since_ms, until_ms),
+        source=f"calls_by_{grain}" if grain else "calls",
+    )
