@@ -1,9 +1,12 @@
-"""`agentledger budgets apply | list`: publish policies to the policies topic, read them back."""
+"""`agentledger budgets apply | list | diff`: publish policies to the policies topic, read them
+back, and show what an apply would change."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +18,7 @@ from agentledger.schemas import BudgetPolicy, PolicyFile, parse_policy_file
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, TopicPartition
 
-__all__ = ["apply_policies", "list_policies", "load_policy_file"]
+__all__ = ["PolicyChange", "apply_policies", "diff_policies", "list_policies", "load_policy_file"]
 
 
 def load_policy_file(path: Path) -> PolicyFile:
@@ -24,6 +27,58 @@ def load_policy_file(path: Path) -> PolicyFile:
     except OSError as exc:
         raise ValueError(f"cannot read policy file {path}: {exc.strerror}") from exc
     return parse_policy_file(text, source=str(path))
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    """One ``<scope>|<period>`` compared between the policies topic and a policy file.
+
+    ``change`` is ``add`` (only in the file), ``change`` (both, different), ``same`` (both,
+    equal) or ``keep`` (only published: apply publishes the file and deletes nothing).
+    """
+
+    key: str
+    change: str
+    published: BudgetPolicy | None
+    wanted: BudgetPolicy | None
+
+    def describe(self) -> str:
+        def show(policy: BudgetPolicy | None) -> str:
+            if policy is None:
+                return "-"
+            steps = ", ".join(f"{t.at_percent}%: {t.action}" for t in policy.effective_thresholds)
+            spike = ""
+            if policy.spike is not None:
+                spike = f"; spike {policy.spike.at_percent}%/{policy.spike.window.value}"
+            return f"${policy.limit_usd} [{steps}{spike}]"
+
+        return f"{self.change:6}  {self.key}: {show(self.published)} -> {show(self.wanted)}"
+
+
+def _same(a: BudgetPolicy, b: BudgetPolicy) -> bool:
+    # The schema version of the record does not change what a policy means.
+    return a.model_dump(exclude={"schema_version"}) == b.model_dump(exclude={"schema_version"})
+
+
+def diff_policies(published: Iterable[BudgetPolicy], wanted: PolicyFile) -> list[PolicyChange]:
+    """What ``apply`` of ``wanted`` would change versus ``published``, sorted by key."""
+    before = {p.key: p for p in published}
+    after: dict[str, BudgetPolicy] = {}
+    for policy in wanted.budgets:
+        after[policy.key] = policy  # a later entry for the same key wins, as on the topic
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key), after.get(key)
+        if old is None:
+            change = "add"
+        elif new is None:
+            change = "keep"
+        elif _same(old, new):
+            change = "same"
+        else:
+            change = "change"
+        changes.append(PolicyChange(key, change, old, new))
+    return changes
 
 
 def apply_policies(settings: Settings, policies: PolicyFile, timeout_s: float = 30.0) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 import tests.integration.test_processor_worker as base
+from agentledger.cli import main as cli
 from agentledger.config import Settings
 from agentledger.schemas import (
     Alert,
@@ -68,6 +70,9 @@ def test_every_action_over_day_week_and_month_with_one_alert_per_crossing(
     workers: Callable[[], Worker],
     readers: tuple[TopicReader, TopicReader],
     alerts_reader: TopicReader,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     settings = stack_settings
     control, _ = readers
@@ -168,3 +173,46 @@ def test_every_action_over_day_week_and_month_with_one_alert_per_crossing(
         "stop",
     ]
     assert len(alerts_for(alerts_reader, "pool:research")) == 1
+
+    # The CLI, as an operator runs it: `agentledger spend` and `agentledger budgets diff`.
+    for name, value in {
+        "AGENTLEDGER_KAFKA": settings.kafka,
+        "AGENTLEDGER_TOPIC_PREFIX": settings.topic_prefix,
+        "AGENTLEDGER_HOME": str(settings.home),
+        "AGENTLEDGER_API_TOKEN": settings.api_token_value(),
+        "AGENTLEDGER_CONTROL_KEY": settings.control_key_bytes().decode(),
+        "AGENTLEDGER_PROCESSOR_PORT": str(settings.processor_port),
+    }.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert cli(["spend", "pool:research", "--period", "month"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("pool:research at ")
+    assert len(out) == 5  # scope, header, rule, the one period, what stands
+    assert out[3].split()[0] == "month"
+    assert out[3].split()[-4:] == ["0.020000000", "0.02", "100.00", "pool:research"]
+    assert out[4].startswith('standing: ROUTE {"from": "*", "to": "gpt-4o-mini"} until ')
+    assert cli(["spend", "agent:nobody"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "standing: none (calls proceed)"
+    assert cli(["spend", "team:x"]) == 2
+    assert "processor answered 404" in capsys.readouterr().err
+
+    changed = tmp_path / "budgets.yaml"
+    changed.write_text(
+        "budgets:\n"
+        "  - scope: agent:writer\n"
+        "    period: week\n"
+        "    limit_usd: 0.01\n"
+        "    thresholds: [{at_percent: 100, action: 'throttle:2'}]\n"
+        "  - {scope: 'pool:research', period: month, limit_usd: 0.05}\n"
+        "  - {scope: 'workflow:wf-9', limit_usd: 1}\n"
+    )
+    assert cli(["budgets", "diff", str(changed)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [
+        ["keep", "agent:researcher-*|day:"],
+        ["same", "agent:writer|week:"],
+        ["change", "pool:research|month:"],
+        ["add", "workflow:wf-9|day:"],
+    ]
+    assert lines[-1].startswith("2 budget(s) would be published")
