@@ -151,11 +151,14 @@ def _cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_review(settings: Settings, args: argparse.Namespace) -> int:
-    from agentledger.review_report import print_review
+    from agentledger.review_report import run_review
 
-    until_ms = int(time.time() * 1000)
+    # The window ends at the next whole minute so its bounds fall on the rollups' grain (the
+    # review then reads the rollups) while still covering every call up to now.
+    until_ms = (int(time.time() * 1000) // 60_000 + 1) * 60_000
     since_ms = until_ms - parse_duration_ms(args.since)
-    print_review(settings, since_ms, until_ms)
+    html = Path(args.html) if args.html else None
+    print(run_review(settings, since_ms, until_ms, by=args.by, html_path=html))
     return 0
 
 
@@ -192,7 +195,6 @@ def _parser() -> argparse.ArgumentParser:
     budgets.add_parser("list", help="list the published budgets").set_defaults(
         run=_cmd_budgets_list
     )
-
     diff = budgets.add_parser("diff", help="show what `budgets apply FILE` would change")
     diff.add_argument("file")
     diff.set_defaults(run=_cmd_budgets_diff)
@@ -210,8 +212,17 @@ def _parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", choices=["table", "json"], default="table")
     sql.set_defaults(run=_cmd_sql)
 
-    review = sub.add_parser("review", help="spend per agent and model for a recent period")
+    review = sub.add_parser(
+        "review", help="top spenders, why their spend grew, cheaper models that would do"
+    )
     review.add_argument("--since", default="24h", help="how far back, e.g. 24h, 7d (default 24h)")
+    review.add_argument(
+        "--by",
+        choices=["agent", "pool", "workflow", "task_type", "model"],
+        default="agent",
+        help="rank spenders by this dimension (default agent)",
+    )
+    review.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     review.set_defaults(run=_cmd_review)
 
     demo = sub.add_parser("demo", help="run a simulated multi-agent workload with a runaway agent")
