@@ -25,6 +25,7 @@ from .ledger import (
 )
 from .pricing import PRICING_VERSION, Price, PriceOverride, Pricer
 from .scope import TaskScope, current_task
+from .spool import Spool
 from .transport import EventTransport, InMemoryTransport, KafkaTransport, TransportStats
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Price",
     "PriceOverride",
     "Pricer",
+    "Spool",
     "TaskScope",
     "TaskUnit",
     "ThrottleTimeout",

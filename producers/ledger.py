@@ -8,10 +8,12 @@ into the agent.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from contextvars import Token
 from functools import lru_cache
@@ -37,6 +39,7 @@ from .errors import BudgetExceeded, NewWorkRefused, ThrottleTimeout, UnpricedMod
 from .pricing import Price, PriceOverride, Pricer
 from .reservation import SpendBook
 from .scope import _CURRENT, TaskScope
+from .spool import Spool
 from .throttle import ScopeLimiter
 from .transport import EventTransport, KafkaTransport
 
@@ -131,7 +134,9 @@ class Ledger:
         self.throttle_max_wait_s = throttle_max_wait_s
         self.settings = settings
         self.transport: EventTransport = (
-            transport if transport is not None else KafkaTransport(settings.kafka)
+            transport
+            if transport is not None
+            else KafkaTransport(settings.kafka, spool=Spool(settings.home / "spool"))
         )
         self._control = control
         self.clock = clock
@@ -145,6 +150,8 @@ class Ledger:
         self._limiters: dict[str, ScopeLimiter] = {}
         self.spend_book = SpendBook()
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        # A weak reference, so registering does not keep a dropped ledger alive.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Ledger:
@@ -323,6 +330,12 @@ class Ledger:
         if left:
             log.warning("agentledger: %d events still queued after %ss at close", left, timeout_s)
         self.transport.close()
+
+
+def _close_at_exit(ref: weakref.ref[Ledger]) -> None:
+    ledger = ref()
+    if ledger is not None:
+        ledger.close()
 
 
 class AgentLedger:

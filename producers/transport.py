@@ -10,9 +10,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from .spool import Spool
 
 __all__ = ["EventTransport", "InMemoryTransport", "KafkaTransport", "TransportStats"]
 
@@ -41,6 +44,10 @@ class TransportStats:
     dropped: int = 0
     """never queued: local queue full past the blocking bound, produce refused, or closed"""
     last_error: str | None = None
+    spooled: int = 0
+    """written to the local spool: queue full, broker down, failed delivery, or left at close"""
+    replayed: int = 0
+    """delivered from the spool"""
 
 
 class InMemoryTransport:
@@ -92,16 +99,35 @@ class KafkaTransport:
 
     LOG_EVERY_S = 10.0
 
+    REPLAY_RETRY_S = 1.0
+    REPLAY_FLUSH_S = 30.0
+
     def __init__(
-        self, bootstrap: str, *, block_s: float = 1.0, close_timeout_s: float = 10.0, **config: Any
+        self,
+        bootstrap: str,
+        *,
+        block_s: float = 1.0,
+        close_timeout_s: float = 10.0,
+        spool: Spool | None = None,
+        **config: Any,
     ) -> None:
         self._config: dict[str, Any] = {
             **KAFKA_PRODUCER_DEFAULTS,
             # librdkafka would otherwise write its own lines to the agent's stderr.
             "logger": log.getChild("librdkafka"),
+            "error_cb": self._on_error,
             **config,
             "bootstrap.servers": bootstrap,
         }
+        self._spool = spool
+        # While spooling, every send goes to the spool too, so events stay in order behind
+        # the spooled ones; the replayer switches it off once the spool is drained.
+        self._spooling = False
+        self._outage = False
+        self._mode_lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._replayer: threading.Thread | None = None
         self._block_s = block_s
         self._last_log_at = float("-inf")
         self._close_timeout_s = close_timeout_s
@@ -117,6 +143,9 @@ class KafkaTransport:
             with self._lock:
                 if self._producer is None:
                     self._producer = Producer(self._config)
+                    if self._spool is not None and self._spool.adopt_orphans():
+                        with self._mode_lock:
+                            self._start_spooling()
                 producer = self._producer
         return producer
 
@@ -136,7 +165,7 @@ class KafkaTransport:
             stats.delivered,
         )
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         with self._lock:
             if err is None:
                 self.stats.delivered += 1
@@ -144,6 +173,107 @@ class KafkaTransport:
             self.stats.delivery_errors += 1
             self.stats.last_error = str(err)
             self._warn(f"event delivery failed: {err}")
+        topic, key, value = msg.topic(), msg.key(), msg.value()
+        if self._spool is not None and topic is not None and value is not None:
+            with self._mode_lock:
+                self._spool_one(topic, key or b"", value)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN and self._spool is not None:
+            # Spool from now on instead of filling librdkafka's memory: a crash while the
+            # broker is down then loses nothing sent after this point.
+            with self._mode_lock:
+                self._outage = True
+                self._start_spooling()
+        log.debug("agentledger: producer: %s", err)
+
+    def _start_spooling(self) -> None:
+        """Called with the mode lock held."""
+        self._spooling = True
+        self._wake.set()
+        if self._replayer is None and not self._closed:
+            self._replayer = threading.Thread(
+                target=self._replay_loop, name="agentledger-spool-replay", daemon=True
+            )
+            self._replayer.start()
+
+    def _spool_one(self, topic: str, key: bytes, value: bytes) -> None:
+        """Called with the mode lock held."""
+        assert self._spool is not None
+        try:
+            self._spool.append(topic, key, value)
+        except OSError as exc:
+            self._drop(f"cannot write the spool: {exc}")
+            return
+        with self._lock:
+            self.stats.spooled += 1
+        self._start_spooling()
+
+    def _broker_reachable(self, producer: Producer) -> bool:
+        try:
+            producer.list_topics(timeout=1.0)
+        except KafkaException:
+            return False
+        return True
+
+    def _replay_loop(self) -> None:
+        spool = self._spool
+        assert spool is not None
+        while not self._stop.is_set():
+            self._wake.clear()
+            segment = spool.take()
+            if segment is None:
+                with self._mode_lock:
+                    if spool.is_empty() and not self._outage:
+                        self._spooling = False
+                if not self._spooling:
+                    self._wake.wait()
+                    continue
+            producer = self._producer
+            if producer is None or not self._broker_reachable(producer):
+                self._stop.wait(self.REPLAY_RETRY_S)
+                continue
+            with self._mode_lock:
+                self._outage = False
+            if segment is not None and not self._replay(producer, spool, segment):
+                self._stop.wait(self.REPLAY_RETRY_S)
+
+    def _replay(self, producer: Producer, spool: Spool, segment: Path) -> bool:
+        """Send one segment in order; delete it once every record is delivered. A failed
+        attempt is retried whole: duplicates keep their event ids, so consumers drop them."""
+        records, lines = spool.load(segment)
+        failed = 0
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            nonlocal failed
+            if err is not None:
+                failed += 1
+
+        for topic, key, value in records:
+            while True:
+                try:
+                    producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+                except KafkaException as exc:
+                    self._note(f"spool replay refused: {exc}")
+                    return False
+            if self._stop.is_set():
+                return False
+        left = producer.flush(self.REPLAY_FLUSH_S)
+        if left or failed:
+            self._note(f"spool replay incomplete: {failed} failed, {left} still queued")
+            return False
+        spool.done(segment, lines)
+        with self._lock:
+            self.stats.replayed += len(records)
+        return True
+
+    def _note(self, what: str) -> None:
+        with self._lock:
+            self.stats.last_error = what
+            self._warn(what)
 
     def _drop(self, why: str) -> None:
         with self._lock:
@@ -159,6 +289,9 @@ class KafkaTransport:
             producer = self._get_producer()
         except KafkaException as exc:
             self._drop(f"cannot create producer: {exc}")
+            return
+        if self._spool is not None:
+            self._send_or_spool(producer, topic, key, value)
             return
         deadline = time.monotonic() + self._block_s
         while True:
@@ -179,6 +312,27 @@ class KafkaTransport:
         # Serves delivery callbacks without waiting.
         producer.poll(0)
 
+    def _send_or_spool(self, producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+        with self._mode_lock:
+            if self._spooling:
+                self._spool_one(topic, key, value)
+                return
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+            except BufferError:
+                self._spool_one(topic, key, value)
+                return
+            except KafkaException as exc:
+                self._drop(f"produce refused: {exc}")
+                return
+        with self._lock:
+            self.stats.sent += 1
+        producer.poll(0)
+
+    @property
+    def spooling(self) -> bool:
+        return self._spooling
+
     def flush(self, timeout_s: float) -> int:
         producer = self._producer
         if producer is None:
@@ -189,10 +343,21 @@ class KafkaTransport:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        self._wake.set()
+        if self._replayer is not None:
+            self._replayer.join(self.REPLAY_FLUSH_S + 5)
         producer = self._producer
         if producer is None:
+            if self._spool is not None:
+                self._spool.close()
             return
-        left = int(producer.flush(self._close_timeout_s))
+        # With a spool, what is not delivered soon is kept on disk, so close need not wait
+        # out a broker that is known to be down.
+        timeout = self._close_timeout_s
+        if self._spool is not None and self._outage:
+            timeout = min(timeout, 0.5)
+        left = int(producer.flush(timeout))
         if left:
             log.warning(
                 "agentledger: %d events not delivered within %ss of close; purging them",
@@ -203,3 +368,5 @@ class KafkaTransport:
             # counted; Producer.close() would instead wait for them without a bound.
             producer.purge()
             producer.flush(0)
+        if self._spool is not None:
+            self._spool.close()
