@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +29,7 @@ from agentledger.schemas import (
     ControlAction,
     ControlCommand,
     InvalidMessage,
+    nano_to_usd,
     sign_command,
 )
 from agentledger.sinks.query import QueryClient, QueryError
@@ -374,3 +377,39 @@ def test_spool_replay_control_commands_and_alerts(sink: SinkProcess) -> None:
     assert [(d.topic, d.reason.startswith("not a valid ControlCommand")) for d in dead] == [
         (settings.topics.control, True)
     ]
+
+
+def test_review_cli_reads_the_sink_and_writes_the_html_report(
+    sink: SinkProcess, tmp_path: Path
+) -> None:
+    settings = sink.settings
+    sink.start()
+    events = make_events(60)
+    produce_events(settings, events)
+    client = QueryClient.from_settings(settings)
+    expected_cost = sum(e.cost_nano_usd for e in events)
+    wait_for_totals(client, (60, 60, expected_cost))
+    report = tmp_path / "review.html"
+    # The events are dated 2025-01-01: a window back to then, ranked by model.
+    days = (time.time() * 1000 - BASE_MS) // 86_400_000 + 2
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "agentledger", "review", "--since", f"{int(days)}d"),
+            *("--by", "model", "--html", str(report)),
+        ],
+        env=sink.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    total = nano_to_usd(expected_cost)
+    assert f"total: ${total} over 60 calls" in done.stdout
+    assert "top spenders by model" in done.stdout
+    for model in ("gpt-4o", "gpt-4o-mini"):
+        cost = sum(e.cost_nano_usd for e in events if e.used_model == model)
+        assert re.search(rf"^{re.escape(model)}\s+{Decimal(cost) / 10**9:.6f}\s", done.stdout, re.M)
+    html = report.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<script" not in html
+    assert f"Total ${total:.6f} over 60 calls" in html
