@@ -102,8 +102,8 @@ class ControlState:
                 self._reports.pop(command.scope, None)
             else:
                 self._standing[command.scope] = command
-            if command.spend_nano_usd is not None and command.limit_nano_usd is not None:
-                self._reports[command.scope] = command
+                if command.spend_nano_usd is not None and command.limit_nano_usd is not None:
+                    self._reports[command.scope] = command
             self.metrics["accepted"] += 1
         return True
 

@@ -102,7 +102,8 @@ def test_resume_drops_the_report(h: Harness) -> None:
     report(h, "agent:a", spend=3 * OUT_1K, limit=3 * OUT_1K)
     with pytest.raises(BudgetExceeded), agent.call(**MINI, max_tokens=1):
         pass
-    h.publish("agent:a", ControlAction.RESUME)
+    # A RESUME that still states the old spend (as an operator's might) lifts it too.
+    h.publish("agent:a", ControlAction.RESUME, spend_nano_usd=3 * OUT_1K, limit_nano_usd=3 * OUT_1K)
     with agent.call(**MINI, max_tokens=100_000):
         pass
 
