@@ -61,6 +61,8 @@ FULL_SWEEP_EVERY_S = 60.0
 # must not pre-spend a budget period that has not started.
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000
 Clock = Callable[[], int]
+SPEND_TABLE = "spend"  # per agent id
+SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
 
 @dataclass(frozen=True)
@@ -127,12 +129,12 @@ class Processor:
             scopes_topic_name(settings), key_serializer="raw", value_serializer="raw"
         )
         self.spend = app.Table(
-            "spend",
+            SPEND_TABLE,
             partitions=partitions,
             # No key/value types: faust then uses plain JSON for both (str keys, dict
             # values), and recovery does not try to rebuild faust Records from them.
         )
-        self.scope_spend = app.Table("scope-spend", partitions=partitions)
+        self.scope_spend = app.Table(SCOPE_SPEND_TABLE, partitions=partitions)
         self.ledgers = (
             _Ledger(self.spend, topics.calls, agent_keys=True),
             _Ledger(self.scope_spend, scopes_topic_name(settings), agent_keys=False),
@@ -388,7 +390,7 @@ def build_app(
     from the broker unless ``calls_partitions`` is given, and creates the scopes topic (the
     second hop) if it is missing."""
     partitions = calls_partitions or calls_partition_count(settings)
-    ensure_scopes_topic(settings, partitions)
+    ensure_scopes_topic(settings, partitions, tables=(SPEND_TABLE, SCOPE_SPEND_TABLE))
     app = faust.App(
         f"{settings.topic_prefix}processor",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],

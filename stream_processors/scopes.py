@@ -23,6 +23,7 @@ from agentledger.schemas import CallEvent
 __all__ = [
     "SCOPES_RETENTION_MS",
     "ScopeCost",
+    "changelog_topic_name",
     "ensure_scopes_topic",
     "forwarded_costs",
     "scopes_topic_name",
@@ -105,14 +106,30 @@ def forwarded_costs(event: CallEvent, partition: int, offset: int) -> list[Scope
     ]
 
 
-def ensure_scopes_topic(settings: Settings, partitions: int) -> None:
-    """Create the scopes topic with explicit config, if missing (as ensure_topics does for the
-    stack's topics). It has as many partitions as calls, like the spend tables."""
+def changelog_topic_name(settings: Settings, table: str) -> str:
+    """The name faust gives a table's changelog: ``<app id>-<table>-changelog``."""
+    return f"{settings.topic_prefix}processor-{table}-changelog"
+
+
+def ensure_scopes_topic(settings: Settings, partitions: int, tables: tuple[str, ...]) -> None:
+    """Create the scopes topic and the tables' changelogs with explicit config, if missing, and
+    wait for their leaders (as ensure_topics does for the stack's topics). All have as many
+    partitions as calls.
+
+    faust would create the changelogs itself, but an agent that starts before the new topic
+    shows in its metadata fails with PartitionsMismatch (0 partitions) and never recovers.
+    """
     from agentledger.deploy import TopicSpec, ensure_topics
 
-    spec = TopicSpec(
-        scopes_topic_name(settings),
-        partitions,
-        {"retention.ms": str(SCOPES_RETENTION_MS), "cleanup.policy": "delete"},
-    )
-    ensure_topics(settings.kafka, [spec])
+    specs = [
+        TopicSpec(
+            scopes_topic_name(settings),
+            partitions,
+            {"retention.ms": str(SCOPES_RETENTION_MS), "cleanup.policy": "delete"},
+        )
+    ]
+    specs += [
+        TopicSpec(changelog_topic_name(settings, table), partitions, {"cleanup.policy": "compact"})
+        for table in tables
+    ]
+    ensure_topics(settings.kafka, specs)

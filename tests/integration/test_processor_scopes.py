@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
@@ -18,6 +19,7 @@ from agentledger.schemas import BudgetPolicy, CallEvent, ControlAction, verify_c
 from agentledger.stream_processors.app import FUTURE_TOLERANCE_MS
 from agentledger.stream_processors.periods import DAY_MS
 from agentledger.stream_processors.scopes import scopes_topic_name
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +195,70 @@ def test_pool_workflow_and_task_type_are_exact_through_duplicates_kill_9_and_rep
     assert matches_after()
     assert [c.command_id for c, _ in base.commands(control, "pool:research")] == [stop.command_id]
     assert len(dlq.poll()) == 2  # the replayed future event is dead-lettered again, nothing else
+
+
+def test_two_workers_share_partitions_and_stay_exact_when_one_is_killed(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    settings = stack_settings
+    second = settings.model_copy(update={"processor_port": free_port(), "home": tmp_path / "b"})
+    started: list[Worker] = []
+    try:
+        for index, each in enumerate((settings, second)):
+            started.append(Worker(each, tmp_path / f"worker-{index}.log"))
+        survivor, victim = started
+        for worker in started:
+            worker.wait_ready(timeout_s=90)
+        producer = base.make_producer(settings)
+        calls = settings.topics.calls
+        agents = [f"agent-{n}" for n in range(24)]
+
+        def burst(round_: int) -> None:
+            for n, agent in enumerate(agents):
+                item = event(
+                    agent,
+                    1_000_003 * (n + 1) + round_,
+                    base.now_ms(),
+                    pool=f"pool-{n % 3}",
+                    workflow_id=f"wf-{n % 5}",
+                )
+                producer.produce(calls, key=agent.encode(), value=item.model_dump_json().encode())
+            assert producer.flush(10) == 0
+
+        def answered(worker: Worker, scope: str) -> dict[int, int] | None:
+            """The worker's buckets when it holds the scope's partition, else None."""
+            report = worker.state(scope)
+            if not report["applied_offsets"]:
+                return None
+            return day_buckets(worker, scope)
+
+        scopes = [f"agent:{a}" for a in agents]
+        scopes += [f"pool:pool-{n}" for n in range(3)] + [f"workflow:wf-{n}" for n in range(5)]
+        burst(0)
+        truth = ground_truth(settings, base.now_ms())
+
+        def shared_and_exact() -> bool:
+            # Every scope is held (and exact) on exactly one of the two workers.
+            holders = 0
+            for scope in scopes:
+                found = [answered(w, scope) for w in started]
+                held = [b for b in found if b is not None]
+                if len(held) != 1 or held[0] != dict(truth[scope]):
+                    return False
+                holders |= 1 << next(i for i, b in enumerate(found) if b is not None)
+            return holders == 0b11  # both workers hold some
+
+        base.wait_for("both workers to share the scopes, exactly", shared_and_exact, 90)
+
+        victim.kill()
+        burst(1)
+        burst(2)
+        truth = ground_truth(settings, base.now_ms())
+        base.wait_for(
+            "the survivor to hold every scope with exact totals",
+            lambda: all(answered(survivor, s) == dict(truth[s]) for s in scopes),
+            90,
+        )
+    finally:
+        for worker in started:
+            worker.kill()
