@@ -14,7 +14,13 @@ connects to nothing until the first agent or call.
 """
 
 from .control import ControlState, KafkaControlListener
-from .errors import BudgetExceeded, NewWorkRefused, ThrottleTimeout, UnpricedModelWarning
+from .errors import (
+    BudgetExceeded,
+    ControlPlaneUnavailable,
+    NewWorkRefused,
+    ThrottleTimeout,
+    UnpricedModelWarning,
+)
 from .ledger import (
     AgentLedger,
     AsyncCallRecorder,
@@ -34,6 +40,7 @@ __all__ = [
     "AsyncCallRecorder",
     "BudgetExceeded",
     "CallRecorder",
+    "ControlPlaneUnavailable",
     "ControlState",
     "EventTransport",
     "InMemoryTransport",

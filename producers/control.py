@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -136,6 +137,8 @@ class KafkaControlListener:
     """
 
     POLL_TIMEOUT_S = 0.1
+    # How often a quiet listener asks the broker for metadata, to know it is still reachable.
+    HEARTBEAT_S = 2.0
     RETRY_S = 1.0
     # Short, so close() never waits long on a listener stuck asking a dead broker.
     METADATA_TIMEOUT_S = 1.0
@@ -159,6 +162,15 @@ class KafkaControlListener:
         self._thread: threading.Thread | None = None
         self.errors = 0
         self.last_error: str | None = None
+        self.started_at = time.monotonic()
+        self._next_heartbeat = 0.0
+        self.last_ok: float | None = None
+        """``time.monotonic()`` of the last answer from the broker"""
+
+    def unreachable_for_s(self) -> float:
+        """Seconds since the broker last answered (since the start if it never did)."""
+        since = self.last_ok if self.last_ok is not None else self.started_at
+        return time.monotonic() - since
 
     @property
     def running(self) -> bool:
@@ -195,6 +207,8 @@ class KafkaControlListener:
                 return
             while not self._stop.is_set():
                 self._poll_once(consumer, targets)
+                if time.monotonic() >= self._next_heartbeat:
+                    self._heartbeat(consumer)
         except KafkaException as exc:
             # A broken client (bad config, fatal error): the agent keeps running, unprotected
             # by remote commands, and says so.
@@ -202,6 +216,15 @@ class KafkaControlListener:
         finally:
             if consumer is not None:
                 consumer.close()
+
+    def _heartbeat(self, consumer: Consumer) -> None:
+        self._next_heartbeat = time.monotonic() + self.HEARTBEAT_S
+        try:
+            consumer.list_topics(self._topic, timeout=self.METADATA_TIMEOUT_S)
+        except KafkaException as exc:
+            self._note_error(f"control topic unreachable: {exc}")
+            return
+        self.last_ok = time.monotonic()
 
     def _assign(self, consumer: Consumer) -> dict[int, int] | None:
         """Assign all partitions from the beginning; return the end offset per partition that
@@ -226,6 +249,7 @@ class KafkaControlListener:
                     )
                     if not targets:
                         self._caught_up.set()
+                    self.last_ok = time.monotonic()
                     return targets
             except KafkaException as exc:
                 self._note_error(f"cannot read control topic metadata: {exc}")

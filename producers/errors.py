@@ -10,6 +10,7 @@ from agentledger.schemas import ControlCommand, nano_to_usd
 
 __all__ = [
     "BudgetExceeded",
+    "ControlPlaneUnavailable",
     "NewWorkRefused",
     "ThrottleTimeout",
     "UnpricedModelWarning",
@@ -141,6 +142,14 @@ class ThrottleTimeout(BudgetExceeded):
 
     def _message(self) -> str:
         return f"throttled at {self.scope}: {self.reason}"
+
+
+class ControlPlaneUnavailable(BudgetExceeded):
+    """Fail-closed: the control topic has been unreachable for longer than the ledger's
+    ``fail_closed_after_s``, so no call may start until it answers again."""
+
+    def _message(self) -> str:
+        return f"refused by {self.scope}: {self.reason}"
 
 
 class UnpricedModelWarning(UserWarning):

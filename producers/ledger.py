@@ -35,7 +35,13 @@ from agentledger.schemas import (
 from agentledger.schemas.events import Identifier
 
 from .control import ControlState, KafkaControlListener
-from .errors import BudgetExceeded, NewWorkRefused, ThrottleTimeout, UnpricedModelWarning
+from .errors import (
+    BudgetExceeded,
+    ControlPlaneUnavailable,
+    NewWorkRefused,
+    ThrottleTimeout,
+    UnpricedModelWarning,
+)
 from .pricing import Price, PriceOverride, Pricer
 from .reservation import SpendBook
 from .scope import _CURRENT, TaskScope
@@ -66,6 +72,7 @@ STAT_NAMES = (
     "throttled",
     "throttle_timeouts",
     "refused_local",
+    "refused_fail_closed",
     "routed",
     "bad_commands",
     "dead_lettered",
@@ -122,7 +129,14 @@ class Ledger:
         price_overrides: Mapping[str, PriceOverride] | None = None,
         throttle_max_wait_s: float | None = None,
         default_max_output_tokens: int = 4096,
+        fail_closed_after_s: float | None = None,
     ) -> None:
+        if fail_closed_after_s is not None and not fail_closed_after_s > 0:
+            raise ValueError(
+                f"fail_closed_after_s must be None (fail open) or > 0 seconds, "
+                f"got {fail_closed_after_s!r}"
+            )
+        self.fail_closed_after_s = fail_closed_after_s
         self.default_max_output_tokens = _check_tokens(
             "default_max_output_tokens", default_max_output_tokens
         )
@@ -215,6 +229,24 @@ class Ledger:
         )
         self._ensure_listener()
         return handle
+
+    def check_control_plane(self) -> None:
+        """Fail-closed: raise ControlPlaneUnavailable once the control topic has not answered
+        for ``fail_closed_after_s`` (fail-open, the default, never raises)."""
+        limit = self.fail_closed_after_s
+        if limit is None:
+            return
+        listener = self._ensure_listener()
+        if listener is None:
+            return
+        silent = listener.unreachable_for_s()
+        if silent > limit:
+            self._count("refused_fail_closed")
+            raise ControlPlaneUnavailable(
+                "control-plane",
+                f"the control topic has been unreachable for {silent:.1f}s "
+                f"(fail-closed after {limit}s)",
+            )
 
     def commands(self, scopes: tuple[str, ...]) -> list[ControlCommand]:
         """The unlapsed commands standing for ``scopes``, narrowest scope first."""
@@ -506,6 +538,7 @@ class TaskUnit:
 
     def __enter__(self) -> Self:
         agent, ledger = self._agent, self._agent.ledger
+        ledger.check_control_plane()
         for command in agent.standing(self.task_type):
             if command.action is ControlAction.STOP:
                 ledger._count("refused")
@@ -622,6 +655,7 @@ class CallRecorder:
         (sorted, so concurrent calls take them in one order) and the THROTTLEs among them."""
         agent = self._agent
         ledger = agent.ledger
+        ledger.check_control_plane()
         scopes = self._scopes = agent.scopes(self.task_type)
         commands = ledger.commands(scopes)
         throttles: dict[str, ControlCommand] = {}

@@ -7,8 +7,19 @@ import fcntl
 import time
 from pathlib import Path
 
-from agentledger.producers import KafkaTransport, Spool
-from tests.conftest import free_port
+import pytest
+from pydantic import SecretStr
+
+from agentledger.config import Settings
+from agentledger.producers import (
+    BudgetExceeded,
+    ControlPlaneUnavailable,
+    InMemoryTransport,
+    KafkaTransport,
+    Ledger,
+    Spool,
+)
+from tests.conftest import TEST_CONTROL_KEY, free_port
 
 
 def drain(spool: Spool) -> list[tuple[str, bytes, bytes]]:
@@ -129,3 +140,42 @@ def test_full_queue_spills_to_the_spool_without_blocking(tmp_path: Path) -> None
     assert transport.spooling
     transport.close()
     assert transport.stats.spooled == 10  # the 2 queued ones were purged into the spool
+
+
+def test_fail_open_by_default_and_fail_closed_when_configured(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    settings = Settings(
+        kafka=dead, home=tmp_path, control_key=SecretStr(TEST_CONTROL_KEY), topic_prefix="dead."
+    )
+    ledgers = {
+        "open": Ledger(settings, transport=InMemoryTransport()),
+        "closed": Ledger(settings, transport=InMemoryTransport(), fail_closed_after_s=0.5),
+    }
+    try:
+        agents = {name: led.agent("offline", pool="p") for name, led in ledgers.items()}
+        # Within the grace period both work.
+        for agent in agents.values():
+            with agent.call(provider="openai", model="gpt-4o"):
+                pass
+        time.sleep(0.8)
+        with agents["open"].call(provider="openai", model="gpt-4o"):
+            pass
+        with (
+            pytest.raises(ControlPlaneUnavailable, match="unreachable for") as info,
+            agents["closed"].call(provider="openai", model="gpt-4o"),
+        ):
+            pytest.fail("a call ran with the control plane unreachable")
+        assert isinstance(info.value, BudgetExceeded)
+        with pytest.raises(ControlPlaneUnavailable), agents["closed"].task("t"):
+            pass
+        assert ledgers["closed"].stats["refused_fail_closed"] == 2
+        assert ledgers["open"].stats["events"] == 2
+    finally:
+        for led in ledgers.values():
+            led.close(timeout_s=0.5)
+
+
+def test_bad_fail_closed_setting_names_it(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, control_key=SecretStr(TEST_CONTROL_KEY))
+    with pytest.raises(ValueError, match="fail_closed_after_s"):
+        Ledger(settings, transport=InMemoryTransport(), fail_closed_after_s=0)
