@@ -29,6 +29,7 @@ __all__ = [
     "Period",
     "PolicyFile",
     "PolicyFileError",
+    "RetryLoop",
     "Spike",
     "Threshold",
     "parse_policy_file",
@@ -111,6 +112,24 @@ class Spike(BaseModel):
         return Threshold(at_percent=self.at_percent, action=self.action, from_model=self.from_model)
 
 
+class RetryLoop(BaseModel):
+    """A detector: more than ``max_failures`` failed attempts on one task (task_id) within
+    ``window_s`` seconds of event time raises an alert (kind retry_loop), and ``action`` when
+    it is not plain ``alert``, standing until ``window_s`` after the last failure."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_failures: int = Field(ge=1, le=10_000)
+    window_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
+    action: str = Field(
+        default="alert",
+        pattern=rf"^(alert|refuse_new_work|stop|throttle:[1-9][0-9]{{0,5}}|route:{_MODEL})$",
+    )
+
+    def as_threshold(self) -> Threshold:
+        return Threshold(at_percent=Decimal(100), action=self.action)
+
+
 DEFAULT_THRESHOLDS = (Threshold(at_percent=Decimal(100), action="stop"),)
 
 
@@ -128,6 +147,9 @@ class BudgetPolicy(BaseModel):
         default=(), description="empty means the v1 behaviour: stop at 100%"
     )
     spike: Spike | None = None
+    retry_loop: RetryLoop | None = Field(
+        default=None, description="agent scopes only: the processor sees tasks per agent"
+    )
 
     _no_float_rounding = field_validator("limit_usd", mode="before")(_decimal_from_yaml)
 
@@ -147,6 +169,12 @@ class BudgetPolicy(BaseModel):
                 f"spike.window ({self.spike.window.value}) must be shorter than the policy's "
                 f"period ({self.period.value})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _retry_loop_on_agents(self) -> BudgetPolicy:
+        if self.retry_loop is not None and not self.scope.startswith("agent:"):
+            raise ValueError(f"retry_loop applies to agent scopes only, not {self.scope!r}")
         return self
 
     @property

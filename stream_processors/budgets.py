@@ -27,6 +27,7 @@ from agentledger.schemas import (
     AlertKind,
     BudgetPolicy,
     CallEvent,
+    CallStatus,
     ControlAction,
     ControlCommand,
     Period,
@@ -63,6 +64,10 @@ KEEP_PERIODS_MS = 35 * DAY_MS
 # changelog on every event; a duplicate arriving more than this many events of the same key
 # later is counted again.
 RECENT_IDS = 128
+# Failed attempts remembered per task, and tasks remembered per agent, for the retry-loop
+# detector (a max_failures above FAILURES_PER_TASK cannot fire).
+FAILURES_PER_TASK = 64
+FAILING_TASKS = 32
 
 
 class Delivery(StrEnum):
@@ -88,6 +93,8 @@ class SpendState:
     recent: Mapping[str, int] = field(default_factory=dict)
     #: Threshold crossings already alerted (:attr:`Crossing.key`), for the current periods.
     alerted: tuple[str, ...] = ()
+    #: Event times of recent failed attempts per task id (agent states only), oldest first.
+    failures: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def already_applied(self, partition: int, offset: int) -> bool:
         done = self.applied.get(partition)
@@ -115,6 +122,7 @@ class SpendState:
             # A list, not an object: the order says which ids to forget first.
             "recent": [[event_id, offset] for event_id, offset in self.recent.items()],
             "alerted": list(self.alerted),
+            "failures": {task: list(times) for task, times in self.failures.items()},
         }
 
     @classmethod
@@ -154,7 +162,17 @@ class SpendState:
         alerted = data.get("alerted", [])
         if not isinstance(alerted, list) or not all(isinstance(k, str) for k in alerted):
             raise ValueError("spend state field 'alerted' must be a list of strings")
+        failures_raw = data.get("failures", {})
+        if not isinstance(failures_raw, dict) or not all(
+            isinstance(times, list) for times in failures_raw.values()
+        ):
+            raise ValueError("spend state field 'failures' must map task id to a list of times")
+        failures = {
+            str(task): tuple(_int(t, f"failures.{task}") for t in times)
+            for task, times in failures_raw.items()
+        }
         return cls(
+            failures=failures,
             applied=applied,
             periods=periods,
             last_command=command,
@@ -214,8 +232,9 @@ def apply_cost(
 def apply_event(
     state: SpendState, event: CallEvent, partition: int, offset: int, *, now_ms: int
 ) -> SpendState:
-    """Count ``event`` (read at ``partition``/``offset``); see :func:`apply_cost`."""
-    return apply_cost(
+    """Count ``event`` (read at ``partition``/``offset``); see :func:`apply_cost`. A failed
+    attempt on a task is also remembered for the retry-loop detector."""
+    counted = apply_cost(
         state,
         event_id=event.event_id.hex,
         event_time_ms=event.event_time_ms,
@@ -224,6 +243,14 @@ def apply_event(
         offset=offset,
         now_ms=now_ms,
     )
+    if counted is state or event.status is CallStatus.OK or event.task_id is None:
+        return counted
+    failures = dict(counted.failures)
+    times = failures.pop(event.task_id, ())  # re-inserted last: the most recent task
+    failures[event.task_id] = tuple(sorted((*times, event.event_time_ms)))[-FAILURES_PER_TASK:]
+    while len(failures) > FAILING_TASKS:
+        del failures[next(iter(failures))]
+    return replace(counted, failures=failures)
 
 
 def policy_specificity(pattern: str) -> int:
@@ -297,10 +324,13 @@ class Crossing:
     spend: int
     limit: int
     kind: AlertKind = AlertKind.THRESHOLD
+    task_id: str | None = None  # retry loops: the task, and ``spend`` counts its failures
 
     @property
     def key(self) -> str:
         """Names the crossing in the state, so its alert is raised once per period."""
+        if self.kind is AlertKind.RETRY_LOOP:
+            return f"{self.policy.key}|retry|{self.task_id}"
         spike = "|spike" if self.kind is AlertKind.SPIKE else ""
         return f"{self.policy.key}|{self.window.start_ms}|{self.threshold.at_percent}{spike}"
 
@@ -360,6 +390,33 @@ def crossings(
                         AlertKind.SPIKE,
                     )
                 )
+        if policy.retry_loop is not None:
+            found.extend(_retry_loops(state, policy, now_ms))
+    return found
+
+
+def _retry_loops(state: SpendState, policy: BudgetPolicy, now_ms: int) -> list[Crossing]:
+    rule = policy.retry_loop
+    assert rule is not None
+    window_ms = rule.window_s * 1000
+    found = []
+    for task_id, times in state.failures.items():
+        if not times or now_ms >= times[-1] + window_ms:
+            continue  # the loop, if any, ended a window ago
+        recent = [t for t in times if t > times[-1] - window_ms]
+        if len(recent) > rule.max_failures:
+            window = PeriodWindow(policy.period, recent[0], times[-1] + window_ms)
+            found.append(
+                Crossing(
+                    policy,
+                    rule.as_threshold(),
+                    window,
+                    len(recent),
+                    rule.max_failures,
+                    AlertKind.RETRY_LOOP,
+                    task_id,
+                )
+            )
     return found
 
 
@@ -367,6 +424,8 @@ def _reason(scope: str, top: Crossing) -> str:
     word = _PERIOD_WORDS[top.policy.period]
     text = f"{scope} spent {format_usd(top.spend)} of {format_usd(top.limit)} {word} budget"
     threshold = top.threshold
+    if top.kind is AlertKind.RETRY_LOOP:
+        return _retry_message(scope, top)
     if top.kind is AlertKind.SPIKE:
         text = (
             f"{scope} spent {format_usd(top.spend)} in one {top.window.period.value}, "
@@ -392,9 +451,33 @@ def _same_standing(last: ControlCommand | None, wanted: ControlCommand) -> bool:
     )
 
 
+def _retry_message(scope: str, crossing: Crossing) -> str:
+    rule = crossing.policy.retry_loop
+    assert rule is not None
+    return (
+        f"{scope}: {crossing.spend} failed attempts on task {crossing.task_id} within "
+        f"{rule.window_s}s (more than {rule.max_failures}); action: {rule.action}"
+    )
+
+
 def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
     threshold = crossing.threshold
     word = _PERIOD_WORDS[crossing.policy.period]
+    if crossing.kind is AlertKind.RETRY_LOOP:
+        return Alert(
+            kind=AlertKind.RETRY_LOOP,
+            severity=Severity.CRITICAL if threshold.action == "stop" else Severity.WARNING,
+            scope=scope,
+            message=_retry_message(scope, crossing),
+            issued_at_ms=now_ms,
+            action=threshold.action,
+            details={
+                "policy": crossing.policy.key,
+                "task_id": crossing.task_id or "",
+                "failures": crossing.spend,
+                "max_failures": crossing.limit,
+            },
+        )
     if crossing.kind is AlertKind.SPIKE:
         message = (
             f"{scope} spent {format_usd(crossing.spend)} in one "

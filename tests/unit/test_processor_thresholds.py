@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from agentledger.schemas import (
     AlertKind,
     BudgetPolicy,
+    CallEvent,
     ControlAction,
     Period,
     Severity,
@@ -22,6 +23,7 @@ from agentledger.schemas import (
 from agentledger.stream_processors.budgets import (
     SpendState,
     apply_cost,
+    apply_event,
     evaluate,
 )
 from agentledger.stream_processors.periods import DAY_MS, period_window
@@ -308,4 +310,71 @@ def test_spike_window_must_be_shorter_than_the_period() -> None:
     with pytest.raises(ValidationError, match=r"spike\.window"):
         BudgetPolicy.model_validate(
             {"scope": "agent:x", "limit_usd": 1, "spike": {"window": "day", "at_percent": 5}}
+        )
+
+
+def failed(task: str, at_ms: int, status: str = "error") -> CallEvent:
+    return CallEvent(
+        event_time_ms=at_ms,
+        agent_id="r1",
+        task_id=task,
+        provider="openai",
+        requested_model="gpt-4o",
+        used_model="gpt-4o",
+        cost_nano_usd=1,
+        latency_ms=5,
+        status=status,  # type: ignore[arg-type]
+    )
+
+
+def retry_policy(action: str = "stop") -> BudgetPolicy:
+    return BudgetPolicy.model_validate(
+        {
+            "scope": "agent:*",
+            "limit_usd": 1000,
+            "retry_loop": {"max_failures": 3, "window_s": 60, "action": action},
+        }
+    )
+
+
+def test_retry_loop_fires_on_more_than_n_failures_of_one_task_within_the_window() -> None:
+    policies = book(retry_policy())
+    state = SpendState()
+    offset = 0
+
+    def feed(item: CallEvent) -> None:
+        nonlocal state, offset
+        state = apply_event(state, item, 0, offset, now_ms=item.event_time_ms)
+        offset += 1
+
+    # 3 failures of task-a, one spread too far back, plus other tasks' and OK calls: no loop.
+    feed(failed("task-a", NOON - 120_000))
+    for n in range(2):
+        feed(failed("task-a", NOON + n))
+    feed(failed("task-b", NOON + 2))
+    feed(failed("task-a", NOON + 3, "ok"))
+    _, decision = settle(state, policies, NOON + 10)
+    assert (decision.command, decision.alerts) == (None, ())
+
+    for n in range(2):  # now 4 failures of task-a within 60 s
+        feed(failed("task-a", NOON + 1_000 + n, "timeout"))
+    state, decision = settle(state, policies, NOON + 2_000)
+    [alert] = decision.alerts
+    assert alert.kind is AlertKind.RETRY_LOOP and alert.severity is Severity.CRITICAL
+    assert alert.details["task_id"] == "task-a" and alert.details["failures"] == 4
+    command = decision.command
+    assert command is not None and command.action is ControlAction.STOP
+    assert command.until_ms == NOON + 1_001 + 60_000
+    assert "4 failed attempts on task task-a within 60s" in command.reason
+    assert settle(state, policies, NOON + 3_000)[1].alerts == ()
+
+    # A window after the last failure the loop is over: RESUME.
+    _, decision = settle(state, policies, NOON + 1_001 + 60_000)
+    assert decision.command is not None and decision.command.action is ControlAction.RESUME
+
+
+def test_retry_loop_only_on_agent_scopes() -> None:
+    with pytest.raises(ValidationError, match="agent scopes only"):
+        BudgetPolicy.model_validate(
+            {"scope": "pool:p", "limit_usd": 1, "retry_loop": {"max_failures": 2}}
         )
