@@ -31,16 +31,17 @@ __all__ = [
     "key_model_stats",
     "recommend_remaps",
     "source_for",
+    "spend_over_time",
 ]
 
-# --by value -> (column in the rollups, expression over `calls`). A fixed whitelist: these are
-# the only identifiers ever interpolated into the review SQL.
-DIMENSIONS: dict[str, tuple[str, str]] = {
-    "agent": ("agent_id", "agent_id"),
-    "pool": ("pool", "ifNull(pool, '')"),
-    "workflow": ("workflow_id", "ifNull(workflow_id, '')"),
-    "task_type": ("task_type", "ifNull(task_type, '')"),
-    "model": ("used_model", "used_model"),
+# --by value -> (rollup family, its column, expression over `calls`). A fixed whitelist: these
+# are the only identifiers ever interpolated into the review SQL.
+DIMENSIONS: dict[str, tuple[str, str, str]] = {
+    "agent": ("calls_by", "agent_id", "agent_id"),
+    "pool": ("calls_by", "pool", "ifNull(pool, '')"),
+    "workflow": ("workflows_by", "workflow_id", "ifNull(workflow_id, '')"),
+    "task_type": ("calls_by", "task_type", "ifNull(task_type, '')"),
+    "model": ("calls_by", "used_model", "used_model"),
 }
 
 # A model is "expensive" when its cost per token is at least this many times the median cost
@@ -80,18 +81,18 @@ class KeyModelStats:
     latency_p50_ms: float
 
 
-def _window_sql(grain: str | None, key_column: str) -> str:
-    if grain is not None:
+def _window_sql(table: str | None, key_column: str) -> str:
+    if table is not None:
         return f"""
 SELECT {key_column} AS key, used_model, sum(calls), sum(failures), sum(retries),
     sum(input_tokens) + sum(output_tokens), sum(cost_nano_usd), sum(failed_cost_nano_usd),
     sum(retry_cost_nano_usd), quantilesMerge(0.5, 0.9, 0.99)(latency_ms)[1]
-FROM calls_by_{grain}
+FROM {table}
 WHERE bucket >= toDateTime(intDiv({{since_ms:Int64}}, 1000), 'UTC')
   AND bucket < toDateTime(intDiv({{until_ms:Int64}}, 1000), 'UTC')
 GROUP BY key, used_model
 ORDER BY key, used_model
-"""  # noqa: S608 - key_column and grain come from DIMENSIONS / ROLLUP_GRAINS only
+"""  # noqa: S608 - key_column and table come from DIMENSIONS / ROLLUP_GRAINS only
     return f"""
 SELECT {key_column} AS key, used_model, count(), countIf(status != 'ok'), countIf(attempt > 1),
     sum(input_tokens + output_tokens), sum(toInt128(cost_nano_usd)),
@@ -110,7 +111,7 @@ def _check_window(since_ms: int, until_ms: int) -> None:
         raise ValueError(f"need 0 <= since_ms <= until_ms, got {since_ms} and {until_ms}")
 
 
-def _dimension(by: str) -> tuple[str, str]:
+def _dimension(by: str) -> tuple[str, str, str]:
     try:
         return DIMENSIONS[by]
     except KeyError:
@@ -121,9 +122,12 @@ def key_model_stats(
     client: QueryClient, by: str, since_ms: int, until_ms: int, *, use_rollups: bool = True
 ) -> list[KeyModelStats]:
     _check_window(since_ms, until_ms)
-    rollup_column, raw_expression = _dimension(by)
+    family, rollup_column, raw_expression = _dimension(by)
     grain = source_for(since_ms, until_ms) if use_rollups else None
-    sql = _window_sql(grain, rollup_column if grain else raw_expression)
+    if grain is None:
+        sql = _window_sql(None, raw_expression)
+    else:
+        sql = _window_sql(f"{family}_{grain}", rollup_column)
     result = client.query(sql, {"since_ms": since_ms, "until_ms": until_ms})
     return [
         KeyModelStats(
@@ -163,7 +167,7 @@ class Structure:
 
 
 def _structure(client: QueryClient, by: str, since_ms: int, until_ms: int) -> dict[str, Structure]:
-    _, raw = _dimension(by)
+    _, _, raw = _dimension(by)
     # By agent, fan-out belongs to the parent: how many distinct agents it spawned.
     fan_key = "ifNull(parent_agent_id, '')" if by == "agent" else raw
     window = (
@@ -314,18 +318,29 @@ class SpendPoint:
 
 
 def spend_over_time(client: QueryClient, since_ms: int, until_ms: int) -> list[SpendPoint]:
-    """Spend per hour (per minute for windows up to 3 h, per day beyond 7 d), from `calls` so
-    any window is exact."""
+    """Spend per hour (per minute for windows up to 3 h, per day beyond 7 d): from the rollup of
+    that grain when the window falls on it, else from `calls`, so any window is exact."""
     span = until_ms - since_ms
-    unit = "MINUTE" if span <= 3 * 3_600_000 else "HOUR" if span <= 7 * 86_400_000 else "DAY"
-    result = client.query(
-        f"SELECT toUnixTimestamp(toStartOfInterval(event_time, INTERVAL 1 {unit}, 'UTC')) AS b, "  # noqa: S608 - unit is one of three constants
-        "sum(toInt128(cost_nano_usd)) FROM calls "
-        "WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
-        "AND event_time < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC') "
-        "GROUP BY b ORDER BY b",
-        {"since_ms": since_ms, "until_ms": until_ms},
-    )
+    grain = "minute" if span <= 3 * 3_600_000 else "hour" if span <= 7 * 86_400_000 else "day"
+    parameters: dict[str, object] = {"since_ms": since_ms, "until_ms": until_ms}
+    step = _GRAIN_MS[grain]
+    if since_ms % step == 0 and until_ms % step == 0:
+        sql = (
+            f"SELECT toUnixTimestamp(bucket) AS b, sum(cost_nano_usd) FROM calls_by_{grain} "  # noqa: S608 - grain is one of three constants
+            "WHERE bucket >= toDateTime(intDiv({since_ms:Int64}, 1000), 'UTC') "
+            "AND bucket < toDateTime(intDiv({until_ms:Int64}, 1000), 'UTC') "
+            "GROUP BY b ORDER BY b"
+        )
+    else:
+        sql = (
+            "SELECT toUnixTimestamp(toStartOfInterval(event_time, "  # noqa: S608 - grain is one of three constants
+            f"INTERVAL 1 {grain.upper()}, 'UTC')) AS b, "
+            "sum(toInt128(cost_nano_usd)) FROM calls "
+            "WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
+            "AND event_time < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC') "
+            "GROUP BY b ORDER BY b"
+        )
+    result = client.query(sql, parameters)
     return [SpendPoint(int(r[0]) * 1000, int(r[1])) for r in result.rows]
 
 
@@ -383,5 +398,5 @@ def build_review(
         total_calls=sum(s.calls for s in current.values()),
         previous_total_nano_usd=sum(s.cost_nano_usd for s in previous.values()),
         series=spend_over_time(client, since_ms, until_ms),
-        source=f"calls_by_{grain}" if grain else "calls",
+        source=f"{DIMENSIONS[by][0]}_{grain}" if grain else "calls",
     )

@@ -28,6 +28,7 @@ from agentledger.sinks.insights import (
     key_model_stats,
     recommend_remaps,
     source_for,
+    spend_over_time,
 )
 from agentledger.sinks.migrations import apply_migrations
 from agentledger.sinks.query import QueryClient, QueryResult
@@ -222,3 +223,17 @@ def test_html_report_is_self_contained_and_matches_the_snapshot() -> None:
     assert html == SNAPSHOT.read_text(encoding="utf-8"), (
         "the HTML changed; if intended, rerun with UPDATE_SNAPSHOTS=1 and review the diff"
     )
+
+
+def test_spend_over_time_is_exact_from_rollups_and_from_calls(db: ClickHouse) -> None:
+    events = workload()
+    load(db, events)
+    client = LocalClient(db)
+    hourly: dict[int, int] = {}
+    for e in events:
+        if T0 <= e.event_time_ms < T0 + DAY:
+            bucket = e.event_time_ms - e.event_time_ms % 3_600_000
+            hourly[bucket] = hourly.get(bucket, 0) + e.cost_nano_usd
+    expected = [SpendPoint(b, c) for b, c in sorted(hourly.items())]
+    assert spend_over_time(client, T0, T0 + DAY) == expected  # aligned: calls_by_hour
+    assert spend_over_time(client, T0, T0 + DAY - 1) == expected  # not aligned: calls

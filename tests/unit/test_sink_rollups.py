@@ -112,6 +112,8 @@ def test_the_same_batch_twice_with_the_same_token_counts_once_in_every_rollup(
     assert [int(str(v)) for v in base_totals(db)] == expected
     for grain in ROLLUP_GRAINS:
         assert [int(str(v)) for v in rollup_totals(db, grain)] == expected, grain
+        by_workflow = value(db, f"SELECT sum(calls), sum(cost_nano_usd) FROM workflows_by_{grain}")
+        assert by_workflow == [[expected[0], expected[5]]], grain
     # The buckets are what the grain says: 2 hours x 3 minutes of events.
     assert value(db, "SELECT uniqExact(bucket) FROM calls_by_minute") == [[6]]
     assert value(db, "SELECT uniqExact(bucket) FROM calls_by_hour") == [[2]]
@@ -134,8 +136,10 @@ def test_rollups_backfill_calls_stored_before_them(tmp_path: Path) -> None:
         stream = default_streams(Settings(topic_prefix="x.", control_key=SecretStr(KEY)))[0]
         rows = [call_to_row(make_call(n), SourcePosition("x.calls", 0, n), 0) for n in range(7)]
         SinkTables(database).insert(stream, rows, "x.calls:0:0-6")
-        assert apply_migrations(database) == [4]
+        assert apply_migrations(database) == [4, 5]
         assert rollup_totals(database, "hour") == base_totals(database)
+        workflows = value(database, "SELECT sum(calls), sum(cost_nano_usd) FROM workflows_by_day")
+        assert workflows == [base_totals(database)[:1] + base_totals(database)[5:6]]
         assert value(database, "SELECT sum(calls) FROM calls_by_minute") == [[7]]
     finally:
         database.close()
