@@ -48,12 +48,16 @@ def alerts_for(reader: TopicReader, scope: str) -> list[Alert]:
     return found
 
 
-def spend(agent: str, cost: int, pool: str | None = None) -> bytes:
+def spend(
+    agent: str, cost: int, pool: str | None = None, task_id: str | None = None, status: str = "ok"
+) -> bytes:
     return (
         CallEvent(
             event_time_ms=base.now_ms(),
             agent_id=agent,
             pool=pool,
+            task_id=task_id,
+            status=status,  # type: ignore[arg-type]
             provider="openai",
             requested_model="gpt-4o",
             used_model="gpt-4o",
@@ -95,6 +99,11 @@ def test_every_action_over_day_week_and_month_with_one_alert_per_crossing(
             "period": "week",
             "limit_usd": "0.01",
             "thresholds": [{"at_percent": 100, "action": "throttle:2"}],
+        },
+        {
+            "scope": "agent:flaky",
+            "limit_usd": "1000",
+            "retry_loop": {"max_failures": 2, "window_s": 600, "action": "refuse_new_work"},
         },
         {
             "scope": "pool:research",
@@ -174,6 +183,18 @@ def test_every_action_over_day_week_and_month_with_one_alert_per_crossing(
     ]
     assert len(alerts_for(alerts_reader, "pool:research")) == 1
 
+    # Retry loop: a third failed attempt on one task (more than 2) refuses new work.
+    for _ in range(2):
+        base.send(producer, calls, b"flaky", spend("flaky", 5, task_id="t-1", status="error"))
+    base.send(producer, calls, b"flaky", spend("flaky", 5, task_id="t-2", status="error"))
+    base.send(producer, calls, b"flaky", spend("flaky", 5, task_id="t-1", status="ok"))
+    base.send(producer, calls, b"flaky", spend("flaky", 5, task_id="t-1", status="timeout"))
+    [refused] = standing("agent:flaky", 1)
+    assert refused.action is ControlAction.REFUSE_NEW_WORK
+    assert "3 failed attempts on task t-1 within 600s" in refused.reason
+    [loop] = base.wait_for("the retry-loop alert", lambda: alerts_for(alerts_reader, "agent:flaky"))
+    assert loop.kind is AlertKind.RETRY_LOOP and loop.details["task_id"] == "t-1"
+
     # The CLI, as an operator runs it: `agentledger spend` and `agentledger budgets diff`.
     for name, value in {
         "AGENTLEDGER_KAFKA": settings.kafka,
@@ -210,6 +231,7 @@ def test_every_action_over_day_week_and_month_with_one_alert_per_crossing(
     assert cli(["budgets", "diff", str(changed)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines[:-1]] == [
+        ["keep", "agent:flaky|day:"],
         ["keep", "agent:researcher-*|day:"],
         ["same", "agent:writer|week:"],
         ["change", "pool:research|month:"],
