@@ -31,6 +31,7 @@ from .ledger import (
 )
 from .pricing import PRICING_VERSION, Price, PriceOverride, Pricer
 from .scope import TaskScope, current_task
+from .sdk import instrument_anthropic, instrument_openai
 from .spool import Spool
 from .transport import EventTransport, InMemoryTransport, KafkaTransport, TransportStats
 
@@ -58,5 +59,7 @@ __all__ = [
     "TransportStats",
     "UnpricedModelWarning",
     "current_task",
+    "instrument_anthropic",
+    "instrument_openai",
     "wall_clock_ms",
 ]

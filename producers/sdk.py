@@ -1,0 +1,307 @@
+"""Automatic recording from the OpenAI and Anthropic Python SDKs.
+
+``instrument_openai(client, agent)`` and ``instrument_anthropic(client, agent)`` replace the
+client's ``chat.completions.create`` / ``messages.create`` (sync or async client) with one that
+runs inside ``agent.call``: a STOP refuses before the request, a ROUTE changes the model sent,
+usage is recorded from the response (from the final chunk or the message events when
+streaming), and a failed request is recorded with its error type. Neither SDK is imported here:
+the shim works without them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from agentledger.schemas import CallStatus
+
+from .ledger import AgentLedger, CallRecorder
+
+__all__ = ["instrument_anthropic", "instrument_openai"]
+
+UsageFn = Callable[[CallRecorder, Any], None]
+
+
+def _status_of(exc: BaseException) -> CallStatus:
+    # By name, so the SDKs need not be importable: openai.RateLimitError,
+    # anthropic.APITimeoutError, ...
+    name = type(exc).__name__
+    if "RateLimit" in name:
+        return CallStatus.RATE_LIMITED
+    if "Timeout" in name:
+        return CallStatus.TIMEOUT
+    return CallStatus.ERROR
+
+
+def _fail(call: CallRecorder, exc: BaseException) -> None:
+    call.status = _status_of(exc)
+    call.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _openai_usage(call: CallRecorder, usage: Any) -> None:
+    if usage is None:
+        return
+    prompt = getattr(usage, "prompt_tokens_details", None)
+    completion = getattr(usage, "completion_tokens_details", None)
+    inp = _int(getattr(usage, "prompt_tokens", 0))
+    out = _int(getattr(usage, "completion_tokens", 0))
+    call.record(
+        input_tokens=inp,
+        output_tokens=out,
+        cached_input_tokens=min(_int(getattr(prompt, "cached_tokens", 0)), inp),
+        reasoning_tokens=min(_int(getattr(completion, "reasoning_tokens", 0)), out),
+    )
+
+
+class _AnthropicTally:
+    """Usage gathered from an Anthropic response or its stream events."""
+
+    def __init__(self) -> None:
+        self.input = self.cache_read = self.cache_write = self.output = 0
+
+    def take(self, usage: Any) -> None:
+        if usage is None:
+            return
+        # message_start carries the input side, message_delta the cumulative output.
+        self.input = _int(getattr(usage, "input_tokens", None)) or self.input
+        self.cache_read = _int(getattr(usage, "cache_read_input_tokens", None)) or self.cache_read
+        self.cache_write = (
+            _int(getattr(usage, "cache_creation_input_tokens", None)) or self.cache_write
+        )
+        self.output = _int(getattr(usage, "output_tokens", None)) or self.output
+
+    def record(self, call: CallRecorder) -> None:
+        # Anthropic's input_tokens excludes cache reads and writes; ours is the whole prompt.
+        total = self.input + self.cache_read + self.cache_write
+        call.record(
+            input_tokens=total, output_tokens=self.output, cached_input_tokens=self.cache_read
+        )
+
+
+def _openai_chunk(call: CallRecorder, chunk: Any, _state: Any) -> None:
+    usage = getattr(chunk, "usage", None)
+    if usage is not None:
+        _openai_usage(call, usage)
+
+
+def _anthropic_event(call: CallRecorder, event: Any, tally: Any) -> None:
+    kind = getattr(event, "type", None)
+    if kind == "message_start":
+        tally.take(getattr(getattr(event, "message", None), "usage", None))
+    elif kind == "message_delta":
+        tally.take(getattr(event, "usage", None))
+        tally.record(call)
+
+
+class _Stream:
+    """Passes a sync SDK stream through, recording usage as it goes; the call ends when the
+    stream is exhausted, fails or is closed."""
+
+    def __init__(
+        self, inner: Any, call: CallRecorder, on_item: Callable[..., None], state: Any
+    ) -> None:
+        self._inner = inner
+        self._call = call
+        self._on_item = on_item
+        self._state = state
+        self._open = True
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self._open:
+            self._open = False
+            if exc is None:
+                self._call.__exit__(None, None, None)
+            else:
+                _fail(self._call, exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for item in self._inner:
+                self._on_item(self._call, item, self._state)
+                yield item
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self._end(None)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._end(None)
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _AsyncStream(_Stream):
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        try:
+            async for item in self._inner:
+                self._on_item(self._call, item, self._state)
+                yield item
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self._end(None)
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.close()
+        finally:
+            self._end(None)
+
+    async def __aenter__(self) -> _AsyncStream:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+
+class _Spec:
+    def __init__(
+        self,
+        provider: str,
+        max_tokens: Callable[[dict[str, Any]], int | None],
+        prepare_stream: Callable[[dict[str, Any]], None],
+        record: Callable[[CallRecorder, Any], None],
+        on_item: Callable[..., None],
+        new_state: Callable[[], Any],
+    ) -> None:
+        self.provider = provider
+        self.max_tokens = max_tokens
+        self.prepare_stream = prepare_stream
+        self.record = record
+        self.on_item = on_item
+        self.new_state = new_state
+
+
+def _openai_stream_options(kwargs: dict[str, Any]) -> None:
+    # Usage comes only in a final chunk, and only when asked for.
+    options = dict(kwargs.get("stream_options") or {})
+    options.setdefault("include_usage", True)
+    kwargs["stream_options"] = options
+
+
+def _anthropic_record(call: CallRecorder, response: Any) -> None:
+    tally = _AnthropicTally()
+    tally.take(getattr(response, "usage", None))
+    tally.record(call)
+
+
+_OPENAI = _Spec(
+    "openai",
+    lambda kw: kw.get("max_completion_tokens") or kw.get("max_tokens"),
+    _openai_stream_options,
+    lambda call, response: _openai_usage(call, getattr(response, "usage", None)),
+    _openai_chunk,
+    lambda: None,
+)
+_ANTHROPIC = _Spec(
+    "anthropic",
+    lambda kw: kw.get("max_tokens"),
+    lambda kw: None,
+    _anthropic_record,
+    _anthropic_event,
+    _AnthropicTally,
+)
+
+
+def _begin(spec: _Spec, agent: AgentLedger, kwargs: dict[str, Any]) -> CallRecorder:
+    model = kwargs.get("model")
+    if not isinstance(model, str):
+        raise ValueError(f"model must be given as a string keyword argument, got {model!r}")
+    limit = spec.max_tokens(kwargs)
+    call = agent.call(
+        provider=spec.provider, model=model, max_tokens=limit if isinstance(limit, int) else None
+    )
+    return call
+
+
+def _wrap_sync(spec: _Spec, agent: AgentLedger, original: Callable[..., Any]) -> Callable[..., Any]:
+    def create(*args: Any, **kwargs: Any) -> Any:
+        call = _begin(spec, agent, kwargs).__enter__()
+        kwargs["model"] = call.model
+        streaming = bool(kwargs.get("stream"))
+        if streaming:
+            spec.prepare_stream(kwargs)
+        try:
+            result = original(*args, **kwargs)
+        except BaseException as exc:
+            _fail(call, exc)
+            raise
+        if streaming:
+            return _Stream(result, call, spec.on_item, spec.new_state())
+        try:
+            spec.record(call, result)
+        finally:
+            call.__exit__(None, None, None)
+        return result
+
+    return create
+
+
+def _wrap_async(
+    spec: _Spec, agent: AgentLedger, original: Callable[..., Any]
+) -> Callable[..., Any]:
+    async def create(*args: Any, **kwargs: Any) -> Any:
+        call = await _begin(spec, agent, kwargs)._enter_async()
+        kwargs["model"] = call.model
+        streaming = bool(kwargs.get("stream"))
+        if streaming:
+            spec.prepare_stream(kwargs)
+        try:
+            result = await original(*args, **kwargs)
+        except BaseException as exc:
+            _fail(call, exc)
+            raise
+        if streaming:
+            return _AsyncStream(result, call, spec.on_item, spec.new_state())
+        try:
+            spec.record(call, result)
+        finally:
+            call.__exit__(None, None, None)
+        return result
+
+    return create
+
+
+def _install(spec: _Spec, resource: Any, agent: AgentLedger) -> None:
+
+    original = resource.create
+    # The SDKs wrap their methods in decorators that hide the coroutine function.
+    is_async = type(resource).__name__.startswith("Async") or inspect.iscoroutinefunction(
+        inspect.unwrap(original)
+    )
+    if is_async:
+        resource.create = _wrap_async(spec, agent, original)
+    else:
+        resource.create = _wrap_sync(spec, agent, original)
+
+
+def instrument_openai(client: Any, agent: AgentLedger) -> Any:
+    """Record every ``client.chat.completions.create`` (OpenAI or AsyncOpenAI) to ``agent``;
+    returns the client."""
+    _install(_OPENAI, client.chat.completions, agent)
+    return client
+
+
+def instrument_anthropic(client: Any, agent: AgentLedger) -> Any:
+    """Record every ``client.messages.create`` (Anthropic or AsyncAnthropic) to ``agent``;
+    returns the client."""
+    _install(_ANTHROPIC, client.messages, agent)
+    return client

@@ -1,0 +1,329 @@
+"""The OpenAI and Anthropic wrappers, through the real SDK packages, against a loopback fake
+of each HTTP API (never the internet): sync, async and streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentledger.producers import BudgetExceeded
+from agentledger.producers.sdk import instrument_anthropic, instrument_openai
+from agentledger.schemas import CallStatus, ControlAction
+from tests.unit.test_producer_ledger import Harness
+
+openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
+
+OPENAI_USAGE = {
+    "prompt_tokens": 1200,
+    "completion_tokens": 300,
+    "total_tokens": 1500,
+    "prompt_tokens_details": {"cached_tokens": 1000},
+    "completion_tokens_details": {"reasoning_tokens": 100},
+}
+
+
+def openai_completion(model: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hello"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": OPENAI_USAGE,
+    }
+
+
+def openai_chunks(model: str, with_usage: bool) -> list[dict[str, Any]]:
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+        for w in ("hel", "lo")
+    ]
+    if with_usage:
+        chunks.append({**base, "choices": [], "usage": OPENAI_USAGE})
+    return chunks
+
+
+ANTHROPIC_USAGE = {
+    "input_tokens": 200,
+    "cache_read_input_tokens": 1000,
+    "cache_creation_input_tokens": 0,
+    "output_tokens": 40,
+}
+
+
+def anthropic_message(model: str) -> dict[str, Any]:
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": "hello"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": ANTHROPIC_USAGE,
+    }
+
+
+TEXT_BLOCK = {"type": "text", "text": ""}
+TEXT_DELTA = {"type": "text_delta", "text": "hello"}
+RATE_LIMITED = {"error": {"type": "rate_limit_error", "message": "slow down"}}
+
+
+def anthropic_events(model: str) -> list[tuple[str, dict[str, Any]]]:
+    start = anthropic_message(model) | {
+        "content": [],
+        "stop_reason": None,
+        "usage": {**ANTHROPIC_USAGE, "output_tokens": 1},
+    }
+    return [
+        ("message_start", {"type": "message_start", "message": start}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hello"},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 40},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+
+class FakeApi:
+    """Answers /v1/chat/completions and /v1/messages like the providers do."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.fail_with: int | None = None
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.requests.append(body)
+                if api.fail_with is not None:
+                    self._json(
+                        api.fail_with,
+                        {"error": {"type": "rate_limit_error", "message": "slow down"}},
+                    )
+                    return
+                model = body["model"]
+                if self.path.endswith("/chat/completions"):
+                    if body.get("stream"):
+                        include = (body.get("stream_options") or {}).get("include_usage")
+                        lines = [
+                            f"data: {json.dumps(c)}\n\n"
+                            for c in openai_chunks(model, bool(include))
+                        ]
+                        self._sse([*lines, "data: [DONE]\n\n"])
+                    else:
+                        self._json(200, openai_completion(model))
+                elif self.path.endswith("/messages"):
+                    if body.get("stream"):
+                        self._sse(
+                            [
+                                f"event: {e}\ndata: {json.dumps(d)}\n\n"
+                                for e, d in anthropic_events(model)
+                            ]
+                        )
+                    else:
+                        self._json(200, anthropic_message(model))
+                else:
+                    self._json(404, {"error": {"message": "no such path"}})
+
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _sse(self, parts: list[str]) -> None:
+                data = "".join(parts).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    fake = FakeApi()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def oa(api: FakeApi, h: Harness, cls: Any = None) -> Any:
+    client = (cls or openai.OpenAI)(api_key="test", base_url=f"{api.url}/v1", max_retries=0)
+    return instrument_openai(client, h.ledger.agent("a", pool="p"))
+
+
+def an(api: FakeApi, h: Harness, cls: Any = None) -> Any:
+    client = (cls or anthropic.Anthropic)(api_key="test", base_url=api.url, max_retries=0)
+    return instrument_anthropic(client, h.ledger.agent("a", pool="p"))
+
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def assert_openai_event(h: Harness, model: str = "gpt-4o-mini") -> None:
+    (event,) = h.events()
+    assert (event.provider, event.requested_model, event.used_model) == ("openai", "gpt-4o", model)
+    assert (event.input_tokens, event.output_tokens) == (1200, 300)
+    assert (event.cached_input_tokens, event.reasoning_tokens) == (1000, 100)
+    assert event.priced and event.cost_nano_usd > 0
+
+
+def test_openai_sync_records_usage_and_applies_route(api: FakeApi, h: Harness) -> None:
+    h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
+    response = oa(api, h).chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=500)
+    assert response.choices[0].message.content == "hello"
+    assert api.requests[0]["model"] == "gpt-4o-mini"  # the routed model was sent
+    assert_openai_event(h)
+
+
+def test_openai_streaming_asks_for_usage_and_records_the_final_chunk(
+    api: FakeApi, h: Harness
+) -> None:
+    h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
+    stream = oa(api, h).chat.completions.create(model="gpt-4o", messages=MSGS, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "hello"
+    assert api.requests[0]["stream_options"] == {"include_usage": True}
+    assert_openai_event(h)
+
+
+def test_openai_async_and_async_streaming(api: FakeApi, h: Harness) -> None:
+    h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
+
+    async def main() -> str:
+        client = oa(api, h, openai.AsyncOpenAI)
+        await client.chat.completions.create(model="gpt-4o", messages=MSGS)
+        stream = await client.chat.completions.create(
+            model="gpt-4o", messages=MSGS, stream=True, stream_options={"include_usage": False}
+        )
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        await client.close()
+        return "".join(parts)
+
+    assert asyncio.run(main()) == "hello"
+    # The caller's explicit include_usage=False is respected: that call records no tokens.
+    assert api.requests[1]["stream_options"] == {"include_usage": False}
+    first, second = h.events()
+    assert (first.input_tokens, first.output_tokens, first.used_model) == (1200, 300, "gpt-4o-mini")
+    assert (second.input_tokens, second.output_tokens) == (0, 0)
+
+
+def test_openai_failure_is_recorded_with_status_and_error_type(api: FakeApi, h: Harness) -> None:
+    api.fail_with = 429
+    with pytest.raises(openai.RateLimitError):
+        oa(api, h).chat.completions.create(model="gpt-4o", messages=MSGS)
+    (event,) = h.events()
+    assert event.status is CallStatus.RATE_LIMITED
+    assert event.error_type == "RateLimitError"
+
+
+def test_stop_refuses_before_any_request(api: FakeApi, h: Harness) -> None:
+    h.publish("pool:p")
+    with pytest.raises(BudgetExceeded):
+        oa(api, h).chat.completions.create(model="gpt-4o", messages=MSGS)
+    with pytest.raises(BudgetExceeded):
+        an(api, h).messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSGS)
+    assert api.requests == []
+    assert h.events() == []
+
+
+def assert_anthropic_event(h: Harness) -> None:
+    (event,) = h.events()
+    assert (event.provider, event.used_model) == ("anthropic", "claude-haiku-4-5")
+    assert (event.input_tokens, event.cached_input_tokens, event.output_tokens) == (1200, 1000, 40)
+    assert event.priced and event.cost_nano_usd > 0
+
+
+def test_anthropic_sync(api: FakeApi, h: Harness) -> None:
+    message = an(api, h).messages.create(model="claude-haiku-4-5", max_tokens=100, messages=MSGS)
+    assert message.content[0].text == "hello"
+    assert_anthropic_event(h)
+
+
+def test_anthropic_streaming(api: FakeApi, h: Harness) -> None:
+    stream = an(api, h).messages.create(
+        model="claude-haiku-4-5", max_tokens=100, messages=MSGS, stream=True
+    )
+    kinds = [event.type for event in stream]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert_anthropic_event(h)
+
+
+def test_anthropic_async_and_async_streaming(api: FakeApi, h: Harness) -> None:
+    async def main() -> None:
+        client = an(api, h, anthropic.AsyncAnthropic)
+        await client.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=MSGS)
+        stream = await client.messages.create(
+            model="claude-haiku-4-5", max_tokens=100, messages=MSGS, stream=True
+        )
+        async for _event in stream:
+            pass
+        await client.close()
+
+    asyncio.run(main())
+    events = h.events()
+    assert len(events) == 2
+    for event in events:
+        assert (event.input_tokens, event.cached_input_tokens, event.output_tokens) == (
+            1200,
+            1000,
+            40,
+        )
