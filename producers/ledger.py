@@ -46,7 +46,7 @@ from .pricing import Price, PriceOverride, Pricer
 from .reservation import SpendBook
 from .scope import _CURRENT, TaskScope
 from .spool import Spool
-from .throttle import ScopeLimiter
+from .throttle import Limits, SlotTable
 from .transport import EventTransport, KafkaTransport
 
 __all__ = [
@@ -161,7 +161,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._listener: KafkaControlListener | None = None
         self._closed = False
-        self._limiters: dict[str, ScopeLimiter] = {}
+        self.slots = SlotTable()
         self.spend_book = SpendBook()
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         # A weak reference, so registering does not keep a dropped ledger alive.
@@ -261,13 +261,6 @@ class Ledger:
                 return command
         return None
 
-    def limiter(self, scope: str) -> ScopeLimiter:
-        limiter = self._limiters.get(scope)
-        if limiter is None:
-            with self._lock:
-                limiter = self._limiters.setdefault(scope, ScopeLimiter())
-        return limiter
-
     def throttle_limit(self, command: ControlCommand) -> int | None:
         """A THROTTLE's concurrency, or None (counted as a bad command) when it has none."""
         raw = command.params.get("concurrency")
@@ -281,11 +274,17 @@ class Ledger:
         log.debug("agentledger: THROTTLE for %s without a concurrency >= 1", command.scope)
         return None
 
-    def current_limit(self, scope: str) -> int | None:
-        for command in self.control.standing((scope,), now_ms=self.clock()):
+    def throttle_limits(self, commands: list[ControlCommand]) -> dict[str, int]:
+        limits: dict[str, int] = {}
+        for command in commands:
             if command.action is ControlAction.THROTTLE:
-                return self.throttle_limit(command)
-        return None
+                limit = self.throttle_limit(command)
+                if limit is not None:
+                    limits[command.scope] = limit
+        return limits
+
+    def current_limits(self, scopes: tuple[str, ...]) -> dict[str, int]:
+        return self.throttle_limits(self.control.standing(scopes, now_ms=self.clock()))
 
     def _count(self, stat: str) -> None:
         with self._lock:
@@ -593,7 +592,7 @@ class CallRecorder:
         self.event: CallEvent | None = None
         """the event emitted when the block ended"""
         self._started_ms: int | None = None
-        self._held: list[ScopeLimiter] = []
+        self._held = False
         self.max_tokens = max_tokens
         self.estimated_input_tokens = estimated_input_tokens
         self.reserved_nano_usd = 0
@@ -650,83 +649,71 @@ class CallRecorder:
         self.cached_input_tokens = cached
         self.reasoning_tokens = reasoning
 
-    def _admit(self) -> tuple[list[str], dict[str, ControlCommand]]:
-        """Refuse under a STOP, apply a ROUTE; return the scopes whose slots the call takes
-        (sorted, so concurrent calls take them in one order) and the THROTTLEs among them."""
+    def _admit(self) -> Limits:
+        """Refuse under a STOP, apply a ROUTE; return the THROTTLE limits of the scopes."""
         agent = self._agent
         ledger = agent.ledger
         ledger.check_control_plane()
         scopes = self._scopes = agent.scopes(self.task_type)
         commands = ledger.commands(scopes)
-        throttles: dict[str, ControlCommand] = {}
         for command in commands:
             if command.action is ControlAction.STOP:
                 ledger._count("refused")
                 raise BudgetExceeded.from_command(command)
-            if command.action is ControlAction.THROTTLE:
-                throttles[command.scope] = command
-        routed = _route(ledger, commands, self.requested_model)
-        if routed != self.requested_model:
-            ledger._count("routed")
-            self.model = self.used_model = routed
-        return sorted(scopes), throttles
+        if commands:
+            routed = _route(ledger, commands, self.requested_model)
+            if routed != self.requested_model:
+                ledger._count("routed")
+                self.model = self.used_model = routed
+        return ledger.throttle_limits(commands) if commands else {}
 
-    def _timeout(self, command: ControlCommand, limit: int | None) -> ThrottleTimeout:
+    def _timeout(self, scope: str) -> ThrottleTimeout:
         ledger = self._agent.ledger
         ledger._count("throttle_timeouts")
-        self._release()
-        base = BudgetExceeded.from_command(command)
+        found = [
+            c
+            for c in ledger.control.standing((scope,), now_ms=ledger.clock())
+            if c.action is ControlAction.THROTTLE
+        ]
+        limit = ledger.current_limits((scope,)).get(scope)
+        base = BudgetExceeded.from_command(found[0]) if found else None
         return ThrottleTimeout(
-            command.scope,
+            scope,
             f"no slot of {limit} concurrent calls freed up within {ledger.throttle_max_wait_s}s",
-            limit_usd=base.limit_usd,
-            spend_usd=base.spend_usd,
-            resets_at_ms=base.resets_at_ms,
-            period=base.period,
+            limit_usd=base.limit_usd if base else None,
+            spend_usd=base.spend_usd if base else None,
+            resets_at_ms=base.resets_at_ms if base else None,
+            period=base.period if base else None,
         )
 
-    def _limit(self, throttles: dict[str, ControlCommand], scope: str) -> int | None:
-        command = throttles.get(scope)
-        return None if command is None else self._agent.ledger.throttle_limit(command)
-
-    def _refresher(self, scope: str) -> Callable[[], int | None]:
-        ledger = self._agent.ledger
-        return lambda: ledger.current_limit(scope)
+    def _refresher(self) -> Callable[[], Limits]:
+        ledger, scopes = self._agent.ledger, self._scopes
+        return lambda: ledger.current_limits(scopes)
 
     def __enter__(self) -> Self:
-        scopes, throttles = self._admit()
+        limits = self._admit()
         ledger = self._agent.ledger
-        waited = False
-        for scope in scopes:
-            limiter = ledger.limiter(scope)
-            limit = self._limit(throttles, scope)
-            if not limiter.try_acquire(limit):
-                waited = True
-                if not limiter.acquire(limit, self._refresher(scope), ledger.throttle_max_wait_s):
-                    raise self._timeout(throttles[scope], limit)
-            self._held.append(limiter)
-        if waited:
+        if ledger.slots.try_acquire(self._scopes, limits) is not None:
             ledger._count("throttled")
+            full = ledger.slots.acquire(self._scopes, self._refresher(), ledger.throttle_max_wait_s)
+            if full is not None:
+                raise self._timeout(full)
+        self._held = True
         self._reserve()
         self._started_ms = ledger.clock()
         return self
 
     async def _enter_async(self) -> Self:
-        scopes, throttles = self._admit()
+        limits = self._admit()
         ledger = self._agent.ledger
-        waited = False
-        for scope in scopes:
-            limiter = ledger.limiter(scope)
-            limit = self._limit(throttles, scope)
-            if not limiter.try_acquire(limit):
-                waited = True
-                if not await limiter.acquire_async(
-                    limit, self._refresher(scope), ledger.throttle_max_wait_s
-                ):
-                    raise self._timeout(throttles[scope], limit)
-            self._held.append(limiter)
-        if waited:
+        if ledger.slots.try_acquire(self._scopes, limits) is not None:
             ledger._count("throttled")
+            full = await ledger.slots.acquire_async(
+                self._scopes, self._refresher(), ledger.throttle_max_wait_s
+            )
+            if full is not None:
+                raise self._timeout(full)
+        self._held = True
         self._reserve()
         self._started_ms = ledger.clock()
         return self
@@ -773,9 +760,9 @@ class CallRecorder:
         )
 
     def _release(self) -> None:
-        held, self._held = self._held, []
-        for limiter in held:
-            limiter.release()
+        if self._held:
+            self._held = False
+            self._agent.ledger.slots.release(self._scopes)
 
     def __exit__(
         self,

@@ -2,7 +2,8 @@
 
 Every call holds a slot of every scope it belongs to while it runs, throttled or not, so a
 THROTTLE that arrives while calls are running admits new calls only once fewer than ``n`` run.
-The limit is per process: the shim cannot see other processes' calls.
+A call takes the slots of all its scopes at once under one lock (cheap, and no lock-order
+deadlock). The limit is per process: the shim cannot see other processes' calls.
 """
 
 from __future__ import annotations
@@ -10,74 +11,100 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
-__all__ = ["ScopeLimiter"]
+__all__ = ["SlotTable"]
 
-# How often a waiting call re-reads the standing THROTTLE: a RESUME or a larger ``n`` arrives
+# How often a waiting call re-reads the standing THROTTLEs: a RESUME or a larger ``n`` arrives
 # from the control topic without anyone releasing a slot.
 RECHECK_S = 0.05
 
+Limits = Mapping[str, int]
+"""the concurrency limit per throttled scope; a scope not in it is unthrottled"""
 
-class ScopeLimiter:
-    """Counts the calls running in one scope; admits a new one while fewer than the limit run."""
+
+class SlotTable:
+    """Counts the calls running per scope; admits a call while each of its throttled scopes
+    has fewer than its limit running."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self.active = 0
+        self._active: dict[str, int] = {}
 
-    def try_acquire(self, limit: int | None) -> bool:
+    def active(self, scope: str) -> int:
+        return self._active.get(scope, 0)
+
+    def _blocked(self, scopes: Iterable[str], limits: Limits) -> str | None:
+        if limits:
+            for scope in scopes:
+                limit = limits.get(scope)
+                if limit is not None and self._active.get(scope, 0) >= limit:
+                    return scope
+        return None
+
+    def _take(self, scopes: Iterable[str]) -> None:
+        active = self._active
+        for scope in scopes:
+            active[scope] = active.get(scope, 0) + 1
+
+    def try_acquire(self, scopes: Iterable[str], limits: Limits) -> str | None:
+        """Take a slot in every scope and return None, or take none and return the scope
+        that is full."""
         with self._cond:
-            if limit is None or self.active < limit:
-                self.active += 1
-                return True
-            return False
+            blocked = self._blocked(scopes, limits)
+            if blocked is None:
+                self._take(scopes)
+            return blocked
 
     def acquire(
         self,
-        limit: int | None,
-        refresh: Callable[[], int | None],
+        scopes: Iterable[str],
+        refresh: Callable[[], Limits],
         timeout_s: float | None,
-    ) -> bool:
-        """Take a slot, waiting while ``limit`` slots are taken; ``refresh`` re-reads the limit
-        (None: unthrottled). Returns False when ``timeout_s`` passed without a slot."""
-        if self.try_acquire(limit):
-            return True
+    ) -> str | None:
+        """Wait until every scope has room (``refresh`` re-reads the limits); None once the
+        slots are taken, else the scope still full when ``timeout_s`` passed."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while True:
-                limit = refresh()
-                if limit is None or self.active < limit:
-                    self.active += 1
-                    return True
+                blocked = self._blocked(scopes, refresh())
+                if blocked is None:
+                    self._take(scopes)
+                    return None
                 wait = RECHECK_S
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
-                        return False
+                        return blocked
                 self._cond.wait(wait)
 
     async def acquire_async(
         self,
-        limit: int | None,
-        refresh: Callable[[], int | None],
+        scopes: Iterable[str],
+        refresh: Callable[[], Limits],
         timeout_s: float | None,
-    ) -> bool:
+    ) -> str | None:
         """``acquire`` for coroutines: waits with ``asyncio.sleep``, never blocking the loop."""
-        if self.try_acquire(limit):
-            return True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if self.try_acquire(refresh()):
-                return True
+            blocked = self.try_acquire(scopes, refresh())
+            if blocked is None:
+                return None
             wait = RECHECK_S / 5
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
-                    return False
+                    return blocked
             await asyncio.sleep(wait)
 
-    def release(self) -> None:
+    def release(self, scopes: Iterable[str]) -> None:
         with self._cond:
-            self.active -= 1
-            self._cond.notify()
+            active = self._active
+            for scope in scopes:
+                left = active[scope] - 1
+                if left:
+                    active[scope] = left
+                else:
+                    del active[scope]
+            # Waiters may wait on different scopes; all re-check.
+            self._cond.notify_all()
