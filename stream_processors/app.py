@@ -412,7 +412,7 @@ def build_app(
         stream_buffer_maxsize=1024,
         # Drain in-flight events before a rebalance completes. With False, a survivor that
         # took over a killed worker's partitions under load sometimes never consumed them
-        # (1 failure in 3 runs of the two-worker test; 0 in 4 with True).
+        # (2 failures in 3 runs of the two-worker test; 0 in 4 with True).
         stream_wait_empty=True,
         table_standby_replicas=0,
         topic_disable_leader=True,
