@@ -167,7 +167,7 @@ def spawn_explosion(
     level: list[tuple[str, str | None]] = [(root, None)]
     n = 0
     for d in range(depth + 1):
-        next_level = []
+        next_level: list[tuple[str, str | None]] = []
         for agent, parent in level:
             size = sizes[n % len(sizes)]
             plan.append(
