@@ -204,43 +204,34 @@ class Processor:
 
     # -- the stream -------------------------------------------------------------------------
 
-    async def on_call(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
-    ) -> None:
+    def _parse_call(self, value: bytes | None, now: int) -> CallEvent | str:
+        """The event to count, or why it goes to the dlq instead."""
         if not value:
-            await self.dead_letter(
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                key=key,
-                payload=value,
-                reason="empty value; expected a CallEvent JSON object",
-            )
-            return
+            return "empty value; expected a CallEvent JSON object"
         try:
             event = CallEvent.model_validate_json(value)
         except ValidationError as exc:
-            await self.dead_letter(
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                key=key,
-                payload=value,
-                reason=f"not a valid CallEvent: {exc}",
-            )
-            return
-        now = self.clock()
+            return f"not a valid CallEvent: {exc}"
         if event.event_time_ms > now + self.future_tolerance_ms:
+            return (
+                f"event_time_ms {event.event_time_ms} is {event.event_time_ms - now} ms "
+                f"in the future; at most {self.future_tolerance_ms} ms is tolerated"
+            )
+        return event
+
+    async def on_call(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+    ) -> None:
+        now = self.clock()
+        event = self._parse_call(value, now)
+        if isinstance(event, str):
             await self.dead_letter(
                 topic=topic,
                 partition=partition,
                 offset=offset,
                 key=key,
                 payload=value,
-                reason=(
-                    f"event_time_ms {event.event_time_ms} is {event.event_time_ms - now} ms "
-                    f"in the future; at most {self.future_tolerance_ms} ms is tolerated"
-                ),
+                reason=event,
             )
             return
         async with self._lock:
