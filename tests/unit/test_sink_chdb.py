@@ -8,7 +8,6 @@ opens its own path and closes it in teardown; nothing is shared across tests.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,6 @@ CALLS = calls_stream(Settings(topic_prefix="x."))
 
 def open_db(path: Path) -> ClickHouse:
     return ClickHouse.open(f"chdb://{path}")
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[ClickHouse]:
-    database = open_db(tmp_path / "ch")
-    try:
-        apply_migrations(database)
-        yield database
-    finally:
-        database.close()
 
 
 def event(

@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydantic import SecretStr
 
 from agentledger.config import Settings
@@ -30,7 +28,6 @@ from agentledger.sinks.insights import (
     source_for,
     spend_over_time,
 )
-from agentledger.sinks.migrations import apply_migrations
 from agentledger.sinks.query import QueryClient, QueryResult
 from agentledger.sinks.review_html import render_html
 from agentledger.sinks.rows import SourcePosition, call_to_row
@@ -48,16 +45,6 @@ class LocalClient(QueryClient):
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         return self.db.readonly_query(sql, parameters)
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[ClickHouse]:
-    database = ClickHouse.open(f"chdb://{tmp_path / 'ch'}")
-    try:
-        apply_migrations(database)
-        yield database
-    finally:
-        database.close()
 
 
 def workload() -> list[CallEvent]:

@@ -7,10 +7,8 @@ what is checked is what ClickHouse stores and what the materialized views count.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pydantic import SecretStr
 
 from agentledger.config import Settings
@@ -33,16 +31,6 @@ from tests.unit.test_sink_worker import Clock, FakeConsumer, FakeProducer, Msg
 
 KEY = "rollup-test-control-key-0123456789"
 T0 = 1_735_689_600_000  # 2025-01-01T00:00:00Z
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[ClickHouse]:
-    database = ClickHouse.open(f"chdb://{tmp_path / 'ch'}")
-    try:
-        apply_migrations(database)
-        yield database
-    finally:
-        database.close()
 
 
 def value(db: ClickHouse, sql: str) -> list[list[object]]:

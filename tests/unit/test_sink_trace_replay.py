@@ -5,8 +5,6 @@ from the trace itself."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -15,7 +13,6 @@ from agentledger.config import Settings
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.insights import build_review
-from agentledger.sinks.migrations import apply_migrations
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.worker import SinkWorker
 from agentledger.traces import TraceCall, find_trace_dir, load_trace
@@ -24,16 +21,6 @@ from tests.unit.test_sink_worker import Clock, FakeConsumer, FakeProducer, Msg
 
 # Integer prices, nano-USD per token (input, output): exact by construction.
 PRICES = {"small": (150, 600), "big": (2_500, 10_000)}
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[ClickHouse]:
-    database = ClickHouse.open(f"chdb://{tmp_path / 'ch'}")
-    try:
-        apply_migrations(database)
-        yield database
-    finally:
-        database.close()
 
 
 def to_event(n: int, call: TraceCall) -> CallEvent:
