@@ -474,4 +474,22 @@ def build_app(
             )
         return web.json(report)
 
+    # For the dashboard: every scope this worker holds, in one request per refresh. Buckets and
+    # applied offsets are left out: the dashboard polls this every half second.
+    @app.page("/scopes")
+    async def scopes(web: View, request: Request) -> Response:
+        if not proc.authorized(request):
+            return web.json({"error": "missing or wrong bearer token"}, status=401)
+        now = proc.clock()
+        reports = []
+        for ledger in proc.ledgers:
+            for key, raw in list(ledger.table.data.items()):
+                report = spend_report(
+                    SpendState.from_json(raw), proc.book.policies, ledger.scope_of(key), now
+                )
+                del report["buckets"], report["applied_offsets"]
+                reports.append(report)
+        reports.sort(key=lambda r: str(r["scope"]))
+        return web.json({"now_ms": now, "scopes": reports})
+
     return app
