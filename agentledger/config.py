@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
     processor_port: int = Field(default=6066, ge=1, le=65535)
     sink_port: int = Field(default=6067, ge=1, le=65535)
+    dashboard_port: int = Field(default=6068, ge=1, le=65535)
     kafka_jars: Path | None = Field(
         default=None, description="folder of Kafka broker jars; default: fetched by mvn"
     )
