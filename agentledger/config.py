@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentledger.schemas import Topics
@@ -42,6 +44,53 @@ class Settings(BaseSettings):
         default=None, description="folder of Kafka broker jars; default: fetched by mvn"
     )
     kafka_heap: str = "512m"
+    # -- scale-out (deploy/README.md "From one machine to a cluster") -------------------------
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        le=9,
+        description="brokers of the local KRaft cluster `up` runs (each broker also a "
+        "controller); broker i listens on kafka_port+2i, its controller on +1",
+    )
+    calls_partitions: int = Field(default=6, ge=1, le=1024, description="partitions of calls")
+    processors: int = Field(default=1, ge=1, le=64, description="processor workers `up` runs")
+    sinks: int = Field(default=1, ge=1, le=64, description="sink workers `up` runs")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_file: Path | None = Field(default=None, description="CA bundle (PEM)")
+    kafka_ssl_cert_file: Path | None = Field(default=None, description="client cert (PEM)")
+    kafka_ssl_key_file: Path | None = Field(default=None, description="client key (PEM)")
+    clickhouse_username: str | None = Field(
+        default=None, description="ClickHouse user; overrides the DSN's"
+    )
+    clickhouse_password: SecretStr | None = None
+    clickhouse_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) for an https:// ClickHouse"
+    )
+    clickhouse_verify: bool = Field(default=True, description="verify the server certificate")
+    clickhouse_cluster: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="ClickHouse cluster name: Replicated engines, ON CLUSTER DDL, *_all "
+        "Distributed tables for reads",
+    )
+
+    @model_validator(mode="after")
+    def _check_scale_out(self) -> Settings:
+        sasl = self.kafka_security_protocol.startswith("SASL")
+        if sasl and (self.kafka_sasl_username is None or self.kafka_sasl_password is None):
+            raise ValueError(
+                f"kafka_security_protocol={self.kafka_security_protocol} needs "
+                "AGENTLEDGER_KAFKA_SASL_USERNAME and AGENTLEDGER_KAFKA_SASL_PASSWORD"
+            )
+        if self.clickhouse_cluster is not None and self.embedded_clickhouse:
+            raise ValueError(
+                "clickhouse_cluster needs a ClickHouse server: set AGENTLEDGER_CLICKHOUSE to an "
+                "http(s):// DSN (embedded chDB is a single node)"
+            )
+        return self
 
     @property
     def topics(self) -> Topics:
@@ -54,13 +103,102 @@ class Settings(BaseSettings):
 
     @property
     def clickhouse_dsn(self) -> str:
-        if self.clickhouse is not None:
-            return self.clickhouse.get_secret_value()
-        return f"chdb://{(self.home / 'clickhouse').resolve()}"
+        """The DSN the sink opens; credentials and TLS options from settings are folded in
+        (clickhouse-connect reads user, password and query options such as ca_cert from it)."""
+        if self.clickhouse is None:
+            return f"chdb://{(self.home / 'clickhouse').resolve()}"
+        dsn = self.clickhouse.get_secret_value()
+        if dsn.startswith("chdb:"):
+            return dsn
+        parts = urlsplit(dsn)
+        if parts.scheme not in {"http", "https"}:
+            raise ValueError(
+                "AGENTLEDGER_CLICKHOUSE must be chdb://<path> or http(s)://[user:pass@]host:port"
+                f"[/db], got scheme {parts.scheme!r}"
+            )
+        user = self.clickhouse_username or parts.username
+        password = (
+            self.clickhouse_password.get_secret_value()
+            if self.clickhouse_password is not None
+            else parts.password
+        )
+        netloc = parts.hostname or "localhost"
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if parts.port is not None:
+            netloc = f"{netloc}:{parts.port}"
+        if user is not None:
+            auth = quote(user, safe="")
+            if password is not None:
+                auth += ":" + quote(password, safe="")
+            netloc = f"{auth}@{netloc}"
+        query = parts.query
+        extra: dict[str, str] = {}
+        if self.clickhouse_ca_file is not None:
+            extra["ca_cert"] = str(self.clickhouse_ca_file)
+        if not self.clickhouse_verify:
+            extra["verify"] = "false"
+        if extra:
+            query = "&".join(q for q in (query, urlencode(extra)) if q)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
     @property
     def embedded_clickhouse(self) -> bool:
         return self.clickhouse_dsn.startswith("chdb://")
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka (confluent-kafka) security settings; merge into every client's config."""
+        config = {"security.protocol": self.kafka_security_protocol.lower()}
+        if self.kafka_security_protocol.startswith("SASL"):
+            assert self.kafka_sasl_username is not None  # checked by the validator
+            assert self.kafka_sasl_password is not None
+            config["sasl.mechanisms"] = self.kafka_sasl_mechanism
+            config["sasl.username"] = self.kafka_sasl_username
+            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol.endswith("SSL"):
+            for key, path in (
+                ("ssl.ca.location", self.kafka_ssl_ca_file),
+                ("ssl.certificate.location", self.kafka_ssl_cert_file),
+                ("ssl.key.location", self.kafka_ssl_key_file),
+            ):
+                if path is not None:
+                    config[key] = str(path)
+        return config
+
+    def faust_credentials(self) -> object | None:
+        """faust's ``broker_credentials`` for the same settings (None: plaintext). Imports
+        faust lazily: this module must stay importable by the shim, which has no faust."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return None
+        import ssl
+
+        import faust
+
+        context: ssl.SSLContext | None = None
+        if self.kafka_security_protocol.endswith("SSL"):
+            context = ssl.create_default_context(
+                purpose=ssl.Purpose.SERVER_AUTH,
+                cafile=str(self.kafka_ssl_ca_file) if self.kafka_ssl_ca_file else None,
+            )
+            if self.kafka_ssl_cert_file is not None:
+                context.load_cert_chain(
+                    str(self.kafka_ssl_cert_file),
+                    str(self.kafka_ssl_key_file) if self.kafka_ssl_key_file else None,
+                )
+        if self.kafka_security_protocol == "SSL":
+            return faust.SSLCredentials(context)
+        assert self.kafka_sasl_username is not None
+        assert self.kafka_sasl_password is not None
+        username = self.kafka_sasl_username
+        password = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_sasl_mechanism == "PLAIN":
+            return faust.SASLCredentials(username=username, password=password, ssl_context=context)
+        return faust.SASLCredentials(
+            username=username,
+            password=password,
+            ssl_context=context,
+            mechanism=self.kafka_sasl_mechanism,
+        )
 
     def _secret_file(self, name: str) -> bytes:
         """Read, or on first use create (mode 0600), a random secret in the state dir."""

@@ -6,6 +6,7 @@ record is simply re-run. Never edit a released migration: append a new version.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +21,9 @@ __all__ = [
     "MigrationTarget",
     "applied_versions",
     "apply_migrations",
+    "cluster_statement",
+    "distributed_statements",
+    "migration_ddl",
 ]
 
 
@@ -293,29 +297,106 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-def applied_versions(target: MigrationTarget) -> set[int]:
-    target.command(_SCHEMA_MIGRATIONS)
+# -- cluster mode -------------------------------------------------------------------------------
+# The migrations above are written for one node. With a cluster name, every statement is
+# rewritten: DDL runs ON CLUSTER, *MergeTree engines become Replicated*MergeTree (replica path
+# from the table's uuid, so a dropped and re-created table never collides with its old Keeper
+# path), and the single-node dedup window becomes the replicated one (same insert tokens). Each
+# stored table also gets a `<name>_all` Distributed table for reads across shards; the sink
+# writes into the local tables of the node it is connected to.
+_CLUSTER_IDENTIFIER = re.compile(r"^[A-Za-z0-9_]+$")
+_CREATE = re.compile(r"^(\s*CREATE (?:TABLE|MATERIALIZED VIEW) IF NOT EXISTS \w+)", re.MULTILINE)
+_ALTER = re.compile(r"^(\s*ALTER TABLE \w+)")
+_DROP = re.compile(r"^(\s*DROP (?:TABLE|VIEW) IF EXISTS \w+)\s*$")
+_ENGINE = re.compile(r"^ENGINE = (\w*MergeTree)\s*$", re.MULTILINE)
+_CREATED_TABLE = re.compile(r"^\s*CREATE TABLE IF NOT EXISTS (\w+)")
+_DROPPED_TABLE = re.compile(r"^\s*DROP TABLE IF EXISTS (\w+)")
+REPLICA_PATH = "'/clickhouse/tables/{uuid}/{shard}', '{replica}'"
+
+
+def _check_cluster(cluster: str) -> str:
+    if not _CLUSTER_IDENTIFIER.match(cluster):
+        raise ValueError(f"cluster name must match [A-Za-z0-9_]+, got {cluster!r}")
+    return cluster
+
+
+def cluster_statement(statement: str, cluster: str | None) -> str:
+    """``statement`` as run on ``cluster``; unchanged for a single node (cluster None)."""
+    if cluster is None:
+        return statement
+    on = f" ON CLUSTER {_check_cluster(cluster)}"
+    out = _CREATE.sub(lambda m: m.group(1) + on, statement, count=1)
+    out = _ALTER.sub(lambda m: m.group(1) + on, out, count=1)
+    out = _DROP.sub(lambda m: m.group(1) + on + " SYNC", out, count=1)
+    out = _ENGINE.sub(lambda m: f"ENGINE = Replicated{m.group(1)}({REPLICA_PATH})", out)
+    return out.replace("non_replicated_deduplication_window", "replicated_deduplication_window")
+
+
+def _stored_tables(migrations: tuple[Migration, ...]) -> list[str]:
+    tables: list[str] = []
+    for migration in migrations:
+        for statement in migration.statements:
+            if created := _CREATED_TABLE.match(statement):
+                if created.group(1) not in tables:
+                    tables.append(created.group(1))
+            elif (dropped := _DROPPED_TABLE.match(statement)) and dropped.group(1) in tables:
+                tables.remove(dropped.group(1))
+    return tables
+
+
+def distributed_statements(
+    cluster: str, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> tuple[str, ...]:
+    """One `<table>_all` Distributed table per table the migrations leave in place."""
+    name = _check_cluster(cluster)
+    return tuple(
+        f"CREATE TABLE IF NOT EXISTS {table}_all ON CLUSTER {name} AS {table}\n"
+        f"ENGINE = Distributed({name}, currentDatabase(), {table})"
+        for table in ["schema_migrations", *_stored_tables(migrations)]
+    )
+
+
+def migration_ddl(
+    cluster: str | None = None, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> list[str]:
+    """Every statement a fresh database receives, in order (for review and snapshot tests)."""
+    statements = [cluster_statement(_SCHEMA_MIGRATIONS, cluster)]
+    statements += [cluster_statement(s, cluster) for m in migrations for s in m.statements]
+    if cluster is not None:
+        statements += distributed_statements(cluster, migrations)
+    return statements
+
+
+def applied_versions(target: MigrationTarget, cluster: str | None = None) -> set[int]:
+    target.command(cluster_statement(_SCHEMA_MIGRATIONS, cluster))
     result = target.writer_query("SELECT DISTINCT version FROM schema_migrations")
     return {int(row[0]) for row in result.rows}
 
 
 def apply_migrations(
-    target: MigrationTarget, migrations: tuple[Migration, ...] = MIGRATIONS
+    target: MigrationTarget,
+    migrations: tuple[Migration, ...] = MIGRATIONS,
+    cluster: str | None = None,
 ) -> list[int]:
-    """Apply the missing versions in order; return the versions applied by this call."""
+    """Apply the missing versions in order; return the versions applied by this call. With
+    ``cluster``, DDL is rewritten for the cluster (cluster_statement) and the Distributed read
+    tables are (re)ensured on every call, since a new migration may add a table."""
     versions = [m.version for m in migrations]
     if versions != sorted(set(versions)):
         raise ValueError(f"migration versions must be unique and increasing, got {versions}")
-    done = applied_versions(target)
+    done = applied_versions(target, cluster)
     applied = []
     for migration in migrations:
         if migration.version in done:
             continue
         for statement in migration.statements:
-            target.command(statement)
+            target.command(cluster_statement(statement, cluster))
         target.command(
             "INSERT INTO schema_migrations (version, name) VALUES ({v:UInt32}, {n:String})",
             {"v": migration.version, "n": migration.name},
         )
         applied.append(migration.version)
+    if cluster is not None:
+        for statement in distributed_statements(cluster, migrations):
+            target.command(statement)
     return applied

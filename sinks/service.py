@@ -45,7 +45,7 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
     batch_ms = _env_int(BATCH_MAX_MS_ENV, 1_000)
     if settings.embedded_clickhouse:
         (settings.home / "clickhouse").mkdir(parents=True, exist_ok=True)
-    database = open_with_retry(settings.clickhouse_dsn, stop)
+    database = open_with_retry(settings.clickhouse_dsn, stop, cluster=settings.clickhouse_cluster)
     if database is None:
         return 0
     try:
@@ -89,6 +89,7 @@ def open_with_retry(
     opener: Callable[[str], ClickHouse] = ClickHouse.open,
     initial_s: float = 0.5,
     max_s: float = 15.0,
+    cluster: str | None = None,
 ) -> ClickHouse | None:
     """Open ClickHouse and apply the migrations, retrying with backoff while it is unreachable
     (a server still starting, a chDB path another process holds); None if stop is requested
@@ -100,7 +101,7 @@ def open_with_retry(
         database: ClickHouse | None = None
         try:
             database = opener(dsn)
-            applied = apply_migrations(database)
+            applied = apply_migrations(database, cluster=cluster)
         except ClickHouseError as exc:
             if database is not None:
                 database.close()

@@ -1,0 +1,741 @@
+CREATE TABLE IF NOT EXISTS schema_migrations ON CLUSTER agentledger
+(
+    version UInt32,
+    name String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3, 'UTC')
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+ORDER BY version
+;
+
+CREATE TABLE IF NOT EXISTS calls ON CLUSTER agentledger
+(
+    schema_version UInt8,
+    event_id UUID,
+    event_time DateTime64(3, 'UTC'),
+    agent_id String,
+    pool LowCardinality(Nullable(String)),
+    workflow_id Nullable(String),
+    parent_agent_id Nullable(String),
+    spawn_depth UInt16,
+    task_type LowCardinality(Nullable(String)),
+    task_id Nullable(String),
+    provider LowCardinality(String),
+    requested_model LowCardinality(String),
+    used_model LowCardinality(String),
+    input_tokens UInt64,
+    output_tokens UInt64,
+    cached_input_tokens UInt64,
+    reasoning_tokens UInt64,
+    cost_nano_usd Int64,
+    priced Bool,
+    pricing_version LowCardinality(Nullable(String)),
+    latency_ms UInt32,
+    status LowCardinality(String),
+    attempt UInt16,
+    error_type Nullable(String),
+    _topic LowCardinality(String),
+    _partition UInt32,
+    _offset UInt64,
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX idx_source_offset _offset TYPE minmax GRANULARITY 1
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (agent_id, event_time, event_id)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+ALTER TABLE calls ON CLUSTER agentledger ADD INDEX IF NOT EXISTS idx_event_id event_id TYPE bloom_filter(0.001) GRANULARITY 1
+;
+
+CREATE TABLE IF NOT EXISTS control_commands ON CLUSTER agentledger
+(
+    schema_version UInt8,
+    command_id UUID,
+    issued_at DateTime64(3, 'UTC'),
+    scope String,
+    action LowCardinality(String),
+    params String,
+    reason String,
+    limit_nano_usd Nullable(Int64),
+    spend_nano_usd Nullable(Int64),
+    period_start Nullable(DateTime64(3, 'UTC')),
+    until Nullable(DateTime64(3, 'UTC')),
+    issuer LowCardinality(String),
+    signature Nullable(String),
+    verified Bool,
+    _topic LowCardinality(String),
+    _partition UInt32,
+    _offset UInt64,
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX idx_source_offset _offset TYPE minmax GRANULARITY 1,
+    INDEX idx_command_id command_id TYPE bloom_filter(0.001) GRANULARITY 1
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(issued_at)
+ORDER BY (scope, issued_at, command_id)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE TABLE IF NOT EXISTS alerts ON CLUSTER agentledger
+(
+    schema_version UInt8,
+    alert_id UUID,
+    issued_at DateTime64(3, 'UTC'),
+    kind LowCardinality(String),
+    severity LowCardinality(String),
+    scope String,
+    message String,
+    period_start Nullable(DateTime64(3, 'UTC')),
+    spend_nano_usd Nullable(Int64),
+    limit_nano_usd Nullable(Int64),
+    action Nullable(String),
+    details String,
+    _topic LowCardinality(String),
+    _partition UInt32,
+    _offset UInt64,
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX idx_source_offset _offset TYPE minmax GRANULARITY 1,
+    INDEX idx_alert_id alert_id TYPE bloom_filter(0.001) GRANULARITY 1
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(issued_at)
+ORDER BY (scope, issued_at, alert_id)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_minute ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    workflow_id String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, workflow_id, task_type)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_minute_mv ON CLUSTER agentledger TO calls_by_minute AS
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(workflow_id, '') AS workflow_id,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, workflow_id, task_type
+;
+
+INSERT INTO calls_by_minute
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(workflow_id, '') AS workflow_id,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM calls_by_minute) = 0
+GROUP BY bucket, agent_id, used_model, pool, workflow_id, task_type
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_hour ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    workflow_id String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, workflow_id, task_type)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_hour_mv ON CLUSTER agentledger TO calls_by_hour AS
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(workflow_id, '') AS workflow_id,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, workflow_id, task_type
+;
+
+INSERT INTO calls_by_hour
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(workflow_id, '') AS workflow_id,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM calls_by_hour) = 0
+GROUP BY bucket, agent_id, used_model, pool, workflow_id, task_type
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_day ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    workflow_id String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, workflow_id, task_type)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_day_mv ON CLUSTER agentledger TO calls_by_day AS
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(workflow_id, '') AS workflow_id,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, workflow_id, task_type
+;
+
+INSERT INTO calls_by_day
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(workflow_id, '') AS workflow_id,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM calls_by_day) = 0
+GROUP BY bucket, agent_id, used_model, pool, workflow_id, task_type
+;
+
+DROP VIEW IF EXISTS calls_by_minute_mv ON CLUSTER agentledger SYNC
+;
+
+DROP TABLE IF EXISTS calls_by_minute ON CLUSTER agentledger SYNC
+;
+
+DROP VIEW IF EXISTS calls_by_hour_mv ON CLUSTER agentledger SYNC
+;
+
+DROP TABLE IF EXISTS calls_by_hour ON CLUSTER agentledger SYNC
+;
+
+DROP VIEW IF EXISTS calls_by_day_mv ON CLUSTER agentledger SYNC
+;
+
+DROP TABLE IF EXISTS calls_by_day ON CLUSTER agentledger SYNC
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_minute ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, task_type)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_minute_mv ON CLUSTER agentledger TO calls_by_minute AS
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+INSERT INTO calls_by_minute
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM calls_by_minute) = 0
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_hour ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, task_type)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_hour_mv ON CLUSTER agentledger TO calls_by_hour AS
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+INSERT INTO calls_by_hour
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM calls_by_hour) = 0
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_day ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, task_type)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_day_mv ON CLUSTER agentledger TO calls_by_day AS
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+INSERT INTO calls_by_day
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM calls_by_day) = 0
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_minute ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    workflow_id String,
+    used_model LowCardinality(String),
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, workflow_id, used_model)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_minute_mv ON CLUSTER agentledger TO workflows_by_minute AS
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, workflow_id, used_model
+;
+
+INSERT INTO workflows_by_minute
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM workflows_by_minute) = 0
+GROUP BY bucket, workflow_id, used_model
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_hour ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    workflow_id String,
+    used_model LowCardinality(String),
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, workflow_id, used_model)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_hour_mv ON CLUSTER agentledger TO workflows_by_hour AS
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, workflow_id, used_model
+;
+
+INSERT INTO workflows_by_hour
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM workflows_by_hour) = 0
+GROUP BY bucket, workflow_id, used_model
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_day ON CLUSTER agentledger
+(
+    bucket DateTime('UTC'),
+    workflow_id String,
+    used_model LowCardinality(String),
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_ms AggregateFunction(quantiles(0.5, 0.9, 0.99), UInt32)
+)
+ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, workflow_id, used_model)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_day_mv ON CLUSTER agentledger TO workflows_by_day AS
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+
+GROUP BY bucket, workflow_id, used_model
+;
+
+INSERT INTO workflows_by_day
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
+FROM calls
+WHERE (SELECT count() FROM workflows_by_day) = 0
+GROUP BY bucket, workflow_id, used_model
+;
+
+CREATE TABLE IF NOT EXISTS schema_migrations_all ON CLUSTER agentledger AS schema_migrations
+ENGINE = Distributed(agentledger, currentDatabase(), schema_migrations)
+;
+
+CREATE TABLE IF NOT EXISTS calls_all ON CLUSTER agentledger AS calls
+ENGINE = Distributed(agentledger, currentDatabase(), calls)
+;
+
+CREATE TABLE IF NOT EXISTS control_commands_all ON CLUSTER agentledger AS control_commands
+ENGINE = Distributed(agentledger, currentDatabase(), control_commands)
+;
+
+CREATE TABLE IF NOT EXISTS alerts_all ON CLUSTER agentledger AS alerts
+ENGINE = Distributed(agentledger, currentDatabase(), alerts)
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_minute_all ON CLUSTER agentledger AS calls_by_minute
+ENGINE = Distributed(agentledger, currentDatabase(), calls_by_minute)
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_hour_all ON CLUSTER agentledger AS calls_by_hour
+ENGINE = Distributed(agentledger, currentDatabase(), calls_by_hour)
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_day_all ON CLUSTER agentledger AS calls_by_day
+ENGINE = Distributed(agentledger, currentDatabase(), calls_by_day)
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_minute_all ON CLUSTER agentledger AS workflows_by_minute
+ENGINE = Distributed(agentledger, currentDatabase(), workflows_by_minute)
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_hour_all ON CLUSTER agentledger AS workflows_by_hour
+ENGINE = Distributed(agentledger, currentDatabase(), workflows_by_hour)
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_day_all ON CLUSTER agentledger AS workflows_by_day
+ENGINE = Distributed(agentledger, currentDatabase(), workflows_by_day)
+;
+
