@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 
-.PHONY: help install kafka demo test bench test-unit test-integration lint format typecheck schemas up down status clean
+.PHONY: help install kafka demo test faults bench test-unit test-integration lint format typecheck schemas up down status clean
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ test-unit: install ## unit tests only (no broker)
 
 test-integration: install kafka ## integration tests only
 	$(BIN)/pytest tests/integration
+
+faults: install kafka ## fault injection: kill -9, broker and ClickHouse outages, rebalance (minutes)
+	$(BIN)/pytest tests/faults -m faults -v -s
 
 bench: install kafka ## run the benchmarks; writes bench/results.json and prints a table
 	$(BIN)/python bench/run.py
