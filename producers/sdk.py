@@ -1,11 +1,11 @@
 """Automatic recording from the OpenAI and Anthropic Python SDKs.
 
 ``instrument_openai(client, agent)`` and ``instrument_anthropic(client, agent)`` replace the
-client's ``chat.completions.create`` / ``messages.create`` (sync or async client) with one that
-runs inside ``agent.call``: a STOP refuses before the request, a ROUTE changes the model sent,
-usage is recorded from the response (from the final chunk or the message events when
-streaming), and a failed request is recorded with its error type. Neither SDK is imported here:
-the shim works without them.
+client's ``chat.completions.create`` / ``responses.create`` / ``messages.create`` /
+``messages.stream`` (sync or async client) with one that runs inside ``agent.call``: a STOP
+refuses before the request, a ROUTE changes the model sent, usage is recorded from the response
+(from the final chunk or event when streaming), and a failed request is recorded with its error
+type. Neither SDK is imported here: the shim works without them.
 """
 
 from __future__ import annotations
@@ -17,76 +17,35 @@ from typing import Any
 from agentledger.schemas import CallStatus
 
 from .ledger import AgentLedger, CallRecorder
+from .sdk_anthropic import install_message_stream
+from .sdk_usage import AnthropicTally, fail, openai_chat_usage, openai_responses_usage
 
 __all__ = ["instrument_anthropic", "instrument_openai"]
-
-UsageFn = Callable[[CallRecorder, Any], None]
-
-
-def _status_of(exc: BaseException) -> CallStatus:
-    # By name, so the SDKs need not be importable: openai.RateLimitError,
-    # anthropic.APITimeoutError, ...
-    name = type(exc).__name__
-    if "RateLimit" in name:
-        return CallStatus.RATE_LIMITED
-    if "Timeout" in name:
-        return CallStatus.TIMEOUT
-    return CallStatus.ERROR
-
-
-def _fail(call: CallRecorder, exc: BaseException) -> None:
-    call.status = _status_of(exc)
-    call.__exit__(type(exc), exc, exc.__traceback__)
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _openai_usage(call: CallRecorder, usage: Any) -> None:
-    if usage is None:
-        return
-    prompt = getattr(usage, "prompt_tokens_details", None)
-    completion = getattr(usage, "completion_tokens_details", None)
-    inp = _int(getattr(usage, "prompt_tokens", 0))
-    out = _int(getattr(usage, "completion_tokens", 0))
-    call.record(
-        input_tokens=inp,
-        output_tokens=out,
-        cached_input_tokens=min(_int(getattr(prompt, "cached_tokens", 0)), inp),
-        reasoning_tokens=min(_int(getattr(completion, "reasoning_tokens", 0)), out),
-    )
-
-
-class _AnthropicTally:
-    """Usage gathered from an Anthropic response or its stream events."""
-
-    def __init__(self) -> None:
-        self.input = self.cache_read = self.cache_write = self.output = 0
-
-    def take(self, usage: Any) -> None:
-        if usage is None:
-            return
-        # message_start carries the input side, message_delta the cumulative output.
-        self.input = _int(getattr(usage, "input_tokens", None)) or self.input
-        self.cache_read = _int(getattr(usage, "cache_read_input_tokens", None)) or self.cache_read
-        self.cache_write = (
-            _int(getattr(usage, "cache_creation_input_tokens", None)) or self.cache_write
-        )
-        self.output = _int(getattr(usage, "output_tokens", None)) or self.output
-
-    def record(self, call: CallRecorder) -> None:
-        # Anthropic's input_tokens excludes cache reads and writes; ours is the whole prompt.
-        total = self.input + self.cache_read + self.cache_write
-        call.record(
-            input_tokens=total, output_tokens=self.output, cached_input_tokens=self.cache_read
-        )
 
 
 def _openai_chunk(call: CallRecorder, chunk: Any, _state: Any) -> None:
     usage = getattr(chunk, "usage", None)
     if usage is not None:
-        _openai_usage(call, usage)
+        openai_chat_usage(call, usage)
+
+
+# The Responses API ends a stream with one of these; each carries the whole response, usage
+# included.
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _openai_response(call: CallRecorder, response: Any) -> None:
+    openai_responses_usage(call, getattr(response, "usage", None))
+    if getattr(response, "status", None) == "failed":
+        # The request succeeded but the model run did not: a billed failure.
+        call.status = CallStatus.ERROR
+        code = getattr(getattr(response, "error", None), "code", None)
+        call.error_type = code[:200] if isinstance(code, str) and code else "ResponseFailed"
+
+
+def _openai_response_event(call: CallRecorder, event: Any, _state: Any) -> None:
+    if getattr(event, "type", None) in _RESPONSE_ENDS:
+        _openai_response(call, getattr(event, "response", None))
 
 
 def _anthropic_event(call: CallRecorder, event: Any, tally: Any) -> None:
@@ -117,7 +76,7 @@ class _Stream:
             if exc is None:
                 self._call.__exit__(None, None, None)
             else:
-                _fail(self._call, exc)
+                fail(self._call, exc)
 
     def __iter__(self) -> Iterator[Any]:
         try:
@@ -198,7 +157,7 @@ def _openai_stream_options(kwargs: dict[str, Any]) -> None:
 
 
 def _anthropic_record(call: CallRecorder, response: Any) -> None:
-    tally = _AnthropicTally()
+    tally = AnthropicTally()
     tally.take(getattr(response, "usage", None))
     tally.record(call)
 
@@ -207,8 +166,16 @@ _OPENAI = _Spec(
     "openai",
     lambda kw: kw.get("max_completion_tokens") or kw.get("max_tokens"),
     _openai_stream_options,
-    lambda call, response: _openai_usage(call, getattr(response, "usage", None)),
+    lambda call, response: openai_chat_usage(call, getattr(response, "usage", None)),
     _openai_chunk,
+    lambda: None,
+)
+_OPENAI_RESPONSES = _Spec(
+    "openai",
+    lambda kw: kw.get("max_output_tokens"),
+    lambda kw: None,  # a Responses stream always ends with the whole response
+    _openai_response,
+    _openai_response_event,
     lambda: None,
 )
 _ANTHROPIC = _Spec(
@@ -217,7 +184,7 @@ _ANTHROPIC = _Spec(
     lambda kw: None,
     _anthropic_record,
     _anthropic_event,
-    _AnthropicTally,
+    AnthropicTally,
 )
 
 
@@ -242,7 +209,7 @@ def _wrap_sync(spec: _Spec, agent: AgentLedger, original: Callable[..., Any]) ->
         try:
             result = original(*args, **kwargs)
         except BaseException as exc:
-            _fail(call, exc)
+            fail(call, exc)
             raise
         if streaming:
             return _Stream(result, call, spec.on_item, spec.new_state())
@@ -267,7 +234,7 @@ def _wrap_async(
         try:
             result = await original(*args, **kwargs)
         except BaseException as exc:
-            _fail(call, exc)
+            fail(call, exc)
             raise
         if streaming:
             return _AsyncStream(result, call, spec.on_item, spec.new_state())
@@ -294,14 +261,18 @@ def _install(spec: _Spec, resource: Any, agent: AgentLedger) -> None:
 
 
 def instrument_openai(client: Any, agent: AgentLedger) -> Any:
-    """Record every ``client.chat.completions.create`` (OpenAI or AsyncOpenAI) to ``agent``;
-    returns the client."""
+    """Record every ``client.chat.completions.create`` and ``client.responses.create``
+    (OpenAI or AsyncOpenAI) to ``agent``; returns the client."""
     _install(_OPENAI, client.chat.completions, agent)
+    responses = getattr(client, "responses", None)
+    if responses is not None:  # older SDKs have no Responses API
+        _install(_OPENAI_RESPONSES, responses, agent)
     return client
 
 
 def instrument_anthropic(client: Any, agent: AgentLedger) -> Any:
-    """Record every ``client.messages.create`` (Anthropic or AsyncAnthropic) to ``agent``;
-    returns the client."""
+    """Record every ``client.messages.create`` and ``client.messages.stream`` (Anthropic or
+    AsyncAnthropic) to ``agent``; returns the client."""
     _install(_ANTHROPIC, client.messages, agent)
+    install_message_stream(client.messages, agent)
     return client

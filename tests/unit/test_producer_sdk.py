@@ -79,6 +79,71 @@ def anthropic_message(model: str) -> dict[str, Any]:
     }
 
 
+RESPONSES_USAGE = {
+    "input_tokens": 1200,
+    "input_tokens_details": {"cached_tokens": 1000},
+    "output_tokens": 300,
+    "output_tokens_details": {"reasoning_tokens": 100},
+    "total_tokens": 1500,
+}
+
+
+def openai_response(model: str, status: str = "completed") -> dict[str, Any]:
+    done = status != "in_progress"
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "status": status,
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_1",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "hello", "annotations": []}],
+            }
+        ]
+        if done
+        else [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "error": {"code": "server_error", "message": "boom"} if status == "failed" else None,
+        "usage": RESPONSES_USAGE if done else None,
+    }
+
+
+def openai_response_events(model: str, end: str) -> list[tuple[str, dict[str, Any]]]:
+    delta = {"item_id": "msg_1", "output_index": 0, "content_index": 0, "logprobs": []}
+    return [
+        (
+            "response.created",
+            {
+                "type": "response.created",
+                "sequence_number": 0,
+                "response": openai_response(model, "in_progress"),
+            },
+        ),
+        *[
+            (
+                "response.output_text.delta",
+                {"type": "response.output_text.delta", "sequence_number": i, "delta": w, **delta},
+            )
+            for i, w in ((1, "hel"), (2, "lo"))
+        ],
+        (
+            f"response.{end}",
+            {
+                "type": f"response.{end}",
+                "sequence_number": 3,
+                "response": openai_response(model, end),
+            },
+        ),
+    ]
+
+
 TEXT_BLOCK = {"type": "text", "text": ""}
 TEXT_DELTA = {"type": "text_delta", "text": "hello"}
 RATE_LIMITED = {"error": {"type": "rate_limit_error", "message": "slow down"}}
@@ -127,6 +192,7 @@ class FakeApi:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.fail_with: int | None = None
+        self.response_end = "completed"
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,10 +203,8 @@ class FakeApi:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 api.requests.append(body)
                 if api.fail_with is not None:
-                    self._json(
-                        api.fail_with,
-                        {"error": {"type": "rate_limit_error", "message": "slow down"}},
-                    )
+                    kind = "rate_limit_error" if api.fail_with == 429 else "api_error"
+                    self._json(api.fail_with, {"error": {"type": kind, "message": "failed"}})
                     return
                 model = body["model"]
                 if self.path.endswith("/chat/completions"):
@@ -153,6 +217,12 @@ class FakeApi:
                         self._sse([*lines, "data: [DONE]\n\n"])
                     else:
                         self._json(200, openai_completion(model))
+                elif self.path.endswith("/responses"):
+                    if body.get("stream"):
+                        events = openai_response_events(model, api.response_end)
+                        self._sse([f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events])
+                    else:
+                        self._json(200, openai_response(model, api.response_end))
                 elif self.path.endswith("/messages"):
                     if body.get("stream"):
                         self._sse(
@@ -327,3 +397,122 @@ def test_anthropic_async_and_async_streaming(api: FakeApi, h: Harness) -> None:
             1000,
             40,
         )
+
+
+def test_openai_responses_sync_records_cached_and_reasoning_tokens(
+    api: FakeApi, h: Harness
+) -> None:
+    h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
+    response = oa(api, h).responses.create(model="gpt-4o", input="hi", max_output_tokens=500)
+    assert response.output_text == "hello"
+    assert api.requests[0]["model"] == "gpt-4o-mini"
+    assert_openai_event(h)
+
+
+def test_openai_responses_streaming_records_the_completed_event(api: FakeApi, h: Harness) -> None:
+    h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
+    stream = oa(api, h).responses.create(model="gpt-4o", input="hi", stream=True)
+    kinds = []
+    text = ""
+    for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            assert h.events() == []  # the call ends with the stream, not before
+            text += event.delta
+    assert text == "hello"
+    assert kinds[-1] == "response.completed"
+    assert "stream_options" not in api.requests[0]
+    assert_openai_event(h)
+
+
+def test_openai_responses_async_and_async_streaming(api: FakeApi, h: Harness) -> None:
+    async def main() -> None:
+        client = oa(api, h, openai.AsyncOpenAI)
+        response = await client.responses.create(model="gpt-4o", input="hi")
+        assert response.output_text == "hello"
+        stream = await client.responses.create(model="gpt-4o", input="hi", stream=True)
+        async for _event in stream:
+            pass
+        await client.close()
+
+    asyncio.run(main())
+    events = h.events()
+    assert len(events) == 2
+    for event in events:
+        assert (event.input_tokens, event.cached_input_tokens) == (1200, 1000)
+        assert (event.output_tokens, event.reasoning_tokens) == (300, 100)
+        assert event.status is CallStatus.OK
+
+
+def test_openai_responses_failed_run_is_a_billed_error(api: FakeApi, h: Harness) -> None:
+    api.response_end = "failed"
+    for _event in oa(api, h).responses.create(model="gpt-4o", input="hi", stream=True):
+        pass
+    (event,) = h.events()
+    assert (event.status, event.error_type) == (CallStatus.ERROR, "server_error")
+    assert event.output_tokens == 300 and event.cost_nano_usd > 0
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "error_type"),
+    [
+        (429, CallStatus.RATE_LIMITED, "RateLimitError"),
+        (500, CallStatus.ERROR, "InternalServerError"),
+    ],
+)
+def test_openai_responses_http_failure_is_recorded(
+    api: FakeApi, h: Harness, status: int, expected: CallStatus, error_type: str
+) -> None:
+    api.fail_with = status
+    with pytest.raises(openai.APIStatusError):
+        oa(api, h).responses.create(model="gpt-4o", input="hi", stream=True)
+    (event,) = h.events()
+    assert (event.status, event.error_type, event.output_tokens) == (expected, error_type, 0)
+
+
+def test_anthropic_messages_stream_helper(api: FakeApi, h: Harness) -> None:
+    h.publish(
+        "pool:p",
+        ControlAction.ROUTE,
+        params={"from": "claude-sonnet-4-5", "to": "claude-haiku-4-5"},
+    )
+    client = an(api, h)
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=100, messages=MSGS) as stream:
+        assert "".join(stream.text_stream) == "hello"
+        assert h.events() == []
+    assert api.requests[0]["model"] == "claude-haiku-4-5"
+    assert_anthropic_event(h)
+    assert h.events()[0].requested_model == "claude-sonnet-4-5"
+
+
+def test_anthropic_messages_stream_helper_async(api: FakeApi, h: Harness) -> None:
+    async def main() -> str:
+        client = an(api, h, anthropic.AsyncAnthropic)
+        async with client.messages.stream(
+            model="claude-haiku-4-5", max_tokens=100, messages=MSGS
+        ) as stream:
+            message = await stream.get_final_message()
+        await client.close()
+        return str(message.content[0].text)
+
+    assert asyncio.run(main()) == "hello"
+    assert_anthropic_event(h)
+
+
+def test_anthropic_messages_stream_helper_refusal_and_failure(api: FakeApi, h: Harness) -> None:
+    client = an(api, h)
+    api.fail_with = 500
+    with (
+        pytest.raises(anthropic.InternalServerError),
+        client.messages.stream(model="claude-haiku-4-5", max_tokens=10, messages=MSGS),
+    ):
+        pass
+    (event,) = h.events()
+    assert (event.status, event.error_type) == (CallStatus.ERROR, "InternalServerError")
+    h.publish("pool:p")
+    with (
+        pytest.raises(BudgetExceeded),
+        client.messages.stream(model="claude-haiku-4-5", max_tokens=10, messages=MSGS),
+    ):
+        pass
+    assert len(api.requests) == 1  # the STOP refused before any request
