@@ -30,6 +30,7 @@ from .ledger import (
     wall_clock_ms,
 )
 from .pricing import PRICING_VERSION, Price, PriceOverride, Pricer
+from .router import Candidate, Router, RoutingDecision, RoutingPolicy, StatsBook
 from .scope import TaskScope, current_task
 from .sdk import instrument_anthropic, instrument_openai
 from .spool import Spool
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncCallRecorder",
     "BudgetExceeded",
     "CallRecorder",
+    "Candidate",
     "ControlPlaneUnavailable",
     "ControlState",
     "EventTransport",
@@ -52,7 +54,11 @@ __all__ = [
     "Price",
     "PriceOverride",
     "Pricer",
+    "Router",
+    "RoutingDecision",
+    "RoutingPolicy",
     "Spool",
+    "StatsBook",
     "TaskScope",
     "TaskUnit",
     "ThrottleTimeout",

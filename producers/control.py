@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from agentledger.config import Settings
 from agentledger.schemas import ControlAction, ControlCommand, SignatureError, verify_command
 
-__all__ = ["ControlState", "KafkaControlListener"]
+__all__ = ["ControlState", "KafkaControlListener", "RecordSink"]
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,18 @@ class ControlState:
         return [c for c in found if c.until_ms is None or c.until_ms > now_ms]
 
 
+class RecordSink(Protocol):
+    """What a listener feeds each record value to (ControlState; the router's StatsBook)."""
+
+    def apply(self, value: bytes, /) -> bool: ...
+
+
 class KafkaControlListener:
     """A daemon thread that reads every partition of the control topic from the beginning.
 
     It joins no consumer group (manual assignment, nothing committed), so each agent process
     sees every standing command, and starting many agents costs the cluster no rebalances.
+    ``topic`` lets the router follow the compacted stats topic the same way.
     """
 
     POLL_TIMEOUT_S = 0.1
@@ -143,8 +150,10 @@ class KafkaControlListener:
     # Short, so close() never waits long on a listener stuck asking a dead broker.
     METADATA_TIMEOUT_S = 1.0
 
-    def __init__(self, settings: Settings, state: ControlState, **config: Any) -> None:
-        self._topic = settings.topics.control
+    def __init__(
+        self, settings: Settings, state: RecordSink, *, topic: str | None = None, **config: Any
+    ) -> None:
+        self._topic = topic or settings.topics.control
         self._state = state
         self._config: dict[str, Any] = {
             "bootstrap.servers": settings.kafka,

@@ -24,6 +24,7 @@ from .policy import (
     Threshold,
     parse_policy_file,
 )
+from .stats import STATS_VERSION, StatsSummary, TaskStats, summarize
 from .topics import Topics
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "CONTROL_COMMAND_VERSION",
     "DEAD_LETTER_VERSION",
     "NANO_PER_USD",
+    "STATS_VERSION",
     "Alert",
     "AlertKind",
     "BudgetPolicy",
@@ -48,11 +50,14 @@ __all__ = [
     "Severity",
     "SignatureError",
     "Spike",
+    "StatsSummary",
+    "TaskStats",
     "Threshold",
     "Topics",
     "nano_to_usd",
     "parse_policy_file",
     "sign_command",
+    "summarize",
     "usd_to_nano",
     "uuid7",
     "verify_command",

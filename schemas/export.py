@@ -13,6 +13,7 @@ from .control import CONTROL_COMMAND_VERSION, ControlCommand
 from .dlq import DEAD_LETTER_VERSION, InvalidMessage
 from .events import CALL_EVENT_VERSION, CallEvent
 from .policy import BUDGET_POLICY_VERSION, BudgetPolicy
+from .stats import STATS_VERSION, TaskStats
 
 __all__ = ["PUBLISHED", "SCHEMA_DIR", "render", "write_all"]
 
@@ -24,6 +25,7 @@ PUBLISHED: dict[str, tuple[type[BaseModel], int]] = {
     "budget_policy": (BudgetPolicy, BUDGET_POLICY_VERSION),
     "invalid_message": (InvalidMessage, DEAD_LETTER_VERSION),
     "alert": (Alert, ALERT_VERSION),
+    "task_stats": (TaskStats, STATS_VERSION),
 }
 
 

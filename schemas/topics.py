@@ -31,5 +31,10 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}dlq"
 
+    @property
+    def stats(self) -> str:
+        """Routing stats per (agent or model, task type, calls partition); compacted."""
+        return f"{self.prefix}stats"
+
     def all(self) -> tuple[str, ...]:
-        return (self.calls, self.control, self.policies, self.alerts, self.dlq)
+        return (self.calls, self.control, self.policies, self.alerts, self.dlq, self.stats)

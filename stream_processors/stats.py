@@ -1,0 +1,313 @@
+"""Routing stats: cost, latency and success per (agent or model, task type), kept on the
+compacted stats topic for the shim's router.
+
+A separate faust agent reads the calls topic (the same consumer as the spend agent, its own
+stream), adds each call into in-memory partial aggregates and a timer publishes the changed
+ones at most once per interval. The spend path never waits for it: per event it is one
+validation and a few integer additions.
+
+Partials are per calls partition (the record key ends in the partition), so exactly one worker
+writes each, and each carries the highest calls offset it counted: a replay after a restart or
+a rebalance skips what was already counted. Every worker follows the whole stats topic from
+the beginning, so it starts from what was published and picks up a partition's partials
+from its previous owner; among two values of one key the one with the higher offset wins.
+A crash loses the calls counted since the last publish (at most one interval) when faust had
+already committed their offsets: stats undercount then, they never count a call twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from agentledger.config import Settings
+from agentledger.schemas import CallEvent, CallStatus, TaskStats
+from agentledger.schemas.stats import latency_bucket
+
+__all__ = [
+    "FLUSH_INTERVAL_S",
+    "StatsAggregator",
+    "follow_stats",
+    "register_stats",
+]
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 1.0
+Clock = Callable[[], int]
+
+
+class DeadLetter(Protocol):
+    def __call__(
+        self,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        payload: bytes | None,
+        reason: str,
+    ) -> Awaitable[None]: ...
+
+
+@dataclass(slots=True)
+class _Partial:
+    """A TaskStats being added to; mutable, so an event costs no model copy."""
+
+    subject: str
+    task_type: str | None
+    partition: int
+    offset: int = -1
+    calls: int = 0
+    successes: int = 0
+    priced_calls: int = 0
+    cost_nano_usd: int = 0
+    buckets: dict[int, int] = field(default_factory=dict)
+    first_ms: int = -1
+    last_ms: int = 0
+
+    @classmethod
+    def of(cls, stats: TaskStats) -> _Partial:
+        return cls(
+            subject=stats.subject,
+            task_type=stats.task_type,
+            partition=stats.source_partition,
+            offset=stats.source_offset,
+            calls=stats.calls,
+            successes=stats.successes,
+            priced_calls=stats.priced_calls,
+            cost_nano_usd=stats.cost_nano_usd,
+            buckets=dict(stats.latency_ms_buckets),
+            first_ms=stats.first_event_time_ms,
+            last_ms=stats.last_event_time_ms,
+        )
+
+    def add(self, event: CallEvent, offset: int) -> None:
+        self.offset = offset
+        self.calls += 1
+        if event.status is CallStatus.OK:
+            self.successes += 1
+        if event.priced:
+            self.priced_calls += 1
+            self.cost_nano_usd += event.cost_nano_usd
+        bucket = latency_bucket(event.latency_ms)
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+        t = event.event_time_ms
+        if self.first_ms < 0 or t < self.first_ms:
+            self.first_ms = t
+        if t > self.last_ms:
+            self.last_ms = t
+
+    def to_stats(self, now_ms: int) -> TaskStats:
+        return TaskStats(
+            subject=self.subject,
+            task_type=self.task_type,
+            source_partition=self.partition,
+            source_offset=self.offset,
+            calls=self.calls,
+            successes=self.successes,
+            priced_calls=self.priced_calls,
+            cost_nano_usd=self.cost_nano_usd,
+            latency_ms_buckets=dict(self.buckets),
+            first_event_time_ms=max(self.first_ms, 0),
+            last_event_time_ms=self.last_ms,
+            updated_at_ms=max(now_ms, 0),
+        )
+
+
+def _subjects(event: CallEvent) -> tuple[str, str]:
+    return f"agent:{event.agent_id}", f"model:{event.used_model}"
+
+
+class StatsAggregator:
+    """The partials of this worker, and of others as last published. No faust, no I/O."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._partials: dict[str, _Partial] = {}
+        self._dirty: set[str] = set()
+        self.metrics = {"counted": 0, "replayed": 0, "unreadable": 0, "loaded": 0}
+
+    def __len__(self) -> int:
+        return len(self._partials)
+
+    def observe(self, partition: int, offset: int, value: bytes | None) -> bool:
+        """Count one calls record; False when it is a replay or not a CallEvent (the spend
+        path dead-letters those, so it is not done twice here)."""
+        if not value:
+            self.metrics["unreadable"] += 1
+            return False
+        try:
+            event = CallEvent.model_validate_json(value)
+        except ValidationError:
+            self.metrics["unreadable"] += 1
+            return False
+        return self.count(event, partition, offset)
+
+    def count(self, event: CallEvent, partition: int, offset: int) -> bool:
+        counted = False
+        task_type = event.task_type
+        for subject in _subjects(event):
+            key = f"{subject}|{task_type or ''}|{partition}"
+            partial = self._partials.get(key)
+            if partial is None:
+                partial = self._partials[key] = _Partial(subject, task_type, partition)
+            if offset <= partial.offset:
+                continue
+            partial.add(event, offset)
+            self._dirty.add(key)
+            counted = True
+        self.metrics["counted" if counted else "replayed"] += 1
+        return counted
+
+    def load(self, value: bytes) -> str | None:
+        """Take one stats-topic value unless ours is at least as far; return why it was
+        rejected, or None."""
+        try:
+            stats = TaskStats.model_validate_json(value)
+        except ValidationError as exc:
+            return f"not a valid TaskStats: {exc}"
+        mine = self._partials.get(stats.key)
+        if mine is None or stats.source_offset > mine.offset:
+            self._partials[stats.key] = _Partial.of(stats)
+            self._dirty.discard(stats.key)
+            self.metrics["loaded"] += 1
+        return None
+
+    def take_dirty(self) -> list[TaskStats]:
+        """The partials changed since the last call, as records to publish."""
+        now = self.clock()
+        keys, self._dirty = self._dirty, set()
+        return [self._partials[key].to_stats(now) for key in sorted(keys)]
+
+    def stats(self, key: str) -> TaskStats | None:
+        partial = self._partials.get(key)
+        return None if partial is None else partial.to_stats(self.clock())
+
+
+async def _partitions(bootstrap: str, topic: str) -> list[int]:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaTimeoutError
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await producer.start()
+    try:
+        numbers: set[int] = await producer.partitions_for(topic)
+    except KafkaTimeoutError:
+        raise RuntimeError(
+            f"stats topic {topic!r} not found on {bootstrap}; create the stack's topics "
+            "first (agentledger up, or deploy.ensure_topics)"
+        ) from None
+    finally:
+        await producer.stop()
+    return sorted(numbers)
+
+
+async def follow_stats(
+    aggregator: StatsAggregator,
+    *,
+    bootstrap: str,
+    topic: str,
+    loaded: asyncio.Event,
+    on_invalid: Callable[[int, int, bytes | None, bytes | None, str], Awaitable[None]],
+    poll_timeout_ms: int = 200,
+) -> None:
+    """Read the stats topic into ``aggregator`` forever; set ``loaded`` once caught up with
+    the end offsets seen at start. Runs until cancelled."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await _partitions(bootstrap, topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        targets: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        while True:
+            batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.value is None:
+                        continue  # a tombstone forgets a key; nothing to rebuild from it
+                    reason = aggregator.load(record.value)
+                    if reason is not None:
+                        await on_invalid(
+                            tp.partition, record.offset, record.key, record.value, reason
+                        )
+            if not loaded.is_set():
+                positions = {tp: await consumer.position(tp) for tp in tps}
+                if all(positions[tp] >= targets[tp] for tp in tps):
+                    log.info("stats rebuilt: %d partials", len(aggregator))
+                    loaded.set()
+    finally:
+        await consumer.stop()
+
+
+def register_stats(
+    app: Any,
+    settings: Settings,
+    clock: Clock,
+    dead_letter: DeadLetter,
+    *,
+    flush_interval_s: float = FLUSH_INTERVAL_S,
+) -> StatsAggregator:
+    """Add the stats agent, the stats-topic follower and the publish timer to a faust app.
+
+    Call it once from ``build_app``; the aggregator is returned (and kept as
+    ``app.stats_aggregator``) for tests and tooling."""
+    from agentledger.deploy.topics import ensure_topics, topic_specs
+
+    topics = settings.topics
+    ensure_topics(settings.kafka, [s for s in topic_specs(topics) if s.name == topics.stats])
+    aggregator = StatsAggregator(clock)
+    loaded = asyncio.Event()
+    calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
+    out = app.topic(topics.stats, key_serializer="raw", value_serializer="raw")
+    app.stats_aggregator = aggregator
+
+    @app.agent(calls, name=f"{settings.topic_prefix}routing-stats", concurrency=1)  # type: ignore[untyped-decorator]
+    async def routing_stats(stream: Any) -> None:
+        # Counting before the rebuild would let a published partial overwrite fresh counts.
+        await loaded.wait()
+        async for event in stream.events():
+            msg = event.message
+            aggregator.observe(msg.partition, msg.offset, event.value)
+
+    async def reject(
+        partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+    ) -> None:
+        await dead_letter(
+            topic=topics.stats,
+            partition=partition,
+            offset=offset,
+            key=key,
+            payload=value,
+            reason=reason,
+        )
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def load_stats() -> None:
+        await follow_stats(
+            aggregator,
+            bootstrap=settings.kafka,
+            topic=topics.stats,
+            loaded=loaded,
+            on_invalid=reject,
+        )
+
+    @app.timer(interval=flush_interval_s)  # type: ignore[untyped-decorator]
+    async def publish_stats() -> None:
+        for record in aggregator.take_dirty():
+            await out.send(key=record.key.encode(), value=record.model_dump_json().encode())
+
+    return aggregator
