@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agentledger.config import Settings
+from agentledger.control_cli import add_control_parser
 from agentledger.durations import parse_duration_ms
 from agentledger.tables import render_table
+from agentledger.top import add_top_parser
 
 __all__ = ["main"]
 
@@ -19,6 +21,13 @@ __all__ = ["main"]
 def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from agentledger.deploy.stack import Stack
 
+    shape = {
+        "kafka_brokers": args.brokers,
+        "processors": args.processors,
+        "sinks": args.sinks,
+        "calls_partitions": args.partitions,
+    }
+    settings = settings.model_copy(update={k: v for k, v in shape.items() if v is not None})
     stack = Stack(settings)
     rows = stack.up(timeout_s=args.timeout)
     _print_status(rows)
@@ -168,6 +177,16 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, agents=args.agents, budget_usd=args.budget, stop_after=args.down)
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 64, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentledger",
@@ -180,6 +199,14 @@ def _parser() -> argparse.ArgumentParser:
         "up", help="start the local stack (Kafka, processor, sink) in the background"
     )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
+    up.add_argument(
+        "--brokers", type=_count, help="Kafka brokers on loopback (3+: replication 3, min ISR 2)"
+    )
+    up.add_argument("--processors", type=_count, help="processor workers (one consumer group)")
+    up.add_argument(
+        "--sinks", type=_count, help="sink workers; more than 1 needs a ClickHouse server DSN"
+    )
+    up.add_argument("--partitions", type=_count, help="partitions of a new calls topic")
     up.set_defaults(run=_cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(run=_cmd_down)
     status = sub.add_parser("status", help="health, pid, address and log of each component")
@@ -230,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", default="0.25", help="the runaway agent's daily budget in USD")
     demo.add_argument("--down", action="store_true", help="stop the stack afterwards")
     demo.set_defaults(run=_cmd_demo)
+
+    add_top_parser(sub)
+    add_control_parser(sub)
     return parser
 
 

@@ -18,7 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["KAFKA_VERSION", "BrokerError", "KafkaBroker", "ensure_jars", "kafka_ready", "pid_alive"]
+__all__ = [
+    "KAFKA_VERSION",
+    "BrokerError",
+    "KafkaBroker",
+    "KafkaCluster",
+    "ensure_jars",
+    "kafka_ready",
+    "pid_alive",
+]
 
 KAFKA_VERSION = "4.1.1"
 _HERE = Path(__file__).parent
@@ -130,6 +138,12 @@ class KafkaBroker:
     jar_dir: Path | None = None
     heap: str = "512m"
     node_id: int = 1
+    # Multi-node: the static quorum ("1@host:port,2@...") and the replication of the internal
+    # topics; a single node is its own quorum with replication 1.
+    voters: str | None = None
+    internal_replication: int = 1
+    # Every node of one cluster is formatted with the same id (KafkaCluster sets it).
+    cluster_id: str | None = None
     # Held so the child is reaped by this object, not reported as leaked when it is collected.
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -154,11 +168,14 @@ class KafkaBroker:
         return self.state_dir / "broker.pid"
 
     def _properties(self) -> str:
+        voters = self.voters or f"{self.node_id}@127.0.0.1:{self.controller_port}"
+        rf = self.internal_replication
+        min_isr = min(2, rf)
         return "\n".join(
             [
                 "process.roles=broker,controller",
                 f"node.id={self.node_id}",
-                f"controller.quorum.voters={self.node_id}@127.0.0.1:{self.controller_port}",
+                f"controller.quorum.voters={voters}",
                 f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
                 f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
                 "controller.listener.names=CONTROLLER",
@@ -166,12 +183,18 @@ class KafkaBroker:
                 "inter.broker.listener.name=PLAINTEXT",
                 f"log.dirs={self.data_dir.resolve()}",
                 "num.partitions=1",
-                "offsets.topic.replication.factor=1",
+                f"offsets.topic.replication.factor={rf}",
                 "offsets.topic.num.partitions=10",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
+                f"transaction.state.log.replication.factor={rf}",
+                f"transaction.state.log.min.isr={min_isr}",
+                f"share.coordinator.state.topic.replication.factor={rf}",
+                f"share.coordinator.state.topic.min.isr={min_isr}",
+                f"default.replication.factor={rf}",
+                f"min.insync.replicas={min_isr}",
+                # A broker back from a crash takes its partitions' leadership back, so load
+                # spreads again without an operator.
+                "auto.leader.rebalance.enable=true",
+                "leader.imbalance.check.interval.seconds=10",
                 "group.initial.rebalance.delay.ms=0",
                 # Topics are created explicitly with their config (see topics.py); faust creates its
                 # changelog topics through the admin API, so nothing relies on auto-creation.
@@ -213,7 +236,7 @@ class KafkaBroker:
         if (self.data_dir / "meta.properties").exists():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cluster_id = _kafka_cluster_id()
+        cluster_id = self.cluster_id or _kafka_cluster_id()
         result = subprocess.run(
             [
                 *self._java(),
@@ -251,6 +274,11 @@ class KafkaBroker:
 
     def start(self, timeout_s: float = 90.0, progress: Progress = _stderr) -> None:
         """Start in the background (idempotent) and wait until an AdminClient answers."""
+        self.launch(progress)
+        self.wait_ready(timeout_s)
+
+    def launch(self, progress: Progress = _stderr) -> None:
+        """Start the process unless it runs; do not wait (a cluster's nodes wait for quorum)."""
         if self.running_pid() is None:
             self.format()
             config = self.config_file()
@@ -266,7 +294,6 @@ class KafkaBroker:
             self._process = proc
             self.pid_file.write_text(f"{proc.pid}\n")
             progress(f"starting Kafka {KAFKA_VERSION} on {self.bootstrap} (log: {self.log_file})")
-        self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -305,6 +332,117 @@ class KafkaBroker:
         if self._process is not None:
             self._process.wait(timeout=30)
             self._process = None
+
+
+@dataclass
+class KafkaCluster:
+    """``size`` combined broker+controller nodes on loopback with a static quorum of all of them.
+
+    Node i (0-based) listens on ``port + 2i`` with its controller on ``controller_port + 2i``
+    and keeps its data in ``state_dir/node-<i+1>``. With 3 or more nodes the internal topics get
+    replication 3 and min.insync.replicas 2, so one node may die without losing an acked write.
+    A single-node cluster is exactly KafkaBroker with its old state dir.
+    """
+
+    state_dir: Path
+    size: int = 3
+    port: int = 9092
+    controller_port: int = 9093
+    jar_dir: Path | None = None
+    heap: str = "512m"
+    _brokers: list[KafkaBroker] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"a Kafka cluster needs at least 1 broker, got {self.size}")
+        if self.size == 1:
+            self._brokers = [
+                KafkaBroker(
+                    self.state_dir, self.port, self.controller_port, self.jar_dir, self.heap
+                )
+            ]
+            return
+        ports = [(self.port + 2 * i, self.controller_port + 2 * i) for i in range(self.size)]
+        used = [p for pair in ports for p in pair]
+        if len(set(used)) != len(used):
+            raise ValueError(
+                f"broker and controller ports overlap ({sorted(used)}): choose a controller port "
+                "that is not port + 2i for any broker i, e.g. port + 1"
+            )
+        voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
+        cluster_id = self._cluster_id()
+        self._brokers = [
+            KafkaBroker(
+                self.state_dir / f"node-{i + 1}",
+                port=p,
+                controller_port=c,
+                jar_dir=self.jar_dir,
+                heap=self.heap,
+                node_id=i + 1,
+                voters=voters,
+                internal_replication=min(3, self.size),
+                cluster_id=cluster_id,
+            )
+            for i, (p, c) in enumerate(ports)
+        ]
+
+    def _cluster_id(self) -> str:
+        path = self.state_dir / "cluster.id"
+        if path.exists():
+            return path.read_text().strip()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        value = _kafka_cluster_id()
+        path.write_text(value + "\n")
+        return value
+
+    @property
+    def brokers(self) -> list[KafkaBroker]:
+        return list(self._brokers)
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(b.bootstrap for b in self._brokers)
+
+    def start(self, timeout_s: float = 120.0, progress: Progress = _stderr) -> None:
+        """Start every node not running, then wait until each answers (idempotent). All are
+        launched before any wait: a static quorum elects no leader until a majority is up."""
+        for broker in self._brokers:
+            broker.format()
+        for broker in self._brokers:
+            broker.launch(progress)
+        deadline = time.monotonic() + timeout_s
+        for broker in self._brokers:
+            broker.wait_ready(max(1.0, deadline - time.monotonic()))
+        if self.size > 1:
+            _wait_for_brokers(self.bootstrap, self.size, max(1.0, deadline - time.monotonic()))
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        # Reverse order, so the last node to stop is the first one `up` waits for.
+        stopped = [b.stop(timeout_s) for b in reversed(self._brokers)]
+        return any(stopped)
+
+    def running_pids(self) -> list[int | None]:
+        return [b.running_pid() for b in self._brokers]
+
+
+def _wait_for_brokers(bootstrap: str, count: int, timeout_s: float) -> None:
+    """Block until the cluster metadata lists ``count`` brokers (a node answers as soon as it
+    is up, before the others registered with the quorum)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        try:
+            seen = len(admin.list_topics(timeout=2.0).brokers)
+        except KafkaException:  # not answering yet: retried until the deadline
+            seen = 0
+        if seen >= count:
+            return
+        time.sleep(0.3)
+    raise BrokerError(f"only {seen} of {count} Kafka brokers registered within {timeout_s:.0f}s")
 
 
 def _terminate(pid: int, timeout_s: float) -> None:

@@ -3,6 +3,11 @@
 Each component has a pid file in <home>/run and a log in <home>/logs. A pid file whose process is
 gone, or now belongs to another program, is stale and is replaced, so `up` twice starts nothing
 twice and a crashed component is restarted by the next `up`.
+
+Scale-out (settings kafka_brokers, processors, sinks): `up` runs a KRaft cluster of that many
+loopback brokers and that many processor and sink workers. Worker i > 0 listens on the first
+worker's port + 10i (processors 6066, 6076, ...; sinks 6067, 6077, ...). The shape is written to
+<home>/run/stack.json, so `down` and `status` find every node and worker without the flags.
 """
 
 from __future__ import annotations
@@ -20,13 +25,30 @@ from pathlib import Path
 
 from agentledger.config import Settings
 
-from .kafka_broker import KafkaBroker, _cmdline_mentions, _terminate, kafka_ready, pid_alive
+from .kafka_broker import (
+    KafkaBroker,
+    KafkaCluster,
+    _cmdline_mentions,
+    _terminate,
+    kafka_ready,
+    pid_alive,
+)
 from .topics import ensure_topics, topic_specs
 
-__all__ = ["ComponentStatus", "Stack", "StackError"]
+__all__ = ["WORKER_PORT_STEP", "ComponentStatus", "Stack", "StackError", "worker_ports"]
 
 Progress = Callable[[str], None]
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+WORKER_PORT_STEP = 10
+_SHAPE_KEYS = ("kafka_brokers", "processors", "sinks")
+
+
+def worker_ports(first: int, count: int) -> list[int]:
+    """Ports of ``count`` workers of one kind: the first one's, then +10 each."""
+    ports = [first + WORKER_PORT_STEP * i for i in range(count)]
+    if ports[-1] > 65535:
+        raise ValueError(f"{count} workers from port {first} run past port 65535")
+    return ports
 
 
 def _stderr(message: str) -> None:
@@ -52,55 +74,117 @@ class _Service:
     name: str
     module: str
     port: int
+    env_port: str
 
 
 class Stack:
     def __init__(
         self, settings: Settings, progress: Progress = _stderr, *, manage_kafka: bool | None = None
     ) -> None:
-        self.settings = settings
+        self.home = settings.home.resolve()
+        self.run_dir = self.home / "run"
+        self.log_dir = self.home / "logs"
+        self.settings = self._with_recorded_shape(settings)
+        settings = self.settings
         self._manage_kafka = manage_kafka
         # Children started by this object are reaped by it (no zombies, no leak warnings).
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self.progress = progress
-        self.home = settings.home.resolve()
-        self.run_dir = self.home / "run"
-        self.log_dir = self.home / "logs"
+        if settings.sinks > 1 and settings.embedded_clickhouse:
+            raise StackError(
+                f"{settings.sinks} sink workers need a ClickHouse server: embedded chDB can be "
+                "opened by one process only. Set AGENTLEDGER_CLICKHOUSE=http(s)://... or run "
+                "one sink (--sinks 1)"
+            )
         self.services = [
-            _Service("processor", "agentledger.stream_processors", settings.processor_port),
-            _Service("sink", "agentledger.sinks", settings.sink_port),
+            _Service(
+                "processor" if i == 0 else f"processor-{i + 1}",
+                "agentledger.stream_processors",
+                port,
+                "AGENTLEDGER_PROCESSOR_PORT",
+            )
+            for i, port in enumerate(worker_ports(settings.processor_port, settings.processors))
+        ] + [
+            _Service(
+                "sink" if i == 0 else f"sink-{i + 1}",
+                "agentledger.sinks",
+                port,
+                "AGENTLEDGER_SINK_PORT",
+            )
+            for i, port in enumerate(worker_ports(settings.sink_port, settings.sinks))
+        ] + [
+            # One dashboard: it reads the processor's /scopes and the sink's /query.
+            _Service(
+                "dashboard",
+                "agentledger.dashboard",
+                settings.dashboard_port,
+                "AGENTLEDGER_DASHBOARD_PORT",
+            )
         ]
+
+    def _with_recorded_shape(self, settings: Settings) -> Settings:
+        """Settings with the broker and worker counts of the running stack, when the caller left
+        them at their defaults (`agentledger down` after `up --brokers 3`)."""
+        try:
+            recorded = json.loads((self.run_dir / "stack.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return settings
+        defaults = {k: Settings.model_fields[k].default for k in _SHAPE_KEYS}
+        if any(getattr(settings, k) != defaults[k] for k in _SHAPE_KEYS):
+            return settings
+        update = {k: int(recorded[k]) for k in _SHAPE_KEYS if isinstance(recorded.get(k), int)}
+        return settings.model_copy(update=update)
+
+    def _record_shape(self) -> None:
+        shape = {k: getattr(self.settings, k) for k in _SHAPE_KEYS}
+        (self.run_dir / "stack.json").write_text(json.dumps(shape) + "\n")
 
     @property
     def manages_kafka(self) -> bool:
-        """Only a single loopback bootstrap is ours to run; anything else is the user's cluster."""
+        """Only a loopback bootstrap is ours to run; anything else is the user's cluster."""
         if self._manage_kafka is not None:
             return self._manage_kafka
         servers = self.settings.kafka.split(",")
-        return len(servers) == 1 and servers[0].rsplit(":", 1)[0] in LOOPBACK_HOSTS
+        return all(s.strip().rsplit(":", 1)[0] in LOOPBACK_HOSTS for s in servers)
 
     @property
-    def broker(self) -> KafkaBroker:
-        return KafkaBroker(
+    def cluster(self) -> KafkaCluster:
+        return KafkaCluster(
             state_dir=self.home / "kafka",
+            size=self.settings.kafka_brokers,
             port=self.settings.kafka_port,
             controller_port=self.settings.kafka_controller_port,
             jar_dir=self.settings.kafka_jars,
             heap=self.settings.kafka_heap,
         )
 
+    @property
+    def broker(self) -> KafkaBroker:
+        """The first node (the only one of a single-broker stack)."""
+        return self.cluster.brokers[0]
+
+    @property
+    def bootstrap(self) -> str:
+        """What the workers are given: every node of a cluster we run, so a client started
+        while the first node is down still finds the others."""
+        return self.cluster.bootstrap if self.manages_kafka else self.settings.kafka
+
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
-                "AGENTLEDGER_KAFKA": self.settings.kafka,
+                "AGENTLEDGER_KAFKA": self.bootstrap,
                 "AGENTLEDGER_HOME": str(self.home),
                 "AGENTLEDGER_TOPIC_PREFIX": self.settings.topic_prefix,
                 "AGENTLEDGER_PROCESSOR_PORT": str(self.settings.processor_port),
                 "AGENTLEDGER_SINK_PORT": str(self.settings.sink_port),
+                "AGENTLEDGER_DASHBOARD_PORT": str(self.settings.dashboard_port),
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # A worker's own process runs a single worker; only `up` counts them.
+        for key in _SHAPE_KEYS:
+            env.pop(f"AGENTLEDGER_{key.upper()}", None)
         # Secrets travel only through the environment of our own children, never on argv.
         if self.settings.clickhouse is not None:
             env["AGENTLEDGER_CLICKHOUSE"] = self.settings.clickhouse.get_secret_value()
@@ -153,13 +237,17 @@ class Stack:
     def status(self) -> list[ComponentStatus]:
         rows = []
         if self.manages_kafka:
-            broker = self.broker
-            ok = kafka_ready(self.settings.kafka, timeout_s=2.0)
-            rows.append(
-                ComponentStatus(
-                    "kafka", ok, broker.running_pid(), self.settings.kafka, broker.log_file
+            brokers = self.cluster.brokers
+            for i, broker in enumerate(brokers):
+                rows.append(
+                    ComponentStatus(
+                        "kafka" if len(brokers) == 1 else f"kafka-{i + 1}",
+                        kafka_ready(broker.bootstrap, timeout_s=2.0),
+                        broker.running_pid(),
+                        broker.bootstrap,
+                        broker.log_file,
+                    )
                 )
-            )
         else:
             ok = kafka_ready(self.settings.kafka, timeout_s=3.0)
             rows.append(
@@ -188,12 +276,17 @@ class Stack:
         for folder in (self.home, self.run_dir, self.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
         if self.manages_kafka:
-            self.broker.start(timeout_s=timeout_s, progress=self.progress)
+            self.cluster.start(timeout_s=timeout_s, progress=self.progress)
         elif not kafka_ready(self.settings.kafka, timeout_s=10):
             raise StackError(
                 f"Kafka at {self.settings.kafka} does not answer; check AGENTLEDGER_KAFKA"
             )
-        created = ensure_topics(self.settings.kafka, topic_specs(self.settings.topics))
+        self._record_shape()
+        created = ensure_topics(
+            self.bootstrap,
+            topic_specs(self.settings.topics, self.settings.calls_partitions),
+            client_config=self.settings.kafka_client_config(),
+        )
         if created:
             self.progress(f"created topics: {', '.join(created)}")
         # Create the shared secrets before the children start, so they never race to write them.
@@ -210,12 +303,14 @@ class Stack:
             self.progress(f"{service.name} already running")
             return
         log = self._log_file(service).open("ab")
+        env = self.child_env()
+        env[service.env_port] = str(service.port)
         proc = subprocess.Popen(
             [sys.executable, "-m", service.module],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=self.child_env(),
+            env=env,
             cwd=self.home,
             start_new_session=True,
         )
@@ -265,8 +360,9 @@ class Stack:
 
     def down(self) -> list[str]:
         stopped = [s.name for s in self.services if self.stop_service(s.name)]
-        if self.manages_kafka and self.broker.stop():
+        if self.manages_kafka and self.cluster.stop():
             stopped.append("kafka")
+        (self.run_dir / "stack.json").unlink(missing_ok=True)
         return stopped
 
     def status_json(self) -> str:

@@ -11,7 +11,7 @@ from agentledger.schemas import Topics
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
 
-__all__ = ["TopicSpec", "ensure_topics", "topic_specs"]
+__all__ = ["TopicSpec", "ensure_topics", "replication_for", "topic_specs"]
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -81,19 +81,46 @@ def topic_specs(topics: Topics, calls_partitions: int = 6) -> list[TopicSpec]:
     ]
 
 
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for a cluster of ``brokers``: 3 and 2 from
+    three brokers on, so one broker may be down while acks=all writes still succeed and no
+    acknowledged write lives on a single broker."""
+    if brokers < 1:
+        raise ValueError(f"a Kafka cluster has at least 1 broker, got {brokers}")
+    replication = min(3, brokers)
+    return replication, min(2, replication)
+
+
 def ensure_topics(
-    bootstrap: str, specs: list[TopicSpec], replication: int = 1, timeout_s: float = 30.0
+    bootstrap: str,
+    specs: list[TopicSpec],
+    replication: int | None = None,
+    timeout_s: float = 30.0,
+    client_config: dict[str, str] | None = None,
 ) -> list[str]:
-    """Create missing topics; return the names created. Existing topics are left alone."""
+    """Create missing topics; return the names created. Existing topics are left alone.
+
+    ``replication`` None: from the number of brokers the cluster reports (replication_for);
+    min.insync.replicas follows it. ``client_config``: security settings of the AdminClient
+    (Settings.kafka_client_config()).
+    """
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap})
+    metadata = admin.list_topics(timeout=timeout_s)
+    existing = set(metadata.topics)
+    if replication is None:
+        replication, min_isr = replication_for(len(metadata.brokers))
+    else:
+        min_isr = min(2, replication)
     wanted = [
         NewTopic(
-            s.name, num_partitions=s.partitions, replication_factor=replication, config=s.config
+            s.name,
+            num_partitions=s.partitions,
+            replication_factor=replication,
+            config={"min.insync.replicas": str(min_isr), **s.config},
         )
         for s in specs
         if s.name not in existing
