@@ -156,6 +156,7 @@ class KafkaControlListener:
         self._topic = topic or settings.topics.control
         self._state = state
         self._config: dict[str, Any] = {
+            **settings.kafka_client_config(),
             "bootstrap.servers": settings.kafka,
             "group.id": f"agentledger-shim-{uuid.uuid4().hex}",
             "enable.auto.commit": False,

@@ -150,7 +150,11 @@ class Ledger:
         self.transport: EventTransport = (
             transport
             if transport is not None
-            else KafkaTransport(settings.kafka, spool=Spool(settings.home / "spool"))
+            else KafkaTransport(
+                settings.kafka,
+                spool=Spool(settings.home / "spool"),
+                **settings.kafka_client_config(),
+            )
         )
         self._control = control
         self.clock = clock

@@ -53,6 +53,7 @@ def wall_clock_ms() -> int:
 
 def consumer_config(settings: Settings) -> dict[str, object]:
     return {
+        **settings.kafka_client_config(),
         "bootstrap.servers": settings.kafka,
         "group.id": f"{settings.topic_prefix}sink",
         "enable.auto.commit": False,
@@ -69,6 +70,7 @@ def consumer_config(settings: Settings) -> dict[str, object]:
 
 def producer_config(settings: Settings) -> dict[str, object]:
     return {
+        **settings.kafka_client_config(),
         "bootstrap.servers": settings.kafka,
         "enable.idempotence": True,
         "acks": "all",

@@ -85,7 +85,7 @@ def calls_partition_count(settings: Settings, timeout_s: float = 30.0) -> int:
     """Partitions of the calls topic; the spend table's changelog must have as many."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka})
+    admin = AdminClient({**settings.kafka_client_config(), "bootstrap.servers": settings.kafka})
     topic = settings.topics.calls
     meta = admin.list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
@@ -385,6 +385,7 @@ def build_app(
     app = faust.App(
         f"{settings.topic_prefix}processor",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
+        broker_credentials=settings.faust_credentials(),
         store="memory://",
         datadir=str(settings.home.resolve() / "processor"),
         autodiscover=False,

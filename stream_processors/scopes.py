@@ -132,4 +132,4 @@ def ensure_scopes_topic(settings: Settings, partitions: int, tables: tuple[str, 
         TopicSpec(changelog_topic_name(settings, table), partitions, {"cleanup.policy": "compact"})
         for table in tables
     ]
-    ensure_topics(settings.kafka, specs)
+    ensure_topics(settings.kafka, specs, client_config=settings.kafka_client_config())
