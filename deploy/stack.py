@@ -96,41 +96,45 @@ class Stack:
                 "opened by one process only. Set AGENTLEDGER_CLICKHOUSE=http(s)://... or run "
                 "one sink (--sinks 1)"
             )
-        self.services = [
-            _Service(
-                "processor" if i == 0 else f"processor-{i + 1}",
-                "agentledger.stream_processors",
-                port,
-                "AGENTLEDGER_PROCESSOR_PORT",
-            )
-            for i, port in enumerate(worker_ports(settings.processor_port, settings.processors))
-        ] + [
-            _Service(
-                "sink" if i == 0 else f"sink-{i + 1}",
-                "agentledger.sinks",
-                port,
-                "AGENTLEDGER_SINK_PORT",
-            )
-            for i, port in enumerate(worker_ports(settings.sink_port, settings.sinks))
-        ] + [
-            # One dashboard: it reads the processor's /scopes and the sink's /query.
-            _Service(
-                "dashboard",
-                "agentledger.dashboard",
-                settings.dashboard_port,
-                "AGENTLEDGER_DASHBOARD_PORT",
-            )
-        ]
+        self.services = (
+            [
+                _Service(
+                    "processor" if i == 0 else f"processor-{i + 1}",
+                    "agentledger.stream_processors",
+                    port,
+                    "AGENTLEDGER_PROCESSOR_PORT",
+                )
+                for i, port in enumerate(worker_ports(settings.processor_port, settings.processors))
+            ]
+            + [
+                _Service(
+                    "sink" if i == 0 else f"sink-{i + 1}",
+                    "agentledger.sinks",
+                    port,
+                    "AGENTLEDGER_SINK_PORT",
+                )
+                for i, port in enumerate(worker_ports(settings.sink_port, settings.sinks))
+            ]
+            + [
+                # One dashboard: it reads the processor's /scopes and the sink's /query.
+                _Service(
+                    "dashboard",
+                    "agentledger.dashboard",
+                    settings.dashboard_port,
+                    "AGENTLEDGER_DASHBOARD_PORT",
+                )
+            ]
+        )
 
     def _with_recorded_shape(self, settings: Settings) -> Settings:
-        """Settings with the broker and worker counts of the running stack, when the caller left
-        them at their defaults (`agentledger down` after `up --brokers 3`)."""
+        """Settings with the broker and worker counts of the running stack, when the caller gave
+        none (`agentledger down` after `up --brokers 3`)."""
         try:
             recorded = json.loads((self.run_dir / "stack.json").read_text())
         except (FileNotFoundError, ValueError):
             return settings
-        defaults = {k: Settings.model_fields[k].default for k in _SHAPE_KEYS}
-        if any(getattr(settings, k) != defaults[k] for k in _SHAPE_KEYS):
+        # Any count given (flag, env var or argument) describes the wanted stack: keep it.
+        if any(k in settings.model_fields_set for k in _SHAPE_KEYS):
             return settings
         update = {k: int(recorded[k]) for k in _SHAPE_KEYS if isinstance(recorded.get(k), int)}
         return settings.model_copy(update=update)
