@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 
-.PHONY: help install kafka demo test faults bench test-unit test-integration lint format typecheck schemas up down status clean
+.PHONY: help install kafka browser demo test faults bench test-unit test-integration lint format typecheck schemas up down status clean
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -27,7 +27,18 @@ kafka: install ## fetch the Kafka broker jars from Maven Central (once, cached)
 demo: install kafka ## start the local stack and run the demo workload (runaway agent stopped, then review)
 	$(BIN)/agentledger demo
 
-test: install kafka ## unit + integration tests against a real broker and embedded ClickHouse
+# The dashboard's browser test drives the system chromium through Playwright (never
+# `playwright install`, which downloads a browser build of its own).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## install Debian's chromium for the dashboard browser test (once)
+	@if [ -x /usr/bin/chromium ]; then \
+		echo ">> /usr/bin/chromium is installed: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	else \
+		echo ">> installing Debian's chromium with apt-get (about 100 MB; progress follows)"; \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; \
+	fi
+
+test: install kafka browser ## unit + integration tests against a real broker and embedded ClickHouse
 	$(BIN)/pytest
 
 test-unit: install ## unit tests only (no broker)

@@ -84,6 +84,7 @@ def settings_factory(tmp_path: Path) -> SettingsFactory:
             "api_token": SecretStr("test-api-token"),
             "processor_port": free_port(),
             "sink_port": free_port(),
+            "dashboard_port": free_port(),
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

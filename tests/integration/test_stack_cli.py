@@ -44,6 +44,7 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
             "AGENTLEDGER_KAFKA_CONTROLLER_PORT": str(free_port()),
             "AGENTLEDGER_PROCESSOR_PORT": str(free_port()),
             "AGENTLEDGER_SINK_PORT": str(free_port()),
+            "AGENTLEDGER_DASHBOARD_PORT": str(free_port()),
             "AGENTLEDGER_TOPIC_PREFIX": "clitest.",
             "AGENTLEDGER_CONTROL_KEY": TEST_CONTROL_KEY,
         }
@@ -61,6 +62,7 @@ def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
             "kafka": True,
             "processor": True,
             "sink": True,
+            "dashboard": True,
         }
         pids = {name: row["pid"] for name, row in rows.items()}
         assert all(isinstance(pid, int) for pid in pids.values())
@@ -86,6 +88,7 @@ def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
     assert set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == {
         "processor",
         "sink",
+        "dashboard",
         "kafka",
     }
     after = status(stack_env)

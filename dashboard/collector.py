@@ -1,0 +1,148 @@
+"""Collector: polls the processor and ClickHouse, follows the control and alerts topics, and
+keeps the latest snapshot with a version number that changes when its content does.
+
+A source that fails is reported in the snapshot's ``health`` and retried on the next tick; the
+rest of the view keeps updating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agentledger.config import Settings
+from agentledger.sinks.query import QueryClient, QueryError
+
+from .feeds import AlertLog, CommandBoard, TopicFeed
+from .sources import History, fetch_history, fetch_scopes
+from .view import RateTracker, build_snapshot
+
+__all__ = ["Collector", "wall_clock_ms"]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+LIVE_INTERVAL_S = 0.5  # the processor poll: the page must move within 1 s of a change
+HISTORY_INTERVAL_S = 5.0  # ClickHouse: minute buckets do not need more
+ALERTS_TAIL = 50
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Collector:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = wall_clock_ms,
+        query_client: QueryClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._query = query_client
+        self.board = CommandBoard(settings.control_key_bytes())
+        self.alerts = AlertLog(keep=ALERTS_TAIL)
+        topics = settings.topics
+        self.feeds = [
+            TopicFeed(settings.kafka, topics.control, self.board.apply),
+            TopicFeed(settings.kafka, topics.alerts, self.alerts.apply, tail=ALERTS_TAIL),
+        ]
+        self.rates = RateTracker()
+        self._history: History | None = None
+        self._history_at = 0.0
+        self._history_error: str | None = None
+        self._lock = threading.Condition()
+        self._snapshot: dict[str, Any] = {}
+        self._digest = ""
+        self.version = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for feed in self.feeds:
+            feed.start()
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="dashboard-collector", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for feed in self.feeds:
+            feed.stop()
+        if self._query is not None:
+            self._query.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LIVE_INTERVAL_S):
+            self.refresh()
+
+    # -- one tick --------------------------------------------------------------------------
+
+    def _client(self) -> QueryClient:
+        if self._query is None:
+            self._query = QueryClient.from_settings(self.settings)
+        return self._query
+
+    def _refresh_history(self, now_ms: int) -> None:
+        if time.monotonic() - self._history_at < HISTORY_INTERVAL_S:
+            return
+        self._history_at = time.monotonic()
+        try:
+            self._history = fetch_history(self._client(), now_ms)
+            self._history_error = None
+        except QueryError as exc:
+            self._history_error = str(exc)[:300]
+
+    def refresh(self) -> dict[str, Any]:
+        """Poll the sources once and publish a new snapshot if anything changed."""
+        now = self.clock()
+        scopes: dict[str, Any] | None
+        try:
+            scopes = fetch_scopes(self.settings)
+            processor_error = None
+        except RuntimeError as exc:
+            scopes, processor_error = None, str(exc)
+        self._refresh_history(now)
+        health: dict[str, str | None] = {
+            "processor": processor_error,
+            "history": self._history_error,
+            **{f"topic {f.topic}": f.last_error for f in self.feeds},
+        }
+        snapshot = build_snapshot(
+            now_ms=now,
+            scopes_body=scopes,
+            standing=self.board.standing(now),
+            alerts=self.alerts.latest(),
+            history=self._history,
+            rates=self.rates,
+            health=health,
+        )
+        # The version moves only with the content, not with the clock.
+        digest = json.dumps({k: v for k, v in snapshot.items() if k != "now_ms"}, sort_keys=True)
+        with self._lock:
+            self._snapshot = snapshot
+            if digest != self._digest:
+                self._digest = digest
+                self.version += 1
+                self._lock.notify_all()
+        return snapshot
+
+    def snapshot(self) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            return self.version, self._snapshot
+
+    def wait_newer(self, version: int, timeout_s: float) -> tuple[int, dict[str, Any]]:
+        """Block until the version differs from ``version`` or ``timeout_s`` passes."""
+        with self._lock:
+            self._lock.wait_for(lambda: self.version != version, timeout=timeout_s)
+            return self.version, self._snapshot
