@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -34,9 +35,31 @@ from agentledger.schemas import (
     Severity,
     Threshold,
     nano_to_usd,
+    usd_to_nano,
 )
+from agentledger.schemas.policy import CALENDAR_PERIODS, duration_ms
 
-from .periods import DAY_MS, PeriodWindow, parse_period_key, period_window
+from .periods import (
+    DAY_MS,
+    PeriodWindow,
+    parse_period_key,
+    period_window,
+    rolling_slot_ms,
+    rolling_window,
+    slot_start,
+)
+from .tracking import (
+    BURN_SLOTS_PER_WINDOW,
+    CONCURRENCY_HOLD_MS,
+    EMPTY_PLAN,
+    INTERVALS_KEPT,
+    SPAWN_AGENTS_KEPT,
+    Activity,
+    BucketPlan,
+    over_cap_until,
+    peak_in_flight,
+    spawn_findings,
+)
 
 __all__ = [
     "KEEP_PERIODS_MS",
@@ -50,9 +73,11 @@ __all__ = [
     "crossings",
     "decide",
     "evaluate",
+    "forecast",
     "format_usd",
     "matching_policies",
     "policy_specificity",
+    "policy_window",
     "spend_report",
 ]
 
@@ -78,7 +103,13 @@ class Delivery(StrEnum):
     DUPLICATE = "duplicate"  # another record with the same event id was counted
 
 
-_PERIOD_WORDS = {Period.DAY: "daily", Period.WEEK: "weekly", Period.MONTH: "monthly"}
+_PERIOD_WORDS = {
+    Period.DAY: "daily",
+    Period.WEEK: "weekly",
+    Period.MONTH: "monthly",
+    Period.ROLLING: "rolling",
+    Period.RUN: "per-run",
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,14 @@ class SpendState:
     alerted: tuple[str, ...] = ()
     #: Event times of recent failed attempts per task id (agent states only), oldest first.
     failures: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Rolling and burn-rate slots: ``"<slot_ms>:<slot_start_ms>"`` -> nano-USD.
+    slots: Mapping[str, int] = field(default_factory=dict)
+    #: Workflow runs per idle gap: idle_ms -> (first event ms, last event ms, nano-USD).
+    runs: Mapping[int, tuple[int, int, int]] = field(default_factory=dict)
+    #: Recent calls ``(start_ms, end_ms)`` (pool states with a concurrency cap), oldest first.
+    intervals: tuple[tuple[int, int], ...] = ()
+    #: Agents seen (workflow states with spawn limits): agent -> (parent, depth, first ms).
+    agents: Mapping[str, tuple[str | None, int, int]] = field(default_factory=dict)
 
     def already_applied(self, partition: int, offset: int) -> bool:
         done = self.applied.get(partition)
@@ -123,6 +162,10 @@ class SpendState:
             "recent": [[event_id, offset] for event_id, offset in self.recent.items()],
             "alerted": list(self.alerted),
             "failures": {task: list(times) for task, times in self.failures.items()},
+            "slots": dict(self.slots),
+            "runs": {str(idle): list(run) for idle, run in sorted(self.runs.items())},
+            "intervals": [list(pair) for pair in self.intervals],
+            "agents": {a: [p, d, t] for a, (p, d, t) in self.agents.items()},
         }
 
     @classmethod
@@ -179,7 +222,47 @@ class SpendState:
             partition=partition,
             recent=recent,
             alerted=tuple(alerted),
+            **_tracked_from_json(data),
         )
+
+
+def _tracked_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    slots_raw = data.get("slots", {})
+    if not isinstance(slots_raw, dict):
+        raise ValueError("spend state field 'slots' must map '<slot_ms>:<start_ms>' to nano-USD")
+    slots = {str(k): _int(v, f"slots.{k}") for k, v in slots_raw.items()}
+    runs_raw = data.get("runs", {})
+    if not isinstance(runs_raw, dict) or not all(
+        isinstance(r, list) and len(r) == 3 for r in runs_raw.values()
+    ):
+        raise ValueError("spend state field 'runs' must map idle ms to [start, last, nano-USD]")
+    runs = {
+        int(idle): (
+            _int(r[0], f"runs.{idle}"),
+            _int(r[1], f"runs.{idle}"),
+            _int(r[2], f"runs.{idle}"),
+        )
+        for idle, r in runs_raw.items()
+    }
+    intervals_raw = data.get("intervals", [])
+    if not isinstance(intervals_raw, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 for pair in intervals_raw
+    ):
+        raise ValueError("spend state field 'intervals' must be a list of [start_ms, end_ms]")
+    intervals = tuple(
+        (_int(a, "intervals.start"), _int(b, "intervals.end")) for a, b in intervals_raw
+    )
+    agents_raw = data.get("agents", {})
+    if not isinstance(agents_raw, dict) or not all(
+        isinstance(v, list) and len(v) == 3 and (v[0] is None or isinstance(v[0], str))
+        for v in agents_raw.values()
+    ):
+        raise ValueError("spend state field 'agents' must map agent to [parent, depth, first]")
+    agents = {
+        str(a): (v[0], _int(v[1], f"agents.{a}"), _int(v[2], f"agents.{a}"))
+        for a, v in agents_raw.items()
+    }
+    return {"slots": slots, "runs": runs, "intervals": intervals, "agents": agents}
 
 
 def _int(value: Any, name: str) -> int:
@@ -198,22 +281,32 @@ def apply_cost(
     offset: int,
     now_ms: int,
     state_partition: int | None = None,
+    plan: BucketPlan = EMPTY_PLAN,
+    activity: Activity | None = None,
 ) -> SpendState:
     """Count one cost (read at source ``partition``/``offset``) in the periods of its time.
 
     Returns ``state`` itself for a replayed offset or an event id counted already, so both
-    are no-ops. Every cost counts toward every period kind, so a policy published later, of
-    any period, sees the spend made before it arrived. ``state_partition`` is where the
-    state lives when that differs from the source partition (the scopes hop).
+    are no-ops. Every cost counts toward every UTC calendar period kind, so a policy
+    published later, of any calendar period, sees the spend made before it arrived; what
+    ``plan`` asks for (zones, rolling slots, workflow runs, call intervals, spawn trees) is
+    kept from when the plan asks for it. ``state_partition`` is where the state lives when
+    that differs from the source partition (the scopes hop). ``activity`` says who made the
+    call and for how long (forwarded to pool and workflow scopes).
     """
     if state.delivery(event_id, partition, offset) is not Delivery.NEW:
         return state
     periods = dict(state.periods)
-    for period in Period:
-        key = period_window(period, event_time_ms).key
-        periods[key] = periods.get(key, 0) + cost_nano_usd
-    horizon = now_ms - KEEP_PERIODS_MS
-    periods = {k: v for k, v in periods.items() if parse_period_key(k).end_ms > horizon}
+    grew = False
+    for tz in ("UTC", *sorted(plan.zones)):
+        for period in CALENDAR_PERIODS:
+            key = period_window(period, event_time_ms, tz).key
+            grew |= key not in periods
+            periods[key] = periods.get(key, 0) + cost_nano_usd
+    if grew:  # parsing every key is the costly part, and only a new key can push one out
+        horizon = now_ms - KEEP_PERIODS_MS
+        periods = {k: v for k, v in periods.items() if parse_period_key(k).end_ms > horizon}
+    tracked = _track_more(state, plan, activity, event_time_ms, cost_nano_usd, now_ms)
     applied = {**state.applied, partition: offset}
     recent = dict(state.recent)
     if event_id is not None:
@@ -226,11 +319,89 @@ def apply_cost(
         periods=periods,
         partition=partition if state_partition is None else state_partition,
         recent=recent,
+        **tracked,
     )
 
 
+def _track_more(
+    state: SpendState,
+    plan: BucketPlan,
+    activity: Activity | None,
+    event_time_ms: int,
+    cost: int,
+    now_ms: int,
+) -> dict[str, Any]:
+    """The plan's trackers updated with one cost; only the fields that change."""
+    changed: dict[str, Any] = {}
+    if plan.slots:
+        slots = dict(state.slots)
+        grew = False
+        for slot, keep in plan.slots:
+            if event_time_ms <= now_ms - keep - slot:
+                continue  # already outside every window that reads this slot size
+            key = f"{slot}:{slot_start(event_time_ms, slot)}"
+            grew |= key not in slots
+            slots[key] = slots.get(key, 0) + cost
+        if grew:
+            keeps = dict(plan.slots)
+            slots = {k: v for k, v in slots.items() if _slot_alive(k, keeps, now_ms)}
+        changed["slots"] = slots
+    if plan.run_idles:
+        runs = dict(state.runs)
+        for idle in plan.run_idles:
+            runs[idle] = _run_with(runs.get(idle), idle, event_time_ms, cost)
+        changed["runs"] = runs
+    if plan.concurrency and activity is not None and activity.latency_ms is not None:
+        horizon = now_ms - CONCURRENCY_HOLD_MS
+        end = event_time_ms + activity.latency_ms
+        kept = [pair for pair in state.intervals if pair[1] > horizon]
+        if end > horizon:
+            kept.append((event_time_ms, end))
+        changed["intervals"] = tuple(kept[-INTERVALS_KEPT:])
+    if plan.spawn and activity is not None and activity.agent_id is not None:
+        seen = state.agents.get(activity.agent_id)
+        if seen is None or event_time_ms < seen[2]:
+            agents = dict(state.agents)
+            agents[activity.agent_id] = (
+                activity.parent_agent_id,
+                activity.spawn_depth,
+                event_time_ms,
+            )
+            while len(agents) > SPAWN_AGENTS_KEPT:
+                del agents[min(agents, key=lambda a: agents[a][2])]
+            changed["agents"] = agents
+    return changed
+
+
+def _slot_alive(key: str, keeps: Mapping[int, int], now_ms: int) -> bool:
+    slot_text, _, start_text = key.partition(":")
+    slot, start = int(slot_text), int(start_text)
+    keep = keeps.get(slot)
+    return keep is not None and start + slot > now_ms - keep - slot
+
+
+def _run_with(
+    run: tuple[int, int, int] | None, idle: int, time: int, cost: int
+) -> tuple[int, int, int]:
+    """A workflow's current run after one more event. A run is the workflow's events with no
+    gap longer than ``idle``; an event older than the run (by more than ``idle``) belongs to
+    an earlier run and is not counted in this one."""
+    if run is None or time > run[1] + idle:
+        return (time, time, cost)
+    first, last, spend = run
+    if time < first - idle:
+        return run
+    return (min(first, time), max(last, time), spend + cost)
+
+
 def apply_event(
-    state: SpendState, event: CallEvent, partition: int, offset: int, *, now_ms: int
+    state: SpendState,
+    event: CallEvent,
+    partition: int,
+    offset: int,
+    *,
+    now_ms: int,
+    plan: BucketPlan = EMPTY_PLAN,
 ) -> SpendState:
     """Count ``event`` (read at ``partition``/``offset``); see :func:`apply_cost`. A failed
     attempt on a task is also remembered for the retry-loop detector."""
@@ -242,6 +413,7 @@ def apply_event(
         partition=partition,
         offset=offset,
         now_ms=now_ms,
+        plan=plan,
     )
     if counted is state or event.status is CallStatus.OK or event.task_id is None:
         return counted
@@ -272,15 +444,15 @@ def matching_policies(policies: Iterable[BudgetPolicy], scope: str) -> list[Budg
     most literal characters (``agent:researcher-*`` before ``agent:*``); a tie goes to the
     alphabetically first pattern, so every worker picks the same one.
     """
-    best: dict[Period, BudgetPolicy] = {}
+    best: dict[str, BudgetPolicy] = {}
     for policy in policies:
         pattern = policy.scope
         if pattern != scope and not (_is_glob(pattern) and fnmatchcase(scope, pattern)):
             continue
-        current = best.get(policy.period)
+        current = best.get(policy.period_name)
         if current is None or _rank(policy, scope) < _rank(current, scope):
-            best[policy.period] = policy
-    return sorted(best.values(), key=lambda p: p.period.value)
+            best[policy.period_name] = policy
+    return sorted(best.values(), key=lambda p: p.period_name)
 
 
 def _rank(policy: BudgetPolicy, scope: str) -> tuple[int, int, str]:
@@ -316,7 +488,8 @@ _ACTION_WORDS = {
 
 @dataclass(frozen=True)
 class Crossing:
-    """One threshold of one policy that the current period's spend has reached."""
+    """One threshold of one policy that the current period's spend has reached, or one
+    detector that fired (then ``message`` says what happened)."""
 
     policy: BudgetPolicy
     threshold: Threshold
@@ -325,12 +498,24 @@ class Crossing:
     limit: int
     kind: AlertKind = AlertKind.THRESHOLD
     task_id: str | None = None  # retry loops: the task, and ``spend`` counts its failures
+    #: Detectors: what fired (part of the key), the alert text and its details.
+    label: str = ""
+    message: str = ""
+    details: Mapping[str, str | int] = field(default_factory=dict)
+    #: The command carries no period start (the window slides), or stands until lifted.
+    sliding: bool = False
+    open_ended: bool = False
 
     @property
     def key(self) -> str:
-        """Names the crossing in the state, so its alert is raised once per period."""
+        """Names the crossing in the state, so its alert is raised once per period (once per
+        continuous stretch for sliding windows and detectors)."""
         if self.kind is AlertKind.RETRY_LOOP:
             return f"{self.policy.key}|retry|{self.task_id}"
+        if self.label:
+            return f"{self.policy.key}|{self.label}"
+        if self.policy.period is Period.ROLLING and self.kind is AlertKind.THRESHOLD:
+            return f"{self.policy.key}|{self.threshold.at_percent}"
         spike = "|spike" if self.kind is AlertKind.SPIKE else ""
         return f"{self.policy.key}|{self.window.start_ms}|{self.threshold.at_percent}{spike}"
 
@@ -359,27 +544,88 @@ class Decision:
     alerted: tuple[str, ...]
 
 
+def _slot_sum(state: SpendState, slot: int, start: int, end: int) -> int:
+    """Spend in the slots of length ``slot`` that start in ``[start, end)``."""
+    prefix = f"{slot}:"
+    total = 0
+    for key, nano in state.slots.items():
+        if key.startswith(prefix) and start <= int(key[len(prefix) :]) < end:
+            total += nano
+    return total
+
+
+def _slot_items(state: SpendState, slot: int, start: int, end: int) -> list[tuple[int, int]]:
+    prefix = f"{slot}:"
+    found = []
+    for key, nano in state.slots.items():
+        if key.startswith(prefix):
+            at = int(key[len(prefix) :])
+            if start <= at < end:
+                found.append((at, nano))
+    return sorted(found)
+
+
+def policy_window(
+    state: SpendState, policy: BudgetPolicy, now_ms: int
+) -> tuple[PeriodWindow, int] | None:
+    """The policy's current period and the spend in it; None for a workflow with no run in
+    progress (its last run ended ``idle`` ago) or a policy without a limit."""
+    if not policy.budgeted:
+        return None
+    if policy.period is Period.ROLLING:
+        window = rolling_window(policy.window_ms, now_ms)
+        slot = rolling_slot_ms(policy.window_ms)
+        return window, _slot_sum(state, slot, window.start_ms, window.end_ms)
+    if policy.period is Period.RUN:
+        run = state.runs.get(policy.window_ms)
+        if run is None or now_ms >= run[1] + policy.window_ms:
+            return None
+        return PeriodWindow(Period.RUN, run[0], run[1] + policy.window_ms), run[2]
+    window = period_window(policy.period, now_ms, policy.timezone)
+    return window, state.spend(window)
+
+
+def _reached(spend: int, limit: int, percent: Decimal) -> bool:
+    # at_percent has at most 2 decimals: compare spend * 10_000 with limit * pct * 100.
+    return spend * 10_000 >= limit * int(percent * 100)
+
+
+def _rolling_lapse(
+    state: SpendState, policy: BudgetPolicy, window: PeriodWindow, threshold: Threshold
+) -> int:
+    """When a crossed rolling threshold lapses if nothing more is spent: the moment enough of
+    the oldest slots have slid out of the window."""
+    slot = rolling_slot_ms(policy.window_ms)
+    items = _slot_items(state, slot, window.start_ms, window.end_ms)
+    remaining = sum(nano for _, nano in items)
+    limit = policy.limit_nano_usd
+    for at, nano in items:
+        remaining -= nano
+        if not _reached(remaining, limit, threshold.at_percent):
+            return at + policy.window_ms
+    return window.end_ms
+
+
 def crossings(
     state: SpendState, policies: Iterable[BudgetPolicy], scope: str, now_ms: int
 ) -> list[Crossing]:
-    """Every threshold reached in the current period of each policy that governs ``scope``.
+    """Every threshold reached in the current period of each policy that governs ``scope``,
+    and every detector of those policies that fires now.
 
     Reached means spend >= at_percent% of the limit, compared exactly in integers.
     """
-    found = []
+    found: list[Crossing] = []
     for policy in matching_policies(policies, scope):
-        window = period_window(policy.period, now_ms)
-        spend = state.spend(window)
-        limit = policy.limit_nano_usd
-        for threshold in policy.effective_thresholds:
-            # at_percent has at most 2 decimals: compare spend * 10_000 with limit * pct * 100.
-            if spend * 10_000 >= limit * int(threshold.at_percent * 100):
-                found.append(Crossing(policy, threshold, window, spend, limit))
-        if policy.spike is not None:
+        current = policy_window(state, policy, now_ms)
+        if current is not None:
+            window, spend = current
+            found.extend(_threshold_crossings(state, policy, window, spend, now_ms))
+        if policy.spike is not None and policy.budgeted:
             # Spike: the shorter window's spend against the policy's own (longer) limit.
-            short = period_window(policy.spike.window, now_ms)
+            limit = policy.limit_nano_usd
+            short = period_window(policy.spike.window, now_ms, policy.timezone)
             burst = state.spend(short)
-            if burst * 10_000 >= limit * int(policy.spike.at_percent * 100):
+            if _reached(burst, limit, policy.spike.at_percent):
                 found.append(
                     Crossing(
                         policy,
@@ -392,6 +638,189 @@ def crossings(
                 )
         if policy.retry_loop is not None:
             found.extend(_retry_loops(state, policy, now_ms))
+        if policy.forecast is not None and current is not None:
+            found.extend(_forecast_crossing(policy, scope, *current, now_ms))
+        if policy.burn_rate is not None:
+            found.extend(_burn_rate(state, policy, scope, now_ms))
+        if policy.max_concurrency is not None:
+            found.extend(_concurrency(state, policy, scope, now_ms))
+        if policy.spawn is not None:
+            found.extend(_spawn(state, policy, scope))
+    return found
+
+
+def _threshold_crossings(
+    state: SpendState, policy: BudgetPolicy, window: PeriodWindow, spend: int, now_ms: int
+) -> list[Crossing]:
+    limit = policy.limit_nano_usd
+    found = []
+    for threshold in policy.effective_thresholds:
+        if not _reached(spend, limit, threshold.at_percent):
+            continue
+        if policy.period is Period.ROLLING:
+            lapse = _rolling_lapse(state, policy, window, threshold)
+            shown = PeriodWindow(Period.ROLLING, window.start_ms, lapse)
+            found.append(Crossing(policy, threshold, shown, spend, limit, sliding=True))
+        else:
+            found.append(Crossing(policy, threshold, window, spend, limit))
+    return found
+
+
+def forecast(spend: int, limit: int, start_ms: int, now_ms: int) -> tuple[int, int | None]:
+    """The average burn rate since ``start_ms`` (nano-USD per hour, rounded down) and when
+    the limit is exhausted at that rate (ms, rounded up; now when already exhausted; None
+    when nothing was spent)."""
+    elapsed = max(now_ms - start_ms, 1)
+    rate = spend * 3_600_000 // elapsed
+    if spend >= limit:
+        return rate, now_ms
+    if spend == 0:
+        return rate, None
+    return rate, now_ms + -(-(limit - spend) * elapsed // spend)
+
+
+def _forecast_crossing(
+    policy: BudgetPolicy, scope: str, window: PeriodWindow, spend: int, now_ms: int
+) -> list[Crossing]:
+    rule = policy.forecast
+    assert rule is not None
+    if policy.period not in CALENDAR_PERIODS:
+        return []  # a rolling window or a run has no fixed end to be exhausted before
+    limit = policy.limit_nano_usd
+    elapsed, length = now_ms - window.start_ms, window.end_ms - window.start_ms
+    if elapsed * 100 < rule.min_elapsed_percent * length or spend >= limit:
+        return []
+    rate, exhausts = forecast(spend, limit, window.start_ms, now_ms)
+    if exhausts is None or exhausts >= window.end_ms:
+        return []
+    word = _PERIOD_WORDS[policy.period]
+    message = (
+        f"{scope} is projected to exhaust its {format_usd(limit)} {word} "
+        f"budget at {_iso(exhausts)}, before the period ends at {_iso(window.end_ms)} "
+        f"(spent {format_usd(spend)}, {format_usd(rate)}/h); action: {rule.action}"
+    )
+    return [
+        Crossing(
+            policy,
+            rule.as_threshold(),
+            window,
+            spend,
+            limit,
+            AlertKind.FORECAST,
+            label=f"{window.start_ms}|forecast",
+            message=message,
+            details={"exhausts_at_ms": exhausts, "burn_nano_usd_per_hour": rate},
+        )
+    ]
+
+
+def _iso(ms: int) -> str:
+    stamp = datetime.fromtimestamp(ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}Z"
+
+
+def _burn_rate(state: SpendState, policy: BudgetPolicy, scope: str, now_ms: int) -> list[Crossing]:
+    rule = policy.burn_rate
+    assert rule is not None
+    window = duration_ms(rule.window)
+    baseline = duration_ms(rule.baseline)
+    slot = window // BURN_SLOTS_PER_WINDOW
+    end = slot_start(now_ms, slot) + slot
+    recent = _slot_items(state, slot, end - window, end)
+    spend = sum(nano for _, nano in recent)
+    before = _slot_sum(state, slot, end - window - baseline, end - window)
+    windows = baseline // window
+    # Anomalous: spend * windows >= factor * before, exactly (factor has 2 decimals).
+    factor = int(rule.factor * 100)
+    if spend < usd_to_nano(rule.min_usd) or spend * windows * 100 < factor * before or not spend:
+        return []
+    average = before // windows
+    message = (
+        f"{scope} spent {format_usd(spend)} in the last {rule.window}, {rule.factor}x or more "
+        f"its average of {format_usd(average)} per {rule.window} over the {rule.baseline} "
+        f"before; action: {rule.action}"
+    )
+    # With nothing more spent, the burst has slid out of the window once its last slot has.
+    lapse = recent[-1][0] + slot + window
+    return [
+        Crossing(
+            policy,
+            rule.as_threshold(),
+            PeriodWindow(Period.ROLLING, end - window, lapse),
+            spend,
+            average,
+            AlertKind.BURN_RATE,
+            label="burn_rate",
+            message=message,
+            details={"window_spend_nano_usd": spend, "baseline_per_window_nano_usd": average},
+            sliding=True,
+        )
+    ]
+
+
+def _concurrency(
+    state: SpendState, policy: BudgetPolicy, scope: str, now_ms: int
+) -> list[Crossing]:
+    cap = policy.max_concurrency
+    assert cap is not None
+    last_over = over_cap_until(state.intervals, cap)
+    if last_over is None or now_ms >= last_over + CONCURRENCY_HOLD_MS:
+        return []
+    peak = peak_in_flight(state.intervals)
+    message = (
+        f"{scope} had {peak} calls in flight, more than its cap of {cap}; "
+        f"action: throttle:{cap} until {CONCURRENCY_HOLD_MS // 1000}s after the last excess"
+    )
+    return [
+        Crossing(
+            policy,
+            Threshold(at_percent=Decimal(100), action=f"throttle:{cap}"),
+            PeriodWindow(policy.period, last_over, last_over + CONCURRENCY_HOLD_MS),
+            peak,
+            cap,
+            AlertKind.CAPACITY,
+            label="concurrency",
+            message=message,
+            details={"peak_in_flight": peak, "max_concurrency": cap},
+            sliding=True,
+        )
+    ]
+
+
+def _spawn(state: SpendState, policy: BudgetPolicy, scope: str) -> list[Crossing]:
+    rule = policy.spawn
+    assert rule is not None
+    words = {
+        "children": "children of one parent",
+        "depth": "spawn depth",
+        "rate": "new agents within one minute",
+    }
+    found = []
+    for finding in spawn_findings(
+        state.agents,
+        max_children=rule.max_children,
+        max_depth=rule.max_depth,
+        max_new_agents_per_minute=rule.max_new_agents_per_minute,
+    ):
+        message = (
+            f"{scope}: spawn explosion, {finding.value} {words[finding.what]} "
+            f"(limit {finding.limit}; agent {finding.agent}); action: {rule.action}"
+        )
+        first = min(t for _, _, t in state.agents.values())
+        found.append(
+            Crossing(
+                policy,
+                rule.as_threshold(),
+                PeriodWindow(policy.period, first, first),
+                finding.value,
+                finding.limit,
+                AlertKind.SPAWN_EXPLOSION,
+                label=f"spawn|{finding.what}",
+                message=message,
+                details={"limit": finding.what, "agent": finding.agent},
+                open_ended=True,
+            )
+        )
     return found
 
 
@@ -420,12 +849,23 @@ def _retry_loops(state: SpendState, policy: BudgetPolicy, now_ms: int) -> list[C
     return found
 
 
+def _period_text(policy: BudgetPolicy) -> str:
+    if policy.period is Period.ROLLING:
+        return f"rolling {policy.window}"
+    word = _PERIOD_WORDS[policy.period]
+    if policy.timezone != "UTC":
+        return f"{word} ({policy.timezone})"
+    return word
+
+
 def _reason(scope: str, top: Crossing) -> str:
-    word = _PERIOD_WORDS[top.policy.period]
-    text = f"{scope} spent {format_usd(top.spend)} of {format_usd(top.limit)} {word} budget"
-    threshold = top.threshold
     if top.kind is AlertKind.RETRY_LOOP:
         return _retry_message(scope, top)
+    if top.message:
+        return top.message
+    word = _period_text(top.policy)
+    text = f"{scope} spent {format_usd(top.spend)} of {format_usd(top.limit)} {word} budget"
+    threshold = top.threshold
     if top.kind is AlertKind.SPIKE:
         text = (
             f"{scope} spent {format_usd(top.spend)} in one {top.window.period.value}, "
@@ -460,13 +900,17 @@ def _retry_message(scope: str, crossing: Crossing) -> str:
     )
 
 
+def _severity(action: str) -> Severity:
+    return Severity.CRITICAL if action == "stop" else Severity.WARNING
+
+
 def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
     threshold = crossing.threshold
-    word = _PERIOD_WORDS[crossing.policy.period]
+    word = _period_text(crossing.policy)
     if crossing.kind is AlertKind.RETRY_LOOP:
         return Alert(
             kind=AlertKind.RETRY_LOOP,
-            severity=Severity.CRITICAL if threshold.action == "stop" else Severity.WARNING,
+            severity=_severity(threshold.action),
             scope=scope,
             message=_retry_message(scope, crossing),
             issued_at_ms=now_ms,
@@ -477,6 +921,20 @@ def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
                 "failures": crossing.spend,
                 "max_failures": crossing.limit,
             },
+        )
+    if crossing.message:
+        money = crossing.kind in (AlertKind.FORECAST, AlertKind.BURN_RATE)
+        return Alert(
+            kind=crossing.kind,
+            severity=_severity(threshold.action),
+            scope=scope,
+            message=crossing.message,
+            issued_at_ms=now_ms,
+            period_start_ms=None if crossing.sliding else crossing.window.start_ms,
+            spend_nano_usd=crossing.spend if money else None,
+            limit_nano_usd=crossing.limit if money else None,
+            action=threshold.action,
+            details={"policy": crossing.policy.key, **crossing.details},
         )
     if crossing.kind is AlertKind.SPIKE:
         message = (
@@ -492,11 +950,11 @@ def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
         )
     return Alert(
         kind=crossing.kind,
-        severity=Severity.CRITICAL if threshold.action == "stop" else Severity.WARNING,
+        severity=_severity(threshold.action),
         scope=scope,
         message=message,
         issued_at_ms=now_ms,
-        period_start_ms=crossing.window.start_ms,
+        period_start_ms=None if crossing.sliding else crossing.window.start_ms,
         spend_nano_usd=crossing.spend,
         limit_nano_usd=crossing.limit,
         action=threshold.action,
@@ -511,8 +969,9 @@ def evaluate(
 
     The most restraining crossed threshold's action stands (stop > refuse_new_work >
     throttle > route; the smallest throttle; then the latest-ending period). It lapses
-    (RESUME) when the period rolls over or the policy is raised or removed. Each crossing is
-    alerted once per period. Unsigned: the caller signs.
+    (RESUME) when the period rolls over (a rolling window slides below the threshold, a
+    workflow run ends) or the policy is raised or removed. Each crossing is alerted once per
+    period. Unsigned: the caller signs.
     """
     found = crossings(state, policies.values(), scope, now_ms)
     previously = set(state.alerted)
@@ -525,15 +984,20 @@ def evaluate(
         top = max(acting, key=Crossing.rank)
         action = top.threshold.control_action
         assert action is not None  # filtered above
+        money = top.kind not in (
+            AlertKind.CAPACITY,
+            AlertKind.SPAWN_EXPLOSION,
+            AlertKind.RETRY_LOOP,
+        )
         command = ControlCommand(
             scope=scope,
             action=action,
             params=top.threshold.params,
             reason=_reason(scope, top),
-            limit_nano_usd=top.limit,
-            spend_nano_usd=top.spend,
-            period_start_ms=top.window.start_ms,
-            until_ms=top.window.end_ms,
+            limit_nano_usd=top.limit if money else None,
+            spend_nano_usd=top.spend if money else None,
+            period_start_ms=None if top.sliding or top.open_ended else top.window.start_ms,
+            until_ms=None if top.open_ended else top.window.end_ms,
             issued_at_ms=now_ms,
         )
         if _same_standing(last, command):
@@ -558,39 +1022,69 @@ def decide(
     return evaluate(state, policies, scope, now_ms).command
 
 
+def _period_report(
+    name: str,
+    window: PeriodWindow | None,
+    spend: int,
+    policy: BudgetPolicy | None,
+    now_ms: int,
+) -> dict[str, Any]:
+    limit = policy.limit_nano_usd if policy is not None and policy.budgeted else None
+    start = window.start_ms if window is not None else None
+    rate, exhausts = (
+        forecast(spend, limit, start, now_ms)
+        if limit is not None and start is not None
+        else (None, None)
+    )
+    return {
+        "period": name,
+        "timezone": policy.timezone if policy is not None else "UTC",
+        "start_ms": start,
+        "end_ms": window.end_ms if window is not None else None,
+        "spend_nano_usd": spend,
+        "spend_usd": f"{nano_to_usd(spend):f}",
+        "limit_nano_usd": limit,
+        "limit_usd": str(policy.limit_usd) if limit is not None and policy else None,
+        "percent_used": _percent(spend, limit) if limit is not None else None,
+        "policy": policy.scope if policy is not None else None,
+        "thresholds": (
+            [
+                {"at_percent": str(t.at_percent), "action": t.action}
+                for t in policy.effective_thresholds
+            ]
+            if policy is not None
+            else []
+        ),
+        # Average rate over the period so far, and when the limit runs out at that rate.
+        "burn_nano_usd_per_hour": rate,
+        "exhausts_at_ms": exhausts,
+        "exhausts_before_end": (
+            exhausts is not None and window is not None and exhausts < window.end_ms
+        ),
+    }
+
+
 def spend_report(
     state: SpendState | None, policies: Mapping[str, BudgetPolicy], scope: str, now_ms: int
 ) -> dict[str, Any]:
-    """What /state/<scope> answers: spend and limit per current period, and what stands."""
+    """What /state/<scope> answers: spend, limit, burn rate and forecast per current period
+    (day, week and month always, then each rolling window and run budget that governs the
+    scope), and what stands."""
     state = state or SpendState()
     periods = []
-    governed = {p.period: p for p in matching_policies(policies.values(), scope)}
-    for period in Period:
-        window = period_window(period, now_ms)
-        spend = state.spend(window)
-        policy = governed.get(period)
-        periods.append(
-            {
-                "period": period.value,
-                "start_ms": window.start_ms,
-                "end_ms": window.end_ms,
-                "spend_nano_usd": spend,
-                "spend_usd": f"{nano_to_usd(spend):f}",
-                "limit_nano_usd": policy.limit_nano_usd if policy else None,
-                "limit_usd": str(policy.limit_usd) if policy else None,
-                "percent_used": _percent(spend, policy.limit_nano_usd) if policy else None,
-                "policy": policy.scope if policy else None,
-                "thresholds": (
-                    [
-                        {"at_percent": str(t.at_percent), "action": t.action}
-                        for t in policy.effective_thresholds
-                    ]
-                    if policy
-                    else []
-                ),
-            }
-        )
-    return {
+    governed = {p.period_name: p for p in matching_policies(policies.values(), scope)}
+    for period in CALENDAR_PERIODS:
+        policy = governed.get(period.value)
+        window = period_window(period, now_ms, policy.timezone if policy else "UTC")
+        periods.append(_period_report(period.value, window, state.spend(window), policy, now_ms))
+    for name, policy in sorted(governed.items()):
+        if policy.period in (Period.ROLLING, Period.RUN) and policy.budgeted:
+            current = policy_window(state, policy, now_ms)
+            if current is None:
+                periods.append(_period_report(name, None, 0, policy, now_ms))
+            else:
+                periods.append(_period_report(name, *current, policy, now_ms))
+    report: dict[str, Any] = {
         "scope": scope,
         "now_ms": now_ms,
         "periods": periods,
@@ -601,6 +1095,12 @@ def spend_report(
         "applied_offsets": {str(p): o for p, o in sorted(state.applied.items())},
         "alerted": list(state.alerted),
     }
+    if state.intervals:
+        report["peak_in_flight"] = peak_in_flight(state.intervals)
+    if state.agents:
+        report["agents_seen"] = len(state.agents)
+        report["max_spawn_depth"] = max(d for _, d, _ in state.agents.values())
+    return report
 
 
 def _percent(spend: int, limit: int) -> str:

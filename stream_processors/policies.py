@@ -16,6 +16,8 @@ from pydantic import ValidationError
 
 from agentledger.schemas import BudgetPolicy
 
+from .tracking import EMPTY_PLAN, BucketPlan, plan_for
+
 __all__ = ["InvalidPolicy", "PolicyBook", "follow_policies"]
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,16 @@ class PolicyBook:
         self.ready = asyncio.Event()
         #: Bumped on every change, so a consumer can tell that decisions may differ now.
         self.version = 0
+        self._plan = EMPTY_PLAN
+        self._plan_version = 0
+
+    @property
+    def plan(self) -> BucketPlan:
+        """What spend states must keep for the policies in force (see tracking.py)."""
+        if self._plan_version != self.version:
+            self._plan = plan_for(self._policies.values())
+            self._plan_version = self.version
+        return self._plan
 
     @property
     def policies(self) -> Mapping[str, BudgetPolicy]:

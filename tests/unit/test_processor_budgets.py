@@ -309,6 +309,11 @@ def test_spend_report_shows_current_periods_with_limits() -> None:
         "percent_used": "30.00",
         "policy": "agent:x",
         "thresholds": [{"at_percent": "100", "action": "stop"}],
+        "timezone": "UTC",
+        # $1.50 in the 12 h since midnight: $0.125/h, so the remaining $3.50 lasts 28 h more.
+        "burn_nano_usd_per_hour": 125_000_000,
+        "exhausts_at_ms": WED_NOON + 28 * 3_600_000,
+        "exhausts_before_end": False,
     }
     assert week["limit_nano_usd"] is None and week["percent_used"] is None
     assert month["spend_nano_usd"] == 1_500_000_000

@@ -1,0 +1,421 @@
+"""Policy v3 in the pure core: zoned calendar periods, rolling windows, workflow runs, and the
+forecast, burn-rate, concurrency-cap and spawn-explosion detectors, with an injected clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from agentledger.schemas import (
+    AlertKind,
+    BudgetPolicy,
+    ControlAction,
+    parse_policy_file,
+)
+from agentledger.stream_processors.budgets import (
+    Decision,
+    SpendState,
+    apply_cost,
+    evaluate,
+    spend_report,
+)
+from agentledger.stream_processors.tracking import (
+    CONCURRENCY_HOLD_MS,
+    Activity,
+    BucketPlan,
+    over_cap_until,
+    peak_in_flight,
+    plan_for,
+    spawn_findings,
+)
+
+USD = 1_000_000_000
+MIN = 60_000
+HOUR = 60 * MIN
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def policy(**fields: Any) -> BudgetPolicy:
+    return BudgetPolicy.model_validate(fields)
+
+
+def book(*items: BudgetPolicy) -> dict[str, BudgetPolicy]:
+    return {p.key: p for p in items}
+
+
+class Feed:
+    """Events into one state, each at its own offset, with the plan of ``policies``."""
+
+    def __init__(self, *policies: BudgetPolicy, scope: str = "agent:a") -> None:
+        self.policies = book(*policies)
+        self.plan = plan_for(policies)
+        self.scope = scope
+        self.state = SpendState()
+        self.offset = 0
+
+    def spend(
+        self, nano: int, at_ms: int, now_ms: int | None = None, activity: Activity | None = None
+    ) -> None:
+        self.state = apply_cost(
+            self.state,
+            event_id=f"e{self.offset}",
+            event_time_ms=at_ms,
+            cost_nano_usd=nano,
+            partition=0,
+            offset=self.offset,
+            now_ms=at_ms if now_ms is None else now_ms,
+            plan=self.plan,
+            activity=activity,
+        )
+        self.offset += 1
+
+    def settle(self, now_ms: int) -> Decision:
+        decision = evaluate(self.state, self.policies, self.scope, now_ms)
+        self.state = replace(self.state, alerted=decision.alerted)
+        if decision.command is not None:
+            self.state = replace(self.state, last_command=decision.command)
+        return decision
+
+
+# -- policy v3 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"period": "rolling"}, "period rolling needs a window"),
+        ({"period": "rolling", "window": "90s"}, "whole minutes"),
+        ({"period": "day", "window": "1h"}, "window applies to period rolling only"),
+        ({"period": "run"}, "period run applies to workflow scopes only"),
+        ({"period": "day", "idle": "5m"}, "idle applies to period run only"),
+        ({"timezone": "Mars/Olympus"}, "IANA zone name"),
+        ({"period": "rolling", "window": "1h", "timezone": "Europe/Paris"}, "timezone applies"),
+        ({"max_concurrency": 3}, "pool scopes only"),
+        ({"spawn": {"max_depth": 2}}, "workflow scopes only"),
+    ],
+)
+def test_bad_v3_fields_are_named(fields: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        policy(scope="agent:a", limit_usd=1, **fields)
+
+
+def test_policy_keys_name_scope_and_period() -> None:
+    text = """
+budgets:
+  - {scope: agent:a, period: day, timezone: Europe/Paris, limit_usd: 1}
+  - {scope: agent:a, period: rolling, window: 24h, limit_usd: 1}
+  - {scope: workflow:w, period: run, idle: 10m, limit_usd: 1}
+  - {scope: pool:p, max_concurrency: 4}
+  - {scope: workflow:w, spawn: {max_children: 5, action: stop}}
+"""
+    keys = [p.key for p in parse_policy_file(text).budgets]
+    assert keys == [
+        "agent:a|day",
+        "agent:a|rolling:24h",
+        "workflow:w|run",
+        "pool:p|limits",
+        "workflow:w|limits",
+    ]
+
+
+def test_a_policy_without_limit_must_carry_a_detector_and_no_period() -> None:
+    with pytest.raises(ValidationError, match="limit_usd is required unless"):
+        policy(scope="agent:a")
+    with pytest.raises(ValidationError, match="has no period"):
+        policy(scope="pool:p", period="week", max_concurrency=2)
+    with pytest.raises(ValidationError, match="need limit_usd"):
+        policy(scope="pool:p", max_concurrency=2, forecast={})
+
+
+def test_v2_records_still_parse() -> None:
+    old = '{"schema_version": 2, "scope": "agent:a", "period": "week", "limit_usd": "5"}'
+    parsed = BudgetPolicy.model_validate_json(old)
+    assert parsed.key == "agent:a|week" and parsed.limit_nano_usd == 5 * USD
+
+
+def test_plan_follows_the_policies() -> None:
+    plan = plan_for(
+        [
+            policy(scope="agent:a", timezone="Asia/Kolkata", limit_usd=1),
+            policy(scope="agent:a", period="rolling", window="1h", limit_usd=1),
+            policy(scope="workflow:w", period="run", idle="10m", limit_usd=1),
+            policy(scope="agent:*", burn_rate={"window": "5m", "baseline": "1h"}),
+            policy(scope="pool:p", max_concurrency=2),
+        ]
+    )
+    assert plan == BucketPlan(
+        zones=frozenset({"Asia/Kolkata"}),
+        slots=((30_000, 65 * MIN), (MIN, HOUR)),
+        run_idles=(10 * MIN,),
+        concurrency=True,
+        spawn=False,
+    )
+
+
+# -- zoned calendar periods ----------------------------------------------------------------
+
+
+def test_zoned_day_budget_counts_the_local_day_and_resumes_at_local_midnight() -> None:
+    paris = policy(scope="agent:a", timezone="Europe/Paris", limit_usd=1)
+    feed = Feed(paris)
+    # 23:30 UTC on March 3 is already March 4 in Paris (+01:00): the Paris day began 23:00.
+    feed.spend(USD // 4, ms("2026-03-03T22:30:00"))  # still March 3 in Paris
+    feed.spend(USD // 2, ms("2026-03-03T23:30:00"))
+    feed.spend(USD // 2, ms("2026-03-04T10:00:00"))
+    stop = feed.settle(ms("2026-03-04T10:00:00")).command
+    assert stop is not None and stop.action is ControlAction.STOP
+    assert stop.period_start_ms == ms("2026-03-03T23:00:00")
+    assert stop.until_ms == ms("2026-03-04T23:00:00")
+    assert "daily (Europe/Paris) budget" in stop.reason
+    # The UTC day of March 4 only holds the second half.
+    report = spend_report(feed.state, feed.policies, "agent:a", ms("2026-03-04T10:00:00"))
+    assert report["periods"][0]["spend_nano_usd"] == USD
+    assert report["periods"][0]["timezone"] == "Europe/Paris"
+    assert report["buckets"][f"day:{ms('2026-03-04T00:00:00')}"] == USD // 2
+    assert feed.settle(ms("2026-03-04T22:59:59")).command is None
+    resume = feed.settle(ms("2026-03-04T23:00:00")).command
+    assert resume is not None and resume.action is ControlAction.RESUME
+
+
+# -- rolling windows ----------------------------------------------------------------------
+
+
+def test_rolling_window_counts_the_last_hour_and_resumes_when_spend_slides_out() -> None:
+    hourly = policy(scope="agent:a", period="rolling", window="1h", limit_usd=1)
+    feed = Feed(hourly)
+    t0 = ms("2026-03-04T12:00:30")
+    feed.spend(USD * 4 // 10, t0)
+    feed.spend(USD * 6 // 10, t0 + 20 * MIN)
+    stop = feed.settle(t0 + 20 * MIN).command
+    assert stop is not None and stop.action is ControlAction.STOP
+    # The first 40% leaves the window one hour after its minute slot began (12:00 + 1h).
+    assert stop.until_ms == ms("2026-03-04T13:00:00") and stop.period_start_ms is None
+    assert "rolling 1h budget" in stop.reason
+    assert feed.settle(t0 + 30 * MIN).command is None  # stands, not re-published
+    resume = feed.settle(ms("2026-03-04T13:00:00")).command
+    assert resume is not None and resume.action is ControlAction.RESUME
+    report = spend_report(feed.state, feed.policies, "agent:a", ms("2026-03-04T13:00:00"))
+    rolling = report["periods"][3]
+    assert rolling["period"] == "rolling:1h" and rolling["spend_nano_usd"] == USD * 6 // 10
+
+
+def test_rolling_threshold_alerts_once_per_continuous_stretch() -> None:
+    hourly = policy(
+        scope="agent:a",
+        period="rolling",
+        window="1h",
+        limit_usd=1,
+        thresholds=[{"at_percent": 50, "action": "alert"}],
+    )
+    feed = Feed(hourly)
+    t0 = ms("2026-03-04T12:00:00")
+    feed.spend(USD * 6 // 10, t0)
+    assert len(feed.settle(t0).alerts) == 1
+    for minute in range(1, 59):  # the window slides, still crossed: no new alert
+        assert feed.settle(t0 + minute * MIN).alerts == ()
+    assert feed.settle(t0 + HOUR).alerts == ()  # slid out
+    feed.spend(USD * 6 // 10, t0 + HOUR)
+    assert len(feed.settle(t0 + HOUR).alerts) == 1
+
+
+def test_rolling_slots_stay_bounded() -> None:
+    hourly = policy(scope="agent:a", period="rolling", window="1h", limit_usd=1000)
+    feed = Feed(hourly)
+    t0 = ms("2026-03-04T00:00:00")
+    for minute in range(0, 24 * 60, 7):
+        feed.spend(1, t0 + minute * MIN)
+    assert len(feed.state.slots) <= 62
+    assert SpendState.from_json(feed.state.to_json()) == feed.state
+
+
+# -- workflow runs ------------------------------------------------------------------------
+
+
+def test_run_budget_counts_one_run_and_resumes_when_it_ends() -> None:
+    per_run = policy(scope="workflow:w", period="run", idle="10m", limit_usd=1)
+    feed = Feed(per_run, scope="workflow:w")
+    t0 = ms("2026-03-04T12:00:00")
+    feed.spend(USD // 2, t0)
+    feed.spend(USD // 2, t0 + 9 * MIN)  # same run: the gap is under 10 minutes
+    stop = feed.settle(t0 + 9 * MIN).command
+    assert stop is not None and stop.action is ControlAction.STOP
+    assert (stop.period_start_ms, stop.until_ms) == (t0, t0 + 19 * MIN)
+    assert "per-run budget" in stop.reason
+    resume = feed.settle(t0 + 19 * MIN).command
+    assert resume is not None and resume.action is ControlAction.RESUME
+    feed.spend(USD // 2, t0 + 30 * MIN)  # a new run starts from zero
+    assert feed.settle(t0 + 30 * MIN).command is None
+    assert feed.state.runs[10 * MIN] == (t0 + 30 * MIN, t0 + 30 * MIN, USD // 2)
+    # An event from long before the current run belongs to an earlier run.
+    feed.spend(USD, t0 + 1 * MIN, now_ms=t0 + 31 * MIN)
+    assert feed.state.runs[10 * MIN][2] == USD // 2
+
+
+# -- forecast -----------------------------------------------------------------------------
+
+
+def test_forecast_in_the_report_and_an_alert_when_exhaustion_comes_before_the_end() -> None:
+    daily = policy(scope="agent:a", limit_usd=10, forecast={"min_elapsed_percent": 20})
+    feed = Feed(daily)
+    midnight = ms("2026-03-04T00:00:00")
+    feed.spend(3 * USD, midnight + 1 * HOUR)
+    assert feed.settle(midnight + 4 * HOUR).alerts == ()  # under 20% of the day elapsed
+    alerts = feed.settle(midnight + 6 * HOUR).alerts
+    # $3 in 6 h is $0.50/h: the remaining $7 lasts 14 h, until 20:00, before midnight.
+    assert [a.kind for a in alerts] == [AlertKind.FORECAST]
+    assert alerts[0].details["exhausts_at_ms"] == midnight + 20 * HOUR
+    assert alerts[0].details["burn_nano_usd_per_hour"] == USD // 2
+    assert feed.settle(midnight + 7 * HOUR).alerts == ()  # once per period
+    day = spend_report(feed.state, feed.policies, "agent:a", midnight + 6 * HOUR)["periods"][0]
+    assert day["exhausts_at_ms"] == midnight + 20 * HOUR and day["exhausts_before_end"]
+    slow = Feed(daily)
+    slow.spend(1 * USD, midnight + 1 * HOUR)
+    assert slow.settle(midnight + 6 * HOUR).alerts == ()  # 1 + 18 * 1/6 < 10: lasts the day
+
+
+# -- burn rate ----------------------------------------------------------------------------
+
+
+def burn_policy(action: str = "alert") -> BudgetPolicy:
+    return policy(
+        scope="agent:*",
+        burn_rate={
+            "window": "5m",
+            "baseline": "1h",
+            "factor": 3,
+            "min_usd": "0.01",
+            "action": action,
+        },
+    )
+
+
+def test_burn_rate_fires_on_a_burst_against_the_scopes_own_baseline() -> None:
+    feed = Feed(burn_policy())
+    t0 = ms("2026-03-04T12:00:00")
+    for minute in range(60):  # a steady $0.01 a minute: $0.05 per 5 minutes
+        feed.spend(USD // 100, t0 + minute * MIN)
+    assert feed.settle(t0 + 60 * MIN).alerts == ()
+    feed.spend(USD // 100 * 15, t0 + 62 * MIN)  # $0.15 within 5 minutes: 3x of $0.05
+    alerts = feed.settle(t0 + 62 * MIN).alerts
+    assert [a.kind for a in alerts] == [AlertKind.BURN_RATE]
+    assert "3x or more" in alerts[0].message
+    assert feed.settle(t0 + 63 * MIN).alerts == ()
+
+
+def test_burn_rate_below_factor_or_minimum_stays_quiet_and_action_lapses() -> None:
+    feed = Feed(burn_policy("throttle:1"))
+    t0 = ms("2026-03-04T12:00:00")
+    for minute in range(60):
+        feed.spend(USD // 100, t0 + minute * MIN)
+    feed.spend(USD // 100 * 9, t0 + 62 * MIN)  # $0.10 in 5 minutes with the 12:01 slot: 2x
+    assert feed.settle(t0 + 62 * MIN).command is None
+    quiet = Feed(burn_policy())
+    quiet.spend(USD // 1000, t0)  # no baseline, but under min_usd
+    assert quiet.settle(t0).alerts == ()
+    feed.spend(USD, t0 + 63 * MIN)
+    throttle = feed.settle(t0 + 63 * MIN).command
+    assert throttle is not None and throttle.action is ControlAction.THROTTLE
+    assert throttle.until_ms is not None
+    resume = feed.settle(throttle.until_ms).command
+    assert resume is not None and resume.action is ControlAction.RESUME
+
+
+# -- pool concurrency ---------------------------------------------------------------------
+
+
+def test_in_flight_is_computed_from_overlapping_intervals() -> None:
+    assert peak_in_flight([(0, 10), (5, 15), (9, 20), (10, 12)]) == 3
+    assert peak_in_flight([(0, 10), (10, 20)]) == 1  # ends before the next starts
+    assert over_cap_until([(0, 10), (5, 15), (9, 20)], 2) == 10
+    assert over_cap_until([(0, 10), (10, 20)], 1) is None
+
+
+def test_pool_over_its_cap_is_throttled_and_resumes_after_the_hold() -> None:
+    cap = policy(scope="pool:p", max_concurrency=2)
+    feed = Feed(cap, scope="pool:p")
+    t0 = ms("2026-03-04T12:00:00")
+    for start in (0, 100, 200):  # three calls of 1 s that overlap between 200 and 1000 ms
+        feed.spend(1, t0 + start, now_ms=t0 + 1500, activity=Activity(latency_ms=1000))
+    decision = feed.settle(t0 + 1500)
+    throttle = decision.command
+    assert throttle is not None and throttle.action is ControlAction.THROTTLE
+    assert throttle.params == {"concurrency": 2}
+    assert throttle.until_ms == t0 + 1000 + CONCURRENCY_HOLD_MS
+    assert [a.kind for a in decision.alerts] == [AlertKind.CAPACITY]
+    assert "3 calls in flight, more than its cap of 2" in throttle.reason
+    assert spend_report(feed.state, feed.policies, "pool:p", t0 + 1500)["peak_in_flight"] == 3
+    resume = feed.settle(t0 + 1000 + CONCURRENCY_HOLD_MS).command
+    assert resume is not None and resume.action is ControlAction.RESUME
+
+
+def test_pool_within_its_cap_is_left_alone() -> None:
+    feed = Feed(policy(scope="pool:p", max_concurrency=2), scope="pool:p")
+    t0 = ms("2026-03-04T12:00:00")
+    for start in (0, 600, 1200):  # at most two at a time
+        feed.spend(1, t0 + start, now_ms=t0 + 3000, activity=Activity(latency_ms=1000))
+    assert feed.settle(t0 + 3000) == Decision(None, (), ())
+
+
+# -- spawn explosion ----------------------------------------------------------------------
+
+
+def test_spawn_findings_name_the_offender() -> None:
+    agents = {
+        "root": (None, 0, 0),
+        "a": ("root", 1, 1000),
+        "b": ("root", 1, 2000),
+        "c": ("root", 1, 3000),
+        "d": ("c", 2, 70_000),
+    }
+    found = spawn_findings(agents, max_children=2, max_depth=1, max_new_agents_per_minute=3)
+    assert [(f.what, f.agent, f.value, f.limit) for f in found] == [
+        ("children", "root", 3, 2),
+        ("depth", "d", 2, 1),
+        ("rate", "c", 4, 3),
+    ]
+
+
+def test_spawn_explosion_stops_the_workflow_until_lifted() -> None:
+    limits = policy(scope="workflow:w", spawn={"max_children": 3, "action": "stop"})
+    feed = Feed(limits, scope="workflow:w")
+    t0 = ms("2026-03-04T12:00:00")
+    feed.spend(1, t0, activity=Activity(agent_id="root"))
+    for child in range(3):
+        feed.spend(1, t0 + child, activity=Activity(f"c{child}", "root", 1))
+    assert feed.settle(t0 + 10).command is None
+    feed.spend(1, t0 + 20, activity=Activity("c3", "root", 1))
+    decision = feed.settle(t0 + 20)
+    stop = decision.command
+    assert stop is not None and stop.action is ControlAction.STOP
+    assert stop.until_ms is None and "4 children of one parent" in stop.reason
+    assert [a.kind for a in decision.alerts] == [AlertKind.SPAWN_EXPLOSION]
+    assert decision.alerts[0].details["agent"] == "root"
+    assert feed.settle(t0 + 10 * HOUR).command is None  # stands until the policy changes
+    feed.policies = {}
+    resume = feed.settle(t0 + 10 * HOUR).command
+    assert resume is not None and resume.action is ControlAction.RESUME
+
+
+def test_tracked_state_round_trips_through_json() -> None:
+    feed = Feed(
+        policy(scope="workflow:w", period="run", limit_usd=1),
+        policy(scope="workflow:w", spawn={"max_depth": 3}),
+        policy(scope="pool:p", max_concurrency=2),
+        policy(scope="workflow:w", period="rolling", window="1h", limit_usd=1),
+        scope="workflow:w",
+    )
+    t0 = ms("2026-03-04T12:00:00")
+    feed.spend(5, t0, activity=Activity("a", None, 0, 100))
+    feed.spend(5, t0 + 50, activity=Activity("b", "a", 1, 100))
+    state = feed.state
+    assert state.runs and state.slots and len(state.intervals) == 2 and len(state.agents) == 2
+    assert SpendState.from_json(state.to_json()) == state
+    with pytest.raises(ValueError, match="'agents'"):
+        SpendState.from_json({**state.to_json(), "agents": {"a": [1, 2]}})
