@@ -24,7 +24,6 @@ import functools
 import logging
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from agentledger.config import Settings
 from agentledger.schemas import InvalidMessage
 
 from .database import ClickHouseError
+from .lag import LagHistogram
 from .rows import SourcePosition, dedup_token
 from .store import SinkStore
 from .streams import Decoded, DecodeError, SinkStream, default_streams
@@ -85,6 +85,7 @@ class MessageLike(Protocol):
     def offset(self) -> int | None: ...
     def key(self) -> bytes | None: ...
     def value(self) -> bytes | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
 
 
 class ConsumerLike(Protocol):
@@ -133,9 +134,11 @@ class SinkStats:
     last_error: str | None = None
     lag: int | None = None
     assigned: list[str] = field(default_factory=list)
+    lag_ms: LagHistogram = field(default_factory=LagHistogram)
 
     def as_json(self) -> dict[str, object]:
         return {
+            **self.lag_ms.as_json(),
             "rows_inserted": self.rows_inserted,
             "rows_skipped_replayed": self.rows_skipped_replayed,
             "duplicates_skipped": self.duplicates_skipped,
@@ -310,6 +313,7 @@ class SinkWorker:
         candidates: list[tuple[SinkStream, int, int, Decoded]] = []
         dead: list[InvalidMessage] = []
         commit_to: dict[TopicPartitionKey, int] = {}
+        appended: list[int] = []
         for (topic, partition), records in by_partition.items():
             stream = self._streams.get(topic)
             if stream is None or (topic, partition) not in self._assigned:
@@ -336,10 +340,15 @@ class SinkWorker:
                     dead.append(self._invalid(msg, source, str(exc), now))
                     continue
                 candidates.append((stream, partition, offset, decoded))
+                kind, appended_ms = msg.timestamp()
+                if kind != 0:  # 0: TIMESTAMP_NOT_AVAILABLE
+                    appended.append(appended_ms)
 
         chunks = self._chunks(self._drop_duplicate_ids(candidates))
         for chunk in chunks:
             self._insert(chunk)
+        # Queryable from here on. Rows dropped as duplicates are counted too: their fact was.
+        self.stats.lag_ms.add(self.clock(), appended)
         if dead:
             self._send_dlq(dead)
         self._commit(commit_to)
@@ -358,7 +367,7 @@ class SinkWorker:
         by_stream: dict[str, list[Decoded]] = defaultdict(list)
         for stream, _partition, _source_offset, decoded in candidates:
             by_stream[stream.topic].append(decoded)
-        stored: dict[str, set[uuid.UUID]] = {}
+        stored: dict[str, set[str]] = {}
         for topic, decoded_list in by_stream.items():
             stream = self._streams[topic]
             ids = sorted({d.record_id for d in decoded_list})
@@ -369,7 +378,7 @@ class SinkWorker:
                 f"looking up {len(ids)} ids in {stream.table}",
             )
         kept = []
-        seen: set[tuple[str, uuid.UUID]] = set()
+        seen: set[tuple[str, str]] = set()
         for item in candidates:
             stream, decoded = item[0], item[3]
             key = (stream.topic, decoded.record_id)

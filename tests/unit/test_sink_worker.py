@@ -46,6 +46,7 @@ class Msg:
     _offset: int
     _value: bytes | None
     _key: bytes | None = b"k"
+    _appended_ms: int | None = None
 
     def error(self) -> None:
         return None
@@ -64,6 +65,10 @@ class Msg:
 
     def value(self) -> bytes | None:
         return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        # (TIMESTAMP_LOG_APPEND_TIME, ms) as the calls topic sets it, or NOT_AVAILABLE.
+        return (2, self._appended_ms) if self._appended_ms is not None else (0, 0)
 
 
 @dataclass
@@ -157,7 +162,7 @@ class FakeStore:
     inserts: list[tuple[str, list[int]]] = field(default_factory=list)
     landed: dict[tuple[str, int], set[int]] = field(default_factory=dict)
 
-    stored_ids: set[uuid.UUID] = field(default_factory=set)
+    stored_ids: set[str] = field(default_factory=set)
     id_lookups: list[tuple[str, int, int]] = field(default_factory=list)
 
     def insert(self, stream: SinkStream, rows: Sequence[Sequence[object]], token: str) -> None:
@@ -167,7 +172,7 @@ class FakeStore:
             raise ClickHouseError("Code: 241. MEMORY_LIMIT_EXCEEDED", code=241)
         self.log.append(f"insert {token}")
         self.inserts.append((token, [int(str(r[-2])) for r in rows]))
-        self.stored_ids.update(uuid.UUID(str(r[1])) for r in rows)
+        self.stored_ids.update(str(r[1]) for r in rows)
 
     def present_offsets(
         self, stream: SinkStream, topic: str, partition: int, from_offset: int
@@ -175,8 +180,8 @@ class FakeStore:
         return {o for o in self.landed.get((topic, partition), set()) if o >= from_offset}
 
     def present_ids(
-        self, stream: SinkStream, ids: Sequence[uuid.UUID], from_ms: int, to_ms: int
-    ) -> set[uuid.UUID]:
+        self, stream: SinkStream, ids: Sequence[str], from_ms: int, to_ms: int
+    ) -> set[str]:
         self.id_lookups.append((stream.table, from_ms, to_ms))
         return self.stored_ids & set(ids)
 
@@ -422,7 +427,7 @@ def test_an_id_lookup_failure_is_retried_before_anything_is_inserted(rig: Rig) -
     failures = [2]
     real = rig.store.present_ids
 
-    def flaky(*args: Any) -> set[uuid.UUID]:
+    def flaky(*args: Any) -> set[str]:
         if failures[0]:
             failures[0] -= 1
             rig.log.append("lookup failed")
