@@ -516,3 +516,24 @@ def test_consumption_is_paused_while_clickhouse_is_down(rig: Rig) -> None:
     assert rig.consumer.paused is False
     assert rig.store.inserts == [(f"{t}:0:0-0", [0])]
     assert rig.consumer.commits == [[(t, 0, 1)]]
+
+
+def test_kafka_to_queryable_lag_is_measured_from_append_time_to_insert(rig: Rig) -> None:
+    t = rig.topic
+    now = rig.worker.clock()
+    rig.consumer.queued = [
+        Msg(t, 0, 0, call(1), _appended_ms=now - 1_500),
+        Msg(t, 0, 1, call(2), _appended_ms=now - 20),
+        Msg(t, 1, 0, call(3), _appended_ms=now - 20),
+        Msg(t, 1, 1, b"garbage", _appended_ms=now - 9_000),  # dlq: no row, no lag
+    ]
+    rig.worker.step()
+    health = rig.worker.stats.as_json()
+    assert health["lag_rows"] == 3
+    # Acknowledged at the clock reading just before the commit's.
+    acknowledged = int(str(health["last_commit_ms"])) - 1
+    ages = sorted(acknowledged - (now - back) for back in (1_500, 20, 20))
+    assert health["lag_max_ms"] == ages[-1]
+    assert health["lag_p99_ms"] == ages[-1]
+    # p50 is the upper edge of the 10 ms bucket holding the median age.
+    assert health["lag_p50_ms"] == ages[1] // 10 * 10 + 9
