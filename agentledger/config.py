@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     processor_port: int = Field(default=6066, ge=1, le=65535)
     sink_port: int = Field(default=6067, ge=1, le=65535)
     dashboard_port: int = Field(default=6068, ge=1, le=65535)
+    alert_webhook_url: SecretStr | None = Field(
+        default=None,
+        description="http(s) URL the processor POSTs alerts to as Slack-compatible JSON "
+        '{"text": ...}; secret because webhook URLs embed their token',
+    )
     kafka_jars: Path | None = Field(
         default=None, description="folder of Kafka broker jars; default: fetched by mvn"
     )

@@ -1,13 +1,16 @@
 """Alert: something an operator should look at (a threshold crossed, a spike, a detector firing).
 
 Alerts go to ``<prefix>alerts`` keyed by scope; they inform, while ControlCommands act.
+
+Version 2 adds the ``dlq_rate`` kind, raised by a component about itself, so its scope may
+also be ``processor:<what>`` (e.g. ``processor:dlq``); v1 records still parse.
 """
 
 from __future__ import annotations
 
 import uuid
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,7 +19,10 @@ from .ids import uuid7
 
 __all__ = ["ALERT_VERSION", "Alert", "AlertKind", "Severity"]
 
-ALERT_VERSION: Literal[1] = 1
+ALERT_VERSION: Literal[2] = 2
+
+# A component's alert about itself rather than about a budget scope.
+ComponentScope = Annotated[str, Field(pattern=r"^processor:[a-z_]{1,50}$")]
 
 
 class AlertKind(StrEnum):
@@ -27,6 +33,7 @@ class AlertKind(StrEnum):
     BURN_RATE = "burn_rate"
     FORECAST = "forecast"
     CAPACITY = "capacity"
+    DLQ_RATE = "dlq_rate"
 
 
 class Severity(StrEnum):
@@ -38,11 +45,11 @@ class Severity(StrEnum):
 class Alert(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = ALERT_VERSION
+    schema_version: Literal[1, 2] = ALERT_VERSION
     alert_id: uuid.UUID = Field(default_factory=uuid7)
     kind: AlertKind
     severity: Severity = Severity.WARNING
-    scope: Scope
+    scope: Scope | ComponentScope
     message: str = Field(max_length=4000, description="what happened, for an operator")
     issued_at_ms: int = Field(ge=0)
     period_start_ms: int | None = Field(default=None, ge=0)
