@@ -107,9 +107,10 @@ class Collector:
         """Poll the sources once and publish a new snapshot if anything changed."""
         now = self.clock()
         scopes: dict[str, Any] | None
+        processor_error: str | None
         try:
             scopes = fetch_scopes(self.settings)
-            processor_error = None
+            processor_error = "; ".join(scopes["errors"]) or None
         except RuntimeError as exc:
             scopes, processor_error = None, str(exc)
         self._refresh_history(now)

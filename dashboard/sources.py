@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentledger.config import Settings
+from agentledger.deploy.stack import worker_ports
 from agentledger.sinks.query import QueryClient, QueryError
 
-__all__ = ["History", "fetch_history", "fetch_scopes"]
+__all__ = ["History", "fetch_history", "fetch_scopes", "processor_ports"]
 
 SERIES_MINUTES = 60
 TOP_AGENTS = 10
@@ -51,26 +52,59 @@ LIMIT {limit:UInt32}
 """
 
 
-def fetch_scopes(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]:
-    """The processor's ``GET /scopes``; raise RuntimeError saying what went wrong."""
-    request = urllib.request.Request(f"http://127.0.0.1:{settings.processor_port}/scopes")
-    request.add_header("Authorization", f"Bearer {settings.api_token_value()}")
+def processor_ports(settings: Settings) -> list[int]:
+    """The web port of every processor worker: the settings' count when given explicitly,
+    else the shape `agentledger up` recorded in <home>/run/stack.json, else one."""
+    count = settings.processors
+    if "processors" not in settings.model_fields_set:
+        try:
+            recorded = json.loads((settings.home / "run" / "stack.json").read_text())
+        except (FileNotFoundError, ValueError):
+            recorded = {}
+        if isinstance(recorded, dict) and isinstance(recorded.get("processors"), int):
+            count = recorded["processors"]
+    return worker_ports(settings.processor_port, max(1, count))
+
+
+def _fetch_one(port: int, token: str, timeout_s: float) -> dict[str, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/scopes")
+    request.add_header("Authorization", f"Bearer {token}")
     try:
         # Fixed http scheme and loopback host.
         with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
             body: Any = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"processor answered {exc.code} for /scopes") from None
+        raise RuntimeError(
+            f"processor at 127.0.0.1:{port} answered {exc.code} for /scopes"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise RuntimeError(
-            f"processor not reachable at 127.0.0.1:{settings.processor_port} ({reason})"
-        ) from None
+        raise RuntimeError(f"processor not reachable at 127.0.0.1:{port} ({reason})") from None
     except json.JSONDecodeError:
-        raise RuntimeError("processor answered non-JSON for /scopes") from None
+        raise RuntimeError(f"processor at 127.0.0.1:{port} answered non-JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("scopes"), list):
-        raise RuntimeError("processor answered /scopes without a 'scopes' list")
+        raise RuntimeError(f"processor at 127.0.0.1:{port} answered without a 'scopes' list")
     return body
+
+
+def fetch_scopes(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]:
+    """Every processor worker's ``GET /scopes``, merged (each worker holds its own partitions'
+    scopes). Workers that failed are listed under ``errors``; RuntimeError if all failed."""
+    token = settings.api_token_value()
+    scopes: dict[str, Any] = {}
+    errors: list[str] = []
+    for port in processor_ports(settings):
+        try:
+            body = _fetch_one(port, token, timeout_s)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+            continue
+        for report in body["scopes"]:
+            if isinstance(report, dict):
+                scopes.setdefault(str(report.get("scope")), report)
+    if errors and not scopes and len(errors) == len(processor_ports(settings)):
+        raise RuntimeError("; ".join(errors))
+    return {"scopes": [scopes[k] for k in sorted(scopes)], "errors": errors}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ board and the terminal view; and its history queries against a real embedded chD
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from agentledger.config import Settings
 from agentledger.dashboard.feeds import AlertLog, CommandBoard
 from agentledger.dashboard.forecast import HOUR_MS, SpendSamples, forecast
 from agentledger.dashboard.operator import operator_command
-from agentledger.dashboard.sources import fetch_history
+from agentledger.dashboard.sources import fetch_history, processor_ports
 from agentledger.dashboard.view import RateTracker, build_snapshot, scope_row, sort_scopes
 from agentledger.schemas import (
     Alert,
@@ -370,3 +371,16 @@ def test_history_series_top_agents_and_audit_from_chdb(db: ClickHouse) -> None:
     assert history.series == [(minute, 5_000_000_001), (minute + 4 * 60_000, 7)]
     assert history.top_agents == [("big", 5_000_000_001, 2), ("small", 18, 2)]
     assert history.audit == []
+
+
+def test_processor_ports_follow_the_recorded_stack_shape(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, processor_port=7000)
+    assert processor_ports(settings) == [7000]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stack.json").write_text('{"processors": 3}')
+    assert processor_ports(settings) == [7000, 7010, 7020]
+    # An explicit count wins over the recorded one.
+    assert processor_ports(Settings(home=tmp_path, processor_port=7000, processors=2)) == [
+        7000,
+        7010,
+    ]
