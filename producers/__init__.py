@@ -29,6 +29,7 @@ from .ledger import (
     TaskUnit,
     wall_clock_ms,
 )
+from .litellm_callback import LedgerCallback, litellm_callback
 from .pricing import PRICING_VERSION, Price, PriceOverride, Pricer
 from .router import Candidate, Router, RoutingDecision, RoutingPolicy, StatsBook
 from .scope import TaskScope, current_task
@@ -50,6 +51,7 @@ __all__ = [
     "KafkaControlListener",
     "KafkaTransport",
     "Ledger",
+    "LedgerCallback",
     "NewWorkRefused",
     "Price",
     "PriceOverride",
@@ -67,5 +69,6 @@ __all__ = [
     "current_task",
     "instrument_anthropic",
     "instrument_openai",
+    "litellm_callback",
     "wall_clock_ms",
 ]

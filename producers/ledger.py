@@ -147,13 +147,15 @@ class Ledger:
             )
         self.throttle_max_wait_s = throttle_max_wait_s
         self.settings = settings
+        # Typed as librdkafka config, not as KafkaTransport's own keyword arguments.
+        client_config: dict[str, Any] = settings.kafka_client_config()
         self.transport: EventTransport = (
             transport
             if transport is not None
             else KafkaTransport(
                 settings.kafka,
                 spool=Spool(settings.home / "spool"),
-                **settings.kafka_client_config(),
+                **client_config,
             )
         )
         self._control = control
@@ -496,6 +498,49 @@ class AgentLedger:
             estimated_input_tokens=_check_tokens("estimated_input_tokens", estimated_input_tokens),
         )
 
+    def record_finished(
+        self,
+        *,
+        provider: str,
+        model: str,
+        started_ms: int,
+        ended_ms: int,
+        requested_model: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_input_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        status: CallStatus | str = CallStatus.OK,
+        error_type: str | None = None,
+        task_type: str | None = None,
+        attempt: int = 1,
+    ) -> CallEvent | None:
+        """Record a call that already ran (for callbacks such as LiteLLM's), priced at
+        ``model`` and timed by the given UTC milliseconds; returns the event sent.
+
+        Nothing is enforced: the money is spent, and refusing now would only lose the record.
+        The cost still counts toward this process's unconfirmed spend in its scopes."""
+        for name, value in (("started_ms", started_ms), ("ended_ms", ended_ms)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int of UTC milliseconds >= 0, got {value!r}")
+        call = self.call(
+            provider=provider,
+            model=requested_model or model,
+            task_type=task_type,
+            attempt=attempt,
+        )
+        call.record(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+            reasoning_tokens=reasoning_tokens,
+            status=status,
+            error_type=error_type,
+            used_model=model,
+        )
+        call._finish_unadmitted(started_ms, max(ended_ms, started_ms))
+        return call.event
+
     def acall(
         self,
         *,
@@ -784,7 +829,15 @@ class CallRecorder:
                 ledger.spend_book.settle(self._scopes, self.reserved_nano_usd, cost, ledger.clock())
                 self.reserved_nano_usd = 0
 
-    def _emit(self, exc_type: type[BaseException] | None) -> None:
+    def _finish_unadmitted(self, started_ms: int, ended_ms: int) -> None:
+        ledger = self._agent.ledger
+        self._scopes = self._agent.scopes(self.task_type)
+        self._started_ms = started_ms
+        self._emit(None, ended_ms)
+        cost = self.event.cost_nano_usd if self.event is not None else 0
+        ledger.spend_book.settle(self._scopes, 0, cost, ledger.clock())
+
+    def _emit(self, exc_type: type[BaseException] | None, ended_ms: int | None = None) -> None:
         if self._started_ms is None:
             return
         ledger = self._agent.ledger
@@ -794,7 +847,8 @@ class CallRecorder:
                 self.status = CallStatus.ERROR
             if self.error_type is None:
                 self.error_type = exc_type.__name__[:200]
-        ended_ms = ledger.clock()
+        if ended_ms is None:
+            ended_ms = ledger.clock()
         started = self._started_ms
         price = ledger.price(
             self.provider,
