@@ -147,6 +147,7 @@ def run_top(settings: Settings, args: argparse.Namespace) -> int:
             # One frame, after the topic feeds had a moment to read what stands.
             for feed in collector.feeds:
                 feed.assigned.wait(5.0)
+            collector.refresh_history()
             time.sleep(1.0)
             Console().print(render_top(collector.refresh(), args.sort))
             return 0

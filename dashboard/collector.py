@@ -54,15 +54,15 @@ class Collector:
             TopicFeed(settings.kafka, topics.alerts, self.alerts.apply, tail=ALERTS_TAIL),
         ]
         self.rates = RateTracker()
+        # Written by the history thread, read by the live one (single assignments).
         self._history: History | None = None
-        self._history_at = 0.0
         self._history_error: str | None = None
         self._lock = threading.Condition()
         self._snapshot: dict[str, Any] = {}
         self._digest = ""
         self.version = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -70,21 +70,29 @@ class Collector:
         for feed in self.feeds:
             feed.start()
         self.refresh()
-        self._thread = threading.Thread(target=self._run, name="dashboard-collector", daemon=True)
-        self._thread.start()
+        # History has its own thread: a slow ClickHouse must never hold up the live view.
+        for target, name in ((self._run_live, "live"), (self._run_history, "history")):
+            thread = threading.Thread(target=target, name=f"dashboard-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        for thread in self._threads:
+            thread.join(10)
         for feed in self.feeds:
             feed.stop()
         if self._query is not None:
             self._query.close()
 
-    def _run(self) -> None:
+    def _run_live(self) -> None:
         while not self._stop.wait(LIVE_INTERVAL_S):
             self.refresh()
+
+    def _run_history(self) -> None:
+        while not self._stop.is_set():
+            self.refresh_history()
+            self._stop.wait(HISTORY_INTERVAL_S)
 
     # -- one tick --------------------------------------------------------------------------
 
@@ -93,12 +101,10 @@ class Collector:
             self._query = QueryClient.from_settings(self.settings)
         return self._query
 
-    def _refresh_history(self, now_ms: int) -> None:
-        if time.monotonic() - self._history_at < HISTORY_INTERVAL_S:
-            return
-        self._history_at = time.monotonic()
+    def refresh_history(self) -> None:
+        """Query ClickHouse once; the next snapshot carries the result (or the error)."""
         try:
-            self._history = fetch_history(self._client(), now_ms)
+            self._history = fetch_history(self._client(), self.clock())
             self._history_error = None
         except QueryError as exc:
             self._history_error = str(exc)[:300]
@@ -113,7 +119,6 @@ class Collector:
             processor_error = "; ".join(scopes["errors"]) or None
         except RuntimeError as exc:
             scopes, processor_error = None, str(exc)
-        self._refresh_history(now)
         health: dict[str, str | None] = {
             "processor": processor_error,
             "history": self._history_error,

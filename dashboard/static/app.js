@@ -3,7 +3,8 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
-const state = { snapshot: null, events: 0, rows: new Map(), order: "" };
+// lags: how old each snapshot was (ms since the collector took it) when the page drew it.
+const state = { snapshot: null, events: 0, rows: new Map(), order: "", lags: [] };
 window.__agentledger = state; // for tests and for poking at it from the console
 
 function $(id) { return document.getElementById(id); }
@@ -283,6 +284,8 @@ function renderTop(snap) {
 function render(snap) {
   state.snapshot = snap;
   state.events += 1;
+  state.lags.push(Date.now() - snap.now_ms);
+  if (state.lags.length > 200) state.lags.shift();
   $("updated").textContent = `updated ${utc(snap.now_ms)} · ${state.events} updates`;
   const problems = Object.entries(snap.health).filter(([, v]) => v).map(([k, v]) => `${k}: ${v}`);
   $("health").textContent = problems.join(" | ");

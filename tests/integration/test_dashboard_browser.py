@@ -231,9 +231,22 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
 
                 # The operator stops the runaway from the page.
                 page.fill("#reason", "browser test: runaway stopped by hand")
+                clicked = time.monotonic()
                 row.locator('button[data-action="stop"]').click()
                 page.locator("#action-result", has_text=f"STOP for {RUNAWAY} published").wait_for()
+                published_s = time.monotonic() - clicked
 
+                def refused() -> bool:
+                    try:
+                        work.runaway.check_budget()
+                    except BudgetExceeded:
+                        return True
+                    return False
+
+                wait_for("the shim to refuse the runaway", refused, timeout_s=30)
+                refused_s = time.monotonic() - clicked
+                row.locator(".standing", has_text="STOP").wait_for(timeout=30_000)
+                shown_s = time.monotonic() - clicked
                 mine = wait_for(
                     "the operator's STOP on the control topic",
                     lambda: [
@@ -246,19 +259,18 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
                 assert mine[-1].reason == "browser test: runaway stopped by hand"
                 verify_command(mine[-1], TEST_CONTROL_KEY.encode())
 
-                def refused() -> bool:
-                    try:
-                        work.runaway.check_budget()
-                    except BudgetExceeded:
-                        return True
-                    return False
-
-                wait_for("the shim to refuse the runaway", refused, timeout_s=30)
                 refused_before = work.refused
                 wait_for("the workload to be refused", lambda: work.refused > refused_before)
                 work.steady.check_budget()  # the other agent goes on
 
-                row.locator(".standing", has_text="STOP").wait_for(timeout=30_000)
+                lags = sorted(page.evaluate("window.__agentledger.lags"))
+                # Measured, not asserted (speed belongs to benchmarks); printed with -s.
+                print(
+                    f"\ndashboard: {len(lags)} snapshots drawn, age when drawn median "
+                    f"{lags[len(lags) // 2]} ms, max {lags[-1]} ms; STOP click -> broker ack "
+                    f"{published_s * 1000:.0f} ms, -> checked refused by the shim (on or after) "
+                    f"{refused_s * 1000:.0f} ms, -> badge on the page {shown_s * 1000:.0f} ms"
+                )
                 page.locator("#audit li", has_text="operator:dashboard").wait_for(timeout=60_000)
                 shot = tmp_path / "dashboard.png"
                 page.screenshot(path=str(shot), full_page=True)
