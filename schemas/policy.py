@@ -366,7 +366,8 @@ class BudgetPolicy(BaseModel):
             return self
         if self.thresholds or self.spike or self.forecast:
             raise ValueError("thresholds, spike and forecast need limit_usd")
-        if "period" in self.model_fields_set or self.timezone != "UTC":
+        # model_dump writes the default period back, so a day period must pass here.
+        if self.period is not Period.DAY or self.timezone != "UTC":
             raise ValueError("a policy without limit_usd has no period or timezone")
         if (self.retry_loop, self.burn_rate, self.spawn, self.max_concurrency) == (
             None,

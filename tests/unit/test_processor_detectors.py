@@ -134,6 +134,20 @@ def test_a_policy_without_limit_must_carry_a_detector_and_no_period() -> None:
         policy(scope="pool:p", max_concurrency=2, forecast={})
 
 
+def test_every_v3_policy_round_trips_through_json() -> None:
+    text = """
+budgets:
+  - {scope: agent:a, period: day, timezone: Europe/Paris, limit_usd: 1, forecast: {}}
+  - {scope: agent:a, period: rolling, window: 24h, limit_usd: 1}
+  - {scope: workflow:w, period: run, idle: 10m, limit_usd: 1}
+  - {scope: pool:p, max_concurrency: 4}
+  - {scope: workflow:w, spawn: {max_children: 5, action: stop}}
+  - {scope: agent:*, burn_rate: {window: 5m, baseline: 1h}}
+"""
+    for parsed in parse_policy_file(text).budgets:
+        assert BudgetPolicy.model_validate_json(parsed.model_dump_json()) == parsed
+
+
 def test_v2_records_still_parse() -> None:
     old = '{"schema_version": 2, "scope": "agent:a", "period": "week", "limit_usd": "5"}'
     parsed = BudgetPolicy.model_validate_json(old)

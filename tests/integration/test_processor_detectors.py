@@ -1,0 +1,261 @@
+"""Policy v3 on the real broker, through a worker subprocess: a zoned day, a rolling window and a
+workflow run (each with its RESUME where it can be waited for), the pool concurrency cap, the
+spawn-explosion, burn-rate and forecast detectors, the dead-letter-rate alert, and alerts
+delivered to a loopback webhook that fails its first attempts."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+import tests.integration.test_processor_thresholds as thresholds
+import tests.integration.test_processor_worker as base
+from agentledger.config import Settings
+from agentledger.schemas import (
+    Alert,
+    AlertKind,
+    BudgetPolicy,
+    CallEvent,
+    ControlAction,
+    ControlCommand,
+    verify_command,
+)
+
+pytestmark = pytest.mark.integration
+
+workers = base.workers
+readers = base.readers
+Worker = base.Worker
+TopicReader = base.TopicReader
+alerts_reader = thresholds.alerts_reader
+alerts_for = thresholds.alerts_for
+
+USD = 1_000_000_000
+
+
+def call(
+    agent: str,
+    cost: int,
+    *,
+    at_ms: int | None = None,
+    latency_ms: int = 100,
+    **fields: Any,
+) -> bytes:
+    return (
+        CallEvent(
+            event_time_ms=base.now_ms() if at_ms is None else at_ms,
+            agent_id=agent,
+            provider="openai",
+            requested_model="gpt-4o",
+            used_model="gpt-4o",
+            cost_nano_usd=cost,
+            latency_ms=latency_ms,
+            **fields,
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def actions(reader: TopicReader, scope: str, key: bytes) -> list[ControlCommand]:
+    found = [command for command, _ in base.commands(reader, scope)]
+    for command in found:
+        verify_command(command, key)
+    return found
+
+
+def test_zoned_rolling_and_run_periods_and_the_detectors(
+    stack_settings: Settings,
+    workers: Callable[[], Worker],
+    readers: tuple[TopicReader, TopicReader],
+    alerts_reader: TopicReader,
+) -> None:
+    settings = stack_settings
+    control, _ = readers
+    key = settings.control_key_bytes()
+    base.avoid_midnight()
+    producer = base.make_producer(settings)
+    zone = "Pacific/Kiritimati"  # UTC+14: its day never matches the UTC day
+    policies = [
+        {"scope": "agent:zoned", "period": "day", "timezone": zone, "limit_usd": "0.01"},
+        {"scope": "agent:roller", "period": "rolling", "window": "1m", "limit_usd": "0.01"},
+        {"scope": "workflow:run-1", "period": "run", "idle": "4s", "limit_usd": "0.01"},
+        {"scope": "pool:gpu", "max_concurrency": 2},
+        {"scope": "workflow:fanout", "spawn": {"max_children": 2, "action": "stop"}},
+        {
+            "scope": "agent:burner",
+            "burn_rate": {
+                "window": "10s",
+                "baseline": "60s",
+                "factor": 3,
+                "min_usd": "0.001",
+            },
+        },
+        {
+            "scope": "agent:forecaster",
+            "period": "day",
+            "limit_usd": "1",
+            "thresholds": [{"at_percent": 100, "action": "stop"}],
+            "forecast": {"min_elapsed_percent": 0},
+        },
+    ]
+    for raw in policies:
+        base.publish_policy(producer, settings, BudgetPolicy.model_validate(raw))
+    worker = workers()
+    worker.wait_ready()
+    calls = settings.topics.calls
+
+    def send(agent: str, value: bytes) -> None:
+        base.send(producer, calls, agent.encode(), value)
+
+    # Zoned day: STOP over the Kiritimati day, from its local midnight to the next.
+    send("zoned", call("zoned", 10_000_000))
+    (stop,) = base.wait_for("the zoned STOP", lambda: actions(control, "agent:zoned", key))
+    local = datetime.fromtimestamp(stop.issued_at_ms / 1000, tz=ZoneInfo(zone))
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert stop.action is ControlAction.STOP
+    assert stop.period_start_ms == int(midnight.timestamp()) * 1000
+    assert stop.until_ms == stop.period_start_ms + base.DAY_MS
+
+    # Rolling 1m window: spend from 50 s ago stops the agent until it slides out, then RESUME.
+    send("roller", call("roller", 10_000_000, at_ms=base.now_ms() - 50_000))
+    stop = base.wait_for("the rolling STOP", lambda: actions(control, "agent:roller", key))[0]
+    assert stop.action is ControlAction.STOP and stop.period_start_ms is None
+    assert stop.until_ms is not None and stop.until_ms - base.now_ms() < 12_000
+    base.wait_for(
+        "the rolling RESUME", lambda: len(actions(control, "agent:roller", key)) >= 2 or None
+    )
+    commands = actions(control, "agent:roller", key)
+    assert [c.action for c in commands] == [ControlAction.STOP, ControlAction.RESUME]
+
+    # Workflow run: its spend adds up over the run; 4 s without events ends it: RESUME.
+    send("w-a", call("w-a", 6_000_000, workflow_id="run-1"))
+    send("w-b", call("w-b", 4_000_000, workflow_id="run-1"))
+    stop = base.wait_for("the run STOP", lambda: actions(control, "workflow:run-1", key))[0]
+    assert stop.action is ControlAction.STOP and "per-run budget" in stop.reason
+    base.wait_for(
+        "the run RESUME", lambda: len(actions(control, "workflow:run-1", key)) >= 2 or None
+    )
+    assert actions(control, "workflow:run-1", key)[-1].action is ControlAction.RESUME
+
+    # Pool concurrency: three 1.5 s calls that overlap; the cap is 2, so THROTTLE 2.
+    start = base.now_ms() - 3_000
+    for n, agent in enumerate(["g1", "g2", "g3"]):
+        send(agent, call(agent, 1, at_ms=start + 100 * n, latency_ms=1_500, pool="gpu"))
+    throttle = base.wait_for("the pool THROTTLE", lambda: actions(control, "pool:gpu", key))[0]
+    assert throttle.action is ControlAction.THROTTLE and throttle.params == {"concurrency": 2}
+    assert "3 calls in flight" in throttle.reason
+    assert [a.kind for a in alerts_for(alerts_reader, "pool:gpu")] == [AlertKind.CAPACITY]
+    assert worker.state("pool:gpu")["peak_in_flight"] == 3
+
+    # Spawn explosion: a third child of one parent stops the workflow.
+    send("root", call("root", 1, workflow_id="fanout"))
+    for child in ("k1", "k2"):
+        send(child, call(child, 1, workflow_id="fanout", parent_agent_id="root", spawn_depth=1))
+    send("k3", call("k3", 1, workflow_id="fanout", parent_agent_id="root", spawn_depth=1))
+    stop = base.wait_for("the spawn STOP", lambda: actions(control, "workflow:fanout", key))[0]
+    assert stop.action is ControlAction.STOP and stop.until_ms is None
+    assert "3 children of one parent" in stop.reason
+    spawn_alert = base.wait_for(
+        "the spawn alert", lambda: alerts_for(alerts_reader, "workflow:fanout")
+    )
+    assert [a.kind for a in spawn_alert] == [AlertKind.SPAWN_EXPLOSION]
+
+    # Burn rate: a steady $0.001 every 10 s for a minute, then $0.01 at once.
+    now = base.now_ms()
+    for back in range(60_000, 10_000, -10_000):
+        send("burner", call("burner", USD // 1000, at_ms=now - back))
+    send("burner", call("burner", USD // 100))
+    burn = base.wait_for("the burn-rate alert", lambda: alerts_for(alerts_reader, "agent:burner"))
+    assert [a.kind for a in burn] == [AlertKind.BURN_RATE] and "3x or more" in burn[0].message
+
+    # Forecast: 99% of the day's budget spent already projects exhaustion before midnight.
+    send("forecaster", call("forecaster", USD * 99 // 100))
+    projected = base.wait_for(
+        "the forecast alert", lambda: alerts_for(alerts_reader, "agent:forecaster")
+    )
+    assert [a.kind for a in projected] == [AlertKind.FORECAST]
+    day = worker.state("agent:forecaster")["periods"][0]
+    assert day["exhausts_before_end"] and day["exhausts_at_ms"] < day["end_ms"]
+    assert day["burn_nano_usd_per_hour"] > 0
+
+
+class FlakyHook(BaseHTTPRequestHandler):
+    """Answers 500 to the first ``failures`` POSTs, then 200, recording accepted bodies."""
+
+    failures = 2
+    hits = 0
+    bodies: list[dict[str, Any]] = []  # shared by the server's threads
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:  # http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        with self.lock:
+            FlakyHook.hits += 1
+            failing = FlakyHook.hits <= FlakyHook.failures
+            if not failing:
+                FlakyHook.bodies.append(json.loads(body))
+        self.send_response(500 if failing else 200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def flaky_hook() -> Iterator[str]:
+    FlakyHook.hits = 0
+    FlakyHook.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyHook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/T000/secret"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_alerts_reach_a_failing_webhook_and_a_high_dlq_rate_alerts(
+    stack_settings: Settings,
+    workers: Callable[[], Worker],
+    readers: tuple[TopicReader, TopicReader],
+    alerts_reader: TopicReader,
+    flaky_hook: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = stack_settings
+    _, dlq = readers
+    monkeypatch.setenv("AGENTLEDGER_ALERT_WEBHOOK_URL", flaky_hook)  # the worker inherits it
+    producer = base.make_producer(settings)
+    policy = {"scope": "agent:a", "limit_usd": "0.01"}
+    base.publish_policy(producer, settings, BudgetPolicy.model_validate(policy))
+    worker = workers()
+    worker.wait_ready()
+    base.send(producer, settings.topics.calls, b"a", call("a", 10_000_000))
+    (threshold,) = base.wait_for(
+        "the threshold alert", lambda: alerts_for(alerts_reader, "agent:a")
+    )
+    # Two 500s, then delivered, with backoff 0.5 s + 1 s in between.
+    base.wait_for("the webhook delivery", lambda: FlakyHook.bodies)
+    assert FlakyHook.hits == 3
+    assert FlakyHook.bodies == [{"text": f"[critical] threshold agent:a: {threshold.message}"}]
+    assert "secret" not in worker.log()  # the URL embeds the webhook's token
+
+    # 101 bad records within a minute: one dlq_rate alert, also delivered to the webhook.
+    for n in range(101):
+        producer.produce(settings.topics.calls, key=b"junk", value=b"not json %d" % n)
+    assert producer.flush(10) == 0
+    base.wait_for("101 dead letters", lambda: len(dlq.poll()) >= 101)
+    (rate,) = base.wait_for(
+        "the dlq rate alert", lambda: alerts_for(alerts_reader, "processor:dlq")
+    )
+    assert isinstance(rate, Alert) and rate.kind is AlertKind.DLQ_RATE
+    base.wait_for("the webhook delivery of the dlq alert", lambda: len(FlakyHook.bodies) >= 2)
+    assert FlakyHook.bodies[1]["text"].startswith("[warning] dlq_rate processor:dlq: more than")
