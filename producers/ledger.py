@@ -42,6 +42,7 @@ from .errors import (
     ThrottleTimeout,
     UnpricedModelWarning,
 )
+from .event_json import agent_fragment, call_event_json, event_id
 from .pricing import Price, PriceOverride, Pricer
 from .reservation import SpendBook
 from .scope import _CURRENT, TaskScope
@@ -309,6 +310,11 @@ class Ledger:
         self._count("events")
         return event
 
+    def emit_json(self, key: bytes, value: bytes) -> None:
+        """Send one call event already serialised by ``event_json.call_event_json``."""
+        self.transport.send(self._calls_topic, key, value)
+        self._count("events")
+
     def _dead_letter(self, fields: dict[str, Any], exc: ValidationError) -> None:
         # Arguments are checked when the call starts and when usage is recorded, so this is a
         # shim bug; the record still reaches the dlq instead of vanishing.
@@ -396,6 +402,31 @@ class AgentLedger:
         self.task_type = task_type
         self.parent_agent_id = parent_agent_id
         self.spawn_depth = spawn_depth
+        self._key = agent_id.encode()
+        self._identity: tuple[object, ...] = ()
+        self._fragment_text = ""
+        self._scope_cache: dict[str | None, tuple[str, ...]] = {}
+
+    def _refresh(self) -> None:
+        # The caches below follow the public attributes, should a caller reassign one.
+        identity = (
+            self.agent_id,
+            self.pool,
+            self.workflow,
+            self.parent_agent_id,
+            self.spawn_depth,
+        )
+        if identity != self._identity:
+            self._identity = identity
+            self._key = self.agent_id.encode()
+            self._fragment_text = agent_fragment(
+                self.agent_id, self.pool, self.workflow, self.parent_agent_id, self.spawn_depth
+            )
+            self._scope_cache = {}
+
+    def _fragment(self) -> str:
+        self._refresh()
+        return self._fragment_text
 
     def spawn(
         self,
@@ -431,12 +462,21 @@ class AgentLedger:
         return task.task_type if task is not None else self.task_type
 
     def scopes(self, task_type: str | None = None) -> tuple[str, ...]:
+        task = self._task_type(task_type)
+        self._refresh()
+        found = self._scope_cache.get(task)
+        if found is None:
+            if len(self._scope_cache) >= 1024:  # task types are few; bound them anyway
+                self._scope_cache = {}
+            found = self._scope_cache[task] = self._build_scopes(task)
+        return found
+
+    def _build_scopes(self, task: str | None) -> tuple[str, ...]:
         found = [f"agent:{self.agent_id}"]
         if self.pool:
             found.append(f"pool:{self.pool}")
         if self.workflow:
             found.append(f"workflow:{self.workflow}")
-        task = self._task_type(task_type)
         if task:
             found.append(f"task_type:{task}")
         return tuple(found)
@@ -638,8 +678,10 @@ class CallRecorder:
         self.reasoning_tokens = 0
         self.status: CallStatus = CallStatus.OK
         self.error_type: str | None = None
-        self.event: CallEvent | None = None
-        """the event emitted when the block ended"""
+        self.cost_nano_usd = 0
+        """the cost of the event emitted when the block ended"""
+        self._event: CallEvent | None = None
+        self._event_json: bytes | None = None
         self._started_ms: int | None = None
         self._held = False
         self.max_tokens = max_tokens
@@ -647,6 +689,14 @@ class CallRecorder:
         self.reserved_nano_usd = 0
         """the estimated maximum cost reserved when the call started"""
         self._scopes: tuple[str, ...] = ()
+
+    @property
+    def event(self) -> CallEvent | None:
+        """The event emitted when the block ended (None before, or when it was dead-lettered);
+        parsed from the bytes sent, on first access."""
+        if self._event is None and self._event_json is not None:
+            self._event = CallEvent.model_validate_json(self._event_json)
+        return self._event
 
     def record(
         self,
@@ -825,8 +875,9 @@ class CallRecorder:
             self._release()
             if self._started_ms is not None:
                 ledger = self._agent.ledger
-                cost = self.event.cost_nano_usd if self.event is not None else 0
-                ledger.spend_book.settle(self._scopes, self.reserved_nano_usd, cost, ledger.clock())
+                ledger.spend_book.settle(
+                    self._scopes, self.reserved_nano_usd, self.cost_nano_usd, ledger.clock()
+                )
                 self.reserved_nano_usd = 0
 
     def _finish_unadmitted(self, started_ms: int, ended_ms: int) -> None:
@@ -834,8 +885,7 @@ class CallRecorder:
         self._scopes = self._agent.scopes(self.task_type)
         self._started_ms = started_ms
         self._emit(None, ended_ms)
-        cost = self.event.cost_nano_usd if self.event is not None else 0
-        ledger.spend_book.settle(self._scopes, 0, cost, ledger.clock())
+        ledger.spend_book.settle(self._scopes, 0, self.cost_nano_usd, ledger.clock())
 
     def _emit(self, exc_type: type[BaseException] | None, ended_ms: int | None = None) -> None:
         if self._started_ms is None:
@@ -859,34 +909,74 @@ class CallRecorder:
             at_ms=started,
         )
         agent = self._agent
-        self.event = ledger.emit(
-            {
-                # A clock outside uuid7's range makes the event invalid (dlq), not the call fail.
-                "event_id": uuid7(started) if 0 <= started < 1 << 48 else uuid7(),
-                "event_time_ms": started,
-                "agent_id": agent.agent_id,
-                "pool": agent.pool,
-                "workflow_id": agent.workflow,
-                "parent_agent_id": agent.parent_agent_id,
-                "spawn_depth": agent.spawn_depth,
-                "task_type": self.task_type,
-                "task_id": self.task_id,
-                "provider": self.provider,
-                "requested_model": self.requested_model,
-                "used_model": self.used_model,
-                "input_tokens": self.input_tokens,
-                "output_tokens": self.output_tokens,
-                "cached_input_tokens": self.cached_input_tokens,
-                "reasoning_tokens": self.reasoning_tokens,
-                "cost_nano_usd": price.cost_nano_usd,
-                "priced": price.priced,
-                "pricing_version": price.pricing_version,
-                "latency_ms": max(ended_ms - started, 0),
-                "status": self.status,
-                "attempt": self.attempt,
-                "error_type": self.error_type,
-            }
-        )
+        latency = ended_ms - started if ended_ms > started else 0
+        data = None
+        if (
+            0 <= started < 1 << 48
+            and _is_identifier(self.provider)
+            and _is_identifier(self.requested_model)
+            and _is_identifier(self.used_model)
+            and (self.task_type is None or _is_identifier(self.task_type))
+            and (self.task_id is None or _is_identifier(self.task_id))
+        ):
+            data = call_event_json(
+                event_id=event_id(started),
+                event_time_ms=started,
+                agent_part=agent._fragment(),
+                task_type=self.task_type,
+                task_id=self.task_id,
+                provider=self.provider,
+                requested_model=self.requested_model,
+                used_model=self.used_model,
+                input_tokens=self.input_tokens,
+                output_tokens=self.output_tokens,
+                cached_input_tokens=self.cached_input_tokens,
+                reasoning_tokens=self.reasoning_tokens,
+                cost_nano_usd=price.cost_nano_usd,
+                priced=price.priced,
+                pricing_version=price.pricing_version,
+                latency_ms=latency,
+                status=self.status,
+                attempt=self.attempt,
+                error_type=self.error_type,
+            )
+        if data is not None:
+            ledger.emit_json(agent._key, data)
+            self._event_json = data
+            self.cost_nano_usd = price.cost_nano_usd
+        else:
+            # Something the plain path does not vouch for: validate, send or dead-letter.
+            self._event = ledger.emit(
+                {
+                    # A clock outside uuid7's range makes the event invalid (dlq), not the call
+                    # fail.
+                    "event_id": uuid7(started) if 0 <= started < 1 << 48 else uuid7(),
+                    "event_time_ms": started,
+                    "agent_id": agent.agent_id,
+                    "pool": agent.pool,
+                    "workflow_id": agent.workflow,
+                    "parent_agent_id": agent.parent_agent_id,
+                    "spawn_depth": agent.spawn_depth,
+                    "task_type": self.task_type,
+                    "task_id": self.task_id,
+                    "provider": self.provider,
+                    "requested_model": self.requested_model,
+                    "used_model": self.used_model,
+                    "input_tokens": self.input_tokens,
+                    "output_tokens": self.output_tokens,
+                    "cached_input_tokens": self.cached_input_tokens,
+                    "reasoning_tokens": self.reasoning_tokens,
+                    "cost_nano_usd": price.cost_nano_usd,
+                    "priced": price.priced,
+                    "pricing_version": price.pricing_version,
+                    "latency_ms": latency,
+                    "status": self.status,
+                    "attempt": self.attempt,
+                    "error_type": self.error_type,
+                }
+            )
+            if self._event is not None:
+                self.cost_nano_usd = self._event.cost_nano_usd
         if not price.priced:
             # After the event is sent, so an agent that turns warnings into errors still has
             # the call on record.
