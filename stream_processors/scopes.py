@@ -20,10 +20,14 @@ from typing import Any
 from agentledger.config import Settings
 from agentledger.schemas import CallEvent
 
+from .tracking import Activity
+
 __all__ = [
     "SCOPES_RETENTION_MS",
     "ScopeCost",
     "changelog_topic_name",
+    "decode_scope_costs",
+    "encode_scope_costs",
     "ensure_scopes_topic",
     "forwarded_costs",
     "scopes_topic_name",
@@ -48,6 +52,9 @@ class ScopeCost:
     cost_nano_usd: int
     partition: int  # of the calls topic
     offset: int  # in that calls partition
+    #: Who made the call and for how long: pool and workflow scopes only (concurrency caps,
+    #: spawn limits).
+    activity: Activity | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -90,8 +97,101 @@ class ScopeCost:
         )
 
 
+def encode_scope_costs(scope: str, costs: list[ScopeCost]) -> bytes:
+    """One record carrying many costs of one scope, in the order they were counted.
+
+    The first hop forwards a whole batch of events this way: one send per scope per batch
+    instead of one per event and scope, which is most of the second hop's cost.
+    """
+    if any(cost.scope != scope for cost in costs):
+        raise ValueError(f"every cost in a scope batch must belong to {scope!r}")
+    return json.dumps(
+        {
+            "scope": scope,
+            "costs": [
+                [
+                    c.event_id,
+                    c.event_time_ms,
+                    c.cost_nano_usd,
+                    c.partition,
+                    c.offset,
+                    *_activity_row(c.activity),
+                ]
+                for c in costs
+            ],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_scope_costs(value: bytes | None) -> list[ScopeCost]:
+    """Parse a forwarded record, one cost (:meth:`ScopeCost.to_bytes`) or a batch
+    (:func:`encode_scope_costs`); raise ValueError naming the bad field."""
+    if not value:
+        raise ValueError("scope cost record is empty")
+    try:
+        data: Any = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"scope cost record is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("scope cost record must be a JSON object")
+    if "costs" not in data:
+        return [ScopeCost.from_bytes(value)]
+    scope = data.get("scope")
+    if not isinstance(scope, str) or not scope:
+        raise ValueError("scope cost field 'scope' must be a non-empty string")
+    rows = data["costs"]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("scope cost field 'costs' must be a non-empty list")
+    costs = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) not in (5, 9):
+            raise ValueError(
+                f"scope cost field 'costs[{index}]' must be "
+                "[event_id, event_time_ms, cost_nano_usd, partition, offset] and optionally "
+                "[agent_id, parent_agent_id, spawn_depth, latency_ms]"
+            )
+        activity = _activity_of(row[5:], index) if len(row) == 9 else None
+        event_id, *numbers = row[:5]
+        if not isinstance(event_id, str) or not event_id:
+            raise ValueError(f"scope cost field 'costs[{index}][0]' must be a non-empty event id")
+        for position, number in enumerate(numbers, start=1):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise ValueError(
+                    f"scope cost field 'costs[{index}][{position}]' must be an integer >= 0"
+                )
+        time, nano, partition, offset = numbers
+        costs.append(ScopeCost(scope, event_id, time, nano, partition, offset, activity))
+    return costs
+
+
+def _activity_row(activity: Activity | None) -> list[Any]:
+    if activity is None:
+        return []
+    return [
+        activity.agent_id,
+        activity.parent_agent_id,
+        activity.spawn_depth,
+        activity.latency_ms,
+    ]
+
+
+def _activity_of(tail: list[Any], index: int) -> Activity:
+    agent, parent, depth, latency = tail
+    where = f"scope cost field 'costs[{index}]'"
+    if not isinstance(agent, str) or not agent:
+        raise ValueError(f"{where}: agent_id must be a non-empty string")
+    if parent is not None and (not isinstance(parent, str) or not parent):
+        raise ValueError(f"{where}: parent_agent_id must be null or a non-empty string")
+    for name, number in (("spawn_depth", depth), ("latency_ms", latency)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise ValueError(f"{where}: {name} must be an integer >= 0")
+    return Activity(agent, parent, depth, latency)
+
+
 def forwarded_costs(event: CallEvent, partition: int, offset: int) -> list[ScopeCost]:
     """The records the first hop forwards for ``event``: one per scope except its agent."""
+    activity = Activity(event.agent_id, event.parent_agent_id, event.spawn_depth, event.latency_ms)
     return [
         ScopeCost(
             scope=scope,
@@ -100,6 +200,7 @@ def forwarded_costs(event: CallEvent, partition: int, offset: int) -> list[Scope
             cost_nano_usd=event.cost_nano_usd,
             partition=partition,
             offset=offset,
+            activity=activity if scope.startswith(("pool:", "workflow:")) else None,
         )
         for scope in event.scopes()
         if not scope.startswith("agent:")

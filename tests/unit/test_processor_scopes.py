@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -21,7 +23,13 @@ from agentledger.stream_processors.budgets import (
     matching_policies,
 )
 from agentledger.stream_processors.periods import period_window
-from agentledger.stream_processors.scopes import ScopeCost, forwarded_costs
+from agentledger.stream_processors.scopes import (
+    ScopeCost,
+    decode_scope_costs,
+    encode_scope_costs,
+    forwarded_costs,
+)
+from agentledger.stream_processors.tracking import Activity
 
 
 def ms(text: str) -> int:
@@ -117,8 +125,21 @@ def test_forwarded_costs_name_every_non_agent_scope() -> None:
     for cost in costs:
         assert (cost.partition, cost.offset, cost.cost_nano_usd) == (3, 77, 42)
         assert cost.event_id == event.event_id.hex
-        assert ScopeCost.from_bytes(cost.to_bytes()) == cost
+        # The batch format carries who made the call (pool and workflow scopes only).
+        assert decode_scope_costs(encode_scope_costs(cost.scope, [cost])) == [cost]
+        # The single-record format predates activity and carries none.
+        assert ScopeCost.from_bytes(cost.to_bytes()) == replace(cost, activity=None)
+    pool, workflow, task_type = costs
+    assert pool.activity == workflow.activity == Activity("x", None, 0, 10)
+    assert task_type.activity is None
     assert forwarded_costs(call(42), 0, 0) == []
+
+
+def test_bad_activity_in_a_batch_is_named() -> None:
+    row = ["e", 1, 2, 0, 0, "agent-1", None, -1, 5]
+    raw = json.dumps({"scope": "workflow:w", "costs": [row]}).encode()
+    with pytest.raises(ValueError, match=r"costs\[0\]'.*spawn_depth"):
+        decode_scope_costs(raw)
 
 
 @pytest.mark.parametrize(
