@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from statistics import median_low
 
+from .escalation import Escalations, escalations, model_ranks
+from .forecast import BudgetForecast, BudgetLine, forecast_budgets
 from .migrations import ROLLUP_GRAINS
 from .query import QueryClient
 
@@ -31,6 +33,7 @@ __all__ = [
     "key_model_stats",
     "recommend_remaps",
     "source_for",
+    "spend_by_key",
     "spend_over_time",
 ]
 
@@ -81,23 +84,27 @@ class KeyModelStats:
     latency_p50_ms: float
 
 
-def _window_sql(table: str | None, key_column: str) -> str:
+def _window_sql(table: str | None, key_column: str, latency: bool = True) -> str:
+    # Merging the latency quantile states is most of a rollup query's cost (~10x the sums at
+    # 1M calls): only the remap recommendations need p50, so other callers skip it.
     if table is not None:
+        p50 = "quantilesMerge(0.5, 0.9, 0.99)(latency_ms)[1]" if latency else "0.0"
         return f"""
 SELECT {key_column} AS key, used_model, sum(calls), sum(failures), sum(retries),
     sum(input_tokens) + sum(output_tokens), sum(cost_nano_usd), sum(failed_cost_nano_usd),
-    sum(retry_cost_nano_usd), quantilesMerge(0.5, 0.9, 0.99)(latency_ms)[1]
+    sum(retry_cost_nano_usd), {p50}
 FROM {table}
 WHERE bucket >= toDateTime(intDiv({{since_ms:Int64}}, 1000), 'UTC')
   AND bucket < toDateTime(intDiv({{until_ms:Int64}}, 1000), 'UTC')
 GROUP BY key, used_model
 ORDER BY key, used_model
 """  # noqa: S608 - key_column and table come from DIMENSIONS / ROLLUP_GRAINS only
+    p50 = "quantiles(0.5, 0.9, 0.99)(latency_ms)[1]" if latency else "0.0"
     return f"""
 SELECT {key_column} AS key, used_model, count(), countIf(status != 'ok'), countIf(attempt > 1),
     sum(input_tokens + output_tokens), sum(toInt128(cost_nano_usd)),
     sumIf(toInt128(cost_nano_usd), status != 'ok'), sumIf(toInt128(cost_nano_usd), attempt > 1),
-    quantiles(0.5, 0.9, 0.99)(latency_ms)[1]
+    {p50}
 FROM calls
 WHERE event_time >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')
   AND event_time < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')
@@ -119,15 +126,22 @@ def _dimension(by: str) -> tuple[str, str, str]:
 
 
 def key_model_stats(
-    client: QueryClient, by: str, since_ms: int, until_ms: int, *, use_rollups: bool = True
+    client: QueryClient,
+    by: str,
+    since_ms: int,
+    until_ms: int,
+    *,
+    use_rollups: bool = True,
+    latency: bool = True,
 ) -> list[KeyModelStats]:
+    """Per key of `by` and model: counters, cost and (if `latency`) p50 latency, else 0.0."""
     _check_window(since_ms, until_ms)
     family, rollup_column, raw_expression = _dimension(by)
     grain = source_for(since_ms, until_ms) if use_rollups else None
     if grain is None:
-        sql = _window_sql(None, raw_expression)
+        sql = _window_sql(None, raw_expression, latency)
     else:
-        sql = _window_sql(f"{family}_{grain}", rollup_column)
+        sql = _window_sql(f"{family}_{grain}", rollup_column, latency)
     result = client.query(sql, {"since_ms": since_ms, "until_ms": until_ms})
     return [
         KeyModelStats(
@@ -166,29 +180,55 @@ class Structure:
     ok_tasks: int
 
 
-def _structure(client: QueryClient, by: str, since_ms: int, until_ms: int) -> dict[str, Structure]:
+def _structure(
+    client: QueryClient,
+    by: str,
+    prev_since_ms: int,
+    since_ms: int,
+    until_ms: int,
+    keys: list[str],
+) -> tuple[dict[str, Structure], dict[str, Structure]]:
+    """Spawn depth, fan-out and successful tasks of `keys` in the current and the previous
+    window, in one read of `calls` (not in the rollups). Only the keys shown are read: by
+    agent the table's key starts with agent_id, so that skips most of it."""
     _, _, raw = _dimension(by)
     # By agent, fan-out belongs to the parent: how many distinct agents it spawned.
     fan_key = "ifNull(parent_agent_id, '')" if by == "agent" else raw
     window = (
-        "event_time >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
+        "event_time >= fromUnixTimestamp64Milli({prev_since_ms:Int64}, 'UTC') "
         "AND event_time < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC')"
     )
+    current = "event_time >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"
     sql = f"""
-SELECT key, max(depth), max(fan_out), sum(ok_tasks) FROM (
-    SELECT {raw} AS key, max(spawn_depth) AS depth, toUInt64(0) AS fan_out,
+SELECT key, now, max(depth), max(fan_out), sum(ok_tasks) FROM (
+    SELECT {raw} AS key, {current} AS now, max(spawn_depth) AS depth, toUInt64(0) AS fan_out,
         uniqExactIf(task_id, status = 'ok' AND task_id IS NOT NULL) AS ok_tasks
-    FROM calls WHERE {window} GROUP BY key
+    FROM calls WHERE {window} AND {raw} IN {{keys:Array(String)}} GROUP BY key, now
     UNION ALL
-    SELECT key, toUInt16(0), max(children), toUInt64(0) FROM (
-        SELECT {fan_key} AS key, parent_agent_id, uniqExact(agent_id) AS children
+    SELECT key, now, toUInt16(0), max(children), toUInt64(0) FROM (
+        SELECT {fan_key} AS key, {current} AS now, parent_agent_id,
+            uniqExact(agent_id) AS children
         FROM calls WHERE {window} AND parent_agent_id IS NOT NULL
-        GROUP BY key, parent_agent_id
-    ) GROUP BY key
-) GROUP BY key
+            AND {fan_key} IN {{keys:Array(String)}}
+        GROUP BY key, now, parent_agent_id
+    ) GROUP BY key, now
+) GROUP BY key, now
 """  # noqa: S608 - raw/fan_key come from DIMENSIONS only; values are parameters
-    result = client.query(sql, {"since_ms": since_ms, "until_ms": until_ms})
-    return {str(r[0]): Structure(int(r[1]), int(r[2]), int(r[3])) for r in result.rows}
+    result = client.query(
+        sql,
+        {
+            "prev_since_ms": prev_since_ms,
+            "since_ms": since_ms,
+            "until_ms": until_ms,
+            "keys": keys,
+        },
+    )
+    now: dict[str, Structure] = {}
+    before: dict[str, Structure] = {}
+    for r in result.rows:
+        target = now if r[1] in (1, True) else before
+        target[str(r[0])] = Structure(int(r[2]), int(r[3]), int(r[4]))
+    return now, before
 
 
 @dataclass(frozen=True)
@@ -358,27 +398,70 @@ class Review:
     previous_total_nano_usd: int
     series: list[SpendPoint] = field(default_factory=list)
     source: str = "calls"
+    escalations: dict[str, Escalations] = field(default_factory=dict)
+    previous_escalations: dict[str, Escalations] = field(default_factory=dict)
+    budgets: list[BudgetForecast] = field(default_factory=list)
 
     @property
     def previous_since_ms(self) -> int:
         return max(0, 2 * self.since_ms - self.until_ms)
 
 
+def _rank(spender: Spender) -> tuple[int, str]:
+    return (-spender.cost_nano_usd, spender.key)
+
+
+def spend_by_key(client: QueryClient, by: str, since_ms: int, until_ms: int) -> dict[str, int]:
+    """Spend per key of `by` in the window (rollups when aligned), without latency."""
+    totals: dict[str, int] = {}
+    for s in key_model_stats(client, by, since_ms, until_ms, latency=False):
+        totals[s.key] = totals.get(s.key, 0) + s.cost_nano_usd
+    return totals
+
+
+def _cost_and_tokens(stats: list[KeyModelStats]) -> dict[str, tuple[int, int]]:
+    per_model: dict[str, tuple[int, int]] = {}
+    for s in stats:
+        cost, tokens = per_model.get(s.model, (0, 0))
+        per_model[s.model] = (cost + s.cost_nano_usd, tokens + s.tokens)
+    return per_model
+
+
 def build_review(
-    client: QueryClient, since_ms: int, until_ms: int, by: str = "agent", top: int = 10
+    client: QueryClient,
+    since_ms: int,
+    until_ms: int,
+    by: str = "agent",
+    top: int = 10,
+    budgets: list[BudgetLine] | None = None,
 ) -> Review:
-    """The review of [since_ms, until_ms) against [2*since_ms - until_ms, since_ms)."""
+    """The review of [since_ms, until_ms) against [2*since_ms - until_ms, since_ms); with
+    `budgets`, the forecast of each at `until_ms`."""
     _check_window(since_ms, until_ms)
     _dimension(by)
     prev_since = max(0, 2 * since_ms - until_ms)
-    now_stats = key_model_stats(client, by, since_ms, until_ms)
-    prev_stats = key_model_stats(client, by, prev_since, since_ms)
+    remap_scopes = ("task_type", "agent")
+    now_stats = key_model_stats(client, by, since_ms, until_ms, latency=by in remap_scopes)
+    prev_stats = key_model_stats(client, by, prev_since, since_ms, latency=False)
     expensive = expensive_models(now_stats + prev_stats)
-    current = _spenders(now_stats, expensive, _structure(client, by, since_ms, until_ms))
-    previous = _spenders(prev_stats, expensive, _structure(client, by, prev_since, since_ms))
-    ranked = sorted(current.values(), key=lambda s: (-s.cost_nano_usd, s.key))[:top]
+    ranked_keys = [
+        s.key for s in sorted(_spenders(now_stats, expensive, {}).values(), key=_rank)[:top]
+    ]
+    now_shape, prev_shape = _structure(client, by, prev_since, since_ms, until_ms, ranked_keys)
+    now_escalations, prev_escalations = escalations(
+        client,
+        DIMENSIONS[by][2],
+        prev_since,
+        since_ms,
+        until_ms,
+        ranked_keys,
+        model_ranks(_cost_and_tokens(now_stats + prev_stats)),
+    )
+    current = _spenders(now_stats, expensive, now_shape)
+    previous = _spenders(prev_stats, expensive, prev_shape)
+    ranked = sorted(current.values(), key=_rank)[:top]
     remaps = []
-    for scope_kind in ("task_type", "agent"):
+    for scope_kind in remap_scopes:
         stats = (
             now_stats
             if by == scope_kind
@@ -399,4 +482,11 @@ def build_review(
         previous_total_nano_usd=sum(s.cost_nano_usd for s in previous.values()),
         series=spend_over_time(client, since_ms, until_ms),
         source=f"{DIMENSIONS[by][0]}_{grain}" if grain else "calls",
+        escalations=now_escalations,
+        previous_escalations=prev_escalations,
+        budgets=forecast_budgets(
+            lambda dimension, lo, hi: spend_by_key(client, dimension, lo, hi),
+            budgets or [],
+            until_ms,
+        ),
     )
