@@ -147,16 +147,34 @@ class Spike(BaseModel):
 class RetryLoop(BaseModel):
     """A detector: more than ``max_failures`` failed attempts on one task (task_id) within
     ``window_s`` seconds of event time raises an alert (kind retry_loop), and ``action`` when
-    it is not plain ``alert``, standing until ``window_s`` after the last failure."""
+    it is not plain ``alert``, standing until ``window_s`` after the last failure.
+
+    Or, with ``max_retry_cost_percent``: retries (attempt 2 and later) making up that share or
+    more of the agent's spend in the current calendar period of the policy (day when it has
+    none), once that spend reaches ``min_spend_usd``; standing until the period ends."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_failures: int = Field(ge=1, le=10_000)
+    max_failures: int | None = Field(default=None, ge=1, le=10_000)
     window_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
+    max_retry_cost_percent: Decimal | None = Field(
+        default=None, gt=0, le=100, max_digits=5, decimal_places=2
+    )
+    min_spend_usd: Decimal = Field(default=Decimal("0.01"), ge=0, max_digits=21, decimal_places=9)
     action: str = Field(
         default="alert",
         pattern=rf"^(alert|refuse_new_work|stop|throttle:[1-9][0-9]{{0,5}}|route:{_MODEL})$",
     )
+
+    _as_decimal = field_validator("max_retry_cost_percent", "min_spend_usd", mode="before")(
+        _decimal_from_yaml
+    )
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> RetryLoop:
+        if self.max_failures is None and self.max_retry_cost_percent is None:
+            raise ValueError("set max_failures, max_retry_cost_percent, or both")
+        return self
 
     def as_threshold(self) -> Threshold:
         return Threshold(at_percent=Decimal(100), action=self.action)

@@ -134,6 +134,8 @@ class SpendState:
     intervals: tuple[tuple[int, int], ...] = ()
     #: Agents seen (workflow states with spawn limits): agent -> (parent, depth, first ms).
     agents: Mapping[str, tuple[str | None, int, int]] = field(default_factory=dict)
+    #: Spend on retries (attempt 2 and later) per calendar period key (agent states only).
+    retry_spend: Mapping[str, int] = field(default_factory=dict)
 
     def already_applied(self, partition: int, offset: int) -> bool:
         done = self.applied.get(partition)
@@ -166,6 +168,7 @@ class SpendState:
             "runs": {str(idle): list(run) for idle, run in sorted(self.runs.items())},
             "intervals": [list(pair) for pair in self.intervals],
             "agents": {a: [p, d, t] for a, (p, d, t) in self.agents.items()},
+            "retry_spend": dict(sorted(self.retry_spend.items())),
         }
 
     @classmethod
@@ -262,7 +265,20 @@ def _tracked_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
         str(a): (v[0], _int(v[1], f"agents.{a}"), _int(v[2], f"agents.{a}"))
         for a, v in agents_raw.items()
     }
-    return {"slots": slots, "runs": runs, "intervals": intervals, "agents": agents}
+    retry_raw = data.get("retry_spend", {})
+    if not isinstance(retry_raw, dict):
+        raise ValueError("spend state field 'retry_spend' must map period key to nano-USD")
+    retry_spend = {}
+    for key, nano in retry_raw.items():
+        parse_period_key(key)
+        retry_spend[key] = _int(nano, f"retry_spend.{key}")
+    return {
+        "slots": slots,
+        "runs": runs,
+        "intervals": intervals,
+        "agents": agents,
+        "retry_spend": retry_spend,
+    }
 
 
 def _int(value: Any, name: str) -> int:
@@ -296,16 +312,7 @@ def apply_cost(
     """
     if state.delivery(event_id, partition, offset) is not Delivery.NEW:
         return state
-    periods = dict(state.periods)
-    grew = False
-    for tz in ("UTC", *sorted(plan.zones)):
-        for period in CALENDAR_PERIODS:
-            key = period_window(period, event_time_ms, tz).key
-            grew |= key not in periods
-            periods[key] = periods.get(key, 0) + cost_nano_usd
-    if grew:  # parsing every key is the costly part, and only a new key can push one out
-        horizon = now_ms - KEEP_PERIODS_MS
-        periods = {k: v for k, v in periods.items() if parse_period_key(k).end_ms > horizon}
+    periods = _add_to_periods(state.periods, plan, event_time_ms, cost_nano_usd, now_ms)
     tracked = _track_more(state, plan, activity, event_time_ms, cost_nano_usd, now_ms)
     applied = {**state.applied, partition: offset}
     recent = dict(state.recent)
@@ -321,6 +328,23 @@ def apply_cost(
         recent=recent,
         **tracked,
     )
+
+
+def _add_to_periods(
+    buckets: Mapping[str, int], plan: BucketPlan, event_time_ms: int, cost: int, now_ms: int
+) -> dict[str, int]:
+    """``buckets`` with ``cost`` added to each calendar period (UTC and the plan's zones)."""
+    periods = dict(buckets)
+    grew = False
+    for tz in ("UTC", *sorted(plan.zones)):
+        for period in CALENDAR_PERIODS:
+            key = period_window(period, event_time_ms, tz).key
+            grew |= key not in periods
+            periods[key] = periods.get(key, 0) + cost
+    if grew:  # parsing every key is the costly part, and only a new key can push one out
+        horizon = now_ms - KEEP_PERIODS_MS
+        periods = {k: v for k, v in periods.items() if parse_period_key(k).end_ms > horizon}
+    return periods
 
 
 def _track_more(
@@ -415,7 +439,14 @@ def apply_event(
         now_ms=now_ms,
         plan=plan,
     )
-    if counted is state or event.status is CallStatus.OK or event.task_id is None:
+    if counted is state:
+        return counted
+    if event.attempt > 1:
+        retry_spend = _add_to_periods(
+            counted.retry_spend, plan, event.event_time_ms, event.cost_nano_usd, now_ms
+        )
+        counted = replace(counted, retry_spend=retry_spend)
+    if event.status is CallStatus.OK or event.task_id is None:
         return counted
     failures = dict(counted.failures)
     times = failures.pop(event.task_id, ())  # re-inserted last: the most recent task
@@ -510,10 +541,10 @@ class Crossing:
     def key(self) -> str:
         """Names the crossing in the state, so its alert is raised once per period (once per
         continuous stretch for sliding windows and detectors)."""
-        if self.kind is AlertKind.RETRY_LOOP:
-            return f"{self.policy.key}|retry|{self.task_id}"
         if self.label:
             return f"{self.policy.key}|{self.label}"
+        if self.kind is AlertKind.RETRY_LOOP:
+            return f"{self.policy.key}|retry|{self.task_id}"
         if self.policy.period is Period.ROLLING and self.kind is AlertKind.THRESHOLD:
             return f"{self.policy.key}|{self.threshold.at_percent}"
         spike = "|spike" if self.kind is AlertKind.SPIKE else ""
@@ -638,6 +669,8 @@ def crossings(
                 )
         if policy.retry_loop is not None:
             found.extend(_retry_loops(state, policy, now_ms))
+            if policy.retry_loop.max_retry_cost_percent is not None:
+                found.extend(_retry_share(state, policy, scope, now_ms))
         if policy.forecast is not None and current is not None:
             found.extend(_forecast_crossing(policy, scope, *current, now_ms))
         if policy.burn_rate is not None:
@@ -824,9 +857,44 @@ def _spawn(state: SpendState, policy: BudgetPolicy, scope: str) -> list[Crossing
     return found
 
 
+def _retry_share(
+    state: SpendState, policy: BudgetPolicy, scope: str, now_ms: int
+) -> list[Crossing]:
+    rule = policy.retry_loop
+    assert rule is not None and rule.max_retry_cost_percent is not None
+    period = policy.period if policy.period in CALENDAR_PERIODS else Period.DAY
+    window = period_window(period, now_ms, policy.timezone)
+    total = state.spend(window)
+    retries = state.retry_spend.get(window.key, 0)
+    percent = rule.max_retry_cost_percent
+    if not total or total < usd_to_nano(rule.min_spend_usd):
+        return []
+    if retries * 10_000 < total * int(percent * 100):
+        return []
+    message = (
+        f"{scope}: retries cost {format_usd(retries)} of {format_usd(total)} spent this "
+        f"{period.value} ({_percent(retries, total)}%, limit {percent}%); action: {rule.action}"
+    )
+    return [
+        Crossing(
+            policy,
+            rule.as_threshold(),
+            window,
+            retries,
+            total,
+            AlertKind.RETRY_LOOP,
+            label=f"retry_share|{window.start_ms}",
+            message=message,
+            details={"retry_nano_usd": retries, "spend_nano_usd": total},
+        )
+    ]
+
+
 def _retry_loops(state: SpendState, policy: BudgetPolicy, now_ms: int) -> list[Crossing]:
     rule = policy.retry_loop
     assert rule is not None
+    if rule.max_failures is None:
+        return []
     window_ms = rule.window_s * 1000
     found = []
     for task_id, times in state.failures.items():
@@ -859,10 +927,10 @@ def _period_text(policy: BudgetPolicy) -> str:
 
 
 def _reason(scope: str, top: Crossing) -> str:
-    if top.kind is AlertKind.RETRY_LOOP:
-        return _retry_message(scope, top)
     if top.message:
         return top.message
+    if top.kind is AlertKind.RETRY_LOOP:
+        return _retry_message(scope, top)
     word = _period_text(top.policy)
     text = f"{scope} spent {format_usd(top.spend)} of {format_usd(top.limit)} {word} budget"
     threshold = top.threshold
@@ -907,7 +975,7 @@ def _severity(action: str) -> Severity:
 def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
     threshold = crossing.threshold
     word = _period_text(crossing.policy)
-    if crossing.kind is AlertKind.RETRY_LOOP:
+    if crossing.kind is AlertKind.RETRY_LOOP and not crossing.message:
         return Alert(
             kind=AlertKind.RETRY_LOOP,
             severity=_severity(threshold.action),

@@ -433,3 +433,45 @@ def test_tracked_state_round_trips_through_json() -> None:
     assert SpendState.from_json(state.to_json()) == state
     with pytest.raises(ValueError, match="'agents'"):
         SpendState.from_json({**state.to_json(), "agents": {"a": [1, 2]}})
+
+
+# -- retry cost share ---------------------------------------------------------------------
+
+
+def test_retry_cost_share_above_the_limit_alerts_and_acts_for_the_day() -> None:
+    from agentledger.schemas import CallEvent
+    from agentledger.stream_processors.budgets import apply_event
+
+    rule = policy(
+        scope="agent:*",
+        retry_loop={"max_retry_cost_percent": 40, "min_spend_usd": "0.10", "action": "stop"},
+    )
+    policies = book(rule)
+    state = SpendState()
+    noon = ms("2026-03-04T12:00:00")
+
+    def attempt(n: int, cost: int, at: int) -> CallEvent:
+        return CallEvent(
+            event_time_ms=at,
+            agent_id="a",
+            provider="openai",
+            requested_model="gpt-4o",
+            used_model="gpt-4o",
+            cost_nano_usd=cost,
+            latency_ms=5,
+            attempt=n,
+        )
+
+    for offset, (n, cost) in enumerate([(1, USD // 20), (2, USD // 40), (1, USD // 100)]):
+        state = apply_event(state, attempt(n, cost, noon), 0, offset, now_ms=noon)
+    # $0.025 of $0.085 on retries is 29%, and under the $0.10 minimum anyway.
+    assert evaluate(state, policies, "agent:a", noon).command is None
+    state = apply_event(state, attempt(3, USD // 20, noon), 0, 3, now_ms=noon)
+    decision = evaluate(state, policies, "agent:a", noon)  # $0.075 of $0.135: 55%
+    assert decision.command is not None and decision.command.action is ControlAction.STOP
+    assert decision.command.until_ms == ms("2026-03-05T00:00:00")
+    assert "retries cost $0.075 of $0.135" in decision.command.reason
+    assert [a.kind for a in decision.alerts] == [AlertKind.RETRY_LOOP]
+    assert SpendState.from_json(state.to_json()) == state
+    with pytest.raises(ValidationError, match="max_failures, max_retry_cost_percent"):
+        policy(scope="agent:a", retry_loop={"window_s": 60})
