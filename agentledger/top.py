@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -67,7 +68,7 @@ def _standing(command: dict[str, Any] | None) -> Text:
     return Text.assemble((label, style), f" {command['issuer']}: {command['reason']}"[:80])
 
 
-def render_top(snapshot: dict[str, Any], sort: str) -> RenderableType:
+def render_top(snapshot: dict[str, Any], sort: str, *, live: bool = False) -> RenderableType:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -128,7 +129,9 @@ def render_top(snapshot: dict[str, Any], sort: str) -> RenderableType:
         top.add_row(agent["agent_id"], _usd(agent["spend_usd"]), str(agent["calls"]))
     parts.append(top)
     problems = [f"{k}: {v}" for k, v in snapshot.get("health", {}).items() if v]
-    footer = f"updated {_utc(snapshot.get('now_ms'))} UTC, sorted by {sort}; Ctrl-C quits"
+    footer = f"updated {_utc(snapshot.get('now_ms'))} UTC, sorted by {sort}"
+    if live:
+        footer += "; Ctrl-C quits"
     parts.append(Text(" | ".join(problems), style="yellow") if problems else Text(""))
     parts.append(Text(footer, style="dim"))
     return Group(*parts)
@@ -140,6 +143,9 @@ def run_top(settings: Settings, args: argparse.Namespace) -> int:
 
     from agentledger.dashboard import Collector
 
+    # librdkafka would print every failed reconnect over the live view; a feed's last error
+    # is shown in the view's health line instead.
+    logging.getLogger("agentledger.dashboard.feeds.librdkafka").setLevel(logging.CRITICAL)
     collector = Collector(settings)
     collector.start()
     try:
@@ -154,7 +160,7 @@ def run_top(settings: Settings, args: argparse.Namespace) -> int:
         with Live(console=Console(), refresh_per_second=4, screen=False) as live:
             while True:
                 _version, snapshot = collector.snapshot()
-                live.update(render_top(snapshot, args.sort))
+                live.update(render_top(snapshot, args.sort, live=True))
                 time.sleep(args.interval)
     finally:
         collector.stop()
