@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
+from pathlib import Path
 
-from agentledger.schemas import BudgetPolicy, Period
+from agentledger.schemas import BudgetPolicy, Period, parse_policy_file
 from agentledger.stream_processors.policies import PolicyBook
+from agentledger.stream_processors.tracking import plan_for
 
 
 def record(policy: BudgetPolicy) -> tuple[bytes, bytes]:
@@ -62,3 +65,25 @@ def test_version_moves_only_when_the_policies_change() -> None:
     assert book.version == after_add == 1
     book.apply(b"agent:x|day", None)
     assert book.version == 2
+
+
+PROCESSOR_README = Path(__file__).resolve().parents[2] / "stream_processors" / "README.md"
+README_BLOCKS = re.findall(r"```yaml\n(.*?)```", PROCESSOR_README.read_text(), flags=re.DOTALL)
+
+
+def test_every_processor_readme_example_parses_and_plans() -> None:
+    assert len(README_BLOCKS) >= 2
+    plans = []
+    for block in README_BLOCKS:
+        policies = parse_policy_file(block, source="stream_processors/README.md").budgets
+        assert policies
+        book = PolicyBook()
+        for policy in policies:
+            assert book.apply(policy.key.encode(), policy.model_dump_json().encode()) is None
+        assert book.plan == plan_for(policies)  # the book's cached plan follows its policies
+        plans.append(book.plan)
+    v3 = plans[-1]
+    assert v3.zones == {"Europe/Paris"} and v3.concurrency and v3.spawn
+    assert v3.run_idles == (30 * 60_000,)
+    # The rolling 24h window (24-minute slots) and the 5m burn-rate window (30 s slots).
+    assert v3.slots == ((30_000, 65 * 60_000), (24 * 60_000, 24 * 3_600_000))
