@@ -8,12 +8,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agentledger.schemas import (
     AlertKind,
     BudgetPolicy,
     ControlAction,
+    Period,
     parse_policy_file,
 )
 from agentledger.stream_processors.budgets import (
@@ -21,8 +24,10 @@ from agentledger.stream_processors.budgets import (
     SpendState,
     apply_cost,
     evaluate,
+    policy_window,
     spend_report,
 )
+from agentledger.stream_processors.periods import period_window, rolling_window
 from agentledger.stream_processors.tracking import (
     CONCURRENCY_HOLD_MS,
     Activity,
@@ -475,3 +480,56 @@ def test_retry_cost_share_above_the_limit_alerts_and_acts_for_the_day() -> None:
     assert SpendState.from_json(state.to_json()) == state
     with pytest.raises(ValidationError, match="max_failures, max_retry_cost_percent"):
         policy(scope="agent:a", retry_loop={"window_s": 60})
+
+
+# -- exactness under replays --------------------------------------------------------------
+
+EXACT_POLICIES = (
+    policy(scope="agent:a", period="rolling", window="1h", limit_usd=1000),
+    policy(scope="agent:a", timezone="Asia/Kathmandu", limit_usd=1000),
+    policy(scope="workflow:w", period="run", idle="10m", limit_usd=1000),
+)
+T0 = ms("2026-03-04T17:00:00")
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3 * HOUR), st.integers(0, 10**9), st.booleans()),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_new_periods_equal_a_recomputation_through_replays(
+    events: list[tuple[int, int, bool]],
+) -> None:
+    plan = plan_for(EXACT_POLICIES)
+    now = T0 + 3 * HOUR
+    state = SpendState()
+    for offset, (at, cost, replay) in enumerate(events):
+        for _ in range(2 if replay else 1):  # a replay of the same offset changes nothing
+            state = apply_cost(
+                state,
+                event_id=f"e{offset}",
+                event_time_ms=T0 + at,
+                cost_nano_usd=cost,
+                partition=0,
+                offset=offset,
+                now_ms=now,
+                plan=plan,
+            )
+    rolling = rolling_window(HOUR, now)
+    in_window = sum(c for at, c, _ in events if rolling.contains(T0 + at))
+    found = policy_window(state, EXACT_POLICIES[0], now)
+    assert found is not None and found[1] == in_window
+    local_day = period_window(Period.DAY, now, "Asia/Kathmandu")
+    zoned = policy_window(state, EXACT_POLICIES[1], now)
+    assert zoned == (local_day, sum(c for at, c, _ in events if local_day.contains(T0 + at)))
+    # The run: replay the arrival order by hand with the same rule.
+    first = last = total = None
+    for at, cost, _ in events:
+        t = T0 + at
+        if first is None or last is None or total is None or t > last + 10 * MIN:
+            first, last, total = t, t, cost
+        elif t >= first - 10 * MIN:
+            first, last, total = min(first, t), max(last, t), total + cost
+    assert state.runs[10 * MIN] == (first, last, total)
