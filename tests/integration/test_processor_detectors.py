@@ -27,6 +27,7 @@ from agentledger.schemas import (
     ControlCommand,
     verify_command,
 )
+from agentledger.stream_processors.periods import DAY_MS
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +123,7 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     assert stop.action is ControlAction.STOP
     assert stop.period_start_ms == int(midnight.timestamp()) * 1000
-    assert stop.until_ms == stop.period_start_ms + base.DAY_MS
+    assert stop.until_ms == stop.period_start_ms + DAY_MS  # Kiritimati keeps no DST
 
     # Rolling 1m window: spend from 50 s ago stops the agent until it slides out, then RESUME.
     send("roller", call("roller", 10_000_000, at_ms=base.now_ms() - 50_000))
