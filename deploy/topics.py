@@ -11,7 +11,7 @@ from agentledger.schemas import Topics
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
 
-__all__ = ["TopicSpec", "ensure_topics", "replication_for", "topic_specs"]
+__all__ = ["TopicSpec", "ensure_topics", "main", "replication_for", "topic_specs"]
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -164,3 +164,22 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) ->
                 f"topics without a partition leader after {timeout_s:.0f}s: {missing}"
             )
         time.sleep(0.1)
+
+
+def main() -> int:
+    """`python -m agentledger.deploy.topics`: create the stack's topics on the cluster named by
+    the AGENTLEDGER_* settings (a one-shot init step in docker-compose and Kubernetes)."""
+    from agentledger.config import Settings
+
+    settings = Settings()
+    created = ensure_topics(
+        settings.kafka,
+        topic_specs(settings.topics, settings.calls_partitions),
+        client_config=settings.kafka_client_config(),
+    )
+    print("created topics: " + (", ".join(created) if created else "none (all exist)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
