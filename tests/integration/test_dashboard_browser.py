@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,10 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
         ),
     )
     base = f"http://127.0.0.1:{settings.dashboard_port}"
+    # The processor's /scopes (the dashboard's live source) wants the token too.
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"http://127.0.0.1:{settings.processor_port}/scopes", timeout=10)
+    assert denied.value.code == 401
     ledger = Ledger(settings)
     try:
         assert ledger.wait_for_control(30)
