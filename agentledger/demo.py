@@ -168,6 +168,9 @@ def run_demo(
         f"   {runaway_id} retried a failing call on gpt-4o "
         f"until its ${limit} daily budget stopped it."
     )
+    from agentledger.routing_demo import run_routing_demo
+
+    run_routing_demo(settings, run, _say)
     if stop_after:
         stack.down()
         _say("stack stopped")

@@ -19,6 +19,7 @@ import tests.integration.test_processor_worker as base
 from agentledger.config import Settings
 from agentledger.producers import Ledger, Router, RoutingPolicy
 from agentledger.producers.router import DecisionStatus
+from agentledger.routing_demo import run_routing_demo
 from agentledger.schemas import BudgetPolicy, CallEvent, CallStatus, ControlAction
 
 pytestmark = pytest.mark.integration
@@ -172,3 +173,20 @@ def test_stats_survive_kill_9_without_counting_twice(
     assert summary is not None
     assert (summary.calls, summary.successes) == (31, 30)
     assert summary.cost_nano_usd == 31 * 7_000_001
+
+
+def test_the_demo_shows_routing_decisions(
+    stack_settings: Settings, workers: Callable[[], Worker]
+) -> None:
+    producer = base.make_producer(stack_settings)
+    base.publish_policy(
+        producer, stack_settings, BudgetPolicy(scope="agent:other", limit_usd=Decimal(1))
+    )
+    workers().wait_ready()
+    lines: list[str] = []
+    assert run_routing_demo(stack_settings, "t1", lines.append), lines
+    text = "\n".join(lines)
+    # gpt-4o-mini is the cheaper model, the simulated gpt-4o agent the faster one.
+    assert "budget   -> summarizer-mini-t1: summarizer-mini-t1 chosen: cheapest" in text, text
+    assert "speed    -> summarizer-full-t1" in text, text
+    assert "new task type -> insufficient_evidence" in text, text
