@@ -136,7 +136,7 @@ class Load:
             key, value = event.agent_id.encode(), event.model_dump_json().encode()
             while True:
                 try:
-                    self._producer.produce(self.topic, key, value, on_delivery=self._report)
+                    self._producer.produce(self.topic, value, key, on_delivery=self._report)
                     break
                 except BufferError:
                     self._producer.poll(0.05)
