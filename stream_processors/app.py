@@ -355,6 +355,11 @@ class Processor:
                     self._store(self.spend, agent_id, counted, items[-1][1])
                     self._track(SPEND_TABLE, agent_id, counted)
             for scope, costs in forwards.items():
+                # The scope's state skips a cost at or below the last applied offset of its
+                # source partition (replay), and costs were gathered agent by agent: two agents
+                # of one scope on one calls partition would interleave, and the lower offsets
+                # of the second would be dropped as replays.
+                costs.sort(key=lambda c: (c.partition, c.offset))
                 for start in range(0, len(costs), MAX_COSTS_PER_RECORD):
                     chunk = costs[start : start + MAX_COSTS_PER_RECORD]
                     self._unconfirmed.append(

@@ -1,0 +1,243 @@
+"""A real 3-broker KRaft cluster on loopback: topics replicated 3 with min.insync.replicas 2,
+and one broker killed (SIGKILL) under load while the shim emits and the processor and sink run.
+Nothing acknowledged may be lost, totals stay exact against the shim's own ground truth, and a
+budget crossed while the broker is down still stops the agent."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource
+from genai_prices import Usage, calc_price
+
+from agentledger.budgets import apply_policies
+from agentledger.config import Settings
+from agentledger.deploy import ensure_topics, topic_specs
+from agentledger.deploy.kafka_broker import BrokerError, KafkaCluster
+from agentledger.deploy.stack import Stack
+from agentledger.producers import BudgetExceeded, Ledger
+from agentledger.schemas import BudgetPolicy, PolicyFile, usd_to_nano
+from agentledger.sinks.query import QueryClient
+from agentledger.stream_processors.client import fetch_state
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+SIZES = [(374, 44), (396, 109), (879, 55), (91, 16), (2738, 232), (733, 178)]
+WORKFLOW = "wf-cluster"
+
+
+def free_port_block(width: int) -> int:
+    """A base port with ``width`` consecutive free ports (broker i on base+2i, controller +1)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + width > 65535:
+            continue
+        try:
+            for port in range(base, base + width):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no block of {width} free loopback ports")
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout_s: float,
+    detail: Callable[[], str] = lambda: "",
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} {detail()}")
+        time.sleep(0.2)
+
+
+def price_nano(model: str, input_tokens: int, output_tokens: int) -> int:
+    usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+    return usd_to_nano(calc_price(usage, model_ref=model, provider_id="openai").total_price)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    jars = os.environ.get("AGENTLEDGER_KAFKA_JARS")
+    for attempt in range(3):
+        base = free_port_block(6)
+        cluster = KafkaCluster(
+            tmp_path_factory.mktemp("kafka-cluster"),
+            size=3,
+            port=base,
+            controller_port=base + 1,
+            jar_dir=Path(jars) if jars else None,
+            heap="256m",
+        )
+        try:
+            cluster.start(timeout_s=180, progress=lambda _m: None)
+        except BrokerError:
+            # Another process on this machine took one of the probed ports meanwhile.
+            for broker in cluster.brokers:
+                broker.kill()
+            if attempt == 2:
+                raise
+            continue
+        break
+    try:
+        yield cluster
+    finally:
+        # Test data only: SIGKILL is enough and saves the graceful shutdown's half minute.
+        for broker in cluster.brokers:
+            broker.kill()
+
+
+class Load:
+    """Steady agents calling through the shim in a thread; counts what it emitted."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.count = 0
+        self.cost = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        agents = [self.ledger.agent(f"cl-steady-{i}", workflow=WORKFLOW) for i in range(4)]
+        n = 0
+        try:
+            while not self.stop.is_set():
+                tokens_in, tokens_out = SIZES[n % len(SIZES)]
+                with agents[n % len(agents)].call(provider="openai", model="gpt-4o-mini") as call:
+                    call.record(input_tokens=tokens_in, output_tokens=tokens_out)
+                self.cost += price_nano("gpt-4o-mini", tokens_in, tokens_out)
+                self.count += 1
+                n += 1
+                time.sleep(0.002)
+        except BaseException as exc:  # surfaced by finish(), not swallowed
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert self.error is None, f"the load thread failed: {self.error!r}"
+
+
+def test_topics_are_replicated_three_times_with_min_isr_two(cluster: KafkaCluster) -> None:
+    settings = Settings(kafka=cluster.bootstrap, topic_prefix="rf.")
+    ensure_topics(cluster.bootstrap, topic_specs(settings.topics))
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    topics = admin.list_topics(timeout=10).topics
+    for name in (settings.topics.calls, settings.topics.control):
+        assert {len(p.replicas) for p in topics[name].partitions.values()} == {3}
+        config = admin.describe_configs([ConfigResource("topic", name)])
+        (future,) = config.values()
+        assert future.result(timeout=10)["min.insync.replicas"].value == "2"
+
+
+def test_a_broker_killed_under_load_loses_nothing_and_enforcement_holds(
+    cluster: KafkaCluster, settings_factory: Callable[..., Settings]
+) -> None:
+    settings = settings_factory(kafka=cluster.bootstrap)
+    ensure_topics(cluster.bootstrap, topic_specs(settings.topics))
+    stack = Stack(settings, progress=lambda _m: None, manage_kafka=False)
+    limit = Decimal("0.02")
+    apply_policies(
+        settings, PolicyFile(budgets=[BudgetPolicy(scope="agent:cl-runaway", limit_usd=limit)])
+    )
+    ledger = Ledger(settings)
+    load = Load(ledger)
+    victim = cluster.brokers[0]  # the first bootstrap address: clients must move on
+    try:
+        stack.start_service("processor", timeout_s=180)
+        stack.start_service("sink", timeout_s=180)
+        assert ledger.wait_for_control(30)
+        load.thread.start()
+        wait_for("load before the kill", lambda: load.count >= 300, 60)
+
+        victim.kill()
+        killed_at = load.count
+        # The runaway crosses its budget while the broker is down; the STOP must still come.
+        runaway = ledger.agent("cl-runaway", workflow=WORKFLOW)
+        runaway_cost = runaway_calls = 0
+        n = 0
+        while runaway_cost < usd_to_nano(limit):
+            tokens_in, tokens_out = SIZES[n % len(SIZES)]
+            n += 1
+            with runaway.call(provider="openai", model="gpt-4o") as call:
+                call.record(input_tokens=tokens_in, output_tokens=tokens_out)
+            runaway_cost += price_nano("gpt-4o", tokens_in, tokens_out)
+            runaway_calls += 1
+
+        def refused() -> bool:
+            try:
+                runaway.check_budget()
+            except BudgetExceeded:
+                return True
+            return False
+
+        wait_for("a STOP while a broker is down", refused, 60)
+        assert victim.running_pid() is None, "the broker came back before the STOP arrived"
+        wait_for("load while the broker is down", lambda: load.count >= killed_at + 300, 60)
+
+        victim.start(timeout_s=120, progress=lambda _m: None)
+        back_at = load.count
+        wait_for("load after the broker is back", lambda: load.count >= back_at + 300, 60)
+        load.finish()
+        assert ledger.transport.flush(30) == 0
+    finally:
+        load.stop.set()
+        ledger.close()
+
+    emitted = load.count + runaway_calls
+    expected = load.cost + runaway_cost
+
+    def processor_total() -> int:
+        report = fetch_state(settings, f"workflow:{WORKFLOW}")
+        # Every UTC day bucket once (weeks and months hold the same spend again).
+        return sum(int(v) for k, v in report["buckets"].items() if k.startswith("day:"))
+
+    def agents_total() -> int:
+        total = 0
+        for agent in [*(f"cl-steady-{i}" for i in range(4)), "cl-runaway"]:
+            report = fetch_state(settings, f"agent:{agent}")
+            total += sum(int(v) for k, v in report["buckets"].items() if k.startswith("day:"))
+        return total
+
+    client = QueryClient.from_settings(settings)
+
+    def sink_totals() -> tuple[int, int]:
+        count, cost = client.query(
+            "SELECT count(), sum(toInt128(cost_nano_usd)) FROM calls "
+            "WHERE workflow_id = {wf:String}",
+            {"wf": WORKFLOW},
+        ).rows[0]
+        return int(count), int(cost or 0)
+
+    try:
+        wait_for(
+            "the processor's total and the sink's rows",
+            lambda: processor_total() >= expected and sink_totals()[0] >= emitted,
+            90,
+            lambda: f"processor {processor_total()} of {expected} nano-USD "
+            f"(agent scopes, first hop: {agents_total()}); "
+            f"sink {sink_totals()} of {(emitted, expected)}",
+        )
+        assert processor_total() == expected
+        assert sink_totals() == (emitted, expected)
+    finally:
+        client.close()
+        stack.down()
