@@ -100,6 +100,14 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
             },
         },
         {
+            "scope": "agent:retrier",
+            "retry_loop": {
+                "max_retry_cost_percent": 40,
+                "min_spend_usd": "0.001",
+                "action": "refuse_new_work",
+            },
+        },
+        {
             "scope": "agent:forecaster",
             "period": "day",
             "limit_usd": "1",
@@ -176,6 +184,15 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     send("burner", call("burner", USD // 100))
     burn = base.wait_for("the burn-rate alert", lambda: alerts_for(alerts_reader, "agent:burner"))
     assert [a.kind for a in burn] == [AlertKind.BURN_RATE] and "3x or more" in burn[0].message
+
+    # Retry cost share: the second attempt costs half of what the agent spent today.
+    send("retrier", call("retrier", USD // 1000))
+    send("retrier", call("retrier", USD // 1000, attempt=2, status="ok"))
+    refused = base.wait_for(
+        "the retry-share command", lambda: actions(control, "agent:retrier", key)
+    )
+    assert refused[0].action is ControlAction.REFUSE_NEW_WORK
+    assert "retries cost $0.001 of $0.002" in refused[0].reason
 
     # Forecast: 99% of the day's budget spent already projects exhaustion before midnight.
     send("forecaster", call("forecaster", USD * 99 // 100))
