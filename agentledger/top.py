@@ -150,11 +150,10 @@ def run_top(settings: Settings, args: argparse.Namespace) -> int:
     collector.start()
     try:
         if args.once:
-            # One frame, after the topic feeds had a moment to read what stands.
+            # One frame, once the topic feeds have read what stood when they started.
             for feed in collector.feeds:
-                feed.assigned.wait(5.0)
+                feed.caught_up.wait(10.0)
             collector.refresh_history()
-            time.sleep(1.0)
             Console().print(render_top(collector.refresh(), args.sort))
             return 0
         with Live(console=Console(), refresh_per_second=4, screen=False) as live:

@@ -117,6 +117,7 @@ class TopicFeed:
             "group.id": f"agentledger-dashboard-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "client.id": "agentledger-dashboard",
             "logger": log.getChild("librdkafka"),
@@ -124,7 +125,9 @@ class TopicFeed:
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.assigned = threading.Event()
+        # Set once every record that existed at assignment has been read.
+        self.caught_up = threading.Event()
+        self._targets: dict[int, int] = {}  # partition -> end offset at assignment
         self.last_error: str | None = None
         self.last_ok_monotonic: float | None = None
 
@@ -152,19 +155,32 @@ class TopicFeed:
                     continue
                 err = msg.error()
                 if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        self._reached(msg.partition(), None)
+                    else:
                         self.last_error = str(err)
                     continue
                 self.last_ok_monotonic = time.monotonic()
                 value = msg.value()
                 if value is not None:  # tombstones carry nothing to show
                     self._on_record(value)
+                offset = msg.offset()
+                self._reached(msg.partition(), None if offset is None else offset + 1)
         except KafkaException as exc:
             self.last_error = f"stopped: {exc}"
             log.warning("dashboard: %s feed stopped: %s", self.topic, exc)
         finally:
             if consumer is not None:
                 consumer.close()
+
+    def _reached(self, partition: int | None, next_offset: int | None) -> None:
+        """Note progress; ``next_offset`` None means the partition's end was reached."""
+        if partition is None or partition not in self._targets:
+            return
+        if next_offset is None or next_offset >= self._targets[partition]:
+            del self._targets[partition]
+            if not self._targets:
+                self.caught_up.set()
 
     def _assign(self, consumer: Consumer) -> bool:
         while not self._stop.is_set():
@@ -174,20 +190,24 @@ class TopicFeed:
                 if topic is None or topic.error is not None or not topic.partitions:
                     self.last_error = f"topic {self.topic} not readable yet"
                 else:
-                    consumer.assign([self._start_at(consumer, p) for p in sorted(topic.partitions)])
+                    starts = []
+                    for partition in sorted(topic.partitions):
+                        low, high = consumer.get_watermark_offsets(
+                            TopicPartition(self.topic, partition), timeout=2.0
+                        )
+                        if high > low:
+                            self._targets[partition] = high
+                        start = (
+                            OFFSET_BEGINNING if self._tail is None else max(low, high - self._tail)
+                        )
+                        starts.append(TopicPartition(self.topic, partition, start))
+                    consumer.assign(starts)
                     self.last_error = None
                     self.last_ok_monotonic = time.monotonic()
-                    self.assigned.set()
+                    if not self._targets:
+                        self.caught_up.set()
                     return True
             except KafkaException as exc:
                 self.last_error = f"cannot read {self.topic} metadata: {exc}"
             self._stop.wait(self.RETRY_S)
         return False
-
-    def _start_at(self, consumer: Consumer, partition: int) -> TopicPartition:
-        if self._tail is None:
-            return TopicPartition(self.topic, partition, OFFSET_BEGINNING)
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(self.topic, partition), timeout=2.0
-        )
-        return TopicPartition(self.topic, partition, max(low, high - self._tail))
