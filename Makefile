@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 
-.PHONY: help install kafka browser demo test faults bench test-unit test-integration lint format typecheck schemas up down status clean
+.PHONY: help install kafka browser demo test faults test-cluster bench test-unit test-integration lint format typecheck schemas up down status clean
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ test-integration: install kafka ## integration tests only
 
 faults: install kafka ## fault injection: kill -9, broker and ClickHouse outages, rebalance (minutes)
 	$(BIN)/pytest tests/faults -m faults -v -s
+
+test-cluster: install kafka ## 3-broker Kafka cluster: a broker killed under load (about 3 minutes)
+	AGENTLEDGER_TEST_CLUSTER=1 $(BIN)/pytest tests/integration/test_cluster.py -v
 
 bench: install kafka ## run the benchmarks; writes bench/results.json and prints a table
 	$(BIN)/python bench/run.py

@@ -28,7 +28,16 @@ from agentledger.schemas import BudgetPolicy, PolicyFile, usd_to_nano
 from agentledger.sinks.query import QueryClient
 from agentledger.stream_processors.client import fetch_state
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+# About 2.5 minutes on a busy 2-core machine (three JVMs start, one is killed and restarted),
+# so it is opt-in: `make test-cluster`.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.cluster,
+    pytest.mark.skipif(
+        os.environ.get("AGENTLEDGER_TEST_CLUSTER") != "1",
+        reason="starts a 3-broker cluster (minutes): run with `make test-cluster`",
+    ),
+]
 
 SIZES = [(374, 44), (396, 109), (879, 55), (91, 16), (2738, 232), (733, 178)]
 WORKFLOW = "wf-cluster"
@@ -232,9 +241,11 @@ def test_a_broker_killed_under_load_loses_nothing_and_enforcement_holds(
             "the processor's total and the sink's rows",
             lambda: processor_total() >= expected and sink_totals()[0] >= emitted,
             90,
-            lambda: f"processor {processor_total()} of {expected} nano-USD "
-            f"(agent scopes, first hop: {agents_total()}); "
-            f"sink {sink_totals()} of {(emitted, expected)}",
+            lambda: (
+                f"processor {processor_total()} of {expected} nano-USD "
+                f"(agent scopes, first hop: {agents_total()}); "
+                f"sink {sink_totals()} of {(emitted, expected)}"
+            ),
         )
         assert processor_total() == expected
         assert sink_totals() == (emitted, expected)
