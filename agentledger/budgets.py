@@ -92,7 +92,12 @@ def apply_policies(settings: Settings, policies: PolicyFile, timeout_s: float = 
             errors.append(str(err))
 
     producer = Producer(
-        {"bootstrap.servers": settings.kafka, "acks": "all", "enable.idempotence": True}
+        {
+            **settings.kafka_client_config(),
+            "bootstrap.servers": settings.kafka,
+            "acks": "all",
+            "enable.idempotence": True,
+        }
     )
     for policy in policies.budgets:
         producer.produce(
@@ -123,6 +128,7 @@ def list_policies(settings: Settings, timeout_s: float = 10.0) -> list[BudgetPol
 
     consumer = Consumer(
         {
+            **settings.kafka_client_config(),
             "bootstrap.servers": settings.kafka,
             "group.id": f"agentledger-cli-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
