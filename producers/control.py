@@ -119,6 +119,10 @@ class ControlState:
     def has_reports(self) -> bool:
         return bool(self._reports)
 
+    @property
+    def has_standing(self) -> bool:
+        return bool(self._standing)
+
     def standing(self, scopes: Iterable[str], now_ms: int | None = None) -> list[ControlCommand]:
         """The commands standing for ``scopes``, in that order; with ``now_ms``, lapsed ones
         (``until_ms <= now_ms``) are left out."""

@@ -44,12 +44,7 @@ def _text(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _tokens(value: object) -> bool:
-    return type(value) is int and 0 <= value <= _MAX_TOKENS
-
-
 def call_event_json(
-    *,
     event_id: str,
     event_time_ms: int,
     agent_part: str,
@@ -74,15 +69,16 @@ def call_event_json(
 
     ``agent_part`` comes from ``agent_fragment``, and the caller has checked the identifier
     arguments (provider, models, task type and id) against ``Identifier``."""
+    # Inline rather than a helper per field: this runs on every call.
     if not (
         type(event_time_ms) is int
         and 0 <= event_time_ms < 1 << 48
-        and _tokens(input_tokens)
-        and _tokens(output_tokens)
-        and _tokens(cached_input_tokens)
-        and _tokens(reasoning_tokens)
-        and cached_input_tokens <= input_tokens
-        and reasoning_tokens <= output_tokens
+        and type(input_tokens) is int
+        and type(output_tokens) is int
+        and type(cached_input_tokens) is int
+        and type(reasoning_tokens) is int
+        and 0 <= cached_input_tokens <= input_tokens <= _MAX_TOKENS
+        and 0 <= reasoning_tokens <= output_tokens <= _MAX_TOKENS
         and type(cost_nano_usd) is int
         and cost_nano_usd >= 0
         and type(latency_ms) is int
@@ -120,44 +116,41 @@ def call_event_json(
     ).encode()
 
 
-class _RandomPool:
-    """Random bytes from ``os.urandom`` in batches: one system call per 256 event ids."""
+class _RandomHex:
+    """Random hex digits from ``os.urandom`` in batches: one system call per 256 event ids."""
 
-    BATCH = 10 * 256
+    IDS = 256
+    PER_ID = 19  # 3 (rand_a) + 1 (variant and 2 random bits) + 15 (rand_b) hex digits
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
-        self.pool = b""
+        self.digits = ""
         self.at = 0
 
-    def take10(self) -> int:
+    def take(self) -> str:
         with self.lock:
             at = self.at
-            if at >= len(self.pool):
-                self.pool = os.urandom(self.BATCH)
+            if at >= len(self.digits):
+                self.digits = os.urandom((self.IDS * self.PER_ID + 1) // 2).hex()
                 at = 0
-            self.at = at + 10
-            return int.from_bytes(self.pool[at : at + 10], "big")
+            self.at = at + self.PER_ID
+            return self.digits[at : at + self.PER_ID]
 
 
-_RANDOM = _RandomPool()
-# A forked child must not hand out the ids its parent's leftover bytes would make.
+_RANDOM = _RandomHex()
+# A forked child must not hand out the ids its parent's leftover digits would make.
 os.register_at_fork(after_in_child=_RANDOM.reset)
+# RFC 9562 variant: the two top bits of this digit are 10; the low two stay random.
+_VARIANT = {f"{n:x}": f"{8 | (n & 3):x}" for n in range(16)}
 
 
 def event_id(unix_ms: int) -> str:
     """A RFC 9562 version 7 UUID for ``unix_ms`` (0 <= unix_ms < 2**48), as hyphenated text:
-    the same layout as ``agentledger.schemas.uuid7``."""
-    rand = _RANDOM.take10()
-    value = (
-        (unix_ms << 80)
-        | (0x7 << 76)
-        | ((rand >> 62) & 0xFFF) << 64
-        | (0b10 << 62)
-        | (rand & ((1 << 62) - 1))
-    )
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    the same layout as ``agentledger.schemas.uuid7`` (48 bits of time, version 7, 74 random
+    bits)."""
+    r = _RANDOM.take()
+    t = f"{unix_ms:012x}"
+    return f"{t[:8]}-{t[8:]}-7{r[:3]}-{_VARIANT[r[3]]}{r[4:7]}-{r[7:]}"

@@ -43,6 +43,7 @@ from .errors import (
     UnpricedModelWarning,
 )
 from .event_json import agent_fragment, call_event_json, event_id
+from .linear_price import LinearPrices
 from .pricing import Price, PriceOverride, Pricer
 from .reservation import SpendBook
 from .scope import _CURRENT, TaskScope
@@ -163,6 +164,7 @@ class Ledger:
         self.clock = clock
         self._start_listener = start_control_listener
         self._pricer = Pricer(price_overrides)
+        self._linear = LinearPrices(self._pricer)
         self._calls_topic = settings.topics.calls
         self._dlq_topic = settings.topics.dlq
         self._lock = threading.Lock()
@@ -257,7 +259,10 @@ class Ledger:
 
     def commands(self, scopes: tuple[str, ...]) -> list[ControlCommand]:
         """The unlapsed commands standing for ``scopes``, narrowest scope first."""
-        found = self.control.standing(scopes, now_ms=self.clock())
+        state = self.control
+        if not state.has_standing:  # the usual case, without the lock
+            return []
+        found = state.standing(scopes, now_ms=self.clock())
         if len(found) > 1:
             found.sort(key=lambda c: _SCOPE_ORDER.get(c.scope.partition(":")[0], 9))
         return found
@@ -900,50 +905,67 @@ class CallRecorder:
         if ended_ms is None:
             ended_ms = ledger.clock()
         started = self._started_ms
-        price = ledger.price(
-            self.provider,
-            self.used_model,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            cached_input_tokens=self.cached_input_tokens,
-            at_ms=started,
-        )
+        provider, used = self.provider, self.used_model
+        inp, out, cached = self.input_tokens, self.output_tokens, self.cached_input_tokens
+        linear = ledger._linear
+        rates = linear.rates(provider, used)
+        problem: str | None = None
+        version: str | None
+        if rates is not None and type(inp) is int and type(out) is int and type(cached) is int:
+            # Flat rates: the exact integer cost, without Decimal arithmetic.
+            cost, priced, version = linear.cost(rates, inp, out, cached), True, rates.version
+        else:
+            price = ledger.price(
+                provider,
+                used,
+                input_tokens=inp,
+                output_tokens=out,
+                cached_input_tokens=cached,
+                at_ms=started,
+            )
+            cost, priced, version, problem = (
+                price.cost_nano_usd,
+                price.priced,
+                price.pricing_version,
+                price.problem,
+            )
         agent = self._agent
         latency = ended_ms - started if ended_ms > started else 0
         data = None
+        task_type, task_id = self.task_type, self.task_id
         if (
             0 <= started < 1 << 48
-            and _is_identifier(self.provider)
+            and _is_identifier(provider)
             and _is_identifier(self.requested_model)
-            and _is_identifier(self.used_model)
-            and (self.task_type is None or _is_identifier(self.task_type))
-            and (self.task_id is None or _is_identifier(self.task_id))
+            and _is_identifier(used)
+            and (task_type is None or _is_identifier(task_type))
+            and (task_id is None or _is_identifier(task_id))
         ):
             data = call_event_json(
-                event_id=event_id(started),
-                event_time_ms=started,
-                agent_part=agent._fragment(),
-                task_type=self.task_type,
-                task_id=self.task_id,
-                provider=self.provider,
-                requested_model=self.requested_model,
-                used_model=self.used_model,
-                input_tokens=self.input_tokens,
-                output_tokens=self.output_tokens,
-                cached_input_tokens=self.cached_input_tokens,
-                reasoning_tokens=self.reasoning_tokens,
-                cost_nano_usd=price.cost_nano_usd,
-                priced=price.priced,
-                pricing_version=price.pricing_version,
-                latency_ms=latency,
-                status=self.status,
-                attempt=self.attempt,
-                error_type=self.error_type,
+                event_id(started),
+                started,
+                agent._fragment(),
+                task_type,
+                task_id,
+                provider,
+                self.requested_model,
+                used,
+                inp,
+                out,
+                cached,
+                self.reasoning_tokens,
+                cost,
+                priced,
+                version,
+                latency,
+                self.status,
+                self.attempt,
+                self.error_type,
             )
         if data is not None:
             ledger.emit_json(agent._key, data)
             self._event_json = data
-            self.cost_nano_usd = price.cost_nano_usd
+            self.cost_nano_usd = cost
         else:
             # Something the plain path does not vouch for: validate, send or dead-letter.
             self._event = ledger.emit(
@@ -966,9 +988,9 @@ class CallRecorder:
                     "output_tokens": self.output_tokens,
                     "cached_input_tokens": self.cached_input_tokens,
                     "reasoning_tokens": self.reasoning_tokens,
-                    "cost_nano_usd": price.cost_nano_usd,
-                    "priced": price.priced,
-                    "pricing_version": price.pricing_version,
+                    "cost_nano_usd": cost,
+                    "priced": priced,
+                    "pricing_version": version,
                     "latency_ms": latency,
                     "status": self.status,
                     "attempt": self.attempt,
@@ -977,12 +999,12 @@ class CallRecorder:
             )
             if self._event is not None:
                 self.cost_nano_usd = self._event.cost_nano_usd
-        if not price.priced:
+        if not priced:
             # After the event is sent, so an agent that turns warnings into errors still has
             # the call on record.
             warnings.warn(
                 f"no price known for model {self.used_model!r} of provider {self.provider!r}: "
-                f"the call is recorded with priced=False and cost 0 ({price.problem})",
+                f"the call is recorded with priced=False and cost 0 ({problem})",
                 UnpricedModelWarning,
                 stacklevel=3,
             )

@@ -36,7 +36,8 @@ class _Scope:
     __slots__ = ("ended", "reserved", "since_ms", "unconfirmed")
 
     def __init__(self) -> None:
-        self.ended: deque[tuple[int, int]] = deque()
+        # [bucket start ms, summed cost]: mutable, so a call adds to its bucket in place.
+        self.ended: deque[list[int]] = deque()
         self.unconfirmed = 0
         self.reserved = 0
         self.since_ms = -1
@@ -48,6 +49,8 @@ class SpendBook:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._scopes: dict[str, _Scope] = {}
+        # A call's scopes come as the same tuple every time (the agent caches it).
+        self._books: dict[tuple[str, ...], tuple[_Scope, ...]] = {}
 
     def _scope(self, scope: str) -> _Scope:
         found = self._scopes.get(scope)
@@ -93,16 +96,21 @@ class SpendBook:
 
     def settle(self, scopes: tuple[str, ...], amount: int, cost: int, ended_ms: int) -> None:
         """A call ended: drop its reservation, count its actual cost as unconfirmed."""
+        bucket = ended_ms - ended_ms % BUCKET_MS
         with self._lock:
-            for scope in scopes:
-                book = self._scope(scope)
-                book.reserved -= amount
+            books = self._books.get(scopes)
+            if books is None:
+                if len(self._books) >= 4096:
+                    self._books.clear()
+                books = self._books[scopes] = tuple(self._scope(s) for s in scopes)
+            for book in books:
+                if amount:
+                    book.reserved -= amount
                 if cost:
-                    bucket = ended_ms - ended_ms % BUCKET_MS
                     ended = book.ended
                     if ended and ended[-1][0] == bucket:
-                        ended[-1] = (bucket, ended[-1][1] + cost)
+                        ended[-1][1] += cost
                     else:
-                        ended.append((bucket, cost))
+                        ended.append([bucket, cost])
                         self._forget_before(book, ended_ms - KEEP_MS)
                     book.unconfirmed += cost

@@ -28,8 +28,14 @@ class SlotTable:
     has fewer than its limit running."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # try_acquire and release take the bare lock (a C call); only waiters need the
+        # Condition built on it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active: dict[str, int] = {}
+        # Threads inside acquire(); release() wakes them only when there are any, since
+        # notify_all costs more than the rest of a release.
+        self._waiting = 0
 
     def active(self, scope: str) -> int:
         return self._active.get(scope, 0)
@@ -50,7 +56,7 @@ class SlotTable:
     def try_acquire(self, scopes: Iterable[str], limits: Limits) -> str | None:
         """Take a slot in every scope and return None, or take none and return the scope
         that is full."""
-        with self._cond:
+        with self._lock:
             blocked = self._blocked(scopes, limits)
             if blocked is None:
                 self._take(scopes)
@@ -66,17 +72,21 @@ class SlotTable:
         slots are taken, else the scope still full when ``timeout_s`` passed."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while True:
-                blocked = self._blocked(scopes, refresh())
-                if blocked is None:
-                    self._take(scopes)
-                    return None
-                wait = RECHECK_S
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        return blocked
-                self._cond.wait(wait)
+            self._waiting += 1
+            try:
+                while True:
+                    blocked = self._blocked(scopes, refresh())
+                    if blocked is None:
+                        self._take(scopes)
+                        return None
+                    wait = RECHECK_S
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            return blocked
+                    self._cond.wait(wait)
+            finally:
+                self._waiting -= 1
 
     async def acquire_async(
         self,
@@ -98,7 +108,7 @@ class SlotTable:
             await asyncio.sleep(wait)
 
     def release(self, scopes: Iterable[str]) -> None:
-        with self._cond:
+        with self._lock:
             active = self._active
             for scope in scopes:
                 left = active[scope] - 1
@@ -107,4 +117,5 @@ class SlotTable:
                 else:
                     del active[scope]
             # Waiters may wait on different scopes; all re-check.
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
