@@ -474,6 +474,9 @@ def parse_policy_file(text: str, source: str = "<policy>") -> PolicyFile:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
+        if isinstance(exc, yaml.reader.ReaderError):
+            # A forbidden character has no mark, only its position in the text.
+            where = f":{text.count(chr(10), 0, exc.position) + 1}"
         raise PolicyFileError(f"{source}{where}: not valid YAML: {exc}") from exc
     if data is None:
         data = {}
