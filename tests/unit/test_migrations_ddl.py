@@ -101,3 +101,79 @@ def test_every_cluster_statement_parses_in_clickhouse(db: ClickHouse) -> None:
         assert isinstance(formatted, str)
         if "ENGINE" in statement and "AS SELECT" not in statement:
             assert "ENGINE = Replicated" in formatted or "ENGINE = Distributed" in formatted
+
+
+# Run in a child process: chDB takes its server config once per process, and this one names a
+# cluster. The cluster has one shard whose only replica is this process (chDB opens no
+# listener; a local replica is queried in-process), so the Distributed tables can be read here.
+# ON CLUSTER is stripped because it needs Keeper, and the base tables stay single-node.
+_DISTRIBUTED_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import chdb
+from agentledger.sinks.migrations import apply_migrations, distributed_statements
+
+root = Path(sys.argv[1])
+(root / "config.xml").write_text(
+    "<clickhouse><tcp_port>9000</tcp_port><remote_servers><agentledger><shard><replica>"
+    "<host>127.0.0.1</host><port>9000</port></replica></shard></agentledger></remote_servers>"
+    "</clickhouse>"
+)
+conn = chdb.connect(f"{root / 'db'}?config-file={root / 'config.xml'}")
+cur = conn.cursor()
+
+class Target:
+    def command(self, sql, parameters=None):
+        assert not parameters or set(parameters) == {"v", "n"}
+        if parameters:
+            sql = sql.replace("{v:UInt32}", str(int(parameters["v"]))).replace(
+                "{n:String}", "'" + parameters["n"].replace("'", "") + "'")
+        cur.execute(sql)
+
+    def writer_query(self, sql, parameters=None):
+        cur.execute(sql)
+        return type("R", (), {"rows": cur.fetchall()})
+
+target = Target()
+apply_migrations(target)
+for statement in distributed_statements("agentledger"):
+    target.command(statement.replace(" ON CLUSTER agentledger", ""))
+cur.execute(
+    "INSERT INTO calls (event_id, event_time, agent_id, workflow_id, used_model, cost_nano_usd,"
+    " latency_ms, status) SELECT generateUUIDv4(), toDateTime64('2026-01-01 00:00:00', 3, 'UTC')"
+    " + number, concat('a', toString(number % 3)), 'wf', 'm', 1000000007 * (number + 1),"
+    " 100 + number, 'ok' FROM numbers(50)"
+)
+out = {}
+for table in ("calls", "calls_all"):
+    cur.execute(f"SELECT count(), toString(sum(toInt128(cost_nano_usd))) FROM {table}")
+    out[table] = list(cur.fetchall()[0])
+for table in ("calls_by_day", "calls_by_day_all", "workflows_by_hour_all"):
+    cur.execute(f"SELECT toString(sum(cost_nano_usd)), sum(calls) FROM {table}")
+    out[table] = list(cur.fetchall()[0])
+for table in ("calls_by_day", "calls_by_day_all"):
+    cur.execute(f"SELECT toString(quantilesMerge(0.5, 0.9, 0.99)(latency_ms)) FROM {table}")
+    out["latency " + table] = cur.fetchall()[0][0]
+print(json.dumps(out))
+"""
+
+
+def test_distributed_read_tables_answer_like_the_local_tables(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _DISTRIBUTED_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    total = str(sum(1_000_000_007 * (n + 1) for n in range(50)))
+    assert out["calls"] == out["calls_all"] == [50, total]
+    assert out["calls_by_day"] == out["calls_by_day_all"] == out["workflows_by_hour_all"]
+    assert out["calls_by_day_all"] == [total, 50]
+    assert out["latency calls_by_day_all"] == out["latency calls_by_day"] == "[124.5,144.1,148.51]"
