@@ -13,12 +13,14 @@ between the state write and the publish is repaired by the next decision.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -151,6 +153,18 @@ class SpendState:
 
     def spend(self, window: PeriodWindow) -> int:
         return self.periods.get(window.key, 0)
+
+    @cached_property
+    def slot_series(self) -> Mapping[int, list[tuple[int, int]]]:
+        """The slots parsed and sorted per slot length: ``{slot_ms: [(start_ms, nano)]}``.
+        Kept on the (immutable) state, since one evaluation reads them several times."""
+        series: dict[int, list[tuple[int, int]]] = {}
+        for key, nano in self.slots.items():
+            slot, _, start = key.partition(":")
+            series.setdefault(int(slot), []).append((int(start), nano))
+        for items in series.values():
+            items.sort()
+        return series
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -577,23 +591,15 @@ class Decision:
 
 def _slot_sum(state: SpendState, slot: int, start: int, end: int) -> int:
     """Spend in the slots of length ``slot`` that start in ``[start, end)``."""
-    prefix = f"{slot}:"
-    total = 0
-    for key, nano in state.slots.items():
-        if key.startswith(prefix) and start <= int(key[len(prefix) :]) < end:
-            total += nano
-    return total
+    return sum(nano for _, nano in _slot_items(state, slot, start, end))
 
 
 def _slot_items(state: SpendState, slot: int, start: int, end: int) -> list[tuple[int, int]]:
-    prefix = f"{slot}:"
-    found = []
-    for key, nano in state.slots.items():
-        if key.startswith(prefix):
-            at = int(key[len(prefix) :])
-            if start <= at < end:
-                found.append((at, nano))
-    return sorted(found)
+    """The slots of length ``slot`` that start in ``[start, end)``, oldest first."""
+    items = state.slot_series.get(slot, [])
+    low = bisect_left(items, (start, -1))
+    high = bisect_left(items, (end, -1))
+    return items[low:high]
 
 
 def policy_window(

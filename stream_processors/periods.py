@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from zoneinfo import ZoneInfo
 
 from agentledger.schemas import Period
@@ -52,7 +52,7 @@ class PeriodWindow:
     end_ms: int
     tz: str = "UTC"
 
-    @property
+    @cached_property  # built for every bucket of every event: worth keeping
     def key(self) -> str:
         """How the period is named in the spend state: ``day:1767225600000`` in UTC,
         ``day@Europe/Paris:1767222000000`` in another zone."""
@@ -87,9 +87,25 @@ def _zoned_window(period: Period, ts_ms: int, tz: str) -> PeriodWindow:
     return PeriodWindow(period, _local_midnight_ms(first, zone), _local_midnight_ms(last, zone), tz)
 
 
+# The last window computed per (period, zone): events mostly fall in the current period, and
+# computing a zoned window (datetime and zoneinfo) was most of the cost of counting an event.
+_LAST: dict[tuple[Period, str], PeriodWindow] = {}
+
+
 def period_window(period: Period, ts_ms: int, tz: str = "UTC") -> PeriodWindow:
     """The calendar period of kind ``period`` in zone ``tz`` that contains the instant
     ``ts_ms``."""
+    last = _LAST.get((period, tz))
+    if last is not None and last.start_ms <= ts_ms < last.end_ms:
+        return last
+    window = _period_window(period, ts_ms, tz)
+    if len(_LAST) > 256:  # zones come from policies, so few; bound it anyway
+        _LAST.clear()
+    _LAST[(period, tz)] = window
+    return window
+
+
+def _period_window(period: Period, ts_ms: int, tz: str) -> PeriodWindow:
     if tz != "UTC" and period in (Period.DAY, Period.WEEK, Period.MONTH):
         if _ZONED_MIN_MS <= ts_ms < _ZONED_MAX_MS:
             return _zoned_window(period, ts_ms, tz)
