@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = Settings()
-    models = {"writer-mini": ("gpt-4o-mini", 0.03), "writer-4o": ("gpt-4o", 0.01)}
+    # Simulated service times: the cheaper model is the slower one here.
+    models = {"writer-mini": ("gpt-4o-mini", 0.10), "writer-4o": ("gpt-4o", 0.04)}
     with Ledger(settings) as ledger, Router(ledger, policy=RoutingPolicy(min_samples=10)) as router:
         ledger.wait_for_control(10)
         router.wait_for_stats(10)

@@ -8,10 +8,14 @@ processor publishes makes budget mode fall back.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +194,36 @@ def test_the_demo_shows_routing_decisions(
     assert "budget   -> summarizer-mini-t1: summarizer-mini-t1 chosen: cheapest" in text, text
     assert "speed    -> summarizer-full-t1" in text, text
     assert "new task type -> insufficient_evidence" in text, text
+
+
+def test_the_example_coordinator_runs_against_the_stack(
+    stack_settings: Settings, workers: Callable[[], Worker]
+) -> None:
+    settings = stack_settings
+    producer = base.make_producer(settings)
+    base.publish_policy(producer, settings, BudgetPolicy(scope="agent:other", limit_usd=Decimal(1)))
+    workers().wait_ready()
+    env = dict(os.environ)
+    env.update(
+        {
+            "AGENTLEDGER_KAFKA": settings.kafka,
+            "AGENTLEDGER_TOPIC_PREFIX": settings.topic_prefix,
+            "AGENTLEDGER_HOME": str(settings.home),
+            "AGENTLEDGER_CONTROL_KEY": settings.control_key_bytes().decode(),
+        }
+    )
+    example = Path(__file__).resolve().parents[2] / "examples" / "coordinator.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--tasks", "80", "--mode", "budget"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert "80 of 80 tasks run" in lines, lines[-20:]
+    # First spread to learn, then (once 10 calls of each are in the stats) the cheaper one.
+    assert any("insufficient evidence" in line for line in lines), lines[:20]
+    assert any("writer-mini chosen: cheapest per success" in line for line in lines), lines[-20:]
