@@ -1,0 +1,124 @@
+"""P6: processor throughput with 1, 2, ... workers in one consumer group (the scaling curve).
+
+For each worker count the same number of trace events goes through fresh topics (6 calls
+partitions): the workers are started as the real processes (`python -m
+agentledger.stream_processors`, each on its own web port) and are healthy before the load is
+produced; a run is done when the group has committed the end offset of every calls partition.
+Only processors run (no sink), so the curve shows the processor alone; the broker and the
+producer share the same cores, as they would on one machine.
+
+`bench/run.py` calls :func:`figure`; `python bench/scaling.py` runs it alone on a private broker
+and writes bench/scaling.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+__all__ = ["figure", "measure"]
+
+ROOT = Path(__file__).resolve().parent
+COMMAND = "python bench/scaling.py"
+
+
+def _run(bootstrap: str, home: Path, port: int, workers: int, count: int) -> dict[str, Any]:
+    from agentledger.deploy import ensure_topics, topic_specs
+    from agentledger.deploy.stack import Stack
+    from bench import pipeline
+
+    settings = pipeline._settings(
+        bootstrap, home / f"w{workers}", f"bs{uuid.uuid4().hex[:6]}.", (port, port + 1)
+    ).model_copy(update={"processors": workers})
+    ensure_topics(bootstrap, topic_specs(settings.topics))
+    stack = Stack(settings, progress=lambda _m: None, manage_kafka=False)
+    names = [s.name for s in stack.services if s.module == "agentledger.stream_processors"]
+    payloads = pipeline._payloads(count)
+    try:
+        for name in names:
+            stack.start_service(name, timeout_s=180)
+        produce_s = pipeline._produce(bootstrap, settings.topics.calls, payloads)
+        produced_at = time.monotonic()
+        ends = pipeline._end_offsets(bootstrap, settings.topics.calls)
+        group = f"{settings.topic_prefix}processor"
+        seconds = None
+        while time.monotonic() < produced_at + 900:
+            if pipeline._group_done(bootstrap, group, settings.topics.calls, ends):
+                seconds = time.monotonic() - produced_at + produce_s
+                break
+            time.sleep(0.2)
+    finally:
+        for name in names:
+            stack.stop_service(name)
+    row: dict[str, Any] = {"workers": workers, "events": count, "produce_s": round(produce_s, 2)}
+    if seconds is not None:
+        row["seconds"] = round(seconds, 2)
+        row["events_per_s"] = round(count / seconds)
+    return row
+
+
+def measure(
+    bootstrap: str,
+    home: Path,
+    port: int,
+    count: int = 20_000,
+    workers: tuple[int, ...] = (1, 2),
+) -> dict[str, Any]:
+    """The scaling curve: one row per worker count, plus the speed-up over one worker."""
+    rows = [_run(bootstrap, home, port + 100 * i, n, count) for i, n in enumerate(workers)]
+    base = rows[0].get("events_per_s")
+    for row in rows:
+        if base and row.get("events_per_s"):
+            row["speedup"] = round(row["events_per_s"] / base, 2)
+    return {"cpus": os.cpu_count() or 0, "curve": rows}
+
+
+def figure(bootstrap: str, home: Path, port: int) -> dict[str, Any]:
+    """The P6 entry for bench/results.json."""
+    count = int(os.environ.get("AGENTLEDGER_BENCH_SCALING_EVENTS", "20000"))
+    started = time.monotonic()
+    result = measure(bootstrap, home, port, count)
+    curve = result["curve"]
+    return {
+        "id": "P6",
+        "name": "processor events/s by workers in one group (scaling curve)",
+        "value": " / ".join(f"{r['workers']}w {r.get('events_per_s', '-')}" for r in curve),
+        "unit": "events/s",
+        "target": "grows with workers until the cores are saturated (issue #9)",
+        "details": result,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": f"{COMMAND}  (AGENTLEDGER_BENCH_SCALING_EVENTS={count})",
+    }
+
+
+def main() -> int:
+    import socket
+
+    sys.path.insert(0, str(ROOT.parent))
+    from agentledger.deploy import KafkaBroker
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    with tempfile.TemporaryDirectory(prefix="agentledger-scaling-") as tmp:
+        broker = KafkaBroker(Path(tmp) / "kafka", port=free_port(), controller_port=free_port())
+        broker.start()
+        try:
+            result = figure(broker.bootstrap, Path(tmp) / "stack", free_port())
+        finally:
+            broker.stop()
+    (ROOT / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
