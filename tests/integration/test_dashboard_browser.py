@@ -235,6 +235,30 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
                 )
                 assert forged.status == 401
 
+                # Throttle the pool to 2 from the page: the agents see it; then resume it.
+                pool = page.locator('tr[data-scope="pool:dash-pool"]')
+                pool.locator("input.n").fill("2")
+                pool.locator('button[data-action="throttle"]').click()
+                pool.locator(".standing", has_text="THROTTLE concurrency=2").wait_for(
+                    timeout=30_000
+                )
+
+                def throttles() -> list[ControlCommand]:
+                    return [
+                        c
+                        for c in work.steady.standing()
+                        if c.action.value == "throttle" and c.scope == "pool:dash-pool"
+                    ]
+
+                assert wait_for("the shim to see the THROTTLE", throttles)[0].params == {
+                    "concurrency": 2
+                }
+                pool.locator('button[data-action="resume"]').click()
+                wait_for("the shim to see the pool resumed", lambda: not throttles())
+                pool.locator(".standing", has_text="THROTTLE").wait_for(
+                    state="detached", timeout=30_000
+                )
+
                 # The operator stops the runaway from the page.
                 page.fill("#reason", "browser test: runaway stopped by hand")
                 clicked = time.monotonic()
@@ -277,7 +301,9 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
                     f"{published_s * 1000:.0f} ms, -> checked refused by the shim (on or after) "
                     f"{refused_s * 1000:.0f} ms, -> badge on the page {shown_s * 1000:.0f} ms"
                 )
-                page.locator("#audit li", has_text="operator:dashboard").wait_for(timeout=60_000)
+                page.locator("#audit li", has_text=f"operator:dashboard STOP {RUNAWAY}").wait_for(
+                    timeout=60_000
+                )
                 shot = tmp_path / "dashboard.png"
                 page.screenshot(path=str(shot), full_page=True)
                 ARTIFACTS.mkdir(exist_ok=True)
