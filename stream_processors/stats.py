@@ -268,7 +268,11 @@ def register_stats(
     from agentledger.deploy.topics import ensure_topics, topic_specs
 
     topics = settings.topics
-    ensure_topics(settings.kafka, [s for s in topic_specs(topics) if s.name == topics.stats])
+    ensure_topics(
+        settings.kafka,
+        [s for s in topic_specs(topics) if s.name == topics.stats],
+        client_config=settings.kafka_client_config(),
+    )
     aggregator = StatsAggregator(clock)
     loaded = asyncio.Event()
     calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
