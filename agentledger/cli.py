@@ -167,7 +167,17 @@ def _cmd_review(settings: Settings, args: argparse.Namespace) -> int:
     until_ms = (int(time.time() * 1000) // 60_000 + 1) * 60_000
     since_ms = until_ms - parse_duration_ms(args.since)
     html = Path(args.html) if args.html else None
-    print(run_review(settings, since_ms, until_ms, by=args.by, html_path=html))
+    from confluent_kafka import KafkaException
+
+    from agentledger.budgets import list_policies
+
+    try:
+        policies = list_policies(settings, timeout_s=5.0)
+    except (RuntimeError, KafkaException) as exc:
+        # The spend review needs only ClickHouse: without the policies it has no forecast.
+        print(f"budgets not read, so no forecast: {exc}", file=sys.stderr)
+        policies = []
+    print(run_review(settings, since_ms, until_ms, by=args.by, html_path=html, policies=policies))
     return 0
 
 

@@ -12,9 +12,11 @@ from agentledger.schemas import nano_to_usd
 from agentledger.tables import render_table
 
 if TYPE_CHECKING:
+    from agentledger.schemas import BudgetPolicy
+    from agentledger.sinks.forecast import BudgetLine
     from agentledger.sinks.insights import Review, Spender
 
-__all__ = ["print_review", "render_review", "review_table", "run_review"]
+__all__ = ["budget_lines", "print_review", "render_review", "review_table", "run_review"]
 
 
 def _utc(ms: int) -> str:
@@ -123,6 +125,8 @@ def render_review(review: Review) -> str:
         f"(cost per token >= 3x the median): {', '.join(review.expensive) or 'none'}"
     )
     lines.append("")
+    lines.extend(_escalation_lines(review))
+    lines.append("")
     lines.append(
         f"model remap recommendations (both models >= {MIN_CALLS_FOR_REMAP} calls in the same "
         "scope, success rate within 2 points, p50 latency within 1.25x):"
@@ -147,7 +151,82 @@ def render_review(review: Review) -> str:
         )
     else:
         lines.append("none: no cheaper model with enough evidence of comparable results")
+    lines.append("")
+    lines.extend(_budget_lines(review))
     return "\n".join(lines)
+
+
+def _escalation_lines(review: Review) -> list[str]:
+    """Tasks moved to a pricier model: failed (the pricier model failed too) and needless (the
+    cheaper call had succeeded), with their cost, for the top spenders, now and before."""
+    from agentledger.sinks.escalation import Escalations
+
+    head = (
+        "escalations (a task's call on a pricier model than its previous call): failed = the "
+        "previous call failed and so did this one; needless = the previous call had succeeded"
+    )
+    rows = []
+    for s in review.current:
+        now = review.escalations.get(s.key, Escalations())
+        before = review.previous_escalations.get(s.key, Escalations())
+        if not (now.escalated or before.escalated):
+            continue
+        wasted = now.failed_cost_nano_usd + now.needless_cost_nano_usd
+        rows.append(
+            [
+                s.key or "(none)",
+                f"{now.escalated} ({before.escalated})",
+                f"{now.failed} ({before.failed})",
+                _usd(now.failed_cost_nano_usd),
+                f"{now.needless} ({before.needless})",
+                _usd(now.needless_cost_nano_usd),
+                _pct(s.share(wasted)),
+            ]
+        )
+    if not rows:
+        return [head + ":", "none among the top spenders"]
+    table = render_table(
+        [
+            review.by,
+            "escalations (prev)",
+            "failed (prev)",
+            "failed cost (USD)",
+            "needless (prev)",
+            "needless cost (USD)",
+            "share of cost",
+        ],
+        rows,
+        right_align=[False, True, True, True, True, True, True],
+    )
+    return [head + ":", table]
+
+
+def _budget_lines(review: Review) -> list[str]:
+    if not review.budgets:
+        return ["budgets: none given (published policies with a limit are forecast here)"]
+    rows = [
+        [
+            f.scope,
+            f.period,
+            f"{_utc(f.start_ms)} .. {_utc(f.end_ms)}",
+            _usd(f.spent_nano_usd),
+            _usd(f.forecast_nano_usd),
+            _usd(f.limit_nano_usd),
+            f"{f.percent(f.forecast_nano_usd):.0f}%",
+            "OVER" if f.over else "ok",
+        ]
+        for f in review.budgets
+    ]
+    table = render_table(
+        ["scope", "period", "from .. to", "spent", "forecast", "limit", "forecast/limit", ""],
+        rows,
+        right_align=[False, False, False, True, True, True, True, False],
+    )
+    return [
+        f"budget forecast at {_utc(review.until_ms)} (the period's average burn rate so far, "
+        "carried to its end):",
+        table,
+    ]
 
 
 def _shares(now: Spender, before: Spender | None, part: str) -> str:
@@ -163,21 +242,48 @@ def _duration(ms: int) -> str:
     return f"{ms / 1000:g}s"
 
 
+def budget_lines(policies: list[BudgetPolicy], as_of_ms: int) -> list[BudgetLine]:
+    """The budgets to forecast at `as_of_ms`: each policy with a limit, over its calendar period
+    holding the window's last millisecond (in the policy's timezone), or its rolling window
+    ending there (nothing left to project). Per-run budgets have no calendar end: skipped."""
+    from agentledger.schemas import Period
+    from agentledger.sinks.forecast import BudgetLine
+    from agentledger.stream_processors.periods import period_window
+
+    lines = []
+    for policy in policies:
+        if policy.limit_usd is None or policy.period is Period.RUN:
+            continue
+        if policy.period is Period.ROLLING:
+            start, end = as_of_ms - policy.window_ms, as_of_ms
+        else:
+            window = period_window(policy.period, as_of_ms - 1, policy.timezone)
+            start, end = window.start_ms, window.end_ms
+        lines.append(
+            BudgetLine(policy.scope, policy.period_name, start, end, policy.limit_nano_usd)
+        )
+    return lines
+
+
 def run_review(
     settings: Settings,
     since_ms: int,
     until_ms: int,
     by: str = "agent",
     html_path: Path | None = None,
+    policies: list[BudgetPolicy] | None = None,
 ) -> str:
-    """The text of `agentledger review`; writes the HTML report too when html_path is given."""
+    """The text of `agentledger review`; writes the HTML report too when html_path is given.
+    `policies` (as `agentledger budgets list` reads them) are forecast at `until_ms`."""
     from agentledger.sinks.insights import build_review
     from agentledger.sinks.query import QueryClient
 
     spend = review_table(settings, since_ms, until_ms)
     client = QueryClient.from_settings(settings)
     try:
-        review = build_review(client, since_ms, until_ms, by=by)
+        review = build_review(
+            client, since_ms, until_ms, by=by, budgets=budget_lines(policies or [], until_ms)
+        )
     finally:
         client.close()
     text = f"{spend}\n\n{render_review(review)}"

@@ -10,9 +10,11 @@ from html import escape
 
 from agentledger.schemas import nano_to_usd
 
+from .escalation import Escalations
+from .forecast import BudgetForecast
 from .insights import MIN_CALLS_FOR_REMAP, Review, Spender, SpendPoint
 
-__all__ = ["render_html"]
+__all__ = ["budget_svg", "render_html", "spend_svg", "spender_svg"]
 
 _WIDTH = 720
 _BAR_HEIGHT = 22
@@ -107,6 +109,88 @@ def spender_svg(spenders: list[Spender], previous: dict[str, Spender]) -> str:
     )
 
 
+def _bar(nano: int, limit: int, plot_w: int) -> float:
+    # Display only: a float width is fine here, the money itself stays integer.
+    return round(min(nano / limit, 1.5) * plot_w * 2 / 3, 1)
+
+
+def budget_svg(budgets: list[BudgetForecast]) -> str:
+    """One bar per budget, scaled to its own limit: spent (solid), forecast at the period end
+    (light, behind it), and the limit as a vertical line at the same x for every budget."""
+    if not budgets:
+        return '<p class="empty">no budgets given</p>'
+    label_w = 220
+    plot_w = _WIDTH - label_w - 150
+    # The limit sits at 2/3 of the plot so overshoots up to 1.5x the limit stay visible.
+    limit_x = label_w + round(plot_w * 2 / 3, 1)
+    parts = []
+    for i, f in enumerate(budgets):
+        y = i * (_BAR_HEIGHT + 6)
+
+        fill = "#b00020" if f.over else "#3f51b5"
+        forecast = _bar(f.forecast_nano_usd, f.limit_nano_usd, plot_w)
+        spent = _bar(f.spent_nano_usd, f.limit_nano_usd, plot_w)
+        parts.append(
+            f'<text x="0" y="{y + 15}">{escape(f.scope)} ({escape(f.period)})</text>'
+            f'<rect class="forecast" x="{label_w}" y="{y}" width="{forecast}" '
+            f'height="{_BAR_HEIGHT}" fill="{fill}" fill-opacity="0.3"/>'
+            f'<rect class="spent" x="{label_w}" y="{y}" width="{spent}" '
+            f'height="{_BAR_HEIGHT}" fill="{fill}"/>'
+            f'<text x="{label_w + plot_w + 6}" y="{y + 15}">'
+            f"{f.percent(f.forecast_nano_usd):.0f}% of {_usd(f.limit_nano_usd)}</text>"
+        )
+    height = len(budgets) * (_BAR_HEIGHT + 6)
+    parts.append(
+        f'<line class="limit" x1="{limit_x}" x2="{limit_x}" y1="0" y2="{height}" '
+        'stroke="#222" stroke-width="2"/>'
+    )
+    return (
+        f'<svg class="budgets" width="{_WIDTH}" height="{height}" role="img" '
+        'aria-label="spend and forecast against each budget">' + "".join(parts) + "</svg>"
+    )
+
+
+def _budget_rows(budgets: list[BudgetForecast]) -> str:
+    return "\n".join(
+        "<tr>"
+        + "".join(
+            f"<td>{c}</td>"
+            for c in (
+                escape(f.scope),
+                escape(f.period),
+                f"{_utc(f.start_ms)} .. {_utc(f.end_ms)}",
+                _usd(f.spent_nano_usd),
+                _usd(f.forecast_nano_usd),
+                _usd(f.limit_nano_usd),
+                f'<span class="{"up" if f.over else "down"}">'
+                f"{f.percent(f.forecast_nano_usd):.0f}%</span>",
+            )
+        )
+        + "</tr>"
+        for f in budgets
+    )
+
+
+def _escalation_rows(review: Review) -> str:
+    rows = []
+    for s in review.current:
+        now = review.escalations.get(s.key, Escalations())
+        before = review.previous_escalations.get(s.key, Escalations())
+        if not (now.escalated or before.escalated):
+            continue
+        cells = [
+            escape(s.key or "(none)"),
+            f"{now.escalated} / {before.escalated}",
+            f"{now.failed} / {before.failed}",
+            _usd(now.failed_cost_nano_usd),
+            f"{now.needless} / {before.needless}",
+            _usd(now.needless_cost_nano_usd),
+            _pct(s.share(now.failed_cost_nano_usd + now.needless_cost_nano_usd)),
+        ]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "\n".join(rows)
+
+
 def _spender_rows(review: Review) -> str:
     rows = []
     for s in review.current:
@@ -156,6 +240,24 @@ def render_html(review: Review) -> str:
         if review.remaps
         else "<p>none: no cheaper model with enough evidence of comparable results</p>"
     )
+    escalation_rows = _escalation_rows(review)
+    escalation_table = (
+        '<table class="escalations"><tr><th>'
+        + by
+        + "</th><th>escalations (now / prev)</th><th>failed (now / prev)</th>"
+        "<th>failed cost</th><th>needless (now / prev)</th><th>needless cost</th>"
+        "<th>share of cost</th></tr>\n" + escalation_rows + "\n</table>"
+        if escalation_rows
+        else "<p>none among the top spenders</p>"
+    )
+    budget_table = (
+        '<table class="budgets"><tr><th>scope</th><th>period</th><th>from .. to</th>'
+        "<th>spent</th><th>forecast</th><th>limit</th><th>forecast / limit</th></tr>\n"
+        + _budget_rows(review.budgets)
+        + "\n</table>"
+        if review.budgets
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -182,6 +284,16 @@ def render_html(review: Review) -> str:
 </table>
 <p>Expensive models (cost per token at least 3x the median):
 {escape(", ".join(review.expensive)) or "none"}.</p>
+<h2>Escalations</h2>
+<p>A call of a task on a pricier model (cost per token) than the task's previous call.
+Failed: the previous call failed and this one failed too. Needless: the previous call had
+succeeded.</p>
+{escalation_table}
+<h2>Budgets</h2>
+<p>Spend so far (solid) and forecast at the period end (light) at the period's average burn rate,
+against each budget's limit (the line).</p>
+{budget_svg(review.budgets)}
+{budget_table}
 <h2>Model remap recommendations</h2>
 <p>Only where both models have at least {MIN_CALLS_FOR_REMAP} calls in the same scope, the cheaper
 one's success rate is within 2 points and its p50 latency within 1.25x.</p>

@@ -15,6 +15,8 @@ from agentledger.config import Settings
 from agentledger.review_report import render_review
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse
+from agentledger.sinks.escalation import Escalations
+from agentledger.sinks.forecast import BudgetForecast
 from agentledger.sinks.insights import (
     MIN_CALLS_FOR_REMAP,
     KeyModelStats,
@@ -196,12 +198,26 @@ def fixed_review() -> Review:
         previous_total_nano_usd=3_000_000_000,
         series=[SpendPoint(T0 + h * 3_600_000, (h + 1) * 100_000_000) for h in range(4)],
         source="calls_by_day",
+        escalations={"coder": Escalations(5, 2, 400_000_000, 1, 150_000_000)},
+        previous_escalations={"coder": Escalations(1, 0, 0, 1, 50_000_000)},
+        budgets=[
+            BudgetForecast(
+                "agent:coder", "day", T0, T0 + DAY, T0 + DAY // 2, 10**10, 9 * 10**9, 18 * 10**9
+            ),
+            BudgetForecast(
+                "pool:<p>", "week", T0, T0 + 7 * DAY, T0 + DAY, 10**11, 10**9, 7 * 10**9
+            ),
+        ],
     )
 
 
 def test_html_report_is_self_contained_and_matches_the_snapshot() -> None:
     html = render_html(fixed_review())
-    assert html.count("<svg") == 2 and html.count("<rect") == 4 + 2
+    # Spend over time (4 bars), spenders (2 bars), budgets (spent + forecast bar each).
+    assert html.count("<svg") == 3 and html.count("<rect") == 4 + 2 + 2 * 2
+    assert "pool:&lt;p&gt;" in html and "<p>)" not in html
+    assert '<span class="up">180%</span>' in html  # coder's day budget: forecast over
+    assert "<td>5 / 1</td><td>2 / 0</td><td>$0.400000</td>" in html
     assert "<script" not in html and "http" not in html and "<link" not in html
     assert "writer &lt;b&gt;" in html and "writer <b>" not in html
     assert '<span class="up">+200%</span>' in html

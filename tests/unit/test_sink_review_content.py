@@ -4,6 +4,7 @@ independent recomputation from the events in Python, plus the pure projection ru
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
 from fractions import Fraction
 from typing import Any
@@ -214,3 +215,34 @@ def test_forecast_rules_without_a_database() -> None:
 def test_budget_lines_are_checked(scope: str, start: int, end: int, limit: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         BudgetLine(scope, "day", start, end, limit)
+
+
+def test_the_text_review_shows_escalations_and_budget_forecasts(db: ClickHouse) -> None:
+    from agentledger.review_report import render_review
+
+    load(db, workload())
+    budgets = [BudgetLine("agent:esc", "day", T0, T0 + DAY, 100_000)]
+    text = render_review(build_review(LocalClient(db), T0, T0 + 6 * HOUR, budgets=budgets))
+    # esc: 6 escalations (1 before), 4 failed (0 before), 1 needless (1 before).
+    assert re.search(r"^esc\s+6 \(1\)\s+4 \(0\)\s+\S+\s+1 \(1\)\s", text, re.M), text
+    assert re.search(r"^agent:esc\s+day\s.*\s\d+%\s+OVER$", text, re.M), text
+
+
+def test_budget_lines_from_policies_use_the_policy_period_and_timezone() -> None:
+    from agentledger.review_report import budget_lines
+    from agentledger.schemas import BudgetPolicy
+
+    policies = [
+        BudgetPolicy(scope="agent:esc", period="day", limit_usd="2.5"),
+        BudgetPolicy(scope="pool:*", period="week", limit_usd="10", timezone="Europe/Paris"),
+        BudgetPolicy(scope="agent:a", period="rolling", window="24h", limit_usd="1"),
+        BudgetPolicy(scope="workflow:w", period="run", limit_usd="1"),
+    ]
+    as_of = T0 + 6 * HOUR  # Wednesday 2025-01-01 06:00 UTC
+    lines = budget_lines(policies, as_of)
+    assert lines == [
+        BudgetLine("agent:esc", "day", T0, T0 + DAY, 2_500_000_000),
+        # Monday 2024-12-30 00:00 in Paris is 2024-12-29 23:00 UTC.
+        BudgetLine("pool:*", "week", T0 - 2 * DAY - HOUR, T0 + 5 * DAY - HOUR, 10_000_000_000),
+        BudgetLine("agent:a", "rolling:24h", as_of - DAY, as_of, 1_000_000_000),
+    ]
