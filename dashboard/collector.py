@@ -49,9 +49,12 @@ class Collector:
         self.board = CommandBoard(settings.control_key_bytes())
         self.alerts = AlertLog(keep=ALERTS_TAIL)
         topics = settings.topics
+        security = settings.kafka_client_config()  # TLS / SASL, as every other client
         self.feeds = [
-            TopicFeed(settings.kafka, topics.control, self.board.apply),
-            TopicFeed(settings.kafka, topics.alerts, self.alerts.apply, tail=ALERTS_TAIL),
+            TopicFeed(settings.kafka, topics.control, self.board.apply, config=security),
+            TopicFeed(
+                settings.kafka, topics.alerts, self.alerts.apply, tail=ALERTS_TAIL, config=security
+            ),
         ]
         self.rates = RateTracker()
         # Written by the history thread, read by the live one (single assignments).

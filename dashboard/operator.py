@@ -89,7 +89,12 @@ def publish_command(settings: Settings, command: ControlCommand, timeout_s: floa
 
     try:
         producer = Producer(
-            {"bootstrap.servers": settings.kafka, "acks": "all", "enable.idempotence": True}
+            {
+                "bootstrap.servers": settings.kafka,
+                "acks": "all",
+                "enable.idempotence": True,
+                **settings.kafka_client_config(),
+            }
         )
         producer.produce(
             settings.topics.control,
