@@ -233,10 +233,13 @@ def test_budget_lines_from_policies_use_the_policy_period_and_timezone() -> None
     from agentledger.schemas import BudgetPolicy
 
     policies = [
-        BudgetPolicy(scope="agent:esc", period="day", limit_usd="2.5"),
-        BudgetPolicy(scope="pool:*", period="week", limit_usd="10", timezone="Europe/Paris"),
-        BudgetPolicy(scope="agent:a", period="rolling", window="24h", limit_usd="1"),
-        BudgetPolicy(scope="workflow:w", period="run", limit_usd="1"),
+        BudgetPolicy.model_validate(p)
+        for p in (
+            {"scope": "agent:esc", "period": "day", "limit_usd": "2.5"},
+            {"scope": "pool:*", "period": "week", "limit_usd": "10", "timezone": "Europe/Paris"},
+            {"scope": "agent:a", "period": "rolling", "window": "24h", "limit_usd": "1"},
+            {"scope": "workflow:w", "period": "run", "limit_usd": "1"},
+        )
     ]
     as_of = T0 + 6 * HOUR  # Wednesday 2025-01-01 06:00 UTC
     lines = budget_lines(policies, as_of)
