@@ -19,6 +19,7 @@ from .insights import build_review, key_model_stats
 from .migrations import apply_migrations
 from .query import QueryClient
 from .results import QueryResult
+from .review import spend_by_agent_model
 
 DAY = 86_400_000
 START = 1_735_689_600_000  # 2025-01-01T00:00:00Z
@@ -72,13 +73,19 @@ def main(argv: list[str] | None = None) -> int:
             rollup_ms = _median_ms(
                 lambda: key_model_stats(client, "agent", since, until), args.runs
             )
+            sums_ms = _median_ms(
+                lambda: key_model_stats(client, "agent", since, until, latency=False), args.runs
+            )
             review_ms = _median_ms(lambda: build_review(client, since, until), args.runs)
+            table_ms = _median_ms(lambda: spend_by_agent_model(client, since, until), args.runs)
             rows = db.readonly_query("SELECT count() FROM calls").rows[0][0]
             print(
                 f"calls={rows} generated+rolled up in {load_s:.1f}s; "
-                f"spenders/model stats via rollups: {rollup_ms:.0f} ms; "
-                f"full review (rollups + spawn/task queries on calls + spend series): "
-                f"{review_ms:.0f} ms (median of {args.runs})"
+                f"spenders/model stats via rollups: {rollup_ms:.0f} ms with the p50 latency "
+                f"merge, {sums_ms:.0f} ms without; "
+                f"full review (rollups, spawn/task and escalation reads of calls for the top "
+                f"spenders, spend series): {review_ms:.0f} ms; spend per agent and model table: "
+                f"{table_ms:.0f} ms (medians of {args.runs})"
             )
         finally:
             db.close()
