@@ -7,9 +7,15 @@ warm-up; the payload is one real CallEvent as the shim would send it.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -81,6 +87,7 @@ def measure(bootstrap: str, home: str, iterations: int = 20_000) -> dict[str, An
 
     return {
         "iterations": iterations,
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "shim_in_memory_us": round(in_memory_ns / 1000, 2),
         "shim_kafka_us": round(kafka_ns / 1000, 2),
         "bare_produce_us": round(bare_ns / 1000, 2),
@@ -107,3 +114,44 @@ class memory_payload:
 
     def __exit__(self, *_: object) -> None:
         return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main() -> int:
+    """P4 alone: ``.venv/bin/python bench/shim_overhead.py [iterations] [--bootstrap host:port]``
+    (without --bootstrap, against a private broker it starts and stops)."""
+    from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+    from agentledger.schemas import Topics
+
+    args = sys.argv[1:]
+    bootstrap = None
+    if "--bootstrap" in args:
+        at = args.index("--bootstrap")
+        bootstrap = args[at + 1]
+        del args[at : at + 2]
+    iterations = int(args[0]) if args else 20_000
+    with tempfile.TemporaryDirectory(prefix="agentledger-p4-") as tmp:
+        if bootstrap is not None:
+            ensure_topics(bootstrap, topic_specs(Topics("bench.")))
+            result = measure(bootstrap, str(Path(tmp) / "home"), iterations)
+        else:
+            broker = KafkaBroker(
+                state_dir=Path(tmp) / "kafka", port=_free_port(), controller_port=_free_port()
+            )
+            broker.start()
+            try:
+                ensure_topics(broker.bootstrap, topic_specs(Topics("bench.")))
+                result = measure(broker.bootstrap, str(Path(tmp) / "home"), iterations)
+            finally:
+                broker.stop()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

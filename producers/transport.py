@@ -40,6 +40,7 @@ class TransportStats:
     sent: int = 0
     """accepted into the local queue"""
     delivered: int = 0
+    """known after ``flush()`` or ``close()``: sent, minus failed, minus still queued"""
     delivery_errors: int = 0
     dropped: int = 0
     """never queued: local queue full past the blocking bound, produce refused, or closed"""
@@ -116,6 +117,11 @@ class KafkaTransport:
             # librdkafka would otherwise write its own lines to the agent's stderr.
             "logger": log.getChild("librdkafka"),
             "error_cb": self._on_error,
+            # A report per delivered message would cost the agent a Python callback (and a
+            # Message object) per event; only failures need handling, and a replay, which
+            # must see every outcome, passes its own per-message callback.
+            "on_delivery": self._on_delivery,
+            "delivery.report.only.error": True,
             **config,
             "bootstrap.servers": bootstrap,
         }
@@ -166,10 +172,9 @@ class KafkaTransport:
         )
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:  # only with a caller's delivery.report.only.error=False
+            return
         with self._lock:
-            if err is None:
-                self.stats.delivered += 1
-                return
             self.stats.delivery_errors += 1
             self.stats.last_error = str(err)
             self._warn(f"event delivery failed: {err}")
@@ -296,7 +301,7 @@ class KafkaTransport:
         deadline = time.monotonic() + self._block_s
         while True:
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                producer.produce(topic, value, key)
                 break
             except BufferError:
                 remaining = deadline - time.monotonic()
@@ -318,7 +323,7 @@ class KafkaTransport:
                 self._spool_one(topic, key, value)
                 return
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                producer.produce(topic, value, key)
             except BufferError:
                 self._spool_one(topic, key, value)
                 return
@@ -333,11 +338,18 @@ class KafkaTransport:
     def spooling(self) -> bool:
         return self._spooling
 
+    def _count_delivered(self, left: int) -> None:
+        with self._lock:
+            stats = self.stats
+            stats.delivered = max(stats.sent - stats.delivery_errors - left, 0)
+
     def flush(self, timeout_s: float) -> int:
         producer = self._producer
         if producer is None:
             return 0
-        return int(producer.flush(timeout_s))
+        left = int(producer.flush(timeout_s))
+        self._count_delivered(left)
+        return left
 
     def close(self) -> None:
         if self._closed:
@@ -368,5 +380,6 @@ class KafkaTransport:
             # counted; Producer.close() would instead wait for them without a bound.
             producer.purge()
             producer.flush(0)
+        self._count_delivered(0)
         if self._spool is not None:
             self._spool.close()
