@@ -657,6 +657,34 @@ class CallRecorder:
     ``model`` is the model to actually call (a standing ROUTE may have replaced the requested
     one, kept in ``requested_model``)."""
 
+    # One is built per LLM call: slots make that and every attribute access cheaper.
+    __slots__ = (
+        "_agent",
+        "_event",
+        "_event_json",
+        "_held",
+        "_scopes",
+        "_started_ms",
+        "_valid_ids",
+        "attempt",
+        "cached_input_tokens",
+        "cost_nano_usd",
+        "error_type",
+        "estimated_input_tokens",
+        "input_tokens",
+        "max_tokens",
+        "model",
+        "output_tokens",
+        "provider",
+        "reasoning_tokens",
+        "requested_model",
+        "reserved_nano_usd",
+        "status",
+        "task_id",
+        "task_type",
+        "used_model",
+    )
+
     def __init__(
         self,
         agent: AgentLedger,
@@ -694,6 +722,9 @@ class CallRecorder:
         self.reserved_nano_usd = 0
         """the estimated maximum cost reserved when the call started"""
         self._scopes: tuple[str, ...] = ()
+        # The identifiers as checked on the way in (call(), record(), a ROUTE); the event
+        # skips re-checking them unless an attribute was reassigned since.
+        self._valid_ids = (provider, model, model, task_type, task_id)
 
     @property
     def event(self) -> CallEvent | None:
@@ -748,6 +779,7 @@ class CallRecorder:
             self.error_type = error_type
         if used_model is not None:
             self.used_model = _check_id("used_model", used_model)
+            self._valid_ids = (*self._valid_ids[:2], self.used_model, *self._valid_ids[3:])
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
         self.cached_input_tokens = cached
@@ -757,19 +789,22 @@ class CallRecorder:
         """Refuse under a STOP, apply a ROUTE; return the THROTTLE limits of the scopes."""
         agent = self._agent
         ledger = agent.ledger
-        ledger.check_control_plane()
+        if ledger.fail_closed_after_s is not None:
+            ledger.check_control_plane()
         scopes = self._scopes = agent.scopes(self.task_type)
         commands = ledger.commands(scopes)
+        if not commands:
+            return {}
         for command in commands:
             if command.action is ControlAction.STOP:
                 ledger._count("refused")
                 raise BudgetExceeded.from_command(command)
-        if commands:
-            routed = _route(ledger, commands, self.requested_model)
-            if routed != self.requested_model:
-                ledger._count("routed")
-                self.model = self.used_model = routed
-        return ledger.throttle_limits(commands) if commands else {}
+        routed = _route(ledger, commands, self.requested_model)
+        if routed != self.requested_model:
+            ledger._count("routed")
+            self.model = self.used_model = routed
+            self._valid_ids = (*self._valid_ids[:2], routed, *self._valid_ids[3:])
+        return ledger.throttle_limits(commands)
 
     def _timeout(self, scope: str) -> ThrottleTimeout:
         ledger = self._agent.ledger
@@ -932,14 +967,16 @@ class CallRecorder:
         agent = self._agent
         latency = ended_ms - started if ended_ms > started else 0
         data = None
-        task_type, task_id = self.task_type, self.task_id
-        if (
-            0 <= started < 1 << 48
-            and _is_identifier(provider)
-            and _is_identifier(self.requested_model)
-            and _is_identifier(used)
-            and (task_type is None or _is_identifier(task_type))
-            and (task_id is None or _is_identifier(task_id))
+        task_type, task_id, requested = self.task_type, self.task_id, self.requested_model
+        if 0 <= started < 1 << 48 and (
+            (provider, requested, used, task_type, task_id) == self._valid_ids
+            or (
+                _is_identifier(provider)
+                and _is_identifier(requested)
+                and _is_identifier(used)
+                and (task_type is None or _is_identifier(task_type))
+                and (task_id is None or _is_identifier(task_id))
+            )
         ):
             data = call_event_json(
                 event_id(started),
@@ -948,7 +985,7 @@ class CallRecorder:
                 task_type,
                 task_id,
                 provider,
-                self.requested_model,
+                requested,
                 used,
                 inp,
                 out,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 __all__ = ["SlotTable"]
 
@@ -32,28 +32,34 @@ class SlotTable:
         # Condition built on it.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._active: dict[str, int] = {}
+        # Running calls per scope tuple (an agent's calls share one): a call updates one
+        # count, and a scope's count is summed only while a THROTTLE stands.
+        self._groups: dict[tuple[str, ...], int] = {}
         # Threads inside acquire(); release() wakes them only when there are any, since
         # notify_all costs more than the rest of a release.
         self._waiting = 0
 
     def active(self, scope: str) -> int:
-        return self._active.get(scope, 0)
+        """How many calls of ``scope`` run now."""
+        with self._lock:
+            return self._active(scope)
 
-    def _blocked(self, scopes: Iterable[str], limits: Limits) -> str | None:
+    def _active(self, scope: str) -> int:
+        return sum(n for group, n in self._groups.items() if scope in group)
+
+    def _blocked(self, scopes: tuple[str, ...], limits: Limits) -> str | None:
         if limits:
             for scope in scopes:
                 limit = limits.get(scope)
-                if limit is not None and self._active.get(scope, 0) >= limit:
+                if limit is not None and self._active(scope) >= limit:
                     return scope
         return None
 
-    def _take(self, scopes: Iterable[str]) -> None:
-        active = self._active
-        for scope in scopes:
-            active[scope] = active.get(scope, 0) + 1
+    def _take(self, scopes: tuple[str, ...]) -> None:
+        groups = self._groups
+        groups[scopes] = groups.get(scopes, 0) + 1
 
-    def try_acquire(self, scopes: Iterable[str], limits: Limits) -> str | None:
+    def try_acquire(self, scopes: tuple[str, ...], limits: Limits) -> str | None:
         """Take a slot in every scope and return None, or take none and return the scope
         that is full."""
         with self._lock:
@@ -64,7 +70,7 @@ class SlotTable:
 
     def acquire(
         self,
-        scopes: Iterable[str],
+        scopes: tuple[str, ...],
         refresh: Callable[[], Limits],
         timeout_s: float | None,
     ) -> str | None:
@@ -90,7 +96,7 @@ class SlotTable:
 
     async def acquire_async(
         self,
-        scopes: Iterable[str],
+        scopes: tuple[str, ...],
         refresh: Callable[[], Limits],
         timeout_s: float | None,
     ) -> str | None:
@@ -107,15 +113,14 @@ class SlotTable:
                     return blocked
             await asyncio.sleep(wait)
 
-    def release(self, scopes: Iterable[str]) -> None:
+    def release(self, scopes: tuple[str, ...]) -> None:
         with self._lock:
-            active = self._active
-            for scope in scopes:
-                left = active[scope] - 1
-                if left:
-                    active[scope] = left
-                else:
-                    del active[scope]
+            groups = self._groups
+            left = groups[scopes] - 1
+            if left:
+                groups[scopes] = left
+            else:
+                del groups[scopes]
             # Waiters may wait on different scopes; all re-check.
             if self._waiting:
                 self._cond.notify_all()
