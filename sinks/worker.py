@@ -5,10 +5,11 @@ Per batch (up to `batch_max_rows` records or `batch_max_ms` of event-loop time):
    a record whose id (event_id, command_id, alert_id) is already stored, or repeats earlier in
    the batch, is skipped: a spool replay re-sends an event at a new offset and it must count
    once, in the base table and so in every rollup fed from it;
-2. valid rows are inserted per Kafka partition (and per month, so that each insert writes one
-   ClickHouse part and is all-or-nothing) with `insert_deduplication_token` =
-   "<topic>:<partition>:<first offset>-<last offset>" of the chunk's rows; a failed insert is
-   retried with the same chunk and token, with backoff, while consumption is paused;
+2. valid rows are inserted per topic and month (so that each insert writes one ClickHouse part
+   and is all-or-nothing) with `insert_deduplication_token` =
+   "<topic>:<partition>:<first offset>-<last offset>[,<partition>:<first>-<last>...]" of the
+   chunk's rows; a failed insert is retried with the same chunk and token, with backoff, while
+   consumption is paused;
 3. the dlq records are produced and flushed;
 4. only then are the offsets committed, synchronously.
 
@@ -154,17 +155,41 @@ class SinkStats:
 
 @dataclass
 class Chunk:
-    """Rows of one partition and one month: one insert, one ClickHouse part, one token."""
+    """Rows of one topic and one month, from any of its partitions: one insert, one ClickHouse
+    part (so all-or-nothing), one token. One insert per batch rather than one per partition:
+    each insert runs every materialized view and writes a part per table, so with 6 partitions
+    per-partition inserts cost several times more per row (measured)."""
 
     topic: str
-    partition: int
     stream: SinkStream
     rows: list[list[object]] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
+    sources: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset) per row
 
     @property
     def token(self) -> str:
-        return dedup_token(self.topic, self.partition, min(self.offsets), max(self.offsets))
+        """The offset range of each partition in the chunk, in partition order: the same rows
+        give the same token, so a retried insert is dropped by ClickHouse."""
+        ranges: dict[int, tuple[int, int]] = {}
+        for partition, offset in self.sources:
+            lo, hi = ranges.get(partition, (offset, offset))
+            ranges[partition] = (min(lo, offset), max(hi, offset))
+        first, *rest = sorted(ranges.items())
+        token = dedup_token(self.topic, first[0], *first[1])
+        return ",".join([token, *(f"{p}:{lo}-{hi}" for p, (lo, hi) in rest)])
+
+    @property
+    def partitions(self) -> set[int]:
+        return {partition for partition, _ in self.sources}
+
+    def only(self, partitions: set[int]) -> Chunk:
+        """The rows of `partitions` only (the others were revoked while this chunk waited)."""
+        kept = [i for i, (p, _) in enumerate(self.sources) if p in partitions]
+        return Chunk(
+            self.topic,
+            self.stream,
+            [self.rows[i] for i in kept],
+            [self.sources[i] for i in kept],
+        )
 
 
 class _Abandon(Exception):
@@ -396,13 +421,14 @@ class SinkWorker:
 
     @staticmethod
     def _chunks(items: list[tuple[SinkStream, int, int, Decoded]]) -> list[Chunk]:
-        per_key: dict[tuple[str, int, int], Chunk] = {}
+        per_key: dict[tuple[str, int], Chunk] = {}
         for stream, partition, offset, decoded in items:
-            chunk = per_key.setdefault(
-                (stream.topic, partition, decoded.month), Chunk(stream.topic, partition, stream)
-            )
+            key = (stream.topic, decoded.month)
+            chunk = per_key.get(key)
+            if chunk is None:
+                chunk = per_key[key] = Chunk(stream.topic, stream)
             chunk.rows.append(decoded.row)
-            chunk.offsets.append(offset)
+            chunk.sources.append((partition, offset))
         return list(per_key.values())
 
     def _present_offsets(
@@ -456,15 +482,16 @@ class SinkWorker:
     # -- effects, each retried until it succeeds or stop is requested ----------------------
 
     def _insert(self, chunk: Chunk) -> None:
-        token = chunk.token
-
         def attempt() -> None:
-            if (chunk.topic, chunk.partition) not in self._assigned:
+            mine = {p for p in chunk.partitions if (chunk.topic, p) in self._assigned}
+            if not mine:
                 # Revoked while we retried: the new owner replays these records.
                 return
-            self.store.insert(chunk.stream, chunk.rows, token)
+            # A partial revocation changes the rows, and with them the token.
+            part = chunk if mine == chunk.partitions else chunk.only(mine)
+            self.store.insert(part.stream, part.rows, part.token)
 
-        self._retry(attempt, f"inserting {len(chunk.rows)} rows ({token})")
+        self._retry(attempt, f"inserting {len(chunk.rows)} rows ({chunk.token})")
 
     def _retry(self, action: Callable[[], T], what: str) -> T:
         delay = self.retry_initial_s

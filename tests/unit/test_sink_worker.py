@@ -248,18 +248,19 @@ def test_consumer_config_is_manual_commit_from_earliest() -> None:
     assert config["auto.offset.reset"] == "earliest"
 
 
-def test_batch_is_inserted_per_partition_with_offset_tokens_then_committed(rig: Rig) -> None:
+def test_batch_is_one_insert_with_every_partitions_offset_range_as_token(rig: Rig) -> None:
     t = rig.topic
     rig.consumer.queued = [
-        Msg(t, 0, 5, call(1)),
         Msg(t, 1, 0, call(2)),
+        Msg(t, 0, 5, call(1)),
         Msg(t, 0, 6, call(3)),
         Msg(t, 0, 7, call(4)),
     ]
     assert rig.worker.step()
-    assert rig.store.inserts == [(f"{t}:0:5-7", [5, 6, 7]), (f"{t}:1:0-0", [0])]
+    # Partitions in the token in partition order, whatever order the records came in.
+    assert rig.store.inserts == [(f"{t}:0:5-7,1:0-0", [0, 5, 6, 7])]
     assert rig.consumer.commits == [[(t, 0, 8), (t, 1, 1)]]
-    assert rig.log == [f"insert {t}:0:5-7", f"insert {t}:1:0-0", "commit"]
+    assert rig.log == [f"insert {t}:0:5-7,1:0-0", "commit"]
     assert rig.worker.stats.rows_inserted == 4
     assert not rig.worker.step()  # nothing left: no empty insert, no commit
     assert len(rig.consumer.commits) == 1
@@ -379,6 +380,24 @@ def test_records_of_a_revoked_partition_are_left_to_the_new_owner(rig: Rig) -> N
     rig.worker.step()
     assert rig.store.inserts == [(f"{t}:0:0-0", [0])]
     assert rig.consumer.commits == [[(t, 0, 1)]]
+
+
+def test_a_partition_revoked_during_insert_retries_leaves_its_rows_out(rig: Rig) -> None:
+    t = rig.topic
+    rig.store.failures_left = 1
+    rig.consumer.queued = [Msg(t, 0, 3, call(0)), Msg(t, 1, 4, call(1))]
+    real_poll = rig.consumer.poll
+
+    def poll_and_lose_partition_1(timeout: float = -1) -> None:
+        # The consumer is polled between retries: that is when a rebalance callback runs.
+        rig.consumer.on_revoke(rig.consumer, [TopicPartition(t, 1)])
+        return real_poll(timeout)
+
+    rig.consumer.poll = poll_and_lose_partition_1  # type: ignore[method-assign]
+    rig.worker.step()
+    assert rig.log[:2] == ["insert failed", f"insert {t}:0:3-3"]
+    assert rig.store.inserts == [(f"{t}:0:3-3", [3])]
+    assert rig.consumer.commits == [[(t, 0, 4)]]
 
 
 def test_batch_limits_must_be_positive() -> None:
