@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from contextvars import Token
+from dataclasses import dataclass
 from functools import lru_cache
 from types import TracebackType
 from typing import Any, Self
@@ -386,6 +387,15 @@ def _close_at_exit(ref: weakref.ref[Ledger]) -> None:
         ledger.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _AgentCache:
+    identity: tuple[object, ...]
+    key: bytes
+    fragment: str | None
+    """the event's agent fields as JSON text, or None when one does not validate"""
+    scopes: dict[str | None, tuple[str, ...]]
+
+
 class AgentLedger:
     """One agent's identity: every call it records counts toward these scopes."""
 
@@ -407,13 +417,11 @@ class AgentLedger:
         self.task_type = task_type
         self.parent_agent_id = parent_agent_id
         self.spawn_depth = spawn_depth
-        self._key = agent_id.encode()
-        self._identity: tuple[object, ...] = ()
-        self._fragment_text = ""
-        self._scope_cache: dict[str | None, tuple[str, ...]] = {}
+        self._cache = _AgentCache((), b"", None, {})
 
-    def _refresh(self) -> None:
-        # The caches below follow the public attributes, should a caller reassign one.
+    def _cached(self) -> _AgentCache:
+        """The per-agent caches, rebuilt should a caller reassign an attribute. Swapped in as
+        one object, so a thread never sees a half-built one."""
         identity = (
             self.agent_id,
             self.pool,
@@ -421,17 +429,24 @@ class AgentLedger:
             self.parent_agent_id,
             self.spawn_depth,
         )
-        if identity != self._identity:
-            self._identity = identity
-            self._key = self.agent_id.encode()
-            self._fragment_text = agent_fragment(
-                self.agent_id, self.pool, self.workflow, self.parent_agent_id, self.spawn_depth
+        cache = self._cache
+        if identity != cache.identity:
+            ids_ok = all(
+                value is None or (isinstance(value, str) and _is_identifier(value))
+                for value in identity[:4]
             )
-            self._scope_cache = {}
-
-    def _fragment(self) -> str:
-        self._refresh()
-        return self._fragment_text
+            depth = self.spawn_depth
+            depth_ok = type(depth) is int and 0 <= depth <= 1000
+            cache = self._cache = _AgentCache(
+                identity,
+                str(self.agent_id).encode(),
+                # None sends this agent's events through the validating path.
+                agent_fragment(self.agent_id, self.pool, self.workflow, self.parent_agent_id, depth)
+                if ids_ok and depth_ok
+                else None,
+                {},
+            )
+        return cache
 
     def spawn(
         self,
@@ -468,12 +483,12 @@ class AgentLedger:
 
     def scopes(self, task_type: str | None = None) -> tuple[str, ...]:
         task = self._task_type(task_type)
-        self._refresh()
-        found = self._scope_cache.get(task)
+        known = self._cached().scopes
+        found = known.get(task)
         if found is None:
-            if len(self._scope_cache) >= 1024:  # task types are few; bound them anyway
-                self._scope_cache = {}
-            found = self._scope_cache[task] = self._build_scopes(task)
+            if len(known) >= 1024:  # task types are few; bound them anyway
+                known.clear()
+            found = known[task] = self._build_scopes(task)
         return found
 
     def _build_scopes(self, task: str | None) -> tuple[str, ...]:
@@ -968,20 +983,26 @@ class CallRecorder:
         latency = ended_ms - started if ended_ms > started else 0
         data = None
         task_type, task_id, requested = self.task_type, self.task_id, self.requested_model
-        if 0 <= started < 1 << 48 and (
-            (provider, requested, used, task_type, task_id) == self._valid_ids
-            or (
-                _is_identifier(provider)
-                and _is_identifier(requested)
-                and _is_identifier(used)
-                and (task_type is None or _is_identifier(task_type))
-                and (task_id is None or _is_identifier(task_id))
+        known = agent._cached()
+        fragment = known.fragment
+        if (
+            fragment is not None
+            and 0 <= started < 1 << 48
+            and (
+                (provider, requested, used, task_type, task_id) == self._valid_ids
+                or (
+                    _is_identifier(provider)
+                    and _is_identifier(requested)
+                    and _is_identifier(used)
+                    and (task_type is None or _is_identifier(task_type))
+                    and (task_id is None or _is_identifier(task_id))
+                )
             )
         ):
             data = call_event_json(
                 event_id(started),
                 started,
-                agent._fragment(),
+                fragment,
                 task_type,
                 task_id,
                 provider,
@@ -1000,7 +1021,7 @@ class CallRecorder:
                 self.error_type,
             )
         if data is not None:
-            ledger.emit_json(agent._key, data)
+            ledger.emit_json(known.key, data)
             self._event_json = data
             self.cost_nano_usd = cost
         else:

@@ -194,3 +194,20 @@ def test_the_ledger_falls_back_to_the_model_for_unusual_values(tmp_path: Path) -
     assert CallEvent.model_validate_json(sent[0][2]).error_type == "délai dépassé"
     assert h.ledger.stats["dead_lettered"] == 1
     assert call.event is None and call.cost_nano_usd == 0
+
+
+def test_agent_attributes_reassigned_later_are_followed_or_validated(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    agent = h.ledger.agent("a", pool="p")
+    with agent.call(provider="openai", model="gpt-4o"):
+        pass
+    agent.pool = "q"
+    with agent.call(provider="openai", model="gpt-4o"):
+        pass
+    agent.pool = "not an id"
+    with agent.call(provider="openai", model="gpt-4o"):
+        pass
+    first, second, third = h.transport.messages
+    assert CallEvent.model_validate_json(first[2]).pool == "p"
+    assert CallEvent.model_validate_json(second[2]).pool == "q"
+    assert third[0] == "unit.dlq"  # the validating path caught it
