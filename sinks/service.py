@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -66,6 +67,12 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
         log.info(
             "sink consuming %s, API on 127.0.0.1:%d", settings.topics.calls, settings.sink_port
         )
+        # Every row allocates a few dozen short-lived objects (no reference cycles, so
+        # refcounting frees them); with the default threshold the cycle collector ran every
+        # few dozen rows and walked the whole heap of clickhouse-connect/chdb/pydantic objects.
+        # Freezing the start-up heap and collecting gen0 less often cut ~10% of the CPU per row.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         try:
             worker.run()
         finally:
