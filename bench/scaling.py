@@ -43,6 +43,7 @@ def _run(bootstrap: str, home: Path, port: int, workers: int, count: int) -> dic
     try:
         for name in names:
             stack.start_service(name, timeout_s=180)
+        _wait_stable(bootstrap, f"{settings.topic_prefix}processor", workers)
         produce_s = pipeline._produce(bootstrap, settings.topics.calls, payloads)
         produced_at = time.monotonic()
         ends = pipeline._end_offsets(bootstrap, settings.topics.calls)
@@ -63,15 +64,42 @@ def _run(bootstrap: str, home: Path, port: int, workers: int, count: int) -> dic
     return row
 
 
+def _wait_stable(bootstrap: str, group: str, members: int, timeout_s: float = 180) -> None:
+    """Block until the group is Stable with ``members`` members, so the load does not meet a
+    rebalance (joins are measured by the tests, not here)."""
+    from confluent_kafka import ConsumerGroupState, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            (future,) = admin.describe_consumer_groups([group]).values()
+            description = future.result(timeout=10)
+        except KafkaException:
+            description = None
+        if (
+            description is not None
+            and description.state == ConsumerGroupState.STABLE
+            and len(description.members) == members
+        ):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"group {group} not stable with {members} members in {timeout_s:.0f}s")
+
+
 def measure(
     bootstrap: str,
     home: Path,
     port: int,
-    count: int = 20_000,
+    count: int = 10_000,
     workers: tuple[int, ...] = (1, 2),
 ) -> dict[str, Any]:
     """The scaling curve: one row per worker count, plus the speed-up over one worker."""
-    rows = [_run(bootstrap, home, port + 100 * i, n, count) for i, n in enumerate(workers)]
+    rows = []
+    for i, n in enumerate(workers):
+        rows.append(_run(bootstrap, home, port + 100 * i, n, count))
+        print(f"  {n} worker(s): {json.dumps(rows[-1])}", flush=True)
     base = rows[0].get("events_per_s")
     for row in rows:
         if base and row.get("events_per_s"):
@@ -81,9 +109,12 @@ def measure(
 
 def figure(bootstrap: str, home: Path, port: int) -> dict[str, Any]:
     """The P6 entry for bench/results.json."""
-    count = int(os.environ.get("AGENTLEDGER_BENCH_SCALING_EVENTS", "20000"))
+    count = int(os.environ.get("AGENTLEDGER_BENCH_SCALING_EVENTS", "10000"))
+    workers = tuple(
+        int(n) for n in os.environ.get("AGENTLEDGER_BENCH_SCALING_WORKERS", "1,2").split(",")
+    )
     started = time.monotonic()
-    result = measure(bootstrap, home, port, count)
+    result = measure(bootstrap, home, port, count, workers)
     curve = result["curve"]
     return {
         "id": "P6",
@@ -93,7 +124,8 @@ def figure(bootstrap: str, home: Path, port: int) -> dict[str, Any]:
         "target": "grows with workers until the cores are saturated (issue #9)",
         "details": result,
         "seconds": round(time.monotonic() - started, 1),
-        "command": f"{COMMAND}  (AGENTLEDGER_BENCH_SCALING_EVENTS={count})",
+        "command": f"{COMMAND}  (AGENTLEDGER_BENCH_SCALING_EVENTS={count}, "
+        f"AGENTLEDGER_BENCH_SCALING_WORKERS={','.join(map(str, workers))})",
     }
 
 

@@ -306,6 +306,8 @@ class Stack:
         if self.running_pid(service) is not None:
             self.progress(f"{service.name} already running")
             return
+        for folder in (self.run_dir, self.log_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         log = self._log_file(service).open("ab")
         env = self.child_env()
         env[service.env_port] = str(service.port)
