@@ -766,10 +766,23 @@ class CallRecorder:
         the reasoning tokens, as the providers bill them. ``used_model`` is the model that
         actually served the call when the provider routed it elsewhere.
         """
-        input_tokens = _check_tokens("input_tokens", input_tokens)
-        output_tokens = _check_tokens("output_tokens", output_tokens)
-        cached = _check_tokens("cached_input_tokens", cached_input_tokens)
-        reasoning = _check_tokens("reasoning_tokens", reasoning_tokens)
+        cached, reasoning = cached_input_tokens, reasoning_tokens
+        # One inline test for the usual case (this runs on every call); the helper names the
+        # field that is wrong.
+        if not (
+            type(input_tokens) is int
+            and type(output_tokens) is int
+            and type(cached) is int
+            and type(reasoning) is int
+            and 0 <= input_tokens <= _MAX_TOKENS
+            and 0 <= output_tokens <= _MAX_TOKENS
+            and cached >= 0
+            and reasoning >= 0
+        ):
+            input_tokens = _check_tokens("input_tokens", input_tokens)
+            output_tokens = _check_tokens("output_tokens", output_tokens)
+            cached = _check_tokens("cached_input_tokens", cached)
+            reasoning = _check_tokens("reasoning_tokens", reasoning)
         if cached > input_tokens:
             raise ValueError(
                 f"cached_input_tokens ({cached}) is part of input_tokens ({input_tokens}) and "

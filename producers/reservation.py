@@ -21,6 +21,9 @@ BUCKET_MS = 100
 # Unconfirmed costs older than this are assumed counted by the processor even without a newer
 # report, so a process that never hears again does not refuse forever.
 KEEP_MS = 10 * 60_000
+# Ended calls' costs wait lock-free until a reservation or query books them, or this many pile
+# up; then the caller that hit the mark books them all.
+PENDING_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,9 @@ class SpendBook:
         self._scopes: dict[str, _Scope] = {}
         # A call's scopes come as the same tuple every time (the agent caches it).
         self._books: dict[tuple[str, ...], tuple[_Scope, ...]] = {}
+        # Costs of ended calls not yet booked: appending is atomic and lock-free, and the
+        # books only need them when a reservation or a query reads them (or the queue grows).
+        self._pending: deque[tuple[tuple[str, ...], int, int]] = deque()
 
     def _scope(self, scope: str) -> _Scope:
         found = self._scopes.get(scope)
@@ -66,6 +72,7 @@ class SpendBook:
 
     def unconfirmed(self, scope: str, report_ms: int, now_ms: int) -> int:
         with self._lock:
+            self._drain()
             return self._unconfirmed(self._scope(scope), report_ms, now_ms)
 
     def _unconfirmed(self, book: _Scope, report_ms: int, now_ms: int) -> int:
@@ -85,6 +92,7 @@ class SpendBook:
         """Reserve ``amount`` in every scope, unless a scope's report ``(spend, limit,
         issued_at_ms)`` leaves no room for it; then reserve nothing and say which."""
         with self._lock:
+            self._drain()
             for scope, (spend, limit, issued_ms) in reports.items():
                 book = self._scope(scope)
                 committed = spend + self._unconfirmed(book, issued_ms, now_ms) + book.reserved
@@ -96,21 +104,39 @@ class SpendBook:
 
     def settle(self, scopes: tuple[str, ...], amount: int, cost: int, ended_ms: int) -> None:
         """A call ended: drop its reservation, count its actual cost as unconfirmed."""
+        if amount:
+            with self._lock:
+                self._drain()
+                self._book(scopes, -amount, cost, ended_ms)
+        elif cost:
+            pending = self._pending
+            pending.append((scopes, ended_ms, cost))
+            if len(pending) >= PENDING_MAX:
+                with self._lock:
+                    self._drain()
+
+    def _drain(self) -> None:
+        """Book the pending costs, oldest first. Called with the lock held."""
+        pending = self._pending
+        # Only drainers pop, and they hold the lock: a non-empty queue stays non-empty.
+        while pending:
+            scopes, ended_ms, cost = pending.popleft()
+            self._book(scopes, 0, cost, ended_ms)
+
+    def _book(self, scopes: tuple[str, ...], reserved: int, cost: int, ended_ms: int) -> None:
+        books = self._books.get(scopes)
+        if books is None:
+            if len(self._books) >= 4096:
+                self._books.clear()
+            books = self._books[scopes] = tuple(self._scope(s) for s in scopes)
         bucket = ended_ms - ended_ms % BUCKET_MS
-        with self._lock:
-            books = self._books.get(scopes)
-            if books is None:
-                if len(self._books) >= 4096:
-                    self._books.clear()
-                books = self._books[scopes] = tuple(self._scope(s) for s in scopes)
-            for book in books:
-                if amount:
-                    book.reserved -= amount
-                if cost:
-                    ended = book.ended
-                    if ended and ended[-1][0] == bucket:
-                        ended[-1][1] += cost
-                    else:
-                        ended.append([bucket, cost])
-                        self._forget_before(book, ended_ms - KEEP_MS)
-                    book.unconfirmed += cost
+        for book in books:
+            book.reserved += reserved
+            if cost:
+                ended = book.ended
+                if ended and ended[-1][0] == bucket:
+                    ended[-1][1] += cost
+                else:
+                    ended.append([bucket, cost])
+                    self._forget_before(book, ended_ms - KEEP_MS)
+                book.unconfirmed += cost

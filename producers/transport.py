@@ -330,7 +330,7 @@ class KafkaTransport:
             except KafkaException as exc:
                 self._drop(f"produce refused: {exc}")
                 return
-        with self._lock:
+            # Every send with a spool holds the mode lock here, so it guards this count too.
             self.stats.sent += 1
         producer.poll(0)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agentledger.producers import BudgetExceeded, Ledger
-from agentledger.producers.reservation import SpendBook
+from agentledger.producers.reservation import PENDING_MAX, SpendBook
 from agentledger.schemas import ControlAction
 from tests.unit.test_producer_ledger import Harness
 
@@ -151,3 +151,25 @@ def test_spend_book_keeps_a_partly_reported_second() -> None:
     assert book.unconfirmed("agent:a", report_ms=10_050, now_ms=10_120) == 12
     assert book.unconfirmed("agent:a", report_ms=10_100, now_ms=10_120) == 7
     assert book.unconfirmed("agent:a", report_ms=10_200, now_ms=10_200) == 0
+
+
+def test_costs_settled_from_many_threads_are_all_booked() -> None:
+    book = SpendBook()
+    scopes = ("agent:a", "pool:p")
+
+    def settle_many() -> None:
+        for i in range(1000):
+            book.settle(scopes, 0, 3, ended_ms=20_000 + i)
+
+    threads = [threading.Thread(target=settle_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Booked lock-free and in batches; never more than the batch size left waiting.
+    assert len(book._pending) < PENDING_MAX
+    assert book.unconfirmed("pool:p", report_ms=0, now_ms=21_000) == 8 * 1000 * 3
+    # A reservation books what waits before it decides.
+    book.settle(scopes, 0, 10, ended_ms=21_000)
+    refusal = book.reserve(scopes, {"agent:a": (0, 24_010, 0)}, 1, now_ms=21_000)
+    assert refusal is not None and refusal.committed_nano_usd == 24_010
