@@ -1,0 +1,212 @@
+"""P1: processor throughput with policies of every kind active, next to a raw Kafka consume of
+the same bytes in the same run.
+
+The processor runs as the real process (`python -m agentledger.stream_processors`), alone (no
+sink competing for the 2 cores), on a topic prefix of its own, after its policies are loaded.
+`count` trace events are then produced as fast as librdkafka takes them, and the figure is
+events / (last offset committed - first event produced). Committed offsets are read from the
+broker, so nothing is timed inside the process.
+
+Next to wall-clock events/s it reports the processor's own CPU time per event (utime + stime
+from /proc, startup excluded): on a shared 2-core machine, wall-clock throughput moves with
+whatever else runs, CPU time per event much less.
+
+Run alone: `python -m bench.processor_bench [--events N]` (starts its own private broker), or
+call `measure(...)` from bench/run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agentledger.budgets import apply_policies
+from agentledger.config import Settings
+from agentledger.deploy import ensure_topics, topic_specs
+from agentledger.schemas.policy import PolicyFile
+
+from .pipeline import _end_offsets, _payloads, _produce, _settings, raw_consume_seconds
+
+__all__ = ["BENCH_POLICIES", "main", "measure"]
+
+# One of each kind the processor evaluates per event or per batch: thresholds with every
+# action, a spike rule, the retry-loop detector, and pool/workflow/task-type budgets (the
+# second hop). Limits are high enough that the run is not stopped half-way.
+BENCH_POLICIES: dict[str, Any] = {
+    "budgets": [
+        {
+            "scope": "agent:*",
+            "period": "day",
+            "limit_usd": 1000,
+            "thresholds": [
+                {"at_percent": 50, "action": "alert"},
+                {"at_percent": 80, "action": "refuse_new_work"},
+                {"at_percent": 100, "action": "stop"},
+            ],
+            "retry_loop": {"max_failures": 5, "window_s": 600, "action": "refuse_new_work"},
+        },
+        {
+            "scope": "agent:*",
+            "period": "week",
+            "limit_usd": 5000,
+            "thresholds": [{"at_percent": 100, "action": "throttle:2"}],
+            "spike": {"window": "day", "at_percent": 20},
+        },
+        {
+            "scope": "pool:*",
+            "period": "month",
+            "limit_usd": 50000,
+            "thresholds": [{"at_percent": 100, "action": "route:gpt-4o-mini"}],
+        },
+        {"scope": "workflow:*", "period": "day", "limit_usd": 20000},
+        {"scope": "task_type:*", "period": "week", "limit_usd": 50000},
+    ]
+}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _committed(settings: Settings, ends: dict[int, int]) -> int:
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"{settings.topic_prefix}processor",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        topic = settings.topics.calls
+        try:
+            offsets = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=10)
+        except KafkaException:
+            return 0  # the group coordinator is still loading
+        return sum(max(tp.offset, 0) for tp in offsets)
+    finally:
+        consumer.close()
+
+
+def _healthy(settings: Settings) -> bool:
+    url = f"http://127.0.0.1:{settings.processor_port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body: dict[str, Any] = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return bool(body.get("policies_loaded"))
+
+
+def measure(
+    bootstrap: str, home: Path, ports: tuple[int, int], count: int = 100_000
+) -> dict[str, Any]:
+    settings = _settings(bootstrap, home, f"pb{uuid.uuid4().hex[:6]}.", ports)
+    ensure_topics(bootstrap, topic_specs(settings.topics))
+    apply_policies(settings, PolicyFile.model_validate(BENCH_POLICIES))
+    payloads = _payloads(count)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
+    env.update(
+        {
+            "AGENTLEDGER_KAFKA": bootstrap,
+            "AGENTLEDGER_TOPIC_PREFIX": settings.topic_prefix,
+            "AGENTLEDGER_HOME": str(settings.home),
+            "AGENTLEDGER_API_TOKEN": settings.api_token_value(),
+            "AGENTLEDGER_PROCESSOR_PORT": str(settings.processor_port),
+            "AGENTLEDGER_CONTROL_KEY": settings.control_key_bytes().decode(),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    settings.home.mkdir(parents=True, exist_ok=True)
+    log_path = settings.home / "processor-bench.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agentledger.stream_processors"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(settings):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"processor did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        time.sleep(2)  # let the group settle its assignment before the clock starts
+        cpu_before = _cpu_seconds(proc.pid)
+        started = time.monotonic()
+        produce_s = _produce(bootstrap, settings.topics.calls, payloads)
+        ends = _end_offsets(bootstrap, settings.topics.calls)
+        total = sum(ends.values())
+        done_s: float | None = None
+        last_report = 0.0
+        while time.monotonic() - started < 900:
+            committed = _committed(settings, ends)
+            now = time.monotonic()
+            if committed >= total:
+                done_s = now - started
+                break
+            if now - last_report >= 10:
+                print(f"   processor: {committed}/{total} events committed", flush=True)
+                last_report = now
+            time.sleep(0.2)
+        cpu_s = _cpu_seconds(proc.pid) - cpu_before
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    raw_s = raw_consume_seconds(bootstrap, settings.topics.calls, count)
+    result: dict[str, Any] = {
+        "events": count,
+        "policies": len(BENCH_POLICIES["budgets"]),
+        "produce_s": round(produce_s, 2),
+        "raw_consume_events_per_s": round(count / raw_s),
+        "processor_cpu_s": round(cpu_s, 2),
+        "processor_cpu_us_per_event": round(1e6 * cpu_s / count, 1),
+    }
+    if done_s is not None:
+        result["processor_s"] = round(done_s, 2)
+        result["processor_events_per_s"] = round(count / done_s)
+        result["processor_vs_raw"] = round((count / done_s) / (count / raw_s), 4)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agentledger.deploy import KafkaBroker
+
+    from .run import _free_port
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="agentledger-pbench-") as tmp:
+        broker = KafkaBroker(
+            state_dir=Path(tmp) / "kafka", port=_free_port(), controller_port=_free_port()
+        )
+        broker.start(timeout_s=120)
+        try:
+            result = measure(
+                broker.bootstrap, Path(tmp) / "home", (_free_port(), _free_port()), args.events
+            )
+        finally:
+            broker.stop()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
