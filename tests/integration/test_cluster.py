@@ -6,6 +6,7 @@ budget crossed while the broker is down still stops the agent."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 import time
@@ -44,13 +45,14 @@ WORKFLOW = "wf-cluster"
 
 
 def free_port_block(width: int) -> int:
-    """A base port with ``width`` consecutive free ports (broker i on base+2i, controller +1)."""
+    """A base port with ``width`` consecutive free ports (broker i on base+2i, controller +1).
+
+    Drawn below the kernel's ephemeral range: the cluster takes half a minute to start, and a
+    port from that range may meanwhile become the local end of some outgoing connection."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ceiling = min(low, 65535) - width
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + width > 65535:
-            continue
+        base = random.randrange(20_000, max(ceiling, 20_001))
         try:
             for port in range(base, base + width):
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
