@@ -221,7 +221,8 @@ def late_and_duplicates(
     seed: int = 0,
 ) -> list[PlannedCall]:
     """Backdate every ``late_every``-th call by ``late_by_ms`` (it belongs to an earlier period)
-    and deliver every ``duplicate_every``-th call twice with the same event id."""
+    and deliver every ``duplicate_every``-th call twice: the same event (id, event time),
+    sent 1 ms apart."""
     rng = random.Random(seed)  # noqa: S311 - workload simulation, not security
     out: list[PlannedCall] = []
     for i, call in enumerate(plan):
@@ -230,7 +231,13 @@ def late_and_duplicates(
             fixed = replace(fixed, event_time_shift_ms=-late_by_ms)
         out.append(fixed)
         if duplicate_every and i % duplicate_every == duplicate_every - 1:
-            out.append(replace(fixed, at_ms=fixed.at_ms + 1))
+            # Sent 1 ms later but the same event: same id AND same event time, as a spool
+            # replay or a producer retry delivers it (the sink's id lookup is time-windowed).
+            out.append(
+                replace(
+                    fixed, at_ms=fixed.at_ms + 1, event_time_shift_ms=fixed.event_time_shift_ms - 1
+                )
+            )
     return out
 
 

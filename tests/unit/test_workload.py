@@ -95,6 +95,10 @@ def test_late_and_duplicate_events_and_ground_truth() -> None:
     ids = Counter(e.event_id for e in events)
     assert len(events) == 80 and len(ids) == 70
     assert sum(1 for n in ids.values() if n == 2) == 10
+    # A duplicate is the very same event delivered again, not a near copy.
+    first = {}
+    for event in events:
+        assert first.setdefault(event.event_id, event) == event
     late = [e for e in events if e.event_time_ms < START_MS]
     assert {e.event_id for e in late} and all(e.event_time_ms < START_MS - 80_000_000 for e in late)
     truth = ground_truth(events)
