@@ -1,0 +1,43 @@
+"""P6: review query latency over N generated calls, by running the sink's own benchmark
+(`python -m agentledger.sinks.bench_review`) in a subprocess and reading its figures."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from typing import Any
+
+__all__ = ["command", "measure"]
+
+_FIGURES = {
+    "load_s": r"generated\+rolled up in ([\d.]+)s",
+    "rollup_stats_ms": r"via rollups: (\d+) ms",
+    "full_review_ms": r"full review .*?: (\d+) ms",
+    "spend_table_ms": r"spend per agent and model table: (\d+) ms",
+}
+
+
+def command(calls: int, runs: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "agentledger.sinks.bench_review",
+        "--calls",
+        str(calls),
+        "--runs",
+        str(runs),
+    ]
+
+
+def measure(calls: int = 10_000_000, runs: int = 3) -> dict[str, Any]:
+    done = subprocess.run(
+        command(calls, runs), capture_output=True, text=True, timeout=3600, check=True
+    )
+    result: dict[str, Any] = {"calls": calls, "runs": runs, "output": done.stdout.strip()}
+    for name, pattern in _FIGURES.items():
+        found = re.search(pattern, done.stdout)
+        if found is None:
+            raise RuntimeError(f"bench_review printed no {name}: {done.stdout!r}")
+        result[name] = float(found.group(1))
+    return result
