@@ -10,6 +10,7 @@ type. Neither SDK is imported here: the shim works without them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -36,6 +37,17 @@ _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "respon
 
 def _openai_response(call: CallRecorder, response: Any) -> None:
     openai_responses_usage(call, getattr(response, "usage", None))
+    served = getattr(response, "model", None)
+    if call.requested_model == UNNAMED_MODEL and isinstance(served, str):
+        # A name the event cannot carry leaves it "unknown" (recorded unpriced).
+        with contextlib.suppress(ValueError):
+            call.record(
+                input_tokens=call.input_tokens,
+                output_tokens=call.output_tokens,
+                cached_input_tokens=call.cached_input_tokens,
+                reasoning_tokens=call.reasoning_tokens,
+                used_model=served,
+            )
     if getattr(response, "status", None) == "failed":
         # The request succeeded but the model run did not: a billed failure.
         call.status = CallStatus.ERROR
@@ -188,9 +200,16 @@ _ANTHROPIC = _Spec(
 )
 
 
+# The requested model of a call that names none (a Responses call from a stored prompt); the
+# response says which model served it.
+UNNAMED_MODEL = "unknown"
+
+
 def _begin(spec: _Spec, agent: AgentLedger, kwargs: dict[str, Any]) -> CallRecorder:
     model = kwargs.get("model")
-    if not isinstance(model, str):
+    if model is None:
+        model = UNNAMED_MODEL
+    elif not isinstance(model, str):
         raise ValueError(f"model must be given as a string keyword argument, got {model!r}")
     limit = spec.max_tokens(kwargs)
     call = agent.call(
@@ -202,7 +221,8 @@ def _begin(spec: _Spec, agent: AgentLedger, kwargs: dict[str, Any]) -> CallRecor
 def _wrap_sync(spec: _Spec, agent: AgentLedger, original: Callable[..., Any]) -> Callable[..., Any]:
     def create(*args: Any, **kwargs: Any) -> Any:
         call = _begin(spec, agent, kwargs).__enter__()
-        kwargs["model"] = call.model
+        if isinstance(kwargs.get("model"), str):  # a ROUTE cannot name what was not asked
+            kwargs["model"] = call.model
         streaming = bool(kwargs.get("stream"))
         if streaming:
             spec.prepare_stream(kwargs)
@@ -227,7 +247,8 @@ def _wrap_async(
 ) -> Callable[..., Any]:
     async def create(*args: Any, **kwargs: Any) -> Any:
         call = await _begin(spec, agent, kwargs)._enter_async()
-        kwargs["model"] = call.model
+        if isinstance(kwargs.get("model"), str):  # a ROUTE cannot name what was not asked
+            kwargs["model"] = call.model
         streaming = bool(kwargs.get("stream"))
         if streaming:
             spec.prepare_stream(kwargs)

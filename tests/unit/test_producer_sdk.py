@@ -206,7 +206,7 @@ class FakeApi:
                     kind = "rate_limit_error" if api.fail_with == 429 else "api_error"
                     self._json(api.fail_with, {"error": {"type": kind, "message": "failed"}})
                     return
-                model = body["model"]
+                model = body.get("model", "gpt-4o-mini")  # a stored prompt names it
                 if self.path.endswith("/chat/completions"):
                     if body.get("stream"):
                         include = (body.get("stream_options") or {}).get("include_usage")
@@ -516,3 +516,14 @@ def test_anthropic_messages_stream_helper_refusal_and_failure(api: FakeApi, h: H
     ):
         pass
     assert len(api.requests) == 1  # the STOP refused before any request
+
+
+def test_openai_responses_without_a_model_records_the_serving_one(api: FakeApi, h: Harness) -> None:
+    # A Responses call from a stored prompt names no model; a ROUTE cannot apply, and the
+    # response says which model served it.
+    h.publish("pool:p", ControlAction.ROUTE, params={"from": "*", "to": "gpt-4o"})
+    oa(api, h).responses.create(prompt={"id": "pmpt_1"}, input="hi")
+    assert "model" not in api.requests[0]
+    (event,) = h.events()
+    assert (event.requested_model, event.used_model) == ("unknown", "gpt-4o-mini")
+    assert event.priced and event.input_tokens == 1200
