@@ -8,17 +8,18 @@ validation and a few integer additions.
 
 Partials are per calls partition (the record key ends in the partition), so exactly one worker
 writes each, and each carries the highest calls offset it counted: a replay after a restart or
-a rebalance skips what was already counted. Every worker follows the whole stats topic from
-the beginning, so it starts from what was published and picks up a partition's partials
-from its previous owner; among two values of one key the one with the higher offset wins.
+a rebalance skips what was already counted. Every worker reads the whole stats topic before
+its app starts (blocking, in ``build_app``, so the calls consumer never waits for it) and
+follows it afterwards, so it starts from what was published and picks up a partition's
+partials from its previous owner; of two values of one key the higher offset wins.
 A crash loses the calls counted since the last publish (at most one interval) when faust had
 already committed their offsets: stats undercount then, they never count a call twice.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,8 +32,10 @@ from agentledger.schemas.stats import latency_bucket
 
 __all__ = [
     "FLUSH_INTERVAL_S",
+    "InvalidStats",
     "StatsAggregator",
     "follow_stats",
+    "rebuild_stats",
     "register_stats",
 ]
 
@@ -192,22 +195,83 @@ class StatsAggregator:
         return None if partial is None else partial.to_stats(self.clock())
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[int]:
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import KafkaTimeoutError
+@dataclass(frozen=True)
+class InvalidStats:
+    """A stats-topic record that is not a TaskStats, for the dlq."""
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    await producer.start()
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+
+
+def rebuild_stats(
+    aggregator: StatsAggregator, settings: Settings, timeout_s: float = 60.0
+) -> tuple[dict[int, int], list[InvalidStats]]:
+    """Read the stats topic to its end into ``aggregator``, blocking (before the app starts,
+    so the calls consumer, shared with the spend agents, never waits for it). Returns the
+    offset to follow on from per partition, and the records that were not TaskStats."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    topic = settings.topics.stats
+    consumer = Consumer(
+        {
+            **settings.kafka_client_config(),
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"{settings.topic_prefix}stats-rebuild",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    invalid: list[InvalidStats] = []
     try:
-        numbers: set[int] = await producer.partitions_for(topic)
-    except KafkaTimeoutError:
-        raise RuntimeError(
-            f"stats topic {topic!r} not found on {bootstrap}; create the stack's topics "
-            "first (agentledger up, or deploy.ensure_topics)"
-        ) from None
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise RuntimeError(
+                f"stats topic {topic!r} is missing on {settings.kafka}; create the stack's "
+                "topics first (agentledger up, or deploy.ensure_topics)"
+            )
+        ends: dict[int, int] = {}
+        pending: set[int] = set()
+        for partition in meta.partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout_s
+            )
+            ends[partition] = high
+            if high > low:
+                pending.add(partition)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"could not read the stats topic {topic!r} to its end within {timeout_s}s"
+                )
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            err = msg.error()
+            partition = msg.partition()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(partition)
+                else:
+                    log.warning("stats rebuild: %s", err)
+                continue
+            value, offset = msg.value(), msg.offset()
+            if partition is None or offset is None:
+                continue
+            if value is not None:
+                reason = aggregator.load(value)
+                if reason is not None:
+                    invalid.append(InvalidStats(partition, offset, msg.key(), value, reason))
+            if offset + 1 >= ends[partition]:
+                pending.discard(partition)
     finally:
-        await producer.stop()
-    return sorted(numbers)
+        consumer.close()
+    log.info("stats rebuilt: %d partials", len(aggregator))
+    return ends, invalid
 
 
 async def follow_stats(
@@ -215,12 +279,13 @@ async def follow_stats(
     *,
     bootstrap: str,
     topic: str,
-    loaded: asyncio.Event,
-    on_invalid: Callable[[int, int, bytes | None, bytes | None, str], Awaitable[None]],
+    start: dict[int, int],
+    on_invalid: Callable[[InvalidStats], Awaitable[None]],
     poll_timeout_ms: int = 200,
 ) -> None:
-    """Read the stats topic into ``aggregator`` forever; set ``loaded`` once caught up with
-    the end offsets seen at start. Runs until cancelled."""
+    """Keep reading the stats topic into ``aggregator`` from ``start`` (offset per partition),
+    so partitions taken over from another worker continue from its latest partials. Runs
+    until cancelled."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
@@ -231,10 +296,10 @@ async def follow_stats(
     )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in await _partitions(bootstrap, topic)]
+        tps = [TopicPartition(topic, p) for p in sorted(start)]
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        targets: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, start[tp.partition])
         while True:
             batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
             for tp, records in batches.items():
@@ -244,13 +309,10 @@ async def follow_stats(
                     reason = aggregator.load(record.value)
                     if reason is not None:
                         await on_invalid(
-                            tp.partition, record.offset, record.key, record.value, reason
+                            InvalidStats(
+                                tp.partition, record.offset, record.key, record.value, reason
+                            )
                         )
-            if not loaded.is_set():
-                positions = {tp: await consumer.position(tp) for tp in tps}
-                if all(positions[tp] >= targets[tp] for tp in tps):
-                    log.info("stats rebuilt: %d partials", len(aggregator))
-                    loaded.set()
     finally:
         await consumer.stop()
 
@@ -276,15 +338,13 @@ def register_stats(
         client_config=settings.kafka_client_config(),
     )
     aggregator = StatsAggregator(clock)
-    loaded = asyncio.Event()
+    start, invalid = rebuild_stats(aggregator, settings)
     calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
     out = app.topic(topics.stats, key_serializer="raw", value_serializer="raw")
     app.stats_aggregator = aggregator
 
     @app.agent(calls, name=f"{settings.topic_prefix}routing-stats", concurrency=1)  # type: ignore[untyped-decorator]
     async def routing_stats(stream: Any) -> None:
-        # Counting before the rebuild would let a published partial overwrite fresh counts.
-        await loaded.wait()
         # Batches, like the spend agents: faust's per-event hand-over to an agent body costs
         # more than the counting itself.
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
@@ -292,25 +352,25 @@ def register_stats(
                 msg = event.message
                 aggregator.observe(msg.partition, msg.offset, event.value)
 
-    async def reject(
-        partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
-    ) -> None:
+    async def reject(bad: InvalidStats) -> None:
         await dead_letter(
             topic=topics.stats,
-            partition=partition,
-            offset=offset,
-            key=key,
-            payload=value,
-            reason=reason,
+            partition=bad.partition,
+            offset=bad.offset,
+            key=bad.key,
+            payload=bad.value,
+            reason=bad.reason,
         )
 
     @app.task  # type: ignore[untyped-decorator]
     async def load_stats() -> None:
+        for bad in invalid:
+            await reject(bad)
         await follow_stats(
             aggregator,
             bootstrap=settings.kafka,
             topic=topics.stats,
-            loaded=loaded,
+            start=start,
             on_invalid=reject,
         )
 

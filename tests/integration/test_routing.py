@@ -24,7 +24,13 @@ from agentledger.config import Settings
 from agentledger.producers import Ledger, Router, RoutingPolicy
 from agentledger.producers.router import DecisionStatus
 from agentledger.routing_demo import run_routing_demo
-from agentledger.schemas import BudgetPolicy, CallEvent, CallStatus, ControlAction
+from agentledger.schemas import (
+    BudgetPolicy,
+    CallEvent,
+    CallStatus,
+    ControlAction,
+    InvalidMessage,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +151,7 @@ def test_router_picks_by_mode_falls_back_under_a_real_stop_and_states_thin_evide
 def test_stats_survive_kill_9_without_counting_twice(
     stack_settings: Settings,
     workers: Callable[[], Worker],
+    readers: tuple[base.TopicReader, base.TopicReader],
     router: Router,
 ) -> None:
     settings = stack_settings
@@ -164,6 +171,8 @@ def test_stats_survive_kill_9_without_counting_twice(
 
     base.wait_for("30 calls in the stats", lambda: calls_of_a() == 30)
     worker.kill()
+    # Garbage on the stats topic: the next worker's rebuild dead-letters it and goes on.
+    base.send(producer, settings.topics.stats, b"junk", b'{"subject": "agent:a"}')
     # The next worker rebuilds from the stats topic; whatever it replays from the calls topic
     # is at or below the published offsets and is skipped.
     second = workers()
@@ -177,6 +186,16 @@ def test_stats_survive_kill_9_without_counting_twice(
     assert summary is not None
     assert (summary.calls, summary.successes) == (31, 30)
     assert summary.cost_nano_usd == 31 * 7_000_001
+    _, dlq = readers
+    [dead] = base.wait_for(
+        "the junk stats record in the dlq",
+        lambda: [
+            m
+            for _, value, _ in dlq.poll()
+            if (m := InvalidMessage.model_validate_json(value)).topic == settings.topics.stats
+        ],
+    )
+    assert dead.reason.startswith("not a valid TaskStats")
 
 
 def test_the_demo_shows_routing_decisions(
