@@ -27,6 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -196,6 +197,20 @@ class _Abandon(Exception):
     """Stop was requested mid-batch: leave it uncommitted, the next run replays it."""
 
 
+@dataclass
+class _Batch:
+    """One batch between its steps: decoded (prepare), then inserting (launch), then done."""
+
+    candidates: list[tuple[SinkStream, int, int, Decoded]]
+    dead: list[InvalidMessage]
+    commit_to: dict[TopicPartitionKey, int]
+    appended: list[int]
+    chunks: list[Chunk] = field(default_factory=list)
+    # The first insert attempt of every chunk, run off the main thread: the index of the first
+    # chunk that failed (len(chunks) if none did). Failures are retried on the main thread.
+    inserting: Future[int] | None = None
+
+
 class SinkWorker:
     def __init__(
         self,
@@ -247,6 +262,8 @@ class SinkWorker:
         self._present: dict[TopicPartitionKey, set[int]] = {}
         self._paused = False
         self._last_lag_ms: int | None = None
+        self._inserter: ThreadPoolExecutor | None = None
+        self._inflight: Future[int] | None = None
 
     # -- partition assignment -----------------------------------------------------------
 
@@ -266,6 +283,11 @@ class SinkWorker:
         log.info("assigned %s", self.stats.assigned)
 
     def _on_revoke(self, _consumer: object, partitions: list[Any]) -> None:
+        # An insert still running could land after the new owner read which offsets landed,
+        # and it would insert them again: so the partitions go only once it has finished.
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.exception()  # waits; a failure is retried (or dropped) by its batch
         for tp in partitions:
             self._assigned.discard((tp.topic, tp.partition))
             self._present.pop((tp.topic, tp.partition), None)
@@ -275,9 +297,31 @@ class SinkWorker:
     # -- main loop ----------------------------------------------------------------------
 
     def run(self) -> None:
+        """The service loop, pipelined: batch k+1 is fetched and decoded (Python, holds the
+        GIL) while batch k is being inserted (chDB/HTTP, releases it). Batch k is completed
+        (dlq, commit) before batch k+1's ids are looked up and inserted, so the replay
+        dedup and the commit order are those of `step`."""
         self.subscribe()
-        while not self.stop.is_set():
-            self.step()
+        pending: _Batch | None = None
+        try:
+            while not self.stop.is_set():
+                messages = self.collect()
+                prepared = self._prepare(messages) if messages else None
+                if pending is not None:
+                    self._complete(pending)
+                    pending = None
+                if prepared is None:
+                    self._update_lag()
+                    continue
+                pending = self._launch(prepared, background=True)
+            if pending is not None:
+                self._complete(pending)
+        except _Abandon:
+            log.info("stop requested: the current batch is left uncommitted for the next run")
+        finally:
+            if self._inserter is not None:
+                self._inserter.shutdown(wait=True)
+                self._inserter = None
 
     def step(self) -> bool:
         """Collect and process one batch; False when nothing arrived."""
@@ -328,6 +372,10 @@ class SinkWorker:
     # -- one batch ----------------------------------------------------------------------
 
     def process(self, messages: Sequence[MessageLike]) -> None:
+        """One batch, start to finish: decode, insert, dlq, commit."""
+        self._complete(self._launch(self._prepare(messages), background=False))
+
+    def _prepare(self, messages: Sequence[MessageLike]) -> _Batch:
         now = self.clock()
         by_partition: dict[TopicPartitionKey, list[MessageLike]] = defaultdict(list)
         for msg in messages:
@@ -369,19 +417,45 @@ class SinkWorker:
                 if kind != 0:  # 0: TIMESTAMP_NOT_AVAILABLE
                     appended.append(appended_ms)
 
-        chunks = self._chunks(self._drop_duplicate_ids(candidates))
-        for chunk in chunks:
+        return _Batch(candidates, dead, commit_to, appended)
+
+    def _launch(self, batch: _Batch, *, background: bool) -> _Batch:
+        """Drop ids already stored (so the previous batch must be complete), cut the chunks and
+        start inserting them, on the inserter thread when `background`."""
+        batch.chunks = self._chunks(self._drop_duplicate_ids(batch.candidates))
+        if background and batch.chunks:
+            if self._inserter is None:
+                self._inserter = ThreadPoolExecutor(1, thread_name_prefix="sink-insert")
+            batch.inserting = self._inserter.submit(self._first_attempts, batch.chunks)
+            self._inflight = batch.inserting
+        return batch
+
+    def _first_attempts(self, chunks: list[Chunk]) -> int:
+        for index, chunk in enumerate(chunks):
+            try:
+                self.store.insert(chunk.stream, chunk.rows, chunk.token)
+            except ClickHouseError as exc:
+                log.warning("insert of %d rows failed, retrying: %s", len(chunk.rows), exc)
+                return index
+        return len(chunks)
+
+    def _complete(self, batch: _Batch) -> None:
+        done = 0
+        if batch.inserting is not None:
+            done = batch.inserting.result()
+            self._inflight = None
+        for chunk in batch.chunks[done:]:
             self._insert(chunk)
         # Queryable from here on. Rows dropped as duplicates are counted too: their fact was.
-        self.stats.lag_ms.add(self.clock(), appended)
-        if dead:
-            self._send_dlq(dead)
-        self._commit(commit_to)
-        self.stats.rows_inserted += sum(len(c.rows) for c in chunks)
-        self.stats.invalid += len(dead)
+        self.stats.lag_ms.add(self.clock(), batch.appended)
+        if batch.dead:
+            self._send_dlq(batch.dead)
+        self._commit(batch.commit_to)
+        self.stats.rows_inserted += sum(len(c.rows) for c in batch.chunks)
+        self.stats.invalid += len(batch.dead)
         self.stats.batches += 1
-        for key in commit_to:
-            self._forget_present_below(key, commit_to[key])
+        for key in batch.commit_to:
+            self._forget_present_below(key, batch.commit_to[key])
         self._update_lag()
 
     def _drop_duplicate_ids(

@@ -556,3 +556,45 @@ def test_kafka_to_queryable_lag_is_measured_from_append_time_to_insert(rig: Rig)
     assert health["lag_p99_ms"] == ages[-1]
     # p50 is the upper edge of the 10 ms bucket holding the median age.
     assert health["lag_p50_ms"] == ages[1] // 10 * 10 + 9
+
+
+def run_until_committed(rig: Rig, end_offset: int) -> None:
+    """Run the pipelined service loop until partition 0 is committed up to `end_offset`."""
+    real_commit = rig.consumer.commit
+
+    def commit(message: Any = None, offsets: Any = None, asynchronous: bool = True) -> None:
+        real_commit(message, offsets, asynchronous)
+        if (rig.topic, 0, end_offset) in rig.consumer.commits[-1]:
+            rig.worker.stop.set()
+
+    rig.consumer.commit = commit  # type: ignore[method-assign]
+    runner = threading.Thread(target=rig.worker.run)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), rig.log
+
+
+def test_run_pipelines_but_inserts_a_batch_only_after_committing_the_previous(rig: Rig) -> None:
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, i, call(i)) for i in range(250)]
+    # Event 3 again at offset 250: found stored only if batch 1 landed before this lookup.
+    rig.consumer.queued.append(Msg(t, 0, 250, call(3)))
+    run_until_committed(rig, 251)
+    assert rig.log == [
+        f"insert {t}:0:0-99",
+        "commit",
+        f"insert {t}:0:100-199",
+        "commit",
+        f"insert {t}:0:200-249",
+        "commit",
+    ]
+    assert rig.worker.stats.duplicates_skipped == 1
+    assert rig.worker.stats.rows_inserted == 250
+
+
+def test_run_retries_a_failed_background_insert_before_committing(rig: Rig) -> None:
+    t = rig.topic
+    rig.store.failures_left = 2
+    rig.consumer.queued = [Msg(t, 0, 7, call(1))]
+    run_until_committed(rig, 8)
+    assert rig.log == ["insert failed", "insert failed", f"insert {t}:0:7-7", "commit"]
