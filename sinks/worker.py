@@ -17,6 +17,9 @@ After a crash the batch boundaries of the replay need not match the lost run's, 
 could not stop a duplicate. So the first time a partition is assigned, the worker reads which
 offsets at or after the committed position are already in the table and skips them; a chunk is
 one part, so it is either wholly present or wholly absent.
+
+`run` overlaps batches: while batch k's insert runs on a helper thread, batch k+1 is fetched
+and decoded; k is completed (its retries, dlq, commit) before k+1's ids are looked up.
 """
 
 from __future__ import annotations
