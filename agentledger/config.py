@@ -170,6 +170,21 @@ class Settings(BaseSettings):
                     config[key] = str(path)
         return config
 
+    def aiokafka_options(self) -> dict[str, object]:
+        """The same security settings as keyword arguments of aiokafka's clients (the
+        processor's own AIOKafkaProducer/Consumer besides faust)."""
+        options: dict[str, object] = {"security_protocol": self.kafka_security_protocol}
+        credentials = self.faust_credentials()
+        context = getattr(credentials, "ssl_context", None) or getattr(credentials, "context", None)
+        if context is not None:
+            options["ssl_context"] = context
+        if self.kafka_security_protocol.startswith("SASL"):
+            assert self.kafka_sasl_password is not None
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        return options
+
     def faust_credentials(self) -> object | None:
         """faust's ``broker_credentials`` for the same settings (None: plaintext). Imports
         faust lazily: this module must stay importable by the shim, which has no faust."""

@@ -205,3 +205,36 @@ def test_a_cluster_name_needs_a_clickhouse_server() -> None:
         Settings(clickhouse_cluster="agentledger")
     ok = Settings(clickhouse_cluster="agentledger", clickhouse=SecretStr("https://ch:8443"))
     assert ok.clickhouse_cluster == "agentledger"
+
+
+def test_aiokafka_clients_accept_the_sasl_ssl_options() -> None:
+    import asyncio
+    import ssl
+
+    from aiokafka import AIOKafkaConsumer
+
+    settings = Settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="svc",
+        kafka_sasl_password=SecretStr("s3cret"),
+    )
+    options = settings.aiokafka_options()
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
+    assert {k: v for k, v in options.items() if k != "ssl_context"} == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "svc",
+        "sasl_plain_password": "s3cret",
+    }
+
+    async def build() -> None:
+        # aiokafka checks the combination when the client is built, before any connection.
+        consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", **options)  # type: ignore[arg-type]
+        try:
+            assert consumer._client._security_protocol == "SASL_SSL"
+        finally:
+            await consumer.stop()
+
+    asyncio.run(build())
+    assert Settings().aiokafka_options() == {"security_protocol": "PLAINTEXT"}
