@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,41 @@ def test_kafka_statefulset_is_three_nodes() -> None:
     }
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].count("@") == 3
     assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+
+
+SASL_OVERRIDE = DEPLOY / "compose" / "docker-compose.sasl.yml"
+
+
+def merged_with_sasl() -> dict[str, Any]:
+    """The compose file with the SASL override applied (environment maps merge per key)."""
+    merged = compose()
+    override: dict[str, Any] = yaml.safe_load(SASL_OVERRIDE.read_text())
+    for name, service in override["services"].items():
+        merged["services"][name]["environment"].update(service["environment"])
+    return merged
+
+
+def test_sasl_override_is_valid_alone_and_merged() -> None:
+    assert compose_errors(yaml.safe_load(SASL_OVERRIDE.read_text())) == []
+    assert compose_errors(merged_with_sasl()) == []
+
+
+def test_sasl_override_gives_every_worker_settings_that_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agentledger.config import Settings
+
+    services = merged_with_sasl()["services"]
+    for name in ("topics", "processor", "processor-2", "sink", "dashboard"):
+        for key, value in services[name]["environment"].items():
+            # compose would substitute ${VAR:?...} from the environment
+            monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", "secret-from-env", str(value)))
+        settings = Settings()
+        assert settings.kafka_client_config()["security.protocol"] == "sasl_plaintext"
+        assert settings.kafka_client_config()["sasl.username"] == "agentledger"
+        assert settings.kafka.count(",") == 2
+    brokers = [services[f"kafka-{i}"]["environment"] for i in (1, 2, 3)]
+    assert {b["KAFKA_INTER_BROKER_LISTENER_NAME"] for b in brokers} == {"SASL_PLAINTEXT"}
+    assert [b["KAFKA_ADVERTISED_LISTENERS"] for b in brokers] == [
+        f"SASL_PLAINTEXT://kafka-{i}:9092" for i in (1, 2, 3)
+    ]
