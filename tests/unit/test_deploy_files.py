@@ -21,6 +21,7 @@ DEPLOY = Path(__file__).parents[2] / "deploy"
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
 MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 K8S_VERSION = "1.32.0"
+IMAGE = "agentledger:dev"
 
 
 def compose_schema() -> dict[str, Any]:
@@ -169,3 +170,24 @@ def test_sasl_override_gives_every_worker_settings_that_load(
     assert [b["KAFKA_ADVERTISED_LISTENERS"] for b in brokers] == [
         f"SASL_PLAINTEXT://kafka-{i}:9092" for i in (1, 2, 3)
     ]
+
+
+def test_dockerfile_parses_and_runs_as_a_non_root_user() -> None:
+    # The `dockerfile` package wraps Docker's own (Go) parser.
+    import dockerfile
+
+    commands = dockerfile.parse_file(str(DEPLOY / "Dockerfile"))
+    by_cmd = {c.cmd: c for c in commands}
+    assert commands[0].cmd == "FROM"
+    assert by_cmd["USER"].value == ("10001",)
+    assert "'.[all]'" in by_cmd["RUN"].value[0]
+    assert by_cmd["CMD"].json and by_cmd["CMD"].value[-1] == "agentledger.stream_processors"
+    # Every service the compose file and the manifests run is a module of this one image.
+    modules = {s["command"][-1] for s in compose()["services"].values() if "command" in s}
+    for _, document in manifests():
+        pod = document.get("spec", {}).get("template", {}).get("spec", {})
+        modules |= {c["command"][-1] for c in pod.get("containers", []) if c["image"] == IMAGE}
+    import importlib.util
+
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, module
