@@ -145,11 +145,13 @@ class Stack:
 
     @property
     def manages_kafka(self) -> bool:
-        """Only a loopback bootstrap is ours to run; anything else is the user's cluster."""
+        """Only a loopback bootstrap naming the first node (or every node) of the cluster `up`
+        runs is ours; anything else is the user's cluster."""
         if self._manage_kafka is not None:
             return self._manage_kafka
         servers = self.settings.kafka.split(",")
-        return all(s.strip().rsplit(":", 1)[0] in LOOPBACK_HOSTS for s in servers)
+        loopback = all(s.strip().rsplit(":", 1)[0] in LOOPBACK_HOSTS for s in servers)
+        return loopback and len(servers) in (1, self.settings.kafka_brokers)
 
     @property
     def cluster(self) -> KafkaCluster:

@@ -238,3 +238,16 @@ def test_aiokafka_clients_accept_the_sasl_ssl_options() -> None:
 
     asyncio.run(build())
     assert Settings().aiokafka_options() == {"security_protocol": "PLAINTEXT"}
+
+
+def test_only_a_bootstrap_matching_our_cluster_is_ours_to_run(tmp_path: Path) -> None:
+    def manages(**values: object) -> bool:
+        settings = Settings(home=tmp_path, **values)  # type: ignore[arg-type]
+        return Stack(settings, progress=lambda _m: None).manages_kafka
+
+    assert manages(kafka="127.0.0.1:9092")
+    assert manages(kafka="127.0.0.1:9092", kafka_brokers=3)
+    assert manages(kafka="127.0.0.1:9092,127.0.0.1:9094,127.0.0.1:9096", kafka_brokers=3)
+    # Two loopback brokers the user runs, or any remote host: not ours.
+    assert not manages(kafka="127.0.0.1:9092,127.0.0.1:9094")
+    assert not manages(kafka="kafka-1:9092", kafka_brokers=3)
