@@ -7,11 +7,13 @@ refuses (``check_budget()`` raises BudgetExceeded, i.e. the signed STOP has been
 control topic and applied) is one sample. Probes run one after another while a background
 load of trace events (other agents) flows through the same processor at a fixed rate.
 
-P3, runaway overshoot: 16 threads, each its own agent in one pool, call in a loop (20 ms per
+P3, runaway overshoot: 16 threads, each its own agent in one pool, call in a loop (200 ms per
 call, max_tokens honoured) until refused. Overshoot = settled pool spend - limit, as % of the
 limit. Once with a plain budget (STOP at 100% only: nothing to reserve against before the STOP)
-and once with a threshold at 50% (throttle:16, which never binds 16 callers but carries the
-processor's spend report, so the shim's local reservation applies from then on).
+and once with a threshold at 10% (throttle:16, which never binds 16 callers but carries the
+processor's spend report, so the shim's local reservation applies from then on). The callers
+make ~80 calls/s together: the STOP-only overshoot is about that rate times the enforcement
+latency (P2).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ CALLERS = 16
 MINI = {"provider": "openai", "model": "gpt-4o-mini"}
 CALL_NANO = 600_000  # 1,000 output tokens of gpt-4o-mini
 P3_LIMIT_NANO = 100 * CALL_NANO  # $0.06
-LLM_LATENCY_S = 0.02
+REPORT_AT_PERCENT = 10
+# 16 callers x 200 ms: ~80 calls/s, a fast runaway the processor keeps up with. At 20 ms (800
+# calls/s) the runaway outruns the processor itself (P1: a few hundred events/s on this
+# machine), so every command comes later the longer it runs and no ceiling holds.
+LLM_LATENCY_S = 0.2
 
 
 def _settings(bootstrap: str, home: Path, ports: tuple[int, int]) -> Settings:
@@ -197,8 +203,8 @@ def _settled(settings: Settings, scope: str, expected: int, timeout_s: float = 1
 
 def _p3(settings: Settings, ledger: Ledger) -> dict[str, Any]:
     limit = Decimal(P3_LIMIT_NANO) / 10**9
-    half = [
-        Threshold(at_percent=Decimal(50), action=f"throttle:{CALLERS}"),
+    staged = [
+        Threshold(at_percent=Decimal(REPORT_AT_PERCENT), action=f"throttle:{CALLERS}"),
         Threshold(at_percent=Decimal(100), action="stop"),
     ]
     apply_policies(
@@ -206,12 +212,18 @@ def _p3(settings: Settings, ledger: Ledger) -> dict[str, Any]:
         PolicyFile(
             budgets=[
                 BudgetPolicy(scope="pool:p3-stoponly", limit_usd=limit),
-                BudgetPolicy(scope="pool:p3-reserved", limit_usd=limit, thresholds=tuple(half)),
+                BudgetPolicy(scope="pool:p3-reserved", limit_usd=limit, thresholds=tuple(staged)),
             ]
         ),
     )
     time.sleep(2)
-    result: dict[str, Any] = {"callers": CALLERS, "limit_usd": str(limit), "call_usd": "0.0006"}
+    result: dict[str, Any] = {
+        "callers": CALLERS,
+        "limit_usd": str(limit),
+        "call_usd": "0.0006",
+        "call_latency_ms": int(LLM_LATENCY_S * 1000),
+        "report_at_percent": REPORT_AT_PERCENT,
+    }
     for pool in ("p3-stoponly", "p3-reserved"):
         agents = [ledger.agent(f"{pool}-{i}", pool=pool) for i in range(CALLERS)]
         started = time.monotonic()
