@@ -50,8 +50,8 @@ test-integration: install kafka ## integration tests only
 faults: install kafka ## fault injection: kill -9, broker and ClickHouse outages, rebalance (minutes)
 	$(BIN)/pytest tests/faults -m faults -v -s
 
-test-cluster: install kafka ## 3-broker Kafka cluster: a broker killed under load (about 3 minutes)
-	AGENTLEDGER_TEST_CLUSTER=1 $(BIN)/pytest tests/integration/test_cluster.py -v
+test-cluster: install kafka ## 3-broker cluster: a broker killed under load, and `up --brokers 3 --processors 2` (minutes)
+	AGENTLEDGER_TEST_CLUSTER=1 $(BIN)/pytest tests/integration/test_cluster.py tests/integration/test_cluster_up.py -v
 
 bench: install kafka ## run the benchmarks; writes bench/results.json and prints a table
 	$(BIN)/python bench/run.py
