@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(
         os.environ.get("AGENTLEDGER_TEST_CLUSTER") != "1",
-        reason="`agentledger up --brokers 3 --processors 2` (minutes): run with `make test-cluster`",
+        reason="up --brokers 3 --processors 2 takes minutes: run with `make test-cluster`",
     ),
 ]
 
