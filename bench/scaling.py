@@ -1,4 +1,4 @@
-"""P6: processor throughput with 1, 2, ... workers in one consumer group (the scaling curve).
+"""P7: processor throughput with 1, 2, ... workers in one consumer group (the scaling curve).
 
 For each worker count the same number of trace events goes through fresh topics (6 calls
 partitions): the workers are started as the real processes (`python -m
@@ -108,7 +108,7 @@ def measure(
 
 
 def figure(bootstrap: str, home: Path, port: int) -> dict[str, Any]:
-    """The P6 entry for bench/results.json."""
+    """The P7 entry for bench/results.json."""
     count = int(os.environ.get("AGENTLEDGER_BENCH_SCALING_EVENTS", "10000"))
     workers = tuple(
         int(n) for n in os.environ.get("AGENTLEDGER_BENCH_SCALING_WORKERS", "1,2").split(",")
@@ -117,7 +117,7 @@ def figure(bootstrap: str, home: Path, port: int) -> dict[str, Any]:
     result = measure(bootstrap, home, port, count, workers)
     curve = result["curve"]
     return {
-        "id": "P6",
+        "id": "P7",
         "name": "processor events/s by workers in one group (scaling curve)",
         "value": " / ".join(f"{r['workers']}w {r.get('events_per_s', '-')}" for r in curve),
         "unit": "events/s",
