@@ -47,7 +47,8 @@ class _Sink:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
-        """Start and wait until /health answers; returns that instant (wall clock, s)."""
+        """Start and wait until the sink has its partitions; returns that instant (wall
+        clock, s)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
         env.update(
             {
@@ -73,10 +74,13 @@ class _Sink:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sink exited at start: {self.log_path.read_text()[-2000:]}")
-            if self.health() is not None:
+            health = self.health()
+            # Ready = partitions assigned: the group join (the broker delays the first
+            # rebalance by 3 s) is start-up, not lag or throughput.
+            if health is not None and health.get("assigned"):
                 return time.time()
             time.sleep(0.05)
-        raise RuntimeError("sink not healthy after 120 s")
+        raise RuntimeError("sink not assigned its partitions after 120 s")
 
     def health(self) -> dict[str, Any] | None:
         url = f"http://127.0.0.1:{self.settings.sink_port}/health"
