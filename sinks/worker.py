@@ -210,8 +210,9 @@ class _Batch:
     appended: list[int]
     chunks: list[Chunk] = field(default_factory=list)
     # The first insert attempt of every chunk, run off the main thread: the index of the first
-    # chunk that failed (len(chunks) if none did). Failures are retried on the main thread.
-    inserting: Future[int] | None = None
+    # chunk that failed (len(chunks) if none did) and the clock when the inserts returned (the
+    # rows are queryable from then on). Failures are retried on the main thread.
+    inserting: Future[tuple[int, int]] | None = None
 
 
 class SinkWorker:
@@ -266,7 +267,7 @@ class SinkWorker:
         self._paused = False
         self._last_lag_ms: int | None = None
         self._inserter: ThreadPoolExecutor | None = None
-        self._inflight: Future[int] | None = None
+        self._inflight: Future[tuple[int, int]] | None = None
 
     # -- partition assignment -----------------------------------------------------------
 
@@ -433,24 +434,26 @@ class SinkWorker:
             self._inflight = batch.inserting
         return batch
 
-    def _first_attempts(self, chunks: list[Chunk]) -> int:
+    def _first_attempts(self, chunks: list[Chunk]) -> tuple[int, int]:
         for index, chunk in enumerate(chunks):
             try:
                 self.store.insert(chunk.stream, chunk.rows, chunk.token)
             except ClickHouseError as exc:
                 log.warning("insert of %d rows failed, retrying: %s", len(chunk.rows), exc)
-                return index
-        return len(chunks)
+                return index, self.clock()
+        return len(chunks), self.clock()
 
     def _complete(self, batch: _Batch) -> None:
-        done = 0
+        done, acknowledged = 0, 0
         if batch.inserting is not None:
-            done = batch.inserting.result()
+            done, acknowledged = batch.inserting.result()
             self._inflight = None
         for chunk in batch.chunks[done:]:
             self._insert(chunk)
-        # Queryable from here on. Rows dropped as duplicates are counted too: their fact was.
-        self.stats.lag_ms.add(self.clock(), batch.appended)
+        if done < len(batch.chunks) or not acknowledged:
+            acknowledged = self.clock()
+        # Queryable from then on. Rows dropped as duplicates are counted too: their fact was.
+        self.stats.lag_ms.add(acknowledged, batch.appended)
         if batch.dead:
             self._send_dlq(batch.dead)
         self._commit(batch.commit_to)
