@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         broker.start()
         try:
             for n in range(args.rounds):
-                for with_stats in (True, False):
+                # Alternate which variant runs first: the machine's load drifts.
+                for with_stats in (True, False) if n % 2 == 0 else (False, True):
                     key = "with_stats" if with_stats else "without_stats"
                     home = Path(tmp) / f"{key}-{n}"
                     rate = processor_rate(broker.bootstrap, home, payloads, with_stats)
