@@ -49,7 +49,11 @@ class _Sink:
     def start(self) -> float:
         """Start and wait until the sink has its partitions; returns that instant (wall
         clock, s)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
+        # The sink's own tuning knobs pass through (to measure e.g. a shorter batch time).
+        knobs = ("AGENTLEDGER_SINK_BATCH_MS", "AGENTLEDGER_SINK_BATCH_ROWS")
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_") or k in knobs
+        }
         env.update(
             {
                 "AGENTLEDGER_KAFKA": self.settings.kafka,
