@@ -42,6 +42,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0
+# As the spend path's default (app.FUTURE_TOLERANCE_MS, not imported: that module loads faust).
+FUTURE_TOLERANCE_MS = 5 * 60 * 1000
 BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
 Clock = Callable[[], int]
@@ -132,8 +134,9 @@ def _subjects(event: CallEvent) -> tuple[str, str]:
 class StatsAggregator:
     """The partials of this worker, and of others as last published. No faust, no I/O."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, future_tolerance_ms: int = FUTURE_TOLERANCE_MS) -> None:
         self.clock = clock
+        self.future_tolerance_ms = future_tolerance_ms
         self._partials: dict[str, _Partial] = {}
         self._dirty: set[str] = set()
         self.metrics = {"counted": 0, "replayed": 0, "unreadable": 0, "loaded": 0}
@@ -150,6 +153,10 @@ class StatsAggregator:
         try:
             event = CallEvent.model_validate_json(value)
         except ValidationError:
+            self.metrics["unreadable"] += 1
+            return False
+        if event.event_time_ms > self.clock() + self.future_tolerance_ms:
+            # The spend path dead-letters it; counted here it would fake freshness.
             self.metrics["unreadable"] += 1
             return False
         return self.count(event, partition, offset)

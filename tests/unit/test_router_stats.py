@@ -126,11 +126,15 @@ def test_replayed_offsets_are_not_counted_twice_and_dirty_keys_publish_once() ->
     assert stats is not None and stats.calls == 5
 
 
-def test_unreadable_calls_are_skipped_not_counted() -> None:
+def test_unreadable_and_future_calls_are_skipped_not_counted() -> None:
     agg = StatsAggregator(clock=lambda: T0)
     assert not agg.observe(0, 0, None)
     assert not agg.observe(0, 1, b"{not json")
-    assert agg.metrics["unreadable"] == 2 and len(agg) == 0
+    # More than 5 minutes ahead of the clock, as the spend path dead-letters it.
+    future = call(0).model_copy(update={"event_time_ms": T0 + 300_001})
+    assert not agg.observe(0, 2, future.model_dump_json().encode())
+    assert agg.metrics["unreadable"] == 3 and len(agg) == 0
+    assert agg.observe(0, 3, call(300_000).model_dump_json().encode())
 
 
 def test_rebuild_takes_the_published_partial_and_continues_after_its_offset() -> None:

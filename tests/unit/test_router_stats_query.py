@@ -49,7 +49,7 @@ def loaded(db: ClickHouse) -> tuple[ClickHouse, list[CallEvent]]:
 
 
 def expected(events: list[CallEvent], by: str) -> dict[tuple[str, str | None], StatsSummary]:
-    agg = StatsAggregator(clock=lambda: T0)
+    agg = StatsAggregator(clock=lambda: T0 + 10**7)
     for offset, event in enumerate(events):
         agg.observe(offset % 4, offset, event.model_dump_json().encode())
     groups: dict[tuple[str, str | None], list[TaskStats]] = {}
