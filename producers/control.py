@@ -151,6 +151,8 @@ class KafkaControlListener:
     # How often a quiet listener asks the broker for metadata, to know it is still reachable.
     HEARTBEAT_S = 2.0
     RETRY_S = 1.0
+    # Retriable metadata errors this soon after start are a topic still settling, not a fault.
+    SETTLE_S = 10.0
     # Short, so close() never waits long on a listener stuck asking a dead broker.
     METADATA_TIMEOUT_S = 1.0
 
@@ -266,7 +268,14 @@ class KafkaControlListener:
                     self.last_ok = time.monotonic()
                     return targets
             except KafkaException as exc:
-                self._note_error(f"cannot read control topic metadata: {exc}")
+                error = exc.args[0] if exc.args else None
+                settling = time.monotonic() - self.started_at < self.SETTLE_S
+                if settling and isinstance(error, KafkaError) and error.retriable():
+                    # A topic created moments ago answers NOT_LEADER until its leader is
+                    # known everywhere; only an error that outlasts that is worth counting.
+                    log.debug("agentledger: control listener: retrying: %s", exc)
+                else:
+                    self._note_error(f"cannot read control topic metadata: {exc}")
             self._stop.wait(self.RETRY_S)
         return None
 
