@@ -78,6 +78,8 @@ BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
 # Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
 MAX_COSTS_PER_RECORD = 2000
+# An input partition still unread this long after a rebalance is sought explicitly (unstick).
+STALL_AFTER_S = 10.0
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -156,6 +158,10 @@ class Processor:
         self._swept_version: int | None = None
         self._swept_actives: frozenset[tuple[str, int]] = frozenset()
         self._full_sweep_at = 0.0
+        # Partition stall watchdog, see unstick.
+        self._assigned_since: float | None = None
+        self._assigned_set: frozenset[Any] = frozenset()
+        self._unstuck: set[Any] = set()
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
@@ -414,6 +420,44 @@ class Processor:
 
     # -- the timer --------------------------------------------------------------------------
 
+    async def unstick(self) -> None:
+        """Seek assigned input partitions that were never read since the last rebalance.
+
+        faust 0.15.3 with aiokafka sometimes never fetches a partition a worker takes over from
+        a dead one (faust-streaming/faust#629; seen here in the two-worker kill test): it stays
+        assigned and active with no read offset. An explicit seek to its committed offset (or
+        its beginning, when nothing was committed) makes the fetcher pick it up; what is read
+        again is recognised by the applied offsets in the state, so a needless seek is harmless.
+        """
+        if self.app.rebalancing or self.app.in_recovery:
+            self._assigned_since = None
+            return
+        consumer = self.app.consumer
+        inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
+        assigned = frozenset(tp for tp in consumer.assignment() if tp.topic in inputs)
+        now = time.monotonic()
+        if self._assigned_since is None or assigned != self._assigned_set:
+            self._assigned_since, self._assigned_set, self._unstuck = now, assigned, set()
+            return
+        if now - self._assigned_since < STALL_AFTER_S:
+            return
+        read = getattr(consumer, "_read_offset", {})  # faust keeps it private; read only
+        stuck = [tp for tp in assigned if read.get(tp) is None and tp not in self._unstuck]
+        if not stuck:
+            return
+        committed = getattr(consumer, "_committed_offset", {})
+        earliest = await consumer.earliest_offsets(*stuck)
+        for tp in stuck:
+            offset = committed.get(tp) or earliest.get(tp) or 0
+            log.warning(
+                "partition %s:%s never read since assignment; seeking to %s",
+                tp.topic,
+                tp.partition,
+                offset,
+            )
+            await consumer.seek(tp, offset)
+            self._unstuck.add(tp)
+
     async def sweep(self) -> None:
         """Re-decide local agents: period rollovers (RESUME), policy changes, and agents whose
         events arrived before the policies were loaded.
@@ -492,6 +536,31 @@ class Processor:
             return None
         state = self._load(table, key) if table.get(key) is not None else None
         return spend_report(state, self.book.policies, scope, self.clock())
+
+
+def partition_report(app: faust.App) -> dict[str, list[str]]:
+    """Which partitions this worker is assigned, and which its consumer has set aside: a
+    partition that is assigned but never fetched (the faust stall in the README) shows here."""
+    consumer = app.consumer
+
+    def names(tps: Any) -> list[str]:
+        return sorted(f"{tp.topic}:{tp.partition}" for tp in (tps or ()))
+
+    # faust keeps paused and back-pressured partitions in private sets; read, never written.
+    return {
+        "assigned": names(consumer.assignment()),
+        "paused": names(getattr(consumer, "_paused_partitions", None)),
+        "buffered": names(getattr(consumer, "_buffered_partitions", None)),
+        "active": names(getattr(consumer, "_active_partitions", None)),
+        "read_offsets": sorted(
+            f"{tp.topic}:{tp.partition}@{offset}"
+            for tp, offset in (getattr(consumer, "_read_offset", None) or {}).items()
+        ),
+        "committed_offsets": sorted(
+            f"{tp.topic}:{tp.partition}@{offset}"
+            for tp, offset in (getattr(consumer, "_committed_offset", None) or {}).items()
+        ),
+    }
 
 
 def build_app(
@@ -580,6 +649,7 @@ def build_app(
 
     @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
+        await proc.unstick()
         await proc.sweep()
 
     @app.page("/health")
@@ -589,6 +659,8 @@ def build_app(
                 "status": "ok",
                 "policies": len(proc.book),
                 "policies_loaded": proc.book.ready.is_set(),
+                "rebalancing": bool(app.rebalancing),
+                "partitions": partition_report(app),
             }
         )
 

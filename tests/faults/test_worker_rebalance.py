@@ -31,7 +31,8 @@ pytestmark = pytest.mark.timeout(900)
 # event the batch buffer holds. 3 of 4 runs failed so; opt-in, like the integration test.
 @pytest.mark.skipif(
     os.environ.get("AGENTLEDGER_TEST_REBALANCE") != "1",
-    reason="faust rebalance stall (failed 3 of 4 runs); set AGENTLEDGER_TEST_REBALANCE=1",
+    reason="under the trace workload a pool/task-type total can stay short after the rebalance "
+    "(the scopes hop; open, see README); set AGENTLEDGER_TEST_REBALANCE=1",
 )
 def test_second_worker_killed_mid_stream(fault_stack: FaultStack, tmp_path: Path) -> None:
     settings = fault_stack.settings

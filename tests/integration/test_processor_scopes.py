@@ -3,7 +3,6 @@ exact through duplicates, a kill -9 and a full replay of both hops."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -202,14 +201,9 @@ def test_pool_workflow_and_task_type_are_exact_through_duplicates_kill_9_and_rep
     assert len(dlq.poll()) == 2
 
 
-# Known faust-streaming 0.15.3 problem, seen here: after a kill -9 and the rebalance that
-# follows, the survivor sometimes never fetches some of the partitions it now owns (like
-# faust-streaming/faust#629), so their totals stay behind (never above) the truth. It passes
-# alone and fails under the full suite's load, so it runs only when asked.
-@pytest.mark.skipif(
-    os.environ.get("AGENTLEDGER_TEST_REBALANCE") != "1",
-    reason="flaky under load (faust rebalance fetch stall); set AGENTLEDGER_TEST_REBALANCE=1",
-)
+# faust-streaming 0.15.3 sometimes never fetches a partition the survivor takes over after a
+# kill -9 (like faust-streaming/faust#629); the processor's stall watchdog (Processor.unstick)
+# seeks such partitions, and this test is what showed both the stall and the fix.
 def test_two_workers_share_partitions_and_stay_exact_when_one_is_killed(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
@@ -275,7 +269,10 @@ def test_two_workers_share_partitions_and_stay_exact_when_one_is_killed(
         deadline = time.monotonic() + 90
         while (left := wrong()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not left, f"survivor (log {survivor.log_path}) differs from the truth: {left}"
+        assert not left, (
+            f"survivor (log {survivor.log_path}) differs from the truth: {left}; "
+            f"its /health: {survivor.get('/health')[1]}"
+        )
     finally:
         for worker in started:
             worker.kill()
