@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource
 from genai_prices import Usage, calc_price
 
@@ -140,6 +141,22 @@ class Load:
         assert self.error is None, f"the load thread failed: {self.error!r}"
 
 
+def _topic_config(admin: AdminClient, name: str, timeout_s: float = 20.0) -> Any:
+    """The topic's config. A broker other than the one that created the topic may not know it
+    for a moment (its metadata cache lags), and answers UNKNOWN_TOPIC_OR_PART meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (future,) = admin.describe_configs([ConfigResource("topic", name)]).values()
+        try:
+            return future.result(timeout=10)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_topics_are_replicated_three_times_with_min_isr_two(cluster: KafkaCluster) -> None:
     settings = Settings(kafka=cluster.bootstrap, topic_prefix="rf.")
     ensure_topics(cluster.bootstrap, topic_specs(settings.topics))
@@ -147,9 +164,7 @@ def test_topics_are_replicated_three_times_with_min_isr_two(cluster: KafkaCluste
     topics = admin.list_topics(timeout=10).topics
     for name in (settings.topics.calls, settings.topics.control):
         assert {len(p.replicas) for p in topics[name].partitions.values()} == {3}
-        config = admin.describe_configs([ConfigResource("topic", name)])
-        (future,) = config.values()
-        assert future.result(timeout=10)["min.insync.replicas"].value == "2"
+        assert _topic_config(admin, name)["min.insync.replicas"].value == "2"
 
 
 def test_a_broker_killed_under_load_loses_nothing_and_enforcement_holds(
