@@ -226,6 +226,16 @@ class Processor:
         if self.webhook is not None:
             self.webhook.offer(alert)
 
+    async def dead_letter_record(self, record: Record, reason: str) -> None:
+        await self.dead_letter(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            payload=record.value,
+            reason=reason,
+        )
+
     async def reject_policy(self, bad: InvalidPolicy) -> None:
         await self.dead_letter(
             topic=self.settings.topics.policies,
@@ -325,14 +335,7 @@ class Processor:
         for record in batch:
             event = self._parse_call(record.value, now)
             if isinstance(event, str):
-                await self.dead_letter(
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                    key=record.key,
-                    payload=record.value,
-                    reason=event,
-                )
+                await self.dead_letter_record(record, event)
                 continue
             by_agent.setdefault(event.agent_id, []).append((event, record.partition, record.offset))
         forwards: dict[str, list[ScopeCost]] = {}
@@ -382,14 +385,7 @@ class Processor:
             try:
                 costs = decode_scope_costs(record.value)
             except ValueError as exc:
-                await self.dead_letter(
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                    key=record.key,
-                    payload=record.value,
-                    reason=str(exc),
-                )
+                await self.dead_letter_record(record, str(exc))
                 continue
             for cost in costs:
                 by_scope.setdefault(cost.scope, []).append((cost, record.partition))
