@@ -80,6 +80,8 @@ BATCH_WITHIN_S = 0.05
 MAX_COSTS_PER_RECORD = 2000
 # An input partition still unread this long after a rebalance is sought explicitly (unstick).
 STALL_AFTER_S = 10.0
+# How often the consumer refreshes topic metadata (see build_app).
+METADATA_MAX_AGE_MS = 15_000
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -443,16 +445,34 @@ class Processor:
             return
         committed = getattr(consumer, "_committed_offset", {})
         earliest = await consumer.earliest_offsets(*stuck)
-        for tp in stuck:
-            offset = committed.get(tp) or earliest.get(tp) or 0
+        targets = {tp: committed.get(tp) or earliest.get(tp) or 0 for tp in stuck}
+        for tp, offset in targets.items():
             log.warning(
                 "partition %s:%s never read since assignment; seeking to %s",
                 tp.topic,
                 tp.partition,
                 offset,
             )
-            await consumer.seek(tp, offset)
-            self._unstuck.add(tp)
+        if await self.seek_inputs(targets):
+            self._unstuck.update(targets)
+
+    async def seek_inputs(self, offsets: dict[Any, int]) -> bool:
+        """Seek input partitions from the consumer's own thread; False when the broker did not
+        confirm the new positions in time (the next tick tries again).
+
+        faust's ``Consumer.seek`` calls aiokafka's ``seek`` from the app's thread while the
+        consumer runs in a thread of its own. A seek landing while that thread drained fetched
+        records made aiokafka's fetcher raise ``KeyError`` in ``fetched_records``, which
+        crashed faust's Fetcher and the worker (seen after a broker restart, when the watchdog
+        sought the partitions the outage had kept unread). ``seek_wait`` runs the seek in the
+        consumer's thread, as faust's own recovery does.
+        """
+        try:
+            await self.app.consumer.seek_wait(offsets)
+        except TimeoutError:
+            log.warning("seek of %d partitions not confirmed in time; retrying", len(offsets))
+            return False
+        return True
 
     async def sweep(self) -> None:
         """Re-decide local agents: period rollovers (RESUME), policy changes, and agents whose
@@ -583,6 +603,11 @@ def build_app(
         # shim must see a STOP within 2 s of the crossing event, and this adds 5 ms.
         producer_linger=0.005,
         broker_commit_interval=1.0,
+        # A group joined while a restarted broker still lists no partitions for the input
+        # topics assigns this worker nothing; only a metadata refresh that sees them again
+        # triggers the rejoin. faust's default (5 min) left a worker started just before a
+        # broker restart idle for that long; a refresh is one small request.
+        consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
         # Static membership: a worker restarted after a crash takes its partitions back at
         # once instead of waiting for the dead member's session to expire. Host and port
         # identify a worker (two on one host cannot share the web port).

@@ -145,7 +145,19 @@ async def follow_policies(
             batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
             for tp, records in batches.items():
                 for record in records:
+                    before = book.version
                     reason = book.apply(record.key, record.value)
+                    if book.version != before and book.ready.is_set():
+                        # Says when a change took effect: a decision made before it used the
+                        # old policies.
+                        log.info(
+                            "policy %s %s at %s@%s: %d in force",
+                            (record.key or b"").decode(errors="replace"),
+                            "set" if record.value else "removed",
+                            tp,
+                            record.offset,
+                            len(book),
+                        )
                     if reason is not None:
                         log.warning("rejected policies record at %s@%s", tp, record.offset)
                         await on_invalid(

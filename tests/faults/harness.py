@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
@@ -35,6 +35,7 @@ __all__ = [
     "Load",
     "ScopeTruth",
     "SinkTruth",
+    "control_records",
     "fleet_events",
     "processor_day_buckets",
     "scope_truth",
@@ -180,6 +181,44 @@ def _get_json(url: str, token: str) -> tuple[int, dict[str, Any]] | None:
         return None  # not listening (yet): a restarting service
 
 
+def control_records(settings: Settings, scope: str, timeout_s: float = 10.0) -> list[str]:
+    """What a fresh reader finds on the control topic for ``scope`` (action, offset, issued
+    at): tells a command never published from one a listener did not receive."""
+    topic = settings.topics.control
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"fault-diagnostics-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    found: list[str] = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        left = set(partitions)
+        deadline = time.monotonic() + timeout_s
+        while left and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                left.discard(msg.partition())
+                continue
+            if msg.key() == scope.encode() and msg.value():
+                command = json.loads(msg.value() or b"{}")
+                found.append(
+                    f"{command.get('action')}@{msg.partition()}:{msg.offset()} "
+                    f"issued {command.get('issued_at_ms')}"
+                )
+        if left:
+            found.append(f"(partitions {sorted(left)} not read to their end)")
+    finally:
+        consumer.close()
+    return found
+
+
 def processor_day_buckets(settings: Settings, port: int, scope: str) -> dict[int, int] | None:
     """The day buckets of ``scope`` on the processor at ``port``; None when it is down or does
     not hold the scope's partition (no applied offsets)."""
@@ -212,9 +251,39 @@ class FaultStack:
         self.stack.down()
         self.query.close()
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int = 4000) -> str:
         path: Path = self.stack.log_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
+        return path.read_text(errors="replace")[-tail:] if path.exists() else "(no log)"
+
+    def processor_lines(self, *needles: str, limit: int = 60) -> str:
+        """The processor log's lines that contain any of ``needles`` (the last ``limit``): its
+        full log is mostly the fetcher's connection errors of an outage."""
+        path: Path = self.stack.log_dir / "processor.log"
+        if not path.exists():
+            return "(no log)"
+        lines = path.read_text(errors="replace").splitlines()
+        found = [line for line in lines if any(n in line for n in needles)]
+        return "\n".join(found[-limit:])
+
+    def health(self) -> dict[str, Any] | None:
+        """The processor's /health (partitions assigned, paused, read and committed offsets)."""
+        answer = _get_json(
+            f"http://127.0.0.1:{self.settings.processor_port}/health",
+            self.settings.api_token_value(),
+        )
+        return None if answer is None else answer[1]
+
+    def scope_report(self, scope: str) -> dict[str, Any] | None:
+        """The processor's /state of ``scope`` without its buckets, or None when it is down."""
+        answer = _get_json(
+            f"http://127.0.0.1:{self.settings.processor_port}/state/{scope}",
+            self.settings.api_token_value(),
+        )
+        if answer is None:
+            return None
+        report = dict(answer[1])
+        report.pop("buckets", None)
+        return report
 
     def processor_diff(self, truth: ScopeTruth) -> dict[str, tuple[object, dict[int, int]]]:
         """Scopes whose live day buckets differ from the truth (empty when exact)."""

@@ -14,7 +14,14 @@ from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
 from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.schemas import BudgetPolicy, CallEvent, PolicyFile
 from tests.conftest import SettingsFactory
-from tests.faults.harness import FaultStack, Load, fleet_events, wait_exact, wait_until
+from tests.faults.harness import (
+    FaultStack,
+    Load,
+    control_records,
+    fleet_events,
+    wait_exact,
+    wait_until,
+)
 from tests.integration.test_processor_worker import avoid_midnight
 
 pytestmark = pytest.mark.timeout(900)
@@ -50,6 +57,38 @@ def test_broker_restart_under_load(
 
 
 RUNAWAY = "ctl-runaway"
+
+
+def stop_diagnostics(stack: FaultStack, ledger: Ledger) -> str:
+    """Where a STOP that never reached the agent got lost: the processor's view of the scope
+    (spend, last command), what the shim's listener and transport saw, and the processor's
+    decisions and errors."""
+    listener = ledger._listener
+    heard = (
+        None
+        if listener is None
+        else {
+            "running": listener.running,
+            "errors": listener.errors,
+            "last_error": listener.last_error,
+            "unreachable_for_s": round(listener.unreachable_for_s(), 1),
+        }
+    )
+    return "\n".join(
+        [
+            f"processor /state: {stack.scope_report(f'agent:{RUNAWAY}')}",
+            f"processor /health: {stack.health()}",
+            f"shim listener: {heard}; control metrics: {ledger.control.metrics}",
+            f"control topic for the scope: {control_records(stack.settings, f'agent:{RUNAWAY}')}",
+            f"shim transport: {ledger.transport.stats}",
+            "processor log (decisions, warnings, errors):",
+            stack.processor_lines(
+                "published", "alert for", "polic", "WARNING", "Rebalanc", "assigned", "crash"
+            ),
+        ]
+    )
+
+
 CALLS_TO_LIMIT = 40
 
 
@@ -98,7 +137,10 @@ def test_control_topic_unavailable_agent_fails_open_then_obeys(
                 return True
             return False
 
-        wait_until("the STOP to reach the agent after the outage", refused, 180)
+        try:
+            wait_until("the STOP to reach the agent after the outage", refused, 180)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{stop_diagnostics(stack, ledger)}") from None
         stop_s = time.monotonic() - back
         with pytest.raises(BudgetExceeded):
             call()
