@@ -120,6 +120,11 @@ class Load:
                 "linger.ms": 5,
                 "message.timeout.ms": message_timeout_ms,
                 "reconnect.backoff.max.ms": 500,
+                # Once in ~20 broker restarts this producer went silent after the broker's
+                # "no leader" answers of its controlled shutdown, never reconnected, and every
+                # message timed out after 5 min; a periodic metadata refresh (default 5 min)
+                # learns the leaders again.
+                "topic.metadata.refresh.interval.ms": 10_000,
             }
         )
         self._thread = threading.Thread(target=self._run, name="fault-load", daemon=True)
