@@ -243,7 +243,19 @@ class FaultStack:
         self.query = QueryClient.from_settings(settings)
 
     def up(self) -> None:
+        """Start the services and wait until the processor holds its input partitions and
+        has read the policies: /health answers before the worker has joined its group, and a
+        fault injected during faust's startup tests the start, not the running pipeline (a
+        broker stopped then crashed the worker creating its changelog topics)."""
         self.stack.up(timeout_s=180)
+        wait_until("the processor to hold its partitions", self.processor_ready, 180)
+
+    def processor_ready(self) -> bool:
+        health = self.health()
+        if health is None or not health.get("policies_loaded"):
+            return False
+        calls = f"{self.settings.topics.calls}:"
+        return any(tp.startswith(calls) for tp in health["partitions"]["assigned"])
 
     def kill(self, name: str) -> None:
         """kill -9 of the processor or the sink."""
