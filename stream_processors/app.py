@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
+from faust.exceptions import ConsumerNotStarted
 from faust.web import Request, Response, View
 from pydantic import ValidationError
 
@@ -51,6 +53,7 @@ from .scopes import (
     forwarded_costs,
     scopes_topic_name,
 )
+from .stall import PartitionView, Remedy, StallWatch
 from .stats import register_stats
 from .webhook import WebhookDelivery
 
@@ -78,8 +81,10 @@ BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
 # Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
 MAX_COSTS_PER_RECORD = 2000
-# An input partition still unread this long after a rebalance is sought explicitly (unstick).
+# An input partition whose records wait this long without one being delivered gets the
+# stall watch's remedies (see stall.py); its offsets are checked this often.
 STALL_AFTER_S = 10.0
+STALL_CHECK_EVERY_S = 2.0
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -158,10 +163,9 @@ class Processor:
         self._swept_version: int | None = None
         self._swept_actives: frozenset[tuple[str, int]] = frozenset()
         self._full_sweep_at = 0.0
-        # Partition stall watchdog, see unstick.
-        self._assigned_since: float | None = None
-        self._assigned_set: frozenset[Any] = frozenset()
-        self._unstuck: set[Any] = set()
+        # Partition stall watch, see unstick.
+        self.stalls: StallWatch[Any] = StallWatch(STALL_AFTER_S)
+        self._next_stall_check = 0.0
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
@@ -417,42 +421,71 @@ class Processor:
     # -- the timer --------------------------------------------------------------------------
 
     async def unstick(self) -> None:
-        """Seek assigned input partitions that were never read since the last rebalance.
-
-        faust 0.15.3 with aiokafka sometimes never fetches a partition a worker takes over from
-        a dead one (faust-streaming/faust#629; seen here in the two-worker kill test): it stays
-        assigned and active with no read offset. An explicit seek to its committed offset (or
-        its beginning, when nothing was committed) makes the fetcher pick it up; what is read
-        again is recognised by the applied offsets in the state, so a needless seek is harmless.
-        """
+        """Feed each input partition's progress to the stall watch (stall.py) and apply the
+        remedies it returns: a seek to the committed offset, a group rejoin, and finally an
+        unhealthy /health. Runs on the 1 s timer; offsets are asked of the broker every
+        STALL_CHECK_EVERY_S."""
         if self.app.rebalancing or self.app.in_recovery:
-            self._assigned_since = None
+            self.stalls.reset()
             return
+        now = time.monotonic()
+        if now < self._next_stall_check:
+            return
+        self._next_stall_check = now + STALL_CHECK_EVERY_S
         consumer = self.app.consumer
         inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
-        assigned = frozenset(tp for tp in consumer.assignment() if tp.topic in inputs)
-        now = time.monotonic()
-        if self._assigned_since is None or assigned != self._assigned_set:
-            self._assigned_since, self._assigned_set, self._unstuck = now, assigned, set()
+        # faust keeps paused (recovering) and back-pressured partitions in private sets; a
+        # partition waiting there is not stalled. Read only.
+        waiting = set(getattr(consumer, "_paused_partitions", ())) | set(
+            getattr(consumer, "_buffered_partitions", ())
+        )
+        tps = [tp for tp in consumer.assignment() if tp.topic in inputs and tp not in waiting]
+        if not tps:
+            self.stalls.reset()
             return
-        if now - self._assigned_since < STALL_AFTER_S:
+        read = getattr(consumer, "_read_offset", {})
+        committed = dict(getattr(consumer, "_committed_offset", {}))
+        try:
+            ends = await consumer.highwaters(*tps)
+            unknown = [tp for tp in tps if committed.get(tp) is None]
+            if unknown:
+                committed.update(await consumer.earliest_offsets(*unknown))
+        except (TimeoutError, KafkaError, ConsumerNotStarted) as exc:
+            # The broker is away; the next check asks again.
+            log.info("stall check skipped: offsets unavailable (%s)", exc)
             return
-        read = getattr(consumer, "_read_offset", {})  # faust keeps it private; read only
-        stuck = [tp for tp in assigned if read.get(tp) is None and tp not in self._unstuck]
-        if not stuck:
-            return
-        committed = getattr(consumer, "_committed_offset", {})
-        earliest = await consumer.earliest_offsets(*stuck)
-        for tp in stuck:
-            offset = committed.get(tp) or earliest.get(tp) or 0
-            log.warning(
-                "partition %s:%s never read since assignment; seeking to %s",
-                tp.topic,
-                tp.partition,
-                offset,
-            )
-            await consumer.seek(tp, offset)
-            self._unstuck.add(tp)
+        views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
+        for tp, remedy in self.stalls.observe(views, now).items():
+            view = views[tp]
+            if remedy is Remedy.SEEK and view.committed is not None:
+                log.warning(
+                    "partition %s:%s stalled (delivered %s, end %s); seeking to %s",
+                    tp.topic,
+                    tp.partition,
+                    view.delivered,
+                    view.end,
+                    view.committed,
+                )
+                # faust's own seek would also move its read offset, and a read offset below
+                # what was delivered is what makes the watch see progress; move only the fetch
+                # position. Records read again are recognised by the applied offsets.
+                await consumer._seek(tp, view.committed)  # type: ignore[attr-defined]
+            elif remedy is Remedy.REJOIN:
+                log.warning(
+                    "partition %s:%s still stalled after seeking; asking the group to rebalance",
+                    tp.topic,
+                    tp.partition,
+                )
+                await request_rejoin(self.app)
+            elif remedy is Remedy.UNHEALTHY:
+                log.error(
+                    "partition %s:%s stalled for good (delivered %s, end %s): /health reports "
+                    "503 so the supervisor restarts this worker",
+                    tp.topic,
+                    tp.partition,
+                    view.delivered,
+                    view.end,
+                )
 
     async def sweep(self) -> None:
         """Re-decide local agents: period rollovers (RESUME), policy changes, and agents whose
@@ -532,6 +565,19 @@ class Processor:
             return None
         state = self._load(table, key) if table.get(key) is not None else None
         return spend_report(state, self.book.policies, scope, self.clock())
+
+
+async def request_rejoin(app: faust.App) -> None:
+    """Make the consumer rejoin its group, which rebuilds every fetch position.
+
+    faust has no public call for it; aiokafka's coordinator lives on faust's consumer thread,
+    so the request runs there."""
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+
+    async def rejoin() -> None:
+        thread._ensure_consumer()._coordinator.request_rejoin()
+
+    await thread.call_thread(rejoin)
 
 
 def partition_report(app: faust.App) -> dict[str, list[str]]:
@@ -650,14 +696,23 @@ def build_app(
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:
+        try:
+            partitions = partition_report(app)
+        except ConsumerNotStarted:
+            # The web server starts before the consumer thread; a probe in that gap gets a
+            # retryable answer instead of a 500.
+            return web.json({"status": "starting", "policies_loaded": False}, status=503)
+        stalled = sorted(f"{tp.topic}:{tp.partition}" for tp in proc.stalls.unhealthy)
         return web.json(
             {
-                "status": "ok",
+                "status": "stalled" if stalled else "ok",
+                "stalled_partitions": stalled,
                 "policies": len(proc.book),
                 "policies_loaded": proc.book.ready.is_set(),
                 "rebalancing": bool(app.rebalancing),
-                "partitions": partition_report(app),
-            }
+                "partitions": partitions,
+            },
+            status=503 if stalled else 200,
         )
 
     # Agent ids may contain "/", so the scope takes the rest of the path.
