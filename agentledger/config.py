@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     calls_partitions: int = Field(default=6, ge=1, le=1024, description="partitions of calls")
     processors: int = Field(default=1, ge=1, le=64, description="processor workers `up` runs")
     sinks: int = Field(default=1, ge=1, le=64, description="sink workers `up` runs")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="log level of the processor and sink workers"
+    )
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str | None = None

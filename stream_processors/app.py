@@ -44,6 +44,7 @@ from agentledger.schemas import (
 
 from .budgets import Delivery, SpendState, apply_cost, apply_event, evaluate, spend_report
 from .dlq_rate import DlqRate
+from .flow import LedgerApp
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .scopes import (
     ScopeCost,
@@ -85,6 +86,9 @@ MAX_COSTS_PER_RECORD = 2000
 # stall watch's remedies (see stall.py); its offsets are checked this often.
 STALL_AFTER_S = 10.0
 STALL_CHECK_EVERY_S = 2.0
+# Longer than a rebalance plus a recovery of the tables take here (seconds under load); past
+# it /health answers 503.
+REBALANCE_STUCK_S = 180.0
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -165,7 +169,8 @@ class Processor:
         self._full_sweep_at = 0.0
         # Partition stall watch, see unstick.
         self.stalls: StallWatch[Any] = StallWatch(STALL_AFTER_S)
-        self._next_stall_check = 0.0
+        self._earliest: dict[Any, int] = {}  # per assignment; see unstick
+        self._rebalancing_since: float | None = None
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
@@ -343,12 +348,15 @@ class Processor:
                 continue
             by_agent.setdefault(event.agent_id, []).append((event, record.partition, record.offset))
         forwards: dict[str, list[ScopeCost]] = {}
+        debug = log.isEnabledFor(logging.DEBUG)
         async with self._lock:
             for agent_id, items in by_agent.items():
                 state = self._load(self.spend, agent_id)
                 counted = state
                 for event, partition, offset in items:
                     delivery = counted.delivery(event.event_id.hex, partition, offset)
+                    if debug:
+                        log.debug("calls %s@%s agent %s: %s", partition, offset, agent_id, delivery)
                     if delivery is Delivery.DUPLICATE:
                         log.info(
                             "event %s delivered again at %s; not counted", event.event_id, offset
@@ -420,18 +428,25 @@ class Processor:
 
     # -- the timer --------------------------------------------------------------------------
 
+    def stuck_rebalancing(self) -> bool:
+        """A rebalance (or the recovery after it) has lasted longer than any healthy one: faust
+        can wait forever there for an event that never gets acked."""
+        since = self._rebalancing_since
+        return since is not None and time.monotonic() - since > REBALANCE_STUCK_S
+
     async def unstick(self) -> None:
         """Feed each input partition's progress to the stall watch (stall.py) and apply the
         remedies it returns: a seek to the committed offset, a group rejoin, and finally an
-        unhealthy /health. Runs on the 1 s timer; offsets are asked of the broker every
-        STALL_CHECK_EVERY_S."""
+        unhealthy /health. Runs on its own timer, every STALL_CHECK_EVERY_S: the end offsets
+        come from the broker through faust's consumer thread, which can take a second."""
+        now = time.monotonic()
         if self.app.rebalancing or self.app.in_recovery:
             self.stalls.reset()
+            self._earliest.clear()
+            if self._rebalancing_since is None:
+                self._rebalancing_since = now
             return
-        now = time.monotonic()
-        if now < self._next_stall_check:
-            return
-        self._next_stall_check = now + STALL_CHECK_EVERY_S
+        self._rebalancing_since = None
         consumer = self.app.consumer
         inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
         # faust keeps paused (recovering) and back-pressured partitions in private sets; a
@@ -447,13 +462,16 @@ class Processor:
         committed = dict(getattr(consumer, "_committed_offset", {}))
         try:
             ends = await consumer.highwaters(*tps)
-            unknown = [tp for tp in tps if committed.get(tp) is None]
+            unknown = [tp for tp in tps if committed.get(tp) is None and tp not in self._earliest]
             if unknown:
-                committed.update(await consumer.earliest_offsets(*unknown))
+                self._earliest.update(await consumer.earliest_offsets(*unknown))
         except (TimeoutError, KafkaError, ConsumerNotStarted) as exc:
             # The broker is away; the next check asks again.
             log.info("stall check skipped: offsets unavailable (%s)", exc)
             return
+        for tp in tps:
+            if committed.get(tp) is None:
+                committed[tp] = self._earliest.get(tp)
         views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
         for tp, remedy in self.stalls.observe(views, now).items():
             view = views[tp]
@@ -617,7 +635,8 @@ def build_app(
     second hop) if it is missing."""
     partitions = calls_partitions or calls_partition_count(settings)
     ensure_scopes_topic(settings, partitions, tables=(SPEND_TABLE, SCOPE_SPEND_TABLE))
-    app = faust.App(
+    # LedgerApp: faust's App, except that resuming flow keeps queued events (see flow.py).
+    app = LedgerApp(
         f"{settings.topic_prefix}processor",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
         broker_credentials=settings.faust_credentials(),
@@ -691,8 +710,11 @@ def build_app(
 
     @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
-        await proc.unstick()
         await proc.sweep()
+
+    @app.timer(interval=STALL_CHECK_EVERY_S)  # type: ignore[untyped-decorator]
+    async def watch_stalls() -> None:
+        await proc.unstick()
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:
@@ -703,16 +725,18 @@ def build_app(
             # retryable answer instead of a 500.
             return web.json({"status": "starting", "policies_loaded": False}, status=503)
         stalled = sorted(f"{tp.topic}:{tp.partition}" for tp in proc.stalls.unhealthy)
+        stuck = proc.stuck_rebalancing()
+        status = "stalled" if stalled else "stuck rebalancing" if stuck else "ok"
         return web.json(
             {
-                "status": "stalled" if stalled else "ok",
+                "status": status,
                 "stalled_partitions": stalled,
                 "policies": len(proc.book),
                 "policies_loaded": proc.book.ready.is_set(),
                 "rebalancing": bool(app.rebalancing),
                 "partitions": partitions,
             },
-            status=503 if stalled else 200,
+            status=200 if status == "ok" else 503,
         )
 
     # Agent ids may contain "/", so the scope takes the rest of the path.
