@@ -147,9 +147,8 @@ class Processor:
         self.clock = clock
         self.future_tolerance_ms = future_tolerance_ms
         self.book = PolicyBook()
-        self.dlq_rate = DlqRate()
-        hook = settings.alert_webhook_url
-        self.webhook = WebhookDelivery(hook.get_secret_value()) if hook is not None else None
+        self.dlq_rate = DlqRate.from_settings(settings)
+        self.webhook = WebhookDelivery.from_settings(settings)
         self._key = settings.control_key_bytes()
         # The timer and the agent both read-modify-write state and publish; one at a time.
         self._lock = asyncio.Lock()
@@ -641,6 +640,7 @@ def build_app(
             bootstrap=settings.kafka,
             topic=settings.topics.policies,
             on_invalid=proc.reject_policy,
+            client_options=settings.aiokafka_options(),
         )
 
     @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]
