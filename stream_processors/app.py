@@ -258,6 +258,10 @@ class Processor:
             await self.raise_alert(alert)
         if decision.alerted != state.alerted:
             state = replace(state, alerted=decision.alerted)
+        for command in decision.subtree_commands:
+            await self.publish(sign_command(command, self._key))
+        if decision.subtrees != state.subtrees:
+            state = replace(state, subtrees=decision.subtrees)
         if decision.command is None:
             return state
         signed = sign_command(decision.command, self._key)

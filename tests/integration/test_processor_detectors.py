@@ -18,6 +18,7 @@ import pytest
 import tests.integration.test_processor_thresholds as thresholds
 import tests.integration.test_processor_worker as base
 from agentledger.config import Settings
+from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.schemas import (
     Alert,
     AlertKind,
@@ -164,12 +165,12 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     assert [a.kind for a in alerts_for(alerts_reader, "pool:gpu")] == [AlertKind.CAPACITY]
     assert worker.state("pool:gpu")["peak_in_flight"] == 3
 
-    # Spawn explosion: a third child of one parent stops the workflow.
+    # Spawn explosion: a third child of one parent stops the subtree that parent spawned.
     send("root", call("root", 1, workflow_id="fanout"))
     for child in ("k1", "k2"):
         send(child, call(child, 1, workflow_id="fanout", parent_agent_id="root", spawn_depth=1))
     send("k3", call("k3", 1, workflow_id="fanout", parent_agent_id="root", spawn_depth=1))
-    stop = base.wait_for("the spawn STOP", lambda: actions(control, "workflow:fanout", key))[0]
+    stop = base.wait_for("the spawn STOP", lambda: actions(control, "subtree:fanout|root", key))[0]
     assert stop.action is ControlAction.STOP and stop.until_ms is None
     assert "3 children of one parent" in stop.reason
     spawn_alert = base.wait_for(
@@ -203,6 +204,73 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     day = worker.state("agent:forecaster")["periods"][0]
     assert day["exhausts_before_end"] and day["exhausts_at_ms"] < day["end_ms"]
     assert day["burn_nano_usd_per_hour"] > 0
+
+
+def test_a_spawn_explosion_stops_its_subtree_while_a_sibling_subtree_works(
+    stack_settings: Settings,
+    workers: Callable[[], Worker],
+    readers: tuple[TopicReader, TopicReader],
+    alerts_reader: TopicReader,
+) -> None:
+    settings = stack_settings
+    control, _ = readers
+    key = settings.control_key_bytes()
+    producer = base.make_producer(settings)
+    limits = {"scope": "workflow:tree", "spawn": {"max_children": 2, "action": "stop"}}
+    base.publish_policy(producer, settings, BudgetPolicy.model_validate(limits))
+    worker = workers()
+    worker.wait_ready()
+    ledger = Ledger(settings)  # the real shim: Kafka transport and control listener
+    try:
+        assert ledger.wait_for_control(30.0)
+        root = ledger.agent("root", workflow="tree")
+        exploding, sibling = root.spawn("lead-1"), root.spawn("lead-2")
+        workers_1 = [exploding.spawn(f"w1-{n}") for n in range(3)]  # one over max_children
+        workers_2 = [sibling.spawn("w2-0")]  # w2-new below makes 2: at the limit, not over
+        for agent in (root, exploding, sibling, *workers_1, *workers_2):
+            with agent.call(provider="openai", model="gpt-4o-mini") as made:
+                made.record(input_tokens=100, output_tokens=10)
+        assert ledger.transport.flush(10) == 0
+
+        (stop,) = base.wait_for(
+            "the subtree STOP", lambda: actions(control, "subtree:tree|lead-1", key)
+        )
+        assert stop.action is ControlAction.STOP and stop.until_ms is None
+        assert "3 children of one parent (limit 2; agent lead-1)" in stop.reason
+
+        def refused(agent: Any) -> bool:
+            try:
+                agent.check_budget()
+            except BudgetExceeded as exc:
+                return exc.scope == "subtree:tree|lead-1"
+            return False
+
+        base.wait_for("the shim to obey the subtree STOP", lambda: refused(workers_1[0]))
+        # Every agent under lead-1, one spawned after the STOP too, is refused ...
+        for agent in (*workers_1, workers_1[1].spawn("w1-1a"), exploding.spawn("w1-late")):
+            with pytest.raises(BudgetExceeded), agent.call(provider="openai", model="gpt-4o"):
+                pass
+        # ... while lead-1 itself, its sibling's subtree and the root keep working.
+        going = (root, exploding, sibling, *workers_2, sibling.spawn("w2-new"))
+        for agent in going:
+            with agent.call(provider="openai", model="gpt-4o-mini") as made:
+                made.record(input_tokens=100, output_tokens=10)
+        assert ledger.transport.flush(10) == 0
+        assert actions(control, "workflow:tree", key) == []  # the workflow is not stopped
+        (alert,) = base.wait_for(
+            "the spawn alert", lambda: alerts_for(alerts_reader, "workflow:tree")
+        )
+        assert alert.kind is AlertKind.SPAWN_EXPLOSION
+        assert alert.details["subtree"] == "subtree:tree|lead-1"
+        # w2-new's call is counted (the sibling subtree still works); the refused made none.
+        state = base.wait_for(
+            "w2-new in the workflow's tree",
+            lambda: (found := worker.state("workflow:tree"))["agents_seen"] == 8 and found,
+        )
+        assert state["stopped_subtrees"] == ["subtree:tree|lead-1"]
+        assert len(actions(control, "subtree:tree|lead-1", key)) == 1  # published once
+    finally:
+        ledger.close()
 
 
 class FlakyHook(BaseHTTPRequestHandler):
