@@ -17,6 +17,7 @@ import pytest
 
 import tests.integration.test_processor_thresholds as thresholds
 import tests.integration.test_processor_worker as base
+from agentledger.cli import main as cli
 from agentledger.config import Settings
 from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.schemas import (
@@ -73,11 +74,31 @@ def actions(reader: TopicReader, scope: str, key: bytes) -> list[ControlCommand]
     return found
 
 
+def cli_spend(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *args: str,
+) -> list[str]:
+    """``agentledger spend ARGS`` as an operator runs it against the live worker."""
+    for name, value in {
+        "AGENTLEDGER_HOME": str(settings.home),
+        "AGENTLEDGER_API_TOKEN": settings.api_token_value(),
+        "AGENTLEDGER_PROCESSOR_PORT": str(settings.processor_port),
+    }.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert cli(["spend", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
 def test_zoned_rolling_and_run_periods_and_the_detectors(
     stack_settings: Settings,
     workers: Callable[[], Worker],
     readers: tuple[TopicReader, TopicReader],
     alerts_reader: TopicReader,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = stack_settings
     control, _ = readers
@@ -133,12 +154,21 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     assert stop.action is ControlAction.STOP
     assert stop.period_start_ms == int(midnight.timestamp()) * 1000
     assert stop.until_ms == stop.period_start_ms + DAY_MS  # Kiritimati keeps no DST
+    out = cli_spend(settings, monkeypatch, capsys, "agent:zoned", "--period", "day")
+    assert out[3].startswith(f"day ({zone})")
+    assert out[3].split()[-4:] == ["0.010000000", "0.01", "100.00", "agent:zoned"]
 
     # Rolling 1m window: spend from 50 s ago stops the agent until it slides out, then RESUME.
     send("roller", call("roller", 10_000_000, at_ms=base.now_ms() - 50_000))
     stop = base.wait_for("the rolling STOP", lambda: actions(control, "agent:roller", key))[0]
     assert stop.action is ControlAction.STOP and stop.period_start_ms is None
     assert stop.until_ms is not None and stop.until_ms - base.now_ms() < 12_000
+    # `agentledger spend --period` shows the window as the live state holds it (its spend
+    # may already be sliding out, so only the window and the policy are checked here).
+    out = cli_spend(settings, monkeypatch, capsys, "agent:roller", "--period", "60s")
+    assert len(out) == 5 and out[3].split()[0] == "rolling:1m"
+    window = out[3].split()
+    assert (window[-3], window[-1]) == ("0.01", "agent:roller")
     base.wait_for(
         "the rolling RESUME", lambda: len(actions(control, "agent:roller", key)) >= 2 or None
     )
@@ -150,6 +180,9 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     send("w-b", call("w-b", 4_000_000, workflow_id="run-1"))
     stop = base.wait_for("the run STOP", lambda: actions(control, "workflow:run-1", key))[0]
     assert stop.action is ControlAction.STOP and "per-run budget" in stop.reason
+    out = cli_spend(settings, monkeypatch, capsys, "workflow:run-1", "--period", "run")
+    assert out[3].split()[0] == "run"
+    assert out[3].split()[-4:] == ["0.010000000", "0.01", "100.00", "workflow:run-1"]
     base.wait_for(
         "the run RESUME", lambda: len(actions(control, "workflow:run-1", key)) >= 2 or None
     )
