@@ -599,3 +599,26 @@ def test_new_periods_equal_a_recomputation_through_replays(
         elif t >= first - 10 * MIN:
             first, last, total = min(first, t), max(last, t), total + cost
     assert state.runs[10 * MIN] == (first, last, total)
+
+
+def test_lowering_a_rolling_or_zoned_policy_keeps_the_spend_tracked_since_its_first_publish() -> (
+    None
+):
+    # The README's workaround for trackers that count from a policy's arrival.
+    generous = [
+        policy(scope="agent:a", period="rolling", window="24h", limit_usd=100),
+        policy(scope="agent:a", period="day", timezone="Asia/Tokyo", limit_usd=100),
+    ]
+    lowered = [
+        policy(scope="agent:a", period="rolling", window="24h", limit_usd="0.01"),
+        policy(scope="agent:a", period="day", timezone="Asia/Tokyo", limit_usd="0.01"),
+    ]
+    assert plan_for(generous) == plan_for(lowered)
+    feed = Feed(*generous)
+    t0 = ms("2026-03-04T12:00:00")
+    feed.spend(USD // 100, t0)
+    assert feed.settle(t0 + MIN).command is None
+    feed.policies = book(*lowered)
+    stop = feed.settle(t0 + MIN).command
+    assert stop is not None and stop.action is ControlAction.STOP
+    assert "$0.01 of $0.01" in stop.reason
