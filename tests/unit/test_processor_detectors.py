@@ -601,9 +601,7 @@ def test_new_periods_equal_a_recomputation_through_replays(
     assert state.runs[10 * MIN] == (first, last, total)
 
 
-def test_lowering_a_rolling_or_zoned_policy_keeps_the_spend_tracked_since_its_first_publish() -> (
-    None
-):
+def test_a_lowered_rolling_or_zoned_policy_sees_spend_since_its_first_publish() -> None:
     # The README's workaround for trackers that count from a policy's arrival.
     generous = [
         policy(scope="agent:a", period="rolling", window="24h", limit_usd=100),
