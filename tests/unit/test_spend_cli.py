@@ -77,7 +77,8 @@ def test_rolling_windows_are_chosen_by_duration_whatever_the_spelling() -> None:
     assert row.split()[0] == "rolling:24h"
     assert row.split()[-4:] == ["0.002000000", "0.01", "20.00", "agent:a"]
     (hour,) = spend_lines(live, period_arg("1h"))[3:-1]
-    assert hour.split()[-4:] == ["0.001000000", "0.01", "10.00", "agent:*"]  # the older spend slid out
+    # The spend of two hours ago has slid out of the hour.
+    assert hour.split()[-4:] == ["0.001000000", "0.01", "10.00", "agent:*"]
     both = [line.split()[0] for line in spend_lines(live, period_arg("rolling"))[3:-1]]
     assert both == ["rolling:1h", "rolling:24h"]
     (day,) = spend_lines(live, period_arg("day"))[3:-1]
