@@ -156,9 +156,8 @@ class Processor:
         self.clock = clock
         self.future_tolerance_ms = future_tolerance_ms
         self.book = PolicyBook()
-        self.dlq_rate = DlqRate()
-        hook = settings.alert_webhook_url
-        self.webhook = WebhookDelivery(hook.get_secret_value()) if hook is not None else None
+        self.dlq_rate = DlqRate.from_settings(settings)
+        self.webhook = WebhookDelivery.from_settings(settings)
         self._key = settings.control_key_bytes()
         # The timer and the agent both read-modify-write state and publish; one at a time.
         self._lock = asyncio.Lock()
@@ -268,6 +267,10 @@ class Processor:
             await self.raise_alert(alert)
         if decision.alerted != state.alerted:
             state = replace(state, alerted=decision.alerted)
+        for command in decision.subtree_commands:
+            await self.publish(sign_command(command, self._key))
+        if decision.subtrees != state.subtrees:
+            state = replace(state, subtrees=decision.subtrees)
         if decision.command is None:
             return state
         signed = sign_command(decision.command, self._key)
@@ -706,6 +709,7 @@ def build_app(
             bootstrap=settings.kafka,
             topic=settings.topics.policies,
             on_invalid=proc.reject_policy,
+            client_options=settings.aiokafka_options(),
         )
 
     @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]

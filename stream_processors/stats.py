@@ -30,6 +30,8 @@ from agentledger.config import Settings
 from agentledger.schemas import CallEvent, CallStatus, TaskStats
 from agentledger.schemas.stats import latency_bucket
 
+from .kafka_clients import ClientOptions, follower_consumer
+
 __all__ = [
     "FLUSH_INTERVAL_S",
     "InvalidStats",
@@ -289,18 +291,14 @@ async def follow_stats(
     start: dict[int, int],
     on_invalid: Callable[[InvalidStats], Awaitable[None]],
     poll_timeout_ms: int = 200,
+    client_options: ClientOptions | None = None,
 ) -> None:
     """Keep reading the stats topic into ``aggregator`` from ``start`` (offset per partition),
     so partitions taken over from another worker continue from its latest partials. Runs
-    until cancelled."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    until cancelled. ``client_options`` are the security settings (see kafka_clients.py)."""
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
+    consumer = follower_consumer(bootstrap, client_options)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in sorted(start)]
@@ -379,6 +377,7 @@ def register_stats(
             topic=topics.stats,
             start=start,
             on_invalid=reject,
+            client_options=settings.aiokafka_options(),
         )
 
     @app.timer(interval=flush_interval_s)  # type: ignore[untyped-decorator]
