@@ -29,6 +29,7 @@ from typing import Any
 import faust
 from aiokafka.errors import KafkaError
 from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
 from faust.web import Request, Response, View
 from pydantic import ValidationError
 
@@ -404,11 +405,20 @@ class Processor:
                 continue
             for cost in costs:
                 by_scope.setdefault(cost.scope, []).append((cost, record.partition))
+        debug = log.isEnabledFor(logging.DEBUG)
         async with self._lock:
             now = self.clock()
             for scope, items in by_scope.items():
                 state = self._load(self.scope_spend, scope)
                 counted = state
+                if debug:
+                    log.debug(
+                        "scope %s: %d costs %s; applied before %s",
+                        scope,
+                        len(items),
+                        [(c.partition, c.offset) for c, _ in items],
+                        state.applied,
+                    )
                 for cost, state_partition in items:
                     counted = apply_cost(
                         counted,
@@ -551,7 +561,11 @@ class Processor:
             return
         state = self._load(ledger.table, key)
         if state.partition is None or (ledger.topic, state.partition) not in actives:
+            # Revoked: another worker owns it now (see holds). A later assignment recovers it
+            # from the changelog again.
             self._standing.discard((name, key))
+            ledger.table.data.pop(key, None)
+            self._decoded.pop((name, key), None)
             return
         settled = await self.settle(ledger.scope_of(key), state)
         self._track(name, key, settled)
@@ -579,13 +593,23 @@ class Processor:
         if not name:
             return None
         if kind == "agent":
-            table, key = self.spend, name
+            ledger, key = self.ledgers[0], name
         elif kind in {"pool", "workflow", "task_type"}:
-            table, key = self.scope_spend, scope
+            ledger, key = self.ledgers[1], scope
         else:
             return None
+        table = ledger.table
         state = self._load(table, key) if table.get(key) is not None else None
+        if state is not None and not self.holds(ledger, state):
+            state = None  # another worker owns it now; this copy is stale
         return spend_report(state, self.book.policies, scope, self.clock())
+
+    def holds(self, ledger: _Ledger, state: SpendState) -> bool:
+        """Whether this worker owns the partition ``state`` lives on. After a rebalance faust
+        keeps the revoked partitions' values in the in-memory table; they stop being updated,
+        so they must be neither served nor re-decided (sweep drops them)."""
+        actives = self.app.assignor.assigned_actives()
+        return state.partition is not None and TP(ledger.topic, state.partition) in actives
 
 
 async def request_rejoin(app: faust.App) -> None:
@@ -769,9 +793,10 @@ def build_app(
         reports = []
         for ledger in proc.ledgers:
             for key, raw in list(ledger.table.data.items()):
-                report = spend_report(
-                    SpendState.from_json(raw), proc.book.policies, ledger.scope_of(key), now
-                )
+                state = SpendState.from_json(raw)
+                if not proc.holds(ledger, state):
+                    continue
+                report = spend_report(state, proc.book.policies, ledger.scope_of(key), now)
                 del report["buckets"], report["applied_offsets"]
                 reports.append(report)
         reports.sort(key=lambda r: str(r["scope"]))
