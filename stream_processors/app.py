@@ -497,10 +497,7 @@ class Processor:
                     view.end,
                     view.committed,
                 )
-                # faust's own seek would also move its read offset, and a read offset below
-                # what was delivered is what makes the watch see progress; move only the fetch
-                # position. Records read again are recognised by the applied offsets.
-                await consumer._seek(tp, view.committed)  # type: ignore[attr-defined]
+                await seek_fetch_position(self.app, tp, view.committed)
             elif remedy is Remedy.REJOIN:
                 log.warning(
                     "partition %s:%s still stalled after seeking; asking the group to rebalance",
@@ -610,6 +607,22 @@ class Processor:
         so they must be neither served nor re-decided (sweep drops them)."""
         actives = self.app.assignor.assigned_actives()
         return state.partition is not None and TP(ledger.topic, state.partition) in actives
+
+
+async def seek_fetch_position(app: faust.App, tp: TP, offset: int) -> None:
+    """Move the consumer's fetch position of ``tp`` to ``offset``, on faust's consumer thread.
+
+    Not faust's ``Consumer.seek``: it calls aiokafka from the app's thread while the consumer
+    runs in a thread of its own (a seek landing while that thread drained fetched records made
+    aiokafka raise KeyError and crashed the worker after a broker restart), and it also moves
+    faust's read offset, which would look like progress to the stall watch. Records read again
+    are recognised by the applied offsets in the state."""
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+
+    async def seek() -> None:
+        thread._ensure_consumer().seek(tp, offset)
+
+    await thread.call_thread(seek)
 
 
 async def request_rejoin(app: faust.App) -> None:
