@@ -91,7 +91,8 @@ def stored(state: SpendState) -> str:
 @settings(max_examples=100, deadline=None)
 @given(records, records, st.sampled_from(PLANS))
 def test_folding_a_batch_equals_applying_each_event(
-    before: list[Row], batch: list[Row],
+    before: list[Row],
+    batch: list[Row],
     plan: BucketPlan,
 ) -> None:
     events = build(before + batch)
@@ -118,7 +119,9 @@ def test_folding_a_batch_equals_applying_each_event(
 @settings(max_examples=100, deadline=None)
 @given(
     st.lists(
-        st.tuples(times, st.integers(0, 10**9), st.sampled_from(["a", "b", None]), st.integers(0, 9)),
+        st.tuples(
+            times, st.integers(0, 10**9), st.sampled_from(["a", "b", None]), st.integers(0, 9)
+        ),
         max_size=80,
     ),
     st.sampled_from(PLANS),
