@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 from faust.web import Request, Response, View
@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from agentledger.config import Settings
 from agentledger.schemas import (
     Alert,
+    BudgetPolicy,
     CallEvent,
     ControlAction,
     ControlCommand,
@@ -40,7 +41,7 @@ from agentledger.schemas import (
     sign_command,
 )
 
-from .budgets import Delivery, SpendState, evaluate, spend_report
+from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_report
 from .dlq_rate import DlqRate
 from .fold import SpendFold
 from .policies import InvalidPolicy, PolicyBook, follow_policies
@@ -82,6 +83,8 @@ BATCH_WITHIN_S = 0.05
 MAX_COSTS_PER_RECORD = 2000
 # An input partition still unread this long after a rebalance is sought explicitly (unstick).
 STALL_AFTER_S = 10.0
+# Scopes whose governing policies are kept (an unbounded number of agents may come and go).
+GOVERNING_CACHE_SIZE = 100_000
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -98,9 +101,9 @@ class _Ledger:
         return f"agent:{key}" if self.agent_keys else key
 
 
-@dataclass(frozen=True)
-class Record:
-    """One consumed message, as the batch handlers need it."""
+class Record(NamedTuple):
+    """One consumed message, as the batch handlers need it (a tuple: one is built per
+    message, and a frozen dataclass costs several times as much to build)."""
 
     topic: str
     partition: int
@@ -167,6 +170,9 @@ class Processor:
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
+        # The policies governing each scope, for the policy book's version (see _governing).
+        self._governing_cache: dict[str, list[BudgetPolicy]] = {}
+        self._governing_version: tuple[int, int] | None = None
         # Routing stats, fed by on_calls (see build_app); None when not registered.
         self.stats: StatsAggregator | None = None
         topics = settings.topics
@@ -261,7 +267,7 @@ class Processor:
         with the published command recorded."""
         if not self.book.ready.is_set():
             return state  # a missing policy must not look like a lifted budget
-        decision = evaluate(state, self.book.policies, scope, self.clock())
+        decision = evaluate(state, self.book.policies, scope, self.clock(), self._governing(scope))
         for alert in decision.alerts:
             await self.raise_alert(alert)
         if decision.alerted != state.alerted:
@@ -271,6 +277,21 @@ class Processor:
         signed = sign_command(decision.command, self._key)
         await self.publish(signed)
         return replace(state, last_command=signed)
+
+    def _governing(self, scope: str) -> list[BudgetPolicy]:
+        """``matching_policies`` for ``scope``, kept until the policies change: matching every
+        pattern against every key of every batch was a third of a decision."""
+        book = self.book
+        version = (id(book), book.version)
+        if self._governing_version != version:
+            self._governing_cache.clear()
+            self._governing_version = version
+        found = self._governing_cache.get(scope)
+        if found is None:
+            if len(self._governing_cache) >= GOVERNING_CACHE_SIZE:
+                self._governing_cache.clear()
+            found = self._governing_cache[scope] = matching_policies(book.policies.values(), scope)
+        return found
 
     async def publish(self, command: ControlCommand) -> None:
         self._unconfirmed.append(
@@ -356,7 +377,8 @@ class Processor:
                 state = self._load(self.spend, agent_id)
                 fold = SpendFold(state, now_ms=now, plan=plan)
                 for event, partition, offset in items:
-                    delivery = fold.add_event(event, event.event_id.hex, partition, offset)
+                    event_id = event.event_id.hex
+                    delivery = fold.add_event(event, event_id, partition, offset)
                     if delivery is Delivery.DUPLICATE:
                         log.info(
                             "event %s delivered again at %s; not counted", event.event_id, offset
@@ -365,7 +387,7 @@ class Processor:
                     # A replay forwards again: the first run may have written the agent's
                     # state but crashed before the forward left; the scopes hop ignores what
                     # it has seen.
-                    for cost in forwarded_costs(event, partition, offset):
+                    for cost in forwarded_costs(event, partition, offset, event_id):
                         forwards.setdefault(cost.scope, []).append(cost)
                 counted = fold.result()
                 if counted is not state:
