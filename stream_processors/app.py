@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 from aiokafka.errors import KafkaError
@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from agentledger.config import Settings
 from agentledger.schemas import (
     Alert,
+    BudgetPolicy,
     CallEvent,
     ControlAction,
     ControlCommand,
@@ -43,9 +44,10 @@ from agentledger.schemas import (
     sign_command,
 )
 
-from .budgets import Delivery, SpendState, apply_cost, apply_event, evaluate, spend_report
+from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_report
 from .dlq_rate import DlqRate
 from .flow import LedgerApp
+from .fold import SpendFold
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .scopes import (
     ScopeCost,
@@ -56,7 +58,8 @@ from .scopes import (
     scopes_topic_name,
 )
 from .stall import PartitionView, Remedy, StallWatch
-from .stats import register_stats
+from .state_codec import decode_state, encode_state
+from .stats import StatsAggregator, register_stats
 from .webhook import WebhookDelivery
 
 __all__ = [
@@ -90,6 +93,8 @@ STALL_CHECK_EVERY_S = 2.0
 # Longer than a rebalance plus a recovery of the tables take here (seconds under load); past
 # it /health answers 503.
 REBALANCE_STUCK_S = 180.0
+# Scopes whose governing policies are kept (an unbounded number of agents may come and go).
+GOVERNING_CACHE_SIZE = 100_000
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -106,9 +111,9 @@ class _Ledger:
         return f"agent:{key}" if self.agent_keys else key
 
 
-@dataclass(frozen=True)
-class Record:
-    """One consumed message, as the batch handlers need it."""
+class Record(NamedTuple):
+    """One consumed message, as the batch handlers need it (a tuple: one is built per
+    message, and a frozen dataclass costs several times as much to build)."""
 
     topic: str
     partition: int
@@ -174,6 +179,11 @@ class Processor:
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
+        # The policies governing each scope, for the policy book's version (see _governing).
+        self._governing_cache: dict[str, list[BudgetPolicy]] = {}
+        self._governing_version: tuple[int, int] | None = None
+        # Routing stats, fed by on_calls (see build_app); None when not registered.
+        self.stats: StatsAggregator | None = None
         topics = settings.topics
         self.calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
         self.control = app.topic(topics.control, key_serializer="raw", value_serializer="raw")
@@ -185,10 +195,13 @@ class Processor:
         self.spend = app.Table(
             SPEND_TABLE,
             partitions=partitions,
-            # No key/value types: faust then uses plain JSON for both (str keys, dict
-            # values), and recovery does not try to rebuild faust Records from them.
+            # No key type: faust then uses plain JSON for keys (str), and recovery does not
+            # try to rebuild faust Records. Values are JSON bytes we encode ourselves
+            # (state_codec.py; value_type=bytes makes faust pass them as they are): its json
+            # codec was most of a changelog write.
+            value_type=bytes,
         )
-        self.scope_spend = app.Table(SCOPE_SPEND_TABLE, partitions=partitions)
+        self.scope_spend = app.Table(SCOPE_SPEND_TABLE, partitions=partitions, value_type=bytes)
         self.ledgers = (
             _Ledger(self.spend, topics.calls, agent_keys=True),
             _Ledger(self.scope_spend, scopes_topic_name(settings), agent_keys=False),
@@ -263,7 +276,7 @@ class Processor:
         with the published command recorded."""
         if not self.book.ready.is_set():
             return state  # a missing policy must not look like a lifted budget
-        decision = evaluate(state, self.book.policies, scope, self.clock())
+        decision = evaluate(state, self.book.policies, scope, self.clock(), self._governing(scope))
         for alert in decision.alerts:
             await self.raise_alert(alert)
         if decision.alerted != state.alerted:
@@ -277,6 +290,21 @@ class Processor:
         signed = sign_command(decision.command, self._key)
         await self.publish(signed)
         return replace(state, last_command=signed)
+
+    def _governing(self, scope: str) -> list[BudgetPolicy]:
+        """``matching_policies`` for ``scope``, kept until the policies change: matching every
+        pattern against every key of every batch was a third of a decision."""
+        book = self.book
+        version = (id(book), book.version)
+        if self._governing_version != version:
+            self._governing_cache.clear()
+            self._governing_version = version
+        found = self._governing_cache.get(scope)
+        if found is None:
+            if len(self._governing_cache) >= GOVERNING_CACHE_SIZE:
+                self._governing_cache.clear()
+            found = self._governing_cache[scope] = matching_policies(book.policies.values(), scope)
+        return found
 
     async def publish(self, command: ControlCommand) -> None:
         self._unconfirmed.append(
@@ -313,7 +341,7 @@ class Processor:
         cached = self._decoded.get((table.name, key))
         if cached is not None and cached[0] is raw:
             return cached[1]
-        state = SpendState.from_json(raw)
+        state = decode_state(raw)
         self._decoded[(table.name, key)] = (raw, state)
         return state
 
@@ -324,7 +352,7 @@ class Processor:
         current event for faust to take the partition from. The changelog write is confirmed
         before the batch's offsets can be committed (see :meth:`_confirm`).
         """
-        value = state.to_json()
+        value = encode_state(state)
         table.data[key] = value
         self._decoded[(table.name, key)] = (value, state)
         self._unconfirmed.append(table.send_changelog(partition, key, value))
@@ -342,23 +370,29 @@ class Processor:
 
     async def on_calls(self, batch: list[Record]) -> None:
         """Count a batch of calls records: each agent's state is read, updated with all its
-        events in offset order, settled and written once per batch."""
+        events in offset order, settled and written once per batch. The routing stats count
+        the same parsed events (one parse per record for both)."""
         now = self.clock()
+        stats = self.stats
         by_agent: dict[str, list[tuple[CallEvent, int, int]]] = {}
         for record in batch:
             event = self._parse_call(record.value, now)
             if isinstance(event, str):
                 await self.dead_letter_record(record, event)
                 continue
+            if stats is not None:
+                stats.count(event, record.partition, record.offset)
             by_agent.setdefault(event.agent_id, []).append((event, record.partition, record.offset))
         forwards: dict[str, list[ScopeCost]] = {}
         debug = log.isEnabledFor(logging.DEBUG)
         async with self._lock:
+            plan = self.book.plan
             for agent_id, items in by_agent.items():
                 state = self._load(self.spend, agent_id)
-                counted = state
+                fold = SpendFold(state, now_ms=now, plan=plan)
                 for event, partition, offset in items:
-                    delivery = counted.delivery(event.event_id.hex, partition, offset)
+                    event_id = event.event_id.hex
+                    delivery = fold.add_event(event, event_id, partition, offset)
                     if debug:
                         log.debug("calls %s@%s agent %s: %s", partition, offset, agent_id, delivery)
                     if delivery is Delivery.DUPLICATE:
@@ -366,15 +400,12 @@ class Processor:
                             "event %s delivered again at %s; not counted", event.event_id, offset
                         )
                         continue
-                    if delivery is Delivery.NEW:
-                        counted = apply_event(
-                            counted, event, partition, offset, now_ms=now, plan=self.book.plan
-                        )
                     # A replay forwards again: the first run may have written the agent's
                     # state but crashed before the forward left; the scopes hop ignores what
                     # it has seen.
-                    for cost in forwarded_costs(event, partition, offset):
+                    for cost in forwarded_costs(event, partition, offset, event_id):
                         forwards.setdefault(cost.scope, []).append(cost)
+                counted = fold.result()
                 if counted is not state:
                     counted = await self.settle(f"agent:{agent_id}", counted)
                     self._store(self.spend, agent_id, counted, items[-1][1])
@@ -410,7 +441,6 @@ class Processor:
             now = self.clock()
             for scope, items in by_scope.items():
                 state = self._load(self.scope_spend, scope)
-                counted = state
                 if debug:
                     log.debug(
                         "scope %s: %d costs %s; applied before %s",
@@ -419,19 +449,18 @@ class Processor:
                         [(c.partition, c.offset) for c, _ in items],
                         state.applied,
                     )
+                fold = SpendFold(state, now_ms=now, plan=self.book.plan)
                 for cost, state_partition in items:
-                    counted = apply_cost(
-                        counted,
+                    fold.add_cost(
                         event_id=cost.event_id,
                         event_time_ms=cost.event_time_ms,
                         cost_nano_usd=cost.cost_nano_usd,
                         partition=cost.partition,
                         offset=cost.offset,
-                        now_ms=now,
                         state_partition=state_partition,
-                        plan=self.book.plan,
                         activity=cost.activity,
                     )
+                counted = fold.result()
                 if counted is state:
                     continue
                 counted = await self.settle(scope, counted)
@@ -719,7 +748,9 @@ def build_app(
     )
     proc = Processor(app, settings, clock or wall_clock_ms, partitions, future_tolerance_ms)
     app.processor = proc  # type: ignore[attr-defined]  # for tests and tooling
-    register_stats(app, settings, proc.clock, proc.dead_letter)  # routing stats, own agent
+    # Routing stats: counted by on_calls from its parsed events rather than by an agent of
+    # their own, which cost a second faust stream and a second parse per calls record.
+    proc.stats = register_stats(app, settings, proc.clock, proc.dead_letter, own_agent=False)
 
     # Batches: per-event overhead (a state decode, a changelog write and three forwards per
     # event) held the worker to ~500 events/s; per batch it is paid once per key. take_events
@@ -806,7 +837,7 @@ def build_app(
         reports = []
         for ledger in proc.ledgers:
             for key, raw in list(ledger.table.data.items()):
-                state = SpendState.from_json(raw)
+                state = decode_state(raw)
                 if not proc.holds(ledger, state):
                     continue
                 report = spend_report(state, proc.book.policies, ledger.scope_of(key), now)

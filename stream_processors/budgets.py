@@ -14,7 +14,7 @@ between the state write and the publish is repaired by the next decision.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -657,15 +657,22 @@ def _rolling_lapse(
 
 
 def crossings(
-    state: SpendState, policies: Iterable[BudgetPolicy], scope: str, now_ms: int
+    state: SpendState,
+    policies: Iterable[BudgetPolicy],
+    scope: str,
+    now_ms: int,
+    governing: Sequence[BudgetPolicy] | None = None,
 ) -> list[Crossing]:
     """Every threshold reached in the current period of each policy that governs ``scope``,
-    and every detector of those policies that fires now.
+    and every detector of those policies that fires now. ``governing`` is
+    ``matching_policies(policies, scope)`` when the caller has it already.
 
     Reached means spend >= at_percent% of the limit, compared exactly in integers.
     """
     found: list[Crossing] = []
-    for policy in matching_policies(policies, scope):
+    if governing is None:
+        governing = matching_policies(policies, scope)
+    for policy in governing:
         current = policy_window(state, policy, now_ms)
         if current is not None:
             window, spend = current
@@ -1064,7 +1071,11 @@ def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
 
 
 def evaluate(
-    state: SpendState, policies: Mapping[str, BudgetPolicy], scope: str, now_ms: int
+    state: SpendState,
+    policies: Mapping[str, BudgetPolicy],
+    scope: str,
+    now_ms: int,
+    governing: Sequence[BudgetPolicy] | None = None,
 ) -> Decision:
     """Derive the command and the alerts for ``scope`` from the state and the policies.
 
@@ -1072,9 +1083,9 @@ def evaluate(
     throttle > route; the smallest throttle; then the latest-ending period). It lapses
     (RESUME) when the period rolls over (a rolling window slides below the threshold, a
     workflow run ends) or the policy is raised or removed. Each crossing is alerted once per
-    period. Unsigned: the caller signs.
+    period. Unsigned: the caller signs. ``governing``: as for :func:`crossings`.
     """
-    found = crossings(state, policies.values(), scope, now_ms)
+    found = crossings(state, policies.values(), scope, now_ms, governing)
     previously = set(state.alerted)
     alerts = tuple(_alert(scope, c, now_ms) for c in found if c.key not in previously)
     alerted = tuple(sorted({c.key for c in found}))

@@ -329,11 +329,15 @@ def register_stats(
     dead_letter: DeadLetter,
     *,
     flush_interval_s: float = FLUSH_INTERVAL_S,
+    own_agent: bool = True,
 ) -> StatsAggregator:
     """Add the stats agent, the stats-topic follower and the publish timer to a faust app.
 
     Call it once from ``build_app``; the aggregator is returned (and kept as
-    ``app.stats_aggregator``) for tests and tooling."""
+    ``app.stats_aggregator``) for tests and tooling. With ``own_agent=False`` no agent reads
+    the calls topic: the caller feeds :meth:`StatsAggregator.count` with the events it parsed
+    anyway (the processor's spend agent does; a second agent on the same topic cost a second
+    faust stream and a second validation per record)."""
     from agentledger.deploy.topics import ensure_topics, topic_specs
 
     topics = settings.topics
@@ -344,18 +348,10 @@ def register_stats(
     )
     aggregator = StatsAggregator(clock)
     start, invalid = rebuild_stats(aggregator, settings)
-    calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
     out = app.topic(topics.stats, key_serializer="raw", value_serializer="raw")
     app.stats_aggregator = aggregator
-
-    @app.agent(calls, name=f"{settings.topic_prefix}routing-stats", concurrency=1)  # type: ignore[untyped-decorator]
-    async def routing_stats(stream: Any) -> None:
-        # Batches, like the spend agents: faust's per-event hand-over to an agent body costs
-        # more than the counting itself.
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            for event in events:
-                msg = event.message
-                aggregator.observe(msg.partition, msg.offset, event.value)
+    if own_agent:
+        _add_stats_agent(app, settings, aggregator)
 
     async def reject(bad: InvalidStats) -> None:
         await dead_letter(
@@ -386,3 +382,16 @@ def register_stats(
             await out.send(key=record.key.encode(), value=record.model_dump_json().encode())
 
     return aggregator
+
+
+def _add_stats_agent(app: Any, settings: Settings, aggregator: StatsAggregator) -> None:
+    calls = app.topic(settings.topics.calls, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(calls, name=f"{settings.topic_prefix}routing-stats", concurrency=1)  # type: ignore[untyped-decorator]
+    async def routing_stats(stream: Any) -> None:
+        # Batches, like the spend agents: faust's per-event hand-over to an agent body costs
+        # more than the counting itself.
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            for event in events:
+                msg = event.message
+                aggregator.observe(msg.partition, msg.offset, event.value)
