@@ -50,7 +50,11 @@ class _Sink:
         """Start and wait until the sink has its partitions; returns that instant (wall
         clock, s)."""
         # The sink's own tuning knobs pass through (to measure e.g. a shorter batch time).
-        knobs = ("AGENTLEDGER_SINK_BATCH_MS", "AGENTLEDGER_SINK_BATCH_ROWS")
+        knobs = (
+            "AGENTLEDGER_SINK_BATCH_MS",
+            "AGENTLEDGER_SINK_BATCH_ROWS",
+            "AGENTLEDGER_SINK_CATCH_UP_ROWS",
+        )
         env = {
             k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_") or k in knobs
         }

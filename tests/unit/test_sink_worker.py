@@ -280,6 +280,29 @@ def test_batch_stops_at_max_rows(rig: Rig) -> None:
     assert rig.consumer.commits[-1] == [(rig.topic, 0, 250)]
 
 
+def test_batches_grow_while_behind_and_end_on_time_again_when_caught_up(rig: Rig) -> None:
+    worker = rig.worker
+    worker.batch_catch_up_rows = 250
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, i, call(i + 1)) for i in range(600)]
+    worker.step()  # not behind yet: the plain limit
+    worker.step()  # the first batch filled up: behind, so up to 250 rows
+    worker.step()
+    assert [tok for tok, _ in rig.store.inserts] == [
+        f"{t}:0:0-99",
+        f"{t}:0:100-349",
+        f"{t}:0:350-599",
+    ]
+    # A batch that ends on time below the plain limit means caught up: back to 100 rows.
+    rig.consumer.queued = [Msg(t, 0, 600 + i, call(601 + i)) for i in range(50)]
+    worker.step()
+    assert worker.collect() == []
+    rig.consumer.queued = [Msg(t, 0, 650 + i, call(651 + i)) for i in range(300)]
+    worker.step()
+    assert rig.store.inserts[-1][0] == f"{t}:0:650-749"
+    assert rig.consumer.commits[-1] == [(t, 0, 750)]
+
+
 def test_a_batch_spanning_two_months_is_two_inserts_one_part_each(rig: Rig) -> None:
     t = rig.topic
     rig.consumer.queued = [
