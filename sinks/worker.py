@@ -349,6 +349,9 @@ class SinkWorker:
         return True
 
     def collect(self) -> list[Any]:
+        """A batch: records until the row limit, or until batch_max_ms after its oldest record
+        was appended; once that time is up, records already fetched are still taken (no wait)
+        up to the row limit, so a backlog is drained in full batches."""
         limit = self.batch_catch_up_rows if self._behind else self.batch_max_rows
         messages: list[Any] = []
         started: int | None = None
@@ -356,9 +359,7 @@ class SinkWorker:
             if started is None:
                 wait_ms = 200
             else:
-                wait_ms = self.batch_max_ms - (self.clock() - started)
-                if wait_ms <= 0:
-                    break
+                wait_ms = max(0, self.batch_max_ms - (self.clock() - started))
             got = self.consumer.consume(
                 num_messages=min(1000, limit - len(messages)),
                 timeout=min(wait_ms, 200) / 1000,
@@ -370,9 +371,23 @@ class SinkWorker:
                 if not messages:
                     self._behind = False
                     return []
-                started = self.clock()
+                started = self._batch_start(messages[0])
+            elif not got and wait_ms == 0:
+                break
         self._behind = len(messages) >= self.batch_max_rows
         return messages
+
+    def _batch_start(self, first: Any) -> int:
+        """When the batch's time started: the first record's broker append time if it is
+        earlier than now (it waited in the client while the previous batch was decoded and
+        inserted: that wait counts towards the 1 s, else it would be added to the lag), but no
+        earlier than one batch time ago (a broker clock behind ours must not shrink batches to
+        nothing)."""
+        now = self.clock()
+        kind, appended_ms = first.timestamp()
+        if kind == 0:  # TIMESTAMP_NOT_AVAILABLE
+            return now
+        return max(now - self.batch_max_ms, min(now, int(appended_ms)))
 
     def _usable(self, msg: MessageLike) -> bool:
         err = msg.error()
