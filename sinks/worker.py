@@ -364,6 +364,7 @@ class SinkWorker:
                 num_messages=min(1000, limit - len(messages)),
                 timeout=min(wait_ms, 200) / 1000,
             )
+            taken = len(messages)
             for msg in got:
                 if self._usable(msg):
                     messages.append(msg)
@@ -372,7 +373,7 @@ class SinkWorker:
                     self._behind = False
                     return []
                 started = self._batch_start(messages[0])
-            elif not got and wait_ms == 0:
+            elif wait_ms == 0 and len(messages) == taken:
                 break
         self._behind = len(messages) >= self.batch_max_rows
         return messages
