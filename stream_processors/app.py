@@ -48,6 +48,7 @@ from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_re
 from .dlq_rate import DlqRate
 from .flow import LedgerApp
 from .fold import SpendFold
+from .ordering import InOrder, Verdict
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .scopes import (
     ScopeCost,
@@ -90,6 +91,9 @@ MAX_COSTS_PER_RECORD = 2000
 # stall watch's remedies (see stall.py); its offsets are checked this often.
 STALL_AFTER_S = 10.0
 STALL_CHECK_EVERY_S = 2.0
+# A partition sought back for skipped records that do not come again within this long has a
+# real gap in its offsets (see ordering.py).
+ACCEPT_GAP_AFTER_S = 5.0
 # Longer than a rebalance plus a recovery of the tables take here (seconds under load); past
 # it /health answers 503.
 REBALANCE_STUCK_S = 180.0
@@ -172,6 +176,9 @@ class Processor:
         self._swept_version: int | None = None
         self._swept_actives: frozenset[tuple[str, int]] = frozenset()
         self._full_sweep_at = 0.0
+        # Offset order per input partition, see in_order.
+        self.order: InOrder[TP] = InOrder(ACCEPT_GAP_AFTER_S)
+        self._order_generation: int | None = None
         # Partition stall watch, see unstick.
         self.stalls: StallWatch[Any] = StallWatch(STALL_AFTER_S)
         self._earliest: dict[Any, int] = {}  # per assignment; see unstick
@@ -372,6 +379,7 @@ class Processor:
         """Count a batch of calls records: each agent's state is read, updated with all its
         events in offset order, settled and written once per batch. The routing stats count
         the same parsed events (one parse per record for both)."""
+        batch = await self.in_order(batch)
         now = self.clock()
         stats = self.stats
         by_agent: dict[str, list[tuple[CallEvent, int, int]]] = {}
@@ -427,6 +435,7 @@ class Processor:
 
     async def on_scope_costs(self, batch: list[Record]) -> None:
         """Count a batch of forwarded costs, once per scope per batch (see :meth:`on_calls`)."""
+        batch = await self.in_order(batch)
         by_scope: dict[str, list[tuple[ScopeCost, int]]] = {}
         for record in batch:
             try:
@@ -467,6 +476,60 @@ class Processor:
                 self._store(self.scope_spend, scope, counted, items[-1][1])
                 self._track(SCOPE_SPEND_TABLE, scope, counted)
             await self._confirm()
+
+    # -- offset order -----------------------------------------------------------------------
+
+    async def in_order(self, batch: list[Record]) -> list[Record]:
+        """The records of ``batch`` to count now, in each partition's offset order (see
+        ordering.py); partitions that skipped records are sought back to the first missing one.
+        """
+        generation = self.app.consumer_generation_id
+        if generation != self._order_generation:
+            self.order.reset()
+            self._order_generation = generation
+        order = self.order
+        unknown = {TP(r.topic, r.partition) for r in batch} - set(order.known())
+        if unknown:
+            try:
+                starts = await committed_or_earliest(self.app, unknown)
+            except (TimeoutError, KafkaError) as exc:
+                # Without the committed offsets the first record of a partition is where it
+                # starts; a hole before it cannot be seen this once.
+                log.warning("committed offsets unavailable (%s); counting as delivered", exc)
+                starts = {}
+            for tp in unknown:
+                first = min(r.offset for r in batch if (r.topic, r.partition) == tp)
+                order.start(tp, starts.get(tp, first))
+        now = time.monotonic()
+        kept: list[Record] = []
+        seeks: dict[TP, int] = {}
+        for record in batch:
+            tp = TP(record.topic, record.partition)
+            verdict = order.admit(tp, record.offset, now)
+            if verdict is Verdict.COUNT:
+                kept.append(record)
+            elif verdict is Verdict.SEEK:
+                seeks[tp] = order.expected(tp)
+        if len(kept) == len(batch):
+            return kept
+        for tp, offset in seeks.items():
+            log.warning(
+                "partition %s:%s skipped records (next to count %s); seeking back to it",
+                tp.topic,
+                tp.partition,
+                offset,
+            )
+        if seeks:
+            try:
+                # On faust's consumer thread, and it also lowers faust's read offset, which
+                # would otherwise drop the records read again.
+                await self.app.consumer.seek_wait(seeks)
+            except (TimeoutError, KafkaError) as exc:
+                # Records held back are acked with the batch: count them rather than lose them.
+                log.warning("seek back failed (%s); counting the batch as delivered", exc)
+                order.reset()
+                return batch
+        return kept
 
     # -- the timer --------------------------------------------------------------------------
 
@@ -636,6 +699,21 @@ class Processor:
         so they must be neither served nor re-decided (sweep drops them)."""
         actives = self.app.assignor.assigned_actives()
         return state.partition is not None and TP(ledger.topic, state.partition) in actives
+
+
+async def committed_or_earliest(app: faust.App, tps: set[TP]) -> dict[TP, int]:
+    """Each partition's committed offset in the group, or its earliest offset when the group
+    never committed one (the consumer's auto_offset_reset is earliest)."""
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+
+    async def committed() -> dict[TP, int | None]:
+        consumer = thread._ensure_consumer()
+        return {tp: await consumer.committed(tp) for tp in tps}
+
+    found: dict[TP, int | None] = await thread.call_thread(committed)
+    missing = [tp for tp, offset in found.items() if offset is None]
+    earliest = await app.consumer.earliest_offsets(*missing) if missing else {}
+    return {tp: offset if offset is not None else earliest[tp] for tp, offset in found.items()}
 
 
 async def seek_fetch_position(app: faust.App, tp: TP, offset: int) -> None:
