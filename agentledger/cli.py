@@ -12,6 +12,7 @@ from pathlib import Path
 from agentledger.config import Settings
 from agentledger.control_cli import add_control_parser
 from agentledger.durations import parse_duration_ms
+from agentledger.spend_cli import PERIOD_HELP, period_arg, run_spend
 from agentledger.tables import render_table
 from agentledger.top import add_top_parser
 
@@ -99,52 +100,6 @@ def _cmd_budgets_diff(settings: Settings, args: argparse.Namespace) -> int:
         print(change.describe())
     pending = sum(c.change in {"add", "change"} for c in changes)
     print(f"{pending} budget(s) would be published by `agentledger budgets apply {args.file}`")
-    return 0
-
-
-def _utc(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) + "Z"
-
-
-def _cmd_spend(settings: Settings, args: argparse.Namespace) -> int:
-    from agentledger.stream_processors.client import fetch_state
-
-    report = fetch_state(settings, args.scope)
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-        return 0
-    periods = [p for p in report.get("periods", []) if args.period in (None, p.get("period"))]
-    print(f"{report.get('scope')} at {_utc(report.get('now_ms'))}")
-    print(
-        render_table(
-            ["period", "from", "until", "spend (USD)", "limit (USD)", "% used", "policy"],
-            [
-                [
-                    p["period"],
-                    _utc(p["start_ms"]),
-                    _utc(p["end_ms"]),
-                    p["spend_usd"],
-                    p.get("limit_usd") or "-",
-                    p.get("percent_used") or "-",
-                    p.get("policy") or "-",
-                ]
-                for p in periods
-            ],
-            right_align=[False, False, False, True, True, True, False],
-        )
-    )
-    command = report.get("last_command")
-    if command and command.get("action") != "resume":
-        params = command.get("params") or {}
-        extra = f" {json.dumps(params, sort_keys=True)}" if params else ""
-        print(
-            f"standing: {command['action'].upper()}{extra} until {_utc(command.get('until_ms'))}"
-            f": {command.get('reason')}"
-        )
-    else:
-        print("standing: none (calls proceed)")
     return 0
 
 
@@ -240,9 +195,9 @@ def _parser() -> argparse.ArgumentParser:
         "spend", help="live spend, limit, %% used and the standing command of one scope"
     )
     spend.add_argument("scope", help="agent:<id>, pool:<id>, workflow:<id> or task_type:<id>")
-    spend.add_argument("--period", choices=["day", "week", "month"], help="only this period")
+    spend.add_argument("--period", type=period_arg, help=PERIOD_HELP)
     spend.add_argument("--json", action="store_true", help="the processor's raw report")
-    spend.set_defaults(run=_cmd_spend)
+    spend.set_defaults(run=run_spend)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query against the call history")
     sql.add_argument("query")

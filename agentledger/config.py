@@ -45,6 +45,45 @@ class Settings(BaseSettings):
         description="http(s) URL the processor POSTs alerts to as Slack-compatible JSON "
         '{"text": ...}; secret because webhook URLs embed their token',
     )
+    # -- processor alerting (stream_processors/README.md "Dead-letter rate", "Webhook") -------
+    dlq_alert_max: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="dead letters one processor worker may write within dlq_alert_window_s "
+        "before a dlq_rate alert",
+    )
+    dlq_alert_window_s: int = Field(
+        default=60, ge=1, le=86_400, description="the sliding window of dlq_alert_max, seconds"
+    )
+    dlq_alert_cooldown_s: int = Field(
+        default=600,
+        ge=0,
+        le=86_400,
+        description="at most one dlq_rate alert per this many seconds while the rate stays high",
+    )
+    alert_webhook_queue_size: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="alerts waiting for the webhook; when full, new ones are dropped (counted, "
+        "logged, still on the alerts topic)",
+    )
+    alert_webhook_attempts: int = Field(
+        default=5, ge=1, le=100, description="POST attempts per alert, the first included"
+    )
+    alert_webhook_backoff_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=3600,
+        description="wait before the second attempt, doubling per attempt",
+    )
+    alert_webhook_max_backoff_s: float = Field(
+        default=30.0, gt=0, le=3600, description="the longest wait between two attempts"
+    )
+    alert_webhook_timeout_s: float = Field(
+        default=5.0, gt=0, le=600, description="timeout of one POST, seconds"
+    )
     kafka_jars: Path | None = Field(
         default=None, description="folder of Kafka broker jars; default: fetched by mvn"
     )
@@ -60,6 +99,9 @@ class Settings(BaseSettings):
     calls_partitions: int = Field(default=6, ge=1, le=1024, description="partitions of calls")
     processors: int = Field(default=1, ge=1, le=64, description="processor workers `up` runs")
     sinks: int = Field(default=1, ge=1, le=64, description="sink workers `up` runs")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="log level of the processor and sink workers"
+    )
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str | None = None
@@ -89,6 +131,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"kafka_security_protocol={self.kafka_security_protocol} needs "
                 "AGENTLEDGER_KAFKA_SASL_USERNAME and AGENTLEDGER_KAFKA_SASL_PASSWORD"
+            )
+        if self.alert_webhook_max_backoff_s < self.alert_webhook_backoff_s:
+            raise ValueError(
+                f"alert_webhook_max_backoff_s ({self.alert_webhook_max_backoff_s}) must be at "
+                f"least alert_webhook_backoff_s ({self.alert_webhook_backoff_s})"
             )
         if self.clickhouse_cluster is not None and self.embedded_clickhouse:
             raise ValueError(

@@ -46,7 +46,11 @@ def run_control(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, default_operator: str) -> None:
-    parser.add_argument("scope", help="agent:<id>, pool:<id>, workflow:<id> or task_type:<id>")
+    parser.add_argument(
+        "scope",
+        help="agent:<id>, pool:<id>, workflow:<id>, task_type:<id>, or "
+        "'subtree:<workflow>|<agent>' (the agents <agent> spawned in that workflow)",
+    )
     parser.add_argument("--reason", help="why (kept with the command and in the audit)")
     parser.add_argument(
         "--operator",

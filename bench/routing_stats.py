@@ -3,8 +3,9 @@
 1. In process: ``StatsAggregator.observe`` per event (validation + two partial updates) and
    one publish of every dirty partial, medians over the trace workload.
 2. The real processor (``python -m agentledger.stream_processors``) on a private broker, with
-   and without the stats agent (the second started with ``register_stats`` replaced by a
-   no-op), alternating: events/s from the first produce to the group's commit at the end.
+   and without routing stats (the second started with ``register_stats`` replaced by a no-op:
+   the spend agent then counts no stats and nothing is published), alternating: events/s
+   from the first produce to the group's commit at the end.
 
     .venv/bin/python -m bench.routing_stats --events 20000 --rounds 2
 """

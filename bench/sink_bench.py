@@ -50,7 +50,11 @@ class _Sink:
         """Start and wait until the sink has its partitions; returns that instant (wall
         clock, s)."""
         # The sink's own tuning knobs pass through (to measure e.g. a shorter batch time).
-        knobs = ("AGENTLEDGER_SINK_BATCH_MS", "AGENTLEDGER_SINK_BATCH_ROWS")
+        knobs = (
+            "AGENTLEDGER_SINK_BATCH_MS",
+            "AGENTLEDGER_SINK_BATCH_ROWS",
+            "AGENTLEDGER_SINK_CATCH_UP_ROWS",
+        )
         env = {
             k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_") or k in knobs
         }
@@ -110,6 +114,16 @@ class _Sink:
                     return int(health["last_commit_ms"]) / 1000, health
             time.sleep(0.5)
         raise RuntimeError(f"sink accounted for {last.get('rows_inserted')} of {expected} rows")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads: Python, chDB, librdkafka) the sink process
+        has used so far. On a shared 2-core machine wall-clock rows/s swing with the other
+        load; CPU per row does not, so the figure is reported next to it."""
+        if self.proc is None:
+            return 0.0
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime and stime are fields 14 and 15 of /proc/<pid>/stat (after "pid (comm)").
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -174,7 +188,9 @@ def measure(
     sink = _Sink(settings, home / "sink.log")
     try:
         ready = sink.start()
+        cpu_ready = sink.cpu_seconds()
         done, health = sink.wait_rows(count, timeout_s=1_800)
+        cpu_s = sink.cpu_seconds() - cpu_ready
     finally:
         sink.stop()
     sink_s = done - ready
@@ -188,8 +204,10 @@ def measure(
     sink = _Sink(settings, home / "sink.log")
     try:
         sink.start()
+        lag_cpu_ready = sink.cpu_seconds()
         paced_s = _produce_at_rate(bootstrap, settings.topics.calls, lag_payloads, lag_rate)
         _, lag_health = sink.wait_rows(lag_events, timeout_s=600)
+        lag_cpu_s = sink.cpu_seconds() - lag_cpu_ready
     finally:
         sink.stop()
     return {
@@ -198,6 +216,8 @@ def measure(
         "produce_s": round(produce_s, 2),
         "sink_s": round(sink_s, 2),
         "sink_rows_per_s": round(count / sink_s),
+        "sink_cpu_s": round(cpu_s, 2),
+        "sink_cpu_us_per_row": round(cpu_s * 1e6 / count, 1),
         "sink_batches": health["batches"],
         "raw_consume_events_per_s": round(count / raw_s),
         "lag_events": lag_events,
@@ -207,6 +227,7 @@ def measure(
         "lag_p99_ms": lag_health["lag_p99_ms"],
         "lag_max_ms": lag_health["lag_max_ms"],
         "lag_rows": lag_health["lag_rows"],
+        "lag_cpu_us_per_row": round(lag_cpu_s * 1e6 / lag_events, 1),
     }
 
 

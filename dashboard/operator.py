@@ -67,6 +67,8 @@ def operator_command(
     if until_ms is not None and until_ms <= now_ms:
         raise ValueError(f"until_ms {until_ms} must be in the future (now {now_ms})")
     command = ControlCommand(
+        # Subtree scopes exist from version 2 on; the rest stay readable by older shims.
+        schema_version=2 if scope.startswith("subtree:") else 1,
         scope=scope,
         action=ControlAction(action),
         params=params,

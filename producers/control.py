@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from agentledger.config import Settings
 from agentledger.schemas import ControlAction, ControlCommand, SignatureError, verify_command
+from agentledger.schemas.control import SUBTREE_KIND
 
 __all__ = ["ControlState", "KafkaControlListener", "RecordSink"]
 
@@ -49,6 +50,9 @@ class ControlState:
         self._key = control_key
         self._lock = threading.Lock()
         self._standing: dict[str, ControlCommand] = {}
+        # Subtree scopes with a standing command: while there are none, agents need not list
+        # the subtrees they are in (see AgentLedger.scopes).
+        self._subtrees: set[str] = set()
         # The newest accepted command per scope, kept after a RESUME clears the standing one, so
         # a replay of the older STOP is still recognised.
         self._latest: dict[str, tuple[int, uuid.UUID]] = {}
@@ -98,11 +102,15 @@ class ControlState:
                 self.metrics["rejected_replayed"] += 1
                 return False
             self._latest[command.scope] = (command.issued_at_ms, command.command_id)
+            subtree = command.scope.startswith(f"{SUBTREE_KIND}:")
             if command.action is ControlAction.RESUME:
                 self._standing.pop(command.scope, None)
                 self._reports.pop(command.scope, None)
+                self._subtrees.discard(command.scope)
             else:
                 self._standing[command.scope] = command
+                if subtree:
+                    self._subtrees.add(command.scope)
                 if command.spend_nano_usd is not None and command.limit_nano_usd is not None:
                     self._reports[command.scope] = command
             self.metrics["accepted"] += 1
@@ -122,6 +130,11 @@ class ControlState:
     @property
     def has_standing(self) -> bool:
         return bool(self._standing)
+
+    @property
+    def has_subtree(self) -> bool:
+        """Whether a command stands for some subtree (``subtree:<workflow>|<agent>``)."""
+        return bool(self._subtrees)
 
     def standing(self, scopes: Iterable[str], now_ms: int | None = None) -> list[ControlCommand]:
         """The commands standing for ``scopes``, in that order; with ``now_ms``, lapsed ones

@@ -31,6 +31,7 @@ from agentledger.schemas import (
     ControlCommand,
     InvalidMessage,
     nano_to_usd,
+    subtree_scope,
     uuid7,
 )
 from agentledger.schemas.events import Identifier
@@ -82,7 +83,7 @@ STAT_NAMES = (
 )
 
 # Which standing command wins when several scopes have one: the narrowest first.
-_SCOPE_ORDER = {"agent": 0, "task_type": 1, "workflow": 2, "pool": 3}
+_SCOPE_ORDER = {"agent": 0, "subtree": 1, "task_type": 2, "workflow": 3, "pool": 4}
 
 
 def wall_clock_ms() -> int:
@@ -393,7 +394,7 @@ class _AgentCache:
     key: bytes
     fragment: str | None
     """the event's agent fields as JSON text, or None when one does not validate"""
-    scopes: dict[str | None, tuple[str, ...]]
+    scopes: dict[tuple[str | None, bool], tuple[str, ...]]
 
 
 class AgentLedger:
@@ -409,6 +410,7 @@ class AgentLedger:
         task_type: str | None,
         parent_agent_id: str | None = None,
         spawn_depth: int = 0,
+        ancestors: tuple[str, ...] = (),
     ) -> None:
         self.ledger = ledger
         self.agent_id = agent_id
@@ -417,6 +419,8 @@ class AgentLedger:
         self.task_type = task_type
         self.parent_agent_id = parent_agent_id
         self.spawn_depth = spawn_depth
+        #: The agents that spawned this one: parent first, as spawn() chained them.
+        self.ancestors = ancestors
         self._cache = _AgentCache((), b"", None, {})
 
     def _cached(self) -> _AgentCache:
@@ -428,6 +432,7 @@ class AgentLedger:
             self.workflow,
             self.parent_agent_id,
             self.spawn_depth,
+            self.ancestors,
         )
         cache = self._cache
         if identity != cache.identity:
@@ -468,6 +473,7 @@ class AgentLedger:
             task_type=_check_optional_id("task_type", task_type),
             parent_agent_id=self.agent_id,
             spawn_depth=self.spawn_depth + 1,
+            ancestors=(self.agent_id, *self.ancestors),
         )
 
     def current_task(self) -> TaskScope | None:
@@ -484,19 +490,25 @@ class AgentLedger:
     def scopes(self, task_type: str | None = None) -> tuple[str, ...]:
         task = self._task_type(task_type)
         known = self._cached().scopes
-        found = known.get(task)
+        # The subtrees this agent is in count only while a command stands for some subtree:
+        # every scope costs each call a lookup, and an agent may have many ancestors.
+        control = self.ledger._control
+        subtrees = control is not None and control.has_subtree
+        found = known.get((task, subtrees))
         if found is None:
             if len(known) >= 1024:  # task types are few; bound them anyway
                 known.clear()
-            found = known[task] = self._build_scopes(task)
+            found = known[(task, subtrees)] = self._build_scopes(task, subtrees)
         return found
 
-    def _build_scopes(self, task: str | None) -> tuple[str, ...]:
+    def _build_scopes(self, task: str | None, subtrees: bool = False) -> tuple[str, ...]:
         found = [f"agent:{self.agent_id}"]
         if self.pool:
             found.append(f"pool:{self.pool}")
         if self.workflow:
             found.append(f"workflow:{self.workflow}")
+            if subtrees:
+                found.extend(subtree_scope(self.workflow, a) for a in self.ancestors)
         if task:
             found.append(f"task_type:{task}")
         return tuple(found)

@@ -7,6 +7,7 @@ from .control import (
     ControlCommand,
     SignatureError,
     sign_command,
+    subtree_scope,
     verify_command,
 )
 from .dlq import DEAD_LETTER_VERSION, InvalidMessage
@@ -57,6 +58,7 @@ __all__ = [
     "nano_to_usd",
     "parse_policy_file",
     "sign_command",
+    "subtree_scope",
     "summarize",
     "usd_to_nano",
     "uuid7",

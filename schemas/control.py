@@ -14,22 +14,28 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .ids import uuid7
 
 __all__ = [
     "CONTROL_COMMAND_VERSION",
+    "SUBTREE_KIND",
+    "CommandScope",
     "ControlAction",
     "ControlCommand",
     "Scope",
     "SignatureError",
     "sign_command",
+    "subtree_scope",
     "verify_command",
 ]
 
-CONTROL_COMMAND_VERSION: Literal[1] = 1
+# Version 2 adds subtree scopes. Commands for the other scopes are still written as version 1,
+# so a shim from before version 2 keeps reading them (and ignores subtree commands).
+CONTROL_COMMAND_VERSION: Literal[2] = 2
 SIGNATURE_SCHEME = "hmac-sha256"
+SUBTREE_KIND = "subtree"
 
 Scope = Annotated[
     str,
@@ -40,6 +46,27 @@ Scope = Annotated[
         description="'<kind>:<id>', kind one of agent, pool, workflow, task_type",
     ),
 ]
+# "|" is not an identifier character, so workflow and agent ids (which may hold "/" or ":")
+# never make two subtrees look alike.
+CommandScope = Annotated[
+    str,
+    Field(
+        min_length=3,
+        max_length=420,
+        pattern=(
+            r"^((agent|pool|workflow|task_type):[A-Za-z0-9._:/@+\-*?]+"
+            r"|subtree:[A-Za-z0-9._:/@+\-]+\|[A-Za-z0-9._:/@+\-]+)$"
+        ),
+        description="'<kind>:<id>' (kind agent, pool, workflow or task_type), or "
+        "'subtree:<workflow>|<agent>': every agent of the workflow spawned, directly or not, "
+        "by that agent (not the agent itself)",
+    ),
+]
+
+
+def subtree_scope(workflow_id: str, agent_id: str) -> str:
+    """The scope of the agents of ``workflow_id`` that descend from ``agent_id``."""
+    return f"{SUBTREE_KIND}:{workflow_id}|{agent_id}"
 
 
 class ControlAction(StrEnum):
@@ -57,9 +84,9 @@ class SignatureError(ValueError):
 class ControlCommand(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = CONTROL_COMMAND_VERSION
+    schema_version: Literal[1, 2] = 1
     command_id: uuid.UUID = Field(default_factory=uuid7)
-    scope: Scope
+    scope: CommandScope
     action: ControlAction
     params: dict[str, str | int] = Field(
         default_factory=dict,
@@ -73,6 +100,15 @@ class ControlCommand(BaseModel):
     until_ms: int | None = Field(default=None, ge=0, description="when the command lapses")
     issuer: str = Field(default="processor", max_length=200)
     signature: str | None = None
+
+    @model_validator(mode="after")
+    def _subtree_needs_v2(self) -> ControlCommand:
+        if self.scope.startswith(f"{SUBTREE_KIND}:") and self.schema_version < 2:
+            raise ValueError(
+                f"scope {self.scope!r} is a subtree scope, which needs schema_version 2 "
+                f"(got {self.schema_version})"
+            )
+        return self
 
     def canonical_bytes(self) -> bytes:
         """The signed content: every field but the signature, as sorted compact JSON."""

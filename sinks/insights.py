@@ -14,7 +14,7 @@ from statistics import median_low
 
 from .escalation import Escalations, escalations, model_ranks
 from .forecast import BudgetForecast, BudgetLine, forecast_budgets
-from .migrations import ROLLUP_GRAINS
+from .migrations import LATENCY_BUCKET_SQL, LATENCY_P50_SQL, ROLLUP_GRAINS
 from .query import QueryClient
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "expensive_models",
     "key_model_stats",
     "recommend_remaps",
+    "rollup_pieces",
     "source_for",
     "spend_by_key",
     "spend_over_time",
@@ -84,33 +85,75 @@ class KeyModelStats:
     latency_p50_ms: float
 
 
-def _window_sql(table: str | None, key_column: str, latency: bool = True) -> str:
-    # Merging the latency quantile states is most of a rollup query's cost (~10x the sums at
-    # 1M calls): only the remap recommendations need p50, so other callers skip it.
-    if table is not None:
-        p50 = "quantilesMerge(0.5, 0.9, 0.99)(latency_ms)[1]" if latency else "0.0"
-        return f"""
-SELECT {key_column} AS key, used_model, sum(calls), sum(failures), sum(retries),
+def rollup_pieces(since_ms: int, until_ms: int) -> list[tuple[str, int, int]] | None:
+    """[since_ms, until_ms) as (grain, lo, hi) pieces, coarsest grain first: whole days, then
+    the hours and minutes around them, so a 24 h window ending at a minute reads ~24 hour rows
+    per key instead of 1,440 minute rows. None when a bound is not on a minute (raw `calls`)."""
+    if since_ms % _GRAIN_MS["minute"] or until_ms % _GRAIN_MS["minute"]:
+        return None
+    pieces: list[tuple[str, int, int]] = []
+
+    def split(lo: int, hi: int, grains: list[str]) -> None:
+        if lo >= hi:
+            return
+        grain, finer = grains[0], grains[1:]
+        step = _GRAIN_MS[grain]
+        inner_lo, inner_hi = -(-lo // step) * step, hi // step * step
+        if not finer:
+            pieces.append((grain, lo, hi))
+        elif inner_lo >= inner_hi:
+            split(lo, hi, finer)
+        else:
+            pieces.append((grain, inner_lo, inner_hi))
+            split(lo, inner_lo, finer)
+            split(inner_hi, hi, finer)
+
+    split(since_ms, until_ms, ["day", "hour", "minute"])
+    return pieces
+
+
+def _window_sql(
+    family: str | None, pieces: list[tuple[str, int, int]], key_column: str, latency: bool
+) -> tuple[str, dict[str, object]]:
+    # The p50 (from the latency histograms, LATENCY_P50_SQL) is only needed by the remap
+    # recommendations, so other callers skip the merge.
+    p50 = LATENCY_P50_SQL if latency else "0.0"
+    if family is not None:
+        parts = []
+        parameters: dict[str, object] = {}
+        for index, (grain, lo, hi) in enumerate(pieces):
+            parameters[f"lo{index}"], parameters[f"hi{index}"] = lo, hi
+            histogram = ", latency_hist" if latency else ""
+            parts.append(
+                f"""SELECT {key_column} AS key, used_model, calls, failures, retries, input_tokens,
+    output_tokens, cost_nano_usd, failed_cost_nano_usd, retry_cost_nano_usd{histogram}
+FROM {family}_{grain}
+WHERE bucket >= toDateTime(intDiv({{lo{index}:Int64}}, 1000), 'UTC')
+  AND bucket < toDateTime(intDiv({{hi{index}:Int64}}, 1000), 'UTC')"""  # noqa: S608 - names from DIMENSIONS and ROLLUP_GRAINS, values are parameters
+            )
+        histogram = "WITH sumMap(latency_hist) AS h" if latency else ""
+        sql = f"""{histogram}
+SELECT key, used_model, sum(calls), sum(failures), sum(retries),
     sum(input_tokens) + sum(output_tokens), sum(cost_nano_usd), sum(failed_cost_nano_usd),
     sum(retry_cost_nano_usd), {p50}
-FROM {table}
-WHERE bucket >= toDateTime(intDiv({{since_ms:Int64}}, 1000), 'UTC')
-  AND bucket < toDateTime(intDiv({{until_ms:Int64}}, 1000), 'UTC')
+FROM ({" UNION ALL ".join(parts)})
 GROUP BY key, used_model
 ORDER BY key, used_model
-"""  # noqa: S608 - key_column and table come from DIMENSIONS / ROLLUP_GRAINS only
-    p50 = "quantiles(0.5, 0.9, 0.99)(latency_ms)[1]" if latency else "0.0"
-    return f"""
+"""  # noqa: S608 - key_column and family come from DIMENSIONS, grains from ROLLUP_GRAINS
+        return sql, parameters
+    histogram = f"WITH sumMap(map({LATENCY_BUCKET_SQL}, toUInt64(1))) AS h" if latency else ""
+    sql = f"""{histogram}
 SELECT {key_column} AS key, used_model, count(), countIf(status != 'ok'), countIf(attempt > 1),
     sum(input_tokens + output_tokens), sum(toInt128(cost_nano_usd)),
     sumIf(toInt128(cost_nano_usd), status != 'ok'), sumIf(toInt128(cost_nano_usd), attempt > 1),
     {p50}
 FROM calls
-WHERE event_time >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')
-  AND event_time < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')
+WHERE event_time >= fromUnixTimestamp64Milli({{lo0:Int64}}, 'UTC')
+  AND event_time < fromUnixTimestamp64Milli({{hi0:Int64}}, 'UTC')
 GROUP BY key, used_model
 ORDER BY key, used_model
 """  # noqa: S608 - key_column comes from DIMENSIONS only
+    return sql, {"lo0": pieces[0][1], "hi0": pieces[0][2]}
 
 
 def _check_window(since_ms: int, until_ms: int) -> None:
@@ -137,12 +180,14 @@ def key_model_stats(
     """Per key of `by` and model: counters, cost and (if `latency`) p50 latency, else 0.0."""
     _check_window(since_ms, until_ms)
     family, rollup_column, raw_expression = _dimension(by)
-    grain = source_for(since_ms, until_ms) if use_rollups else None
-    if grain is None:
-        sql = _window_sql(None, raw_expression, latency)
+    pieces = rollup_pieces(since_ms, until_ms) if use_rollups else None
+    if since_ms == until_ms:
+        return []
+    if pieces is None:
+        sql, parameters = _window_sql(None, [("", since_ms, until_ms)], raw_expression, latency)
     else:
-        sql = _window_sql(f"{family}_{grain}", rollup_column, latency)
-    result = client.query(sql, {"since_ms": since_ms, "until_ms": until_ms})
+        sql, parameters = _window_sql(family, pieces, rollup_column, latency)
+    result = client.query(sql, parameters)
     return [
         KeyModelStats(
             str(r[0]),

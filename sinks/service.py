@@ -18,13 +18,20 @@ from .server import QueryServer
 from .store import SinkTables
 from .worker import SinkWorker
 
-__all__ = ["BATCH_MAX_MS_ENV", "BATCH_MAX_ROWS_ENV", "open_with_retry", "run_sink"]
+__all__ = [
+    "BATCH_CATCH_UP_ROWS_ENV",
+    "BATCH_MAX_MS_ENV",
+    "BATCH_MAX_ROWS_ENV",
+    "open_with_retry",
+    "run_sink",
+]
 
 log = logging.getLogger(__name__)
 
 # Tuning knobs of the sink only; read here so Settings (shared) needs no new fields.
 BATCH_MAX_ROWS_ENV = "AGENTLEDGER_SINK_BATCH_ROWS"
 BATCH_MAX_MS_ENV = "AGENTLEDGER_SINK_BATCH_MS"
+BATCH_CATCH_UP_ROWS_ENV = "AGENTLEDGER_SINK_CATCH_UP_ROWS"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -44,6 +51,7 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
     stop = stop if stop is not None else threading.Event()
     batch_rows = _env_int(BATCH_MAX_ROWS_ENV, 10_000)
     batch_ms = _env_int(BATCH_MAX_MS_ENV, 1_000)
+    catch_up_rows = _env_int(BATCH_CATCH_UP_ROWS_ENV, 50_000)
     if settings.embedded_clickhouse:
         (settings.home / "clickhouse").mkdir(parents=True, exist_ok=True)
     database = open_with_retry(settings.clickhouse_dsn, stop, cluster=settings.clickhouse_cluster)
@@ -56,6 +64,7 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
             stop=stop,
             batch_max_rows=batch_rows,
             batch_max_ms=batch_ms,
+            batch_catch_up_rows=catch_up_rows,
         )
         server = QueryServer(
             database,

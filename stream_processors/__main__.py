@@ -15,7 +15,7 @@ def main() -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     app = build_app(settings)
     # faust's Worker installs SIGTERM/SIGINT handlers that stop the app cleanly.
-    worker = faust.Worker(app, loglevel="info")
+    worker = faust.Worker(app, loglevel=settings.log_level)
     worker.execute_from_commandline()
 
 

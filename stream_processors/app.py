@@ -24,15 +24,19 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
+from aiokafka.errors import KafkaError
+from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
 from faust.web import Request, Response, View
 from pydantic import ValidationError
 
 from agentledger.config import Settings
 from agentledger.schemas import (
     Alert,
+    BudgetPolicy,
     CallEvent,
     ControlAction,
     ControlCommand,
@@ -40,8 +44,11 @@ from agentledger.schemas import (
     sign_command,
 )
 
-from .budgets import Delivery, SpendState, apply_cost, apply_event, evaluate, spend_report
+from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_report
 from .dlq_rate import DlqRate
+from .flow import LedgerApp
+from .fold import SpendFold
+from .ordering import InOrder, Verdict
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .scopes import (
     ScopeCost,
@@ -51,7 +58,9 @@ from .scopes import (
     forwarded_costs,
     scopes_topic_name,
 )
-from .stats import register_stats
+from .stall import PartitionView, Remedy, StallWatch
+from .state_codec import decode_state, encode_state
+from .stats import StatsAggregator, register_stats
 from .webhook import WebhookDelivery
 
 __all__ = [
@@ -78,10 +87,20 @@ BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
 # Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
 MAX_COSTS_PER_RECORD = 2000
-# An input partition still unread this long after a rebalance is sought explicitly (unstick).
+# An input partition whose records wait this long without one being delivered gets the
+# stall watch's remedies (see stall.py); its offsets are checked this often.
 STALL_AFTER_S = 10.0
+STALL_CHECK_EVERY_S = 2.0
 # How often the consumer refreshes topic metadata (see build_app).
 METADATA_MAX_AGE_MS = 15_000
+# A partition sought back for skipped records that do not come again within this long has a
+# real gap in its offsets (see ordering.py).
+ACCEPT_GAP_AFTER_S = 5.0
+# Longer than a rebalance plus a recovery of the tables take here (seconds under load); past
+# it /health answers 503.
+REBALANCE_STUCK_S = 180.0
+# Scopes whose governing policies are kept (an unbounded number of agents may come and go).
+GOVERNING_CACHE_SIZE = 100_000
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -98,9 +117,9 @@ class _Ledger:
         return f"agent:{key}" if self.agent_keys else key
 
 
-@dataclass(frozen=True)
-class Record:
-    """One consumed message, as the batch handlers need it."""
+class Record(NamedTuple):
+    """One consumed message, as the batch handlers need it (a tuple: one is built per
+    message, and a frozen dataclass costs several times as much to build)."""
 
     topic: str
     partition: int
@@ -149,9 +168,8 @@ class Processor:
         self.clock = clock
         self.future_tolerance_ms = future_tolerance_ms
         self.book = PolicyBook()
-        self.dlq_rate = DlqRate()
-        hook = settings.alert_webhook_url
-        self.webhook = WebhookDelivery(hook.get_secret_value()) if hook is not None else None
+        self.dlq_rate = DlqRate.from_settings(settings)
+        self.webhook = WebhookDelivery.from_settings(settings)
         self._key = settings.control_key_bytes()
         # The timer and the agent both read-modify-write state and publish; one at a time.
         self._lock = asyncio.Lock()
@@ -160,13 +178,21 @@ class Processor:
         self._swept_version: int | None = None
         self._swept_actives: frozenset[tuple[str, int]] = frozenset()
         self._full_sweep_at = 0.0
-        # Partition stall watchdog, see unstick.
-        self._assigned_since: float | None = None
-        self._assigned_set: frozenset[Any] = frozenset()
-        self._unstuck: set[Any] = set()
+        # Offset order per input partition, see in_order.
+        self.order: InOrder[TP] = InOrder(ACCEPT_GAP_AFTER_S)
+        self._order_generation: int | None = None
+        # Partition stall watch, see unstick.
+        self.stalls: StallWatch[Any] = StallWatch(STALL_AFTER_S)
+        self._earliest: dict[Any, int] = {}  # per assignment; see unstick
+        self._rebalancing_since: float | None = None
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
+        # The policies governing each scope, for the policy book's version (see _governing).
+        self._governing_cache: dict[str, list[BudgetPolicy]] = {}
+        self._governing_version: tuple[int, int] | None = None
+        # Routing stats, fed by on_calls (see build_app); None when not registered.
+        self.stats: StatsAggregator | None = None
         topics = settings.topics
         self.calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
         self.control = app.topic(topics.control, key_serializer="raw", value_serializer="raw")
@@ -178,10 +204,13 @@ class Processor:
         self.spend = app.Table(
             SPEND_TABLE,
             partitions=partitions,
-            # No key/value types: faust then uses plain JSON for both (str keys, dict
-            # values), and recovery does not try to rebuild faust Records from them.
+            # No key type: faust then uses plain JSON for keys (str), and recovery does not
+            # try to rebuild faust Records. Values are JSON bytes we encode ourselves
+            # (state_codec.py; value_type=bytes makes faust pass them as they are): its json
+            # codec was most of a changelog write.
+            value_type=bytes,
         )
-        self.scope_spend = app.Table(SCOPE_SPEND_TABLE, partitions=partitions)
+        self.scope_spend = app.Table(SCOPE_SPEND_TABLE, partitions=partitions, value_type=bytes)
         self.ledgers = (
             _Ledger(self.spend, topics.calls, agent_keys=True),
             _Ledger(self.scope_spend, scopes_topic_name(settings), agent_keys=False),
@@ -256,16 +285,35 @@ class Processor:
         with the published command recorded."""
         if not self.book.ready.is_set():
             return state  # a missing policy must not look like a lifted budget
-        decision = evaluate(state, self.book.policies, scope, self.clock())
+        decision = evaluate(state, self.book.policies, scope, self.clock(), self._governing(scope))
         for alert in decision.alerts:
             await self.raise_alert(alert)
         if decision.alerted != state.alerted:
             state = replace(state, alerted=decision.alerted)
+        for command in decision.subtree_commands:
+            await self.publish(sign_command(command, self._key))
+        if decision.subtrees != state.subtrees:
+            state = replace(state, subtrees=decision.subtrees)
         if decision.command is None:
             return state
         signed = sign_command(decision.command, self._key)
         await self.publish(signed)
         return replace(state, last_command=signed)
+
+    def _governing(self, scope: str) -> list[BudgetPolicy]:
+        """``matching_policies`` for ``scope``, kept until the policies change: matching every
+        pattern against every key of every batch was a third of a decision."""
+        book = self.book
+        version = (id(book), book.version)
+        if self._governing_version != version:
+            self._governing_cache.clear()
+            self._governing_version = version
+        found = self._governing_cache.get(scope)
+        if found is None:
+            if len(self._governing_cache) >= GOVERNING_CACHE_SIZE:
+                self._governing_cache.clear()
+            found = self._governing_cache[scope] = matching_policies(book.policies.values(), scope)
+        return found
 
     async def publish(self, command: ControlCommand) -> None:
         self._unconfirmed.append(
@@ -302,7 +350,7 @@ class Processor:
         cached = self._decoded.get((table.name, key))
         if cached is not None and cached[0] is raw:
             return cached[1]
-        state = SpendState.from_json(raw)
+        state = decode_state(raw)
         self._decoded[(table.name, key)] = (raw, state)
         return state
 
@@ -313,7 +361,7 @@ class Processor:
         current event for faust to take the partition from. The changelog write is confirmed
         before the batch's offsets can be committed (see :meth:`_confirm`).
         """
-        value = state.to_json()
+        value = encode_state(state)
         table.data[key] = value
         self._decoded[(table.name, key)] = (value, state)
         self._unconfirmed.append(table.send_changelog(partition, key, value))
@@ -331,36 +379,43 @@ class Processor:
 
     async def on_calls(self, batch: list[Record]) -> None:
         """Count a batch of calls records: each agent's state is read, updated with all its
-        events in offset order, settled and written once per batch."""
+        events in offset order, settled and written once per batch. The routing stats count
+        the same parsed events (one parse per record for both)."""
+        batch = await self.in_order(batch)
         now = self.clock()
+        stats = self.stats
         by_agent: dict[str, list[tuple[CallEvent, int, int]]] = {}
         for record in batch:
             event = self._parse_call(record.value, now)
             if isinstance(event, str):
                 await self.dead_letter_record(record, event)
                 continue
+            if stats is not None:
+                stats.count(event, record.partition, record.offset)
             by_agent.setdefault(event.agent_id, []).append((event, record.partition, record.offset))
         forwards: dict[str, list[ScopeCost]] = {}
+        debug = log.isEnabledFor(logging.DEBUG)
         async with self._lock:
+            plan = self.book.plan
             for agent_id, items in by_agent.items():
                 state = self._load(self.spend, agent_id)
-                counted = state
+                fold = SpendFold(state, now_ms=now, plan=plan)
                 for event, partition, offset in items:
-                    delivery = counted.delivery(event.event_id.hex, partition, offset)
+                    event_id = event.event_id.hex
+                    delivery = fold.add_event(event, event_id, partition, offset)
+                    if debug:
+                        log.debug("calls %s@%s agent %s: %s", partition, offset, agent_id, delivery)
                     if delivery is Delivery.DUPLICATE:
                         log.info(
                             "event %s delivered again at %s; not counted", event.event_id, offset
                         )
                         continue
-                    if delivery is Delivery.NEW:
-                        counted = apply_event(
-                            counted, event, partition, offset, now_ms=now, plan=self.book.plan
-                        )
                     # A replay forwards again: the first run may have written the agent's
                     # state but crashed before the forward left; the scopes hop ignores what
                     # it has seen.
-                    for cost in forwarded_costs(event, partition, offset):
+                    for cost in forwarded_costs(event, partition, offset, event_id):
                         forwards.setdefault(cost.scope, []).append(cost)
+                counted = fold.result()
                 if counted is not state:
                     counted = await self.settle(f"agent:{agent_id}", counted)
                     self._store(self.spend, agent_id, counted, items[-1][1])
@@ -382,6 +437,7 @@ class Processor:
 
     async def on_scope_costs(self, batch: list[Record]) -> None:
         """Count a batch of forwarded costs, once per scope per batch (see :meth:`on_calls`)."""
+        batch = await self.in_order(batch)
         by_scope: dict[str, list[tuple[ScopeCost, int]]] = {}
         for record in batch:
             try:
@@ -391,24 +447,31 @@ class Processor:
                 continue
             for cost in costs:
                 by_scope.setdefault(cost.scope, []).append((cost, record.partition))
+        debug = log.isEnabledFor(logging.DEBUG)
         async with self._lock:
             now = self.clock()
             for scope, items in by_scope.items():
                 state = self._load(self.scope_spend, scope)
-                counted = state
+                if debug:
+                    log.debug(
+                        "scope %s: %d costs %s; applied before %s",
+                        scope,
+                        len(items),
+                        [(c.partition, c.offset) for c, _ in items],
+                        state.applied,
+                    )
+                fold = SpendFold(state, now_ms=now, plan=self.book.plan)
                 for cost, state_partition in items:
-                    counted = apply_cost(
-                        counted,
+                    fold.add_cost(
                         event_id=cost.event_id,
                         event_time_ms=cost.event_time_ms,
                         cost_nano_usd=cost.cost_nano_usd,
                         partition=cost.partition,
                         offset=cost.offset,
-                        now_ms=now,
                         state_partition=state_partition,
-                        plan=self.book.plan,
                         activity=cost.activity,
                     )
+                counted = fold.result()
                 if counted is state:
                     continue
                 counted = await self.settle(scope, counted)
@@ -416,63 +479,135 @@ class Processor:
                 self._track(SCOPE_SPEND_TABLE, scope, counted)
             await self._confirm()
 
-    # -- the timer --------------------------------------------------------------------------
+    # -- offset order -----------------------------------------------------------------------
 
-    async def unstick(self) -> None:
-        """Seek assigned input partitions that were never read since the last rebalance.
-
-        faust 0.15.3 with aiokafka sometimes never fetches a partition a worker takes over from
-        a dead one (faust-streaming/faust#629; seen here in the two-worker kill test): it stays
-        assigned and active with no read offset. An explicit seek to its committed offset (or
-        its beginning, when nothing was committed) makes the fetcher pick it up; what is read
-        again is recognised by the applied offsets in the state, so a needless seek is harmless.
+    async def in_order(self, batch: list[Record]) -> list[Record]:
+        """The records of ``batch`` to count now, in each partition's offset order (see
+        ordering.py); partitions that skipped records are sought back to the first missing one.
         """
-        if self.app.rebalancing or self.app.in_recovery:
-            self._assigned_since = None
-            return
-        consumer = self.app.consumer
-        inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
-        assigned = frozenset(tp for tp in consumer.assignment() if tp.topic in inputs)
+        generation = self.app.consumer_generation_id
+        if generation != self._order_generation:
+            self.order.reset()
+            self._order_generation = generation
+        order = self.order
+        unknown = {TP(r.topic, r.partition) for r in batch} - set(order.known())
+        if unknown:
+            try:
+                starts = await committed_or_earliest(self.app, unknown)
+            except (TimeoutError, KafkaError) as exc:
+                # Without the committed offsets the first record of a partition is where it
+                # starts; a hole before it cannot be seen this once.
+                log.warning("committed offsets unavailable (%s); counting as delivered", exc)
+                starts = {}
+            for tp in unknown:
+                first = min(r.offset for r in batch if (r.topic, r.partition) == tp)
+                order.start(tp, starts.get(tp, first))
         now = time.monotonic()
-        if self._assigned_since is None or assigned != self._assigned_set:
-            self._assigned_since, self._assigned_set, self._unstuck = now, assigned, set()
-            return
-        if now - self._assigned_since < STALL_AFTER_S:
-            return
-        read = getattr(consumer, "_read_offset", {})  # faust keeps it private; read only
-        stuck = [tp for tp in assigned if read.get(tp) is None and tp not in self._unstuck]
-        if not stuck:
-            return
-        committed = getattr(consumer, "_committed_offset", {})
-        earliest = await consumer.earliest_offsets(*stuck)
-        targets = {tp: committed.get(tp) or earliest.get(tp) or 0 for tp in stuck}
-        for tp, offset in targets.items():
+        kept: list[Record] = []
+        seeks: dict[TP, int] = {}
+        for record in batch:
+            tp = TP(record.topic, record.partition)
+            verdict = order.admit(tp, record.offset, now)
+            if verdict is Verdict.COUNT:
+                kept.append(record)
+            elif verdict is Verdict.SEEK:
+                seeks[tp] = order.expected(tp)
+        if len(kept) == len(batch):
+            return kept
+        for tp, offset in seeks.items():
             log.warning(
-                "partition %s:%s never read since assignment; seeking to %s",
+                "partition %s:%s skipped records (next to count %s); seeking back to it",
                 tp.topic,
                 tp.partition,
                 offset,
             )
-        if await self.seek_inputs(targets):
-            self._unstuck.update(targets)
+        if seeks:
+            try:
+                # On faust's consumer thread, and it also lowers faust's read offset, which
+                # would otherwise drop the records read again.
+                await self.app.consumer.seek_wait(seeks)
+            except (TimeoutError, KafkaError) as exc:
+                # Records held back are acked with the batch: count them rather than lose them.
+                log.warning("seek back failed (%s); counting the batch as delivered", exc)
+                order.reset()
+                return batch
+        return kept
 
-    async def seek_inputs(self, offsets: dict[Any, int]) -> bool:
-        """Seek input partitions from the consumer's own thread; False when the broker did not
-        confirm the new positions in time (the next tick tries again).
+    # -- the timer --------------------------------------------------------------------------
 
-        faust's ``Consumer.seek`` calls aiokafka's ``seek`` from the app's thread while the
-        consumer runs in a thread of its own. A seek landing while that thread drained fetched
-        records made aiokafka's fetcher raise ``KeyError`` in ``fetched_records``, which
-        crashed faust's Fetcher and the worker (seen after a broker restart, when the watchdog
-        sought the partitions the outage had kept unread). ``seek_wait`` runs the seek in the
-        consumer's thread, as faust's own recovery does.
-        """
+    def stuck_rebalancing(self) -> bool:
+        """A rebalance (or the recovery after it) has lasted longer than any healthy one: faust
+        can wait forever there for an event that never gets acked."""
+        since = self._rebalancing_since
+        return since is not None and time.monotonic() - since > REBALANCE_STUCK_S
+
+    async def unstick(self) -> None:
+        """Feed each input partition's progress to the stall watch (stall.py) and apply the
+        remedies it returns: a seek to the committed offset, a group rejoin, and finally an
+        unhealthy /health. Runs on its own timer, every STALL_CHECK_EVERY_S: the end offsets
+        come from the broker through faust's consumer thread, which can take a second."""
+        now = time.monotonic()
+        if self.app.rebalancing or self.app.in_recovery:
+            self.stalls.reset()
+            self._earliest.clear()
+            if self._rebalancing_since is None:
+                self._rebalancing_since = now
+            return
+        self._rebalancing_since = None
+        consumer = self.app.consumer
+        inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
+        # faust keeps paused (recovering) and back-pressured partitions in private sets; a
+        # partition waiting there is not stalled. Read only.
+        waiting = set(getattr(consumer, "_paused_partitions", ())) | set(
+            getattr(consumer, "_buffered_partitions", ())
+        )
+        tps = [tp for tp in consumer.assignment() if tp.topic in inputs and tp not in waiting]
+        if not tps:
+            self.stalls.reset()
+            return
+        read = getattr(consumer, "_read_offset", {})
+        committed = dict(getattr(consumer, "_committed_offset", {}))
         try:
-            await self.app.consumer.seek_wait(offsets)
-        except TimeoutError:
-            log.warning("seek of %d partitions not confirmed in time; retrying", len(offsets))
-            return False
-        return True
+            ends = await consumer.highwaters(*tps)
+            unknown = [tp for tp in tps if committed.get(tp) is None and tp not in self._earliest]
+            if unknown:
+                self._earliest.update(await consumer.earliest_offsets(*unknown))
+        except (TimeoutError, KafkaError, ConsumerNotStarted) as exc:
+            # The broker is away; the next check asks again.
+            log.info("stall check skipped: offsets unavailable (%s)", exc)
+            return
+        for tp in tps:
+            if committed.get(tp) is None:
+                committed[tp] = self._earliest.get(tp)
+        views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
+        for tp, remedy in self.stalls.observe(views, now).items():
+            view = views[tp]
+            if remedy is Remedy.SEEK and view.committed is not None:
+                log.warning(
+                    "partition %s:%s stalled (delivered %s, end %s); seeking to %s",
+                    tp.topic,
+                    tp.partition,
+                    view.delivered,
+                    view.end,
+                    view.committed,
+                )
+                await seek_fetch_position(self.app, tp, view.committed)
+            elif remedy is Remedy.REJOIN:
+                log.warning(
+                    "partition %s:%s still stalled after seeking; asking the group to rebalance",
+                    tp.topic,
+                    tp.partition,
+                )
+                await request_rejoin(self.app)
+            elif remedy is Remedy.UNHEALTHY:
+                log.error(
+                    "partition %s:%s stalled for good (delivered %s, end %s): /health reports "
+                    "503 so the supervisor restarts this worker",
+                    tp.topic,
+                    tp.partition,
+                    view.delivered,
+                    view.end,
+                )
 
     async def sweep(self) -> None:
         """Re-decide local agents: period rollovers (RESUME), policy changes, and agents whose
@@ -517,7 +652,11 @@ class Processor:
             return
         state = self._load(ledger.table, key)
         if state.partition is None or (ledger.topic, state.partition) not in actives:
+            # Revoked: another worker owns it now (see holds). A later assignment recovers it
+            # from the changelog again.
             self._standing.discard((name, key))
+            ledger.table.data.pop(key, None)
+            self._decoded.pop((name, key), None)
             return
         settled = await self.settle(ledger.scope_of(key), state)
         self._track(name, key, settled)
@@ -545,13 +684,67 @@ class Processor:
         if not name:
             return None
         if kind == "agent":
-            table, key = self.spend, name
+            ledger, key = self.ledgers[0], name
         elif kind in {"pool", "workflow", "task_type"}:
-            table, key = self.scope_spend, scope
+            ledger, key = self.ledgers[1], scope
         else:
             return None
+        table = ledger.table
         state = self._load(table, key) if table.get(key) is not None else None
+        if state is not None and not self.holds(ledger, state):
+            state = None  # another worker owns it now; this copy is stale
         return spend_report(state, self.book.policies, scope, self.clock())
+
+    def holds(self, ledger: _Ledger, state: SpendState) -> bool:
+        """Whether this worker owns the partition ``state`` lives on. After a rebalance faust
+        keeps the revoked partitions' values in the in-memory table; they stop being updated,
+        so they must be neither served nor re-decided (sweep drops them)."""
+        actives = self.app.assignor.assigned_actives()
+        return state.partition is not None and TP(ledger.topic, state.partition) in actives
+
+
+async def committed_or_earliest(app: faust.App, tps: set[TP]) -> dict[TP, int]:
+    """Each partition's committed offset in the group, or its earliest offset when the group
+    never committed one (the consumer's auto_offset_reset is earliest)."""
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+
+    async def committed() -> dict[TP, int | None]:
+        consumer = thread._ensure_consumer()
+        return {tp: await consumer.committed(tp) for tp in tps}
+
+    found: dict[TP, int | None] = await thread.call_thread(committed)
+    missing = [tp for tp, offset in found.items() if offset is None]
+    earliest = await app.consumer.earliest_offsets(*missing) if missing else {}
+    return {tp: offset if offset is not None else earliest[tp] for tp, offset in found.items()}
+
+
+async def seek_fetch_position(app: faust.App, tp: TP, offset: int) -> None:
+    """Move the consumer's fetch position of ``tp`` to ``offset``, on faust's consumer thread.
+
+    Not faust's ``Consumer.seek``: it calls aiokafka from the app's thread while the consumer
+    runs in a thread of its own (a seek landing while that thread drained fetched records made
+    aiokafka raise KeyError and crashed the worker after a broker restart), and it also moves
+    faust's read offset, which would look like progress to the stall watch. Records read again
+    are recognised by the applied offsets in the state."""
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+
+    async def seek() -> None:
+        thread._ensure_consumer().seek(tp, offset)
+
+    await thread.call_thread(seek)
+
+
+async def request_rejoin(app: faust.App) -> None:
+    """Make the consumer rejoin its group, which rebuilds every fetch position.
+
+    faust has no public call for it; aiokafka's coordinator lives on faust's consumer thread,
+    so the request runs there."""
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+
+    async def rejoin() -> None:
+        thread._ensure_consumer()._coordinator.request_rejoin()
+
+    await thread.call_thread(rejoin)
 
 
 def partition_report(app: faust.App) -> dict[str, list[str]]:
@@ -591,7 +784,8 @@ def build_app(
     second hop) if it is missing."""
     partitions = calls_partitions or calls_partition_count(settings)
     ensure_scopes_topic(settings, partitions, tables=(SPEND_TABLE, SCOPE_SPEND_TABLE))
-    app = faust.App(
+    # LedgerApp: faust's App, except that resuming flow keeps queued events (see flow.py).
+    app = LedgerApp(
         f"{settings.topic_prefix}processor",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
         broker_credentials=settings.faust_credentials(),
@@ -639,7 +833,9 @@ def build_app(
     )
     proc = Processor(app, settings, clock or wall_clock_ms, partitions, future_tolerance_ms)
     app.processor = proc  # type: ignore[attr-defined]  # for tests and tooling
-    register_stats(app, settings, proc.clock, proc.dead_letter)  # routing stats, own agent
+    # Routing stats: counted by on_calls from its parsed events rather than by an agent of
+    # their own, which cost a second faust stream and a second parse per calls record.
+    proc.stats = register_stats(app, settings, proc.clock, proc.dead_letter, own_agent=False)
 
     # Batches: per-event overhead (a state decode, a changelog write and three forwards per
     # event) held the worker to ~500 events/s; per batch it is paid once per key. take_events
@@ -666,23 +862,38 @@ def build_app(
             bootstrap=settings.kafka,
             topic=settings.topics.policies,
             on_invalid=proc.reject_policy,
+            client_options=settings.aiokafka_options(),
         )
 
     @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
-        await proc.unstick()
         await proc.sweep()
+
+    @app.timer(interval=STALL_CHECK_EVERY_S)  # type: ignore[untyped-decorator]
+    async def watch_stalls() -> None:
+        await proc.unstick()
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:
+        try:
+            partitions = partition_report(app)
+        except ConsumerNotStarted:
+            # The web server starts before the consumer thread; a probe in that gap gets a
+            # retryable answer instead of a 500.
+            return web.json({"status": "starting", "policies_loaded": False}, status=503)
+        stalled = sorted(f"{tp.topic}:{tp.partition}" for tp in proc.stalls.unhealthy)
+        stuck = proc.stuck_rebalancing()
+        status = "stalled" if stalled else "stuck rebalancing" if stuck else "ok"
         return web.json(
             {
-                "status": "ok",
+                "status": status,
+                "stalled_partitions": stalled,
                 "policies": len(proc.book),
                 "policies_loaded": proc.book.ready.is_set(),
                 "rebalancing": bool(app.rebalancing),
-                "partitions": partition_report(app),
-            }
+                "partitions": partitions,
+            },
+            status=200 if status == "ok" else 503,
         )
 
     # Agent ids may contain "/", so the scope takes the rest of the path.
@@ -711,9 +922,10 @@ def build_app(
         reports = []
         for ledger in proc.ledgers:
             for key, raw in list(ledger.table.data.items()):
-                report = spend_report(
-                    SpendState.from_json(raw), proc.book.policies, ledger.scope_of(key), now
-                )
+                state = decode_state(raw)
+                if not proc.holds(ledger, state):
+                    continue
+                report = spend_report(state, proc.book.policies, ledger.scope_of(key), now)
                 del report["buckets"], report["applied_offsets"]
                 reports.append(report)
         reports.sort(key=lambda r: str(r["scope"]))

@@ -14,7 +14,7 @@ between the state write and the publish is repaired by the next decision.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -37,6 +37,7 @@ from agentledger.schemas import (
     Severity,
     Threshold,
     nano_to_usd,
+    subtree_scope,
     usd_to_nano,
 )
 from agentledger.schemas.policy import CALENDAR_PERIODS, duration_ms
@@ -138,6 +139,8 @@ class SpendState:
     agents: Mapping[str, tuple[str | None, int, int]] = field(default_factory=dict)
     #: Spend on retries (attempt 2 and later) per calendar period key (agent states only).
     retry_spend: Mapping[str, int] = field(default_factory=dict)
+    #: Subtree scopes a command published from this (workflow) state stands for.
+    subtrees: tuple[str, ...] = ()
 
     def already_applied(self, partition: int, offset: int) -> bool:
         done = self.applied.get(partition)
@@ -183,6 +186,7 @@ class SpendState:
             "intervals": [list(pair) for pair in self.intervals],
             "agents": {a: [p, d, t] for a, (p, d, t) in self.agents.items()},
             "retry_spend": dict(sorted(self.retry_spend.items())),
+            **({"subtrees": list(self.subtrees)} if self.subtrees else {}),
         }
 
     @classmethod
@@ -286,12 +290,16 @@ def _tracked_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
     for key, nano in retry_raw.items():
         parse_period_key(key)
         retry_spend[key] = _int(nano, f"retry_spend.{key}")
+    subtrees = data.get("subtrees", [])
+    if not isinstance(subtrees, list) or not all(isinstance(s, str) for s in subtrees):
+        raise ValueError("spend state field 'subtrees' must be a list of subtree scopes")
     return {
         "slots": slots,
         "runs": runs,
         "intervals": intervals,
         "agents": agents,
         "retry_spend": retry_spend,
+        "subtrees": tuple(subtrees),
     }
 
 
@@ -550,6 +558,8 @@ class Crossing:
     #: The command carries no period start (the window slides), or stands until lifted.
     sliding: bool = False
     open_ended: bool = False
+    #: The (subtree) scope the action is for, when not the evaluated scope itself.
+    target: str | None = None
 
     @property
     def key(self) -> str:
@@ -582,11 +592,14 @@ class Crossing:
 @dataclass(frozen=True)
 class Decision:
     """What the state calls for now: a command to publish (None: what stands is right), the
-    alerts to raise, and the crossings alerted so far (to keep in the state)."""
+    alerts to raise, and the crossings alerted so far (to keep in the state); plus commands
+    for subtrees of a workflow and the subtree scopes that stand after them (to keep)."""
 
     command: ControlCommand | None
     alerts: tuple[Alert, ...]
     alerted: tuple[str, ...]
+    subtree_commands: tuple[ControlCommand, ...] = ()
+    subtrees: tuple[str, ...] = ()
 
 
 def _slot_sum(state: SpendState, slot: int, start: int, end: int) -> int:
@@ -644,15 +657,22 @@ def _rolling_lapse(
 
 
 def crossings(
-    state: SpendState, policies: Iterable[BudgetPolicy], scope: str, now_ms: int
+    state: SpendState,
+    policies: Iterable[BudgetPolicy],
+    scope: str,
+    now_ms: int,
+    governing: Sequence[BudgetPolicy] | None = None,
 ) -> list[Crossing]:
     """Every threshold reached in the current period of each policy that governs ``scope``,
-    and every detector of those policies that fires now.
+    and every detector of those policies that fires now. ``governing`` is
+    ``matching_policies(policies, scope)`` when the caller has it already.
 
     Reached means spend >= at_percent% of the limit, compared exactly in integers.
     """
     found: list[Crossing] = []
-    for policy in matching_policies(policies, scope):
+    if governing is None:
+        governing = matching_policies(policies, scope)
+    for policy in governing:
         current = policy_window(state, policy, now_ms)
         if current is not None:
             window, spend = current
@@ -834,6 +854,7 @@ def _spawn(state: SpendState, policy: BudgetPolicy, scope: str) -> list[Crossing
         "depth": "spawn depth",
         "rate": "new agents within one minute",
     }
+    workflow = scope.removeprefix("workflow:")
     found = []
     for finding in spawn_findings(
         state.agents,
@@ -841,11 +862,23 @@ def _spawn(state: SpendState, policy: BudgetPolicy, scope: str) -> list[Crossing
         max_depth=rule.max_depth,
         max_new_agents_per_minute=rule.max_new_agents_per_minute,
     ):
+        # The subtree the offender spawned is acted on, so its siblings keep working; with
+        # no single spawning agent to name, the whole workflow is.
+        target = subtree_scope(workflow, finding.root) if finding.root is not None else None
+        whom = (
+            f" for {target} (every agent {finding.root} spawned, directly or not)"
+            if target is not None
+            else " for the whole workflow"
+        )
         message = (
             f"{scope}: spawn explosion, {finding.value} {words[finding.what]} "
             f"(limit {finding.limit}; agent {finding.agent}); action: {rule.action}"
+            + (whom if rule.action != "alert" else "")
         )
         first = min(t for _, _, t in state.agents.values())
+        details: dict[str, str | int] = {"limit": finding.what, "agent": finding.agent}
+        if target is not None:
+            details["subtree"] = target
         found.append(
             Crossing(
                 policy,
@@ -854,10 +887,11 @@ def _spawn(state: SpendState, policy: BudgetPolicy, scope: str) -> list[Crossing
                 finding.value,
                 finding.limit,
                 AlertKind.SPAWN_EXPLOSION,
-                label=f"spawn|{finding.what}",
+                label=f"spawn|{finding.what}" + (f"|{finding.root}" if finding.root else ""),
                 message=message,
-                details={"limit": finding.what, "agent": finding.agent},
+                details=details,
                 open_ended=True,
+                target=target,
             )
         )
     return found
@@ -1037,7 +1071,11 @@ def _alert(scope: str, crossing: Crossing, now_ms: int) -> Alert:
 
 
 def evaluate(
-    state: SpendState, policies: Mapping[str, BudgetPolicy], scope: str, now_ms: int
+    state: SpendState,
+    policies: Mapping[str, BudgetPolicy],
+    scope: str,
+    now_ms: int,
+    governing: Sequence[BudgetPolicy] | None = None,
 ) -> Decision:
     """Derive the command and the alerts for ``scope`` from the state and the policies.
 
@@ -1045,13 +1083,14 @@ def evaluate(
     throttle > route; the smallest throttle; then the latest-ending period). It lapses
     (RESUME) when the period rolls over (a rolling window slides below the threshold, a
     workflow run ends) or the policy is raised or removed. Each crossing is alerted once per
-    period. Unsigned: the caller signs.
+    period. Unsigned: the caller signs. ``governing``: as for :func:`crossings`.
     """
-    found = crossings(state, policies.values(), scope, now_ms)
+    found = crossings(state, policies.values(), scope, now_ms, governing)
     previously = set(state.alerted)
     alerts = tuple(_alert(scope, c, now_ms) for c in found if c.key not in previously)
     alerted = tuple(sorted({c.key for c in found}))
-    acting = [c for c in found if c.threshold.control_action is not None]
+    subtrees = _subtree_decision(state, found, scope, now_ms)
+    acting = [c for c in found if c.threshold.control_action is not None and c.target is None]
     last = state.last_command
     standing = last is not None and last.action is not ControlAction.RESUME
     if acting:
@@ -1075,10 +1114,10 @@ def evaluate(
             issued_at_ms=now_ms,
         )
         if _same_standing(last, command):
-            return Decision(None, alerts, alerted)
-        return Decision(command, alerts, alerted)
+            return Decision(None, alerts, alerted, *subtrees)
+        return Decision(command, alerts, alerted, *subtrees)
     if last is None or not standing:
-        return Decision(None, alerts, alerted)
+        return Decision(None, alerts, alerted, *subtrees)
     if last.until_ms is not None and last.until_ms <= now_ms:
         why = f"{scope}: the budget period that was spent has ended; a new period started"
     else:
@@ -1086,7 +1125,52 @@ def evaluate(
     resume = ControlCommand(
         scope=scope, action=ControlAction.RESUME, reason=why, issued_at_ms=now_ms
     )
-    return Decision(resume, alerts, alerted)
+    return Decision(resume, alerts, alerted, *subtrees)
+
+
+def _subtree_decision(
+    state: SpendState, found: list[Crossing], scope: str, now_ms: int
+) -> tuple[tuple[ControlCommand, ...], tuple[str, ...]]:
+    """Commands for the subtrees that crossings target and that have none standing yet, and
+    RESUMEs for those that no crossing targets any more; then the subtrees that stand."""
+    wanted: dict[str, Crossing] = {}
+    for crossing in found:
+        target = crossing.target
+        if target is None or crossing.threshold.control_action is None:
+            continue
+        if target not in wanted or crossing.rank() > wanted[target].rank():
+            wanted[target] = crossing
+    if not wanted and not state.subtrees:
+        return (), ()
+    commands = []
+    for target, crossing in sorted(wanted.items()):
+        if target in state.subtrees:
+            continue  # open-ended: what stands is right until the crossing goes away
+        action = crossing.threshold.control_action
+        assert action is not None  # filtered above
+        commands.append(
+            ControlCommand(
+                schema_version=2,
+                scope=target,
+                action=action,
+                params=crossing.threshold.params,
+                reason=_reason(scope, crossing),
+                issued_at_ms=now_ms,
+            )
+        )
+    for target in state.subtrees:
+        if target not in wanted:
+            commands.append(
+                ControlCommand(
+                    schema_version=2,
+                    scope=target,
+                    action=ControlAction.RESUME,
+                    reason=f"{scope}: {target} is no longer over a spawn limit "
+                    "(policy raised or removed)",
+                    issued_at_ms=now_ms,
+                )
+            )
+    return tuple(commands), tuple(sorted(wanted))
 
 
 def decide(
@@ -1174,6 +1258,8 @@ def spend_report(
     if state.agents:
         report["agents_seen"] = len(state.agents)
         report["max_spawn_depth"] = max(d for _, d, _ in state.agents.values())
+    if state.subtrees:
+        report["stopped_subtrees"] = list(state.subtrees)
     return report
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from agentledger.config import Settings
 from agentledger.schemas import Alert, AlertKind, Severity
 
 __all__ = ["DLQ_ALERT_SCOPE", "DlqRate"]
@@ -35,6 +36,15 @@ class DlqRate:
         self._times: deque[int] = deque(maxlen=max_per_window + 1)
         self._alerted_at: int | None = None
         self.total = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DlqRate:
+        """The limits from ``AGENTLEDGER_DLQ_ALERT_MAX``, ``_WINDOW_S`` and ``_COOLDOWN_S``."""
+        return cls(
+            max_per_window=settings.dlq_alert_max,
+            window_ms=settings.dlq_alert_window_s * 1000,
+            cooldown_ms=settings.dlq_alert_cooldown_s * 1000,
+        )
 
     def record(self, now_ms: int, reason: str) -> Alert | None:
         """Count one dead letter; return the alert to raise, if the rate is now too high."""

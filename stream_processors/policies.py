@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from agentledger.schemas import BudgetPolicy
 
+from .kafka_clients import ClientOptions, follower_consumer, metadata_producer
 from .tracking import EMPTY_PLAN, BucketPlan, plan_for
 
 __all__ = ["InvalidPolicy", "PolicyBook", "follow_policies"]
@@ -90,13 +91,14 @@ class PolicyBook:
         return None
 
 
-async def _partitions_of(bootstrap: str, topic: str, timeout_ms: int = 30_000) -> set[int]:
+async def _partitions_of(
+    bootstrap: str, topic: str, options: ClientOptions | None, timeout_ms: int = 30_000
+) -> set[int]:
     # A group-less consumer only knows metadata of assigned topics; the producer API fetches
     # a topic's metadata on request.
-    from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaTimeoutError
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    producer = metadata_producer(bootstrap, options, timeout_ms=timeout_ms)
     await producer.start()
     try:
         numbers: set[int] = await producer.partitions_for(topic)
@@ -120,21 +122,18 @@ async def follow_policies(
     topic: str,
     on_invalid: OnInvalid,
     poll_timeout_ms: int = 200,
+    client_options: ClientOptions | None = None,
 ) -> None:
     """Read ``topic`` into ``book`` forever; set ``book.ready`` once caught up.
 
     Caught up means: positions reached the end offsets seen at start, on every partition.
-    Runs until cancelled.
+    ``client_options`` are the security settings (``Settings.aiokafka_options()``). Runs
+    until cancelled.
     """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    numbers = await _partitions_of(bootstrap, topic)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
+    numbers = await _partitions_of(bootstrap, topic, client_options)
+    consumer = follower_consumer(bootstrap, client_options)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in sorted(numbers)]

@@ -189,22 +189,31 @@ def _activity_of(tail: list[Any], index: int) -> Activity:
     return Activity(agent, parent, depth, latency)
 
 
-def forwarded_costs(event: CallEvent, partition: int, offset: int) -> list[ScopeCost]:
-    """The records the first hop forwards for ``event``: one per scope except its agent."""
-    activity = Activity(event.agent_id, event.parent_agent_id, event.spawn_depth, event.latency_ms)
-    return [
-        ScopeCost(
-            scope=scope,
-            event_id=event.event_id.hex,
-            event_time_ms=event.event_time_ms,
-            cost_nano_usd=event.cost_nano_usd,
-            partition=partition,
-            offset=offset,
-            activity=activity if scope.startswith(("pool:", "workflow:")) else None,
+def forwarded_costs(
+    event: CallEvent, partition: int, offset: int, event_id: str | None = None
+) -> list[ScopeCost]:
+    """The records the first hop forwards for ``event``: one per scope except its agent.
+    ``event_id`` is the event's id as hex, when the caller has it already."""
+    if not (event.pool or event.workflow_id or event.task_type):
+        return []
+    hex_id = event.event_id.hex if event_id is None else event_id
+    time, cost = event.event_time_ms, event.cost_nano_usd
+    costs = []
+    if event.pool or event.workflow_id:
+        activity = Activity(
+            event.agent_id, event.parent_agent_id, event.spawn_depth, event.latency_ms
         )
-        for scope in event.scopes()
-        if not scope.startswith("agent:")
-    ]
+        if event.pool:
+            costs.append(
+                ScopeCost(f"pool:{event.pool}", hex_id, time, cost, partition, offset, activity)
+            )
+        if event.workflow_id:
+            scope = f"workflow:{event.workflow_id}"
+            costs.append(ScopeCost(scope, hex_id, time, cost, partition, offset, activity))
+    if event.task_type:
+        scope = f"task_type:{event.task_type}"
+        costs.append(ScopeCost(scope, hex_id, time, cost, partition, offset))
+    return costs
 
 
 def changelog_topic_name(settings: Settings, table: str) -> str:

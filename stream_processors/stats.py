@@ -30,6 +30,8 @@ from agentledger.config import Settings
 from agentledger.schemas import CallEvent, CallStatus, TaskStats
 from agentledger.schemas.stats import latency_bucket
 
+from .kafka_clients import ClientOptions, follower_consumer
+
 __all__ = [
     "FLUSH_INTERVAL_S",
     "InvalidStats",
@@ -289,18 +291,14 @@ async def follow_stats(
     start: dict[int, int],
     on_invalid: Callable[[InvalidStats], Awaitable[None]],
     poll_timeout_ms: int = 200,
+    client_options: ClientOptions | None = None,
 ) -> None:
     """Keep reading the stats topic into ``aggregator`` from ``start`` (offset per partition),
     so partitions taken over from another worker continue from its latest partials. Runs
-    until cancelled."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    until cancelled. ``client_options`` are the security settings (see kafka_clients.py)."""
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
+    consumer = follower_consumer(bootstrap, client_options)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in sorted(start)]
@@ -331,11 +329,15 @@ def register_stats(
     dead_letter: DeadLetter,
     *,
     flush_interval_s: float = FLUSH_INTERVAL_S,
+    own_agent: bool = True,
 ) -> StatsAggregator:
     """Add the stats agent, the stats-topic follower and the publish timer to a faust app.
 
     Call it once from ``build_app``; the aggregator is returned (and kept as
-    ``app.stats_aggregator``) for tests and tooling."""
+    ``app.stats_aggregator``) for tests and tooling. With ``own_agent=False`` no agent reads
+    the calls topic: the caller feeds :meth:`StatsAggregator.count` with the events it parsed
+    anyway (the processor's spend agent does; a second agent on the same topic cost a second
+    faust stream and a second validation per record)."""
     from agentledger.deploy.topics import ensure_topics, topic_specs
 
     topics = settings.topics
@@ -346,18 +348,10 @@ def register_stats(
     )
     aggregator = StatsAggregator(clock)
     start, invalid = rebuild_stats(aggregator, settings)
-    calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
     out = app.topic(topics.stats, key_serializer="raw", value_serializer="raw")
     app.stats_aggregator = aggregator
-
-    @app.agent(calls, name=f"{settings.topic_prefix}routing-stats", concurrency=1)  # type: ignore[untyped-decorator]
-    async def routing_stats(stream: Any) -> None:
-        # Batches, like the spend agents: faust's per-event hand-over to an agent body costs
-        # more than the counting itself.
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            for event in events:
-                msg = event.message
-                aggregator.observe(msg.partition, msg.offset, event.value)
+    if own_agent:
+        _add_stats_agent(app, settings, aggregator)
 
     async def reject(bad: InvalidStats) -> None:
         await dead_letter(
@@ -379,6 +373,7 @@ def register_stats(
             topic=topics.stats,
             start=start,
             on_invalid=reject,
+            client_options=settings.aiokafka_options(),
         )
 
     @app.timer(interval=flush_interval_s)  # type: ignore[untyped-decorator]
@@ -387,3 +382,16 @@ def register_stats(
             await out.send(key=record.key.encode(), value=record.model_dump_json().encode())
 
     return aggregator
+
+
+def _add_stats_agent(app: Any, settings: Settings, aggregator: StatsAggregator) -> None:
+    calls = app.topic(settings.topics.calls, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(calls, name=f"{settings.topic_prefix}routing-stats", concurrency=1)  # type: ignore[untyped-decorator]
+    async def routing_stats(stream: Any) -> None:
+        # Batches, like the spend agents: faust's per-event hand-over to an agent body costs
+        # more than the counting itself.
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            for event in events:
+                msg = event.message
+                aggregator.observe(msg.partition, msg.offset, event.value)

@@ -130,45 +130,89 @@ def over_cap_until(intervals: Iterable[tuple[int, int]], cap: int) -> int | None
 
 @dataclass(frozen=True)
 class SpawnFinding:
-    """One spawn limit a workflow is over."""
+    """One spawn limit a part of a workflow is over."""
 
     what: str  # children | depth | rate
     agent: str  # the parent with too many children, the deepest agent, or the newest agent
     value: int
     limit: int
+    #: The agent whose descendants are the offending subtree (they, not it, are acted on);
+    #: None when no one agent of the workflow spawned them all: the whole workflow offends.
+    root: str | None = None
+
+
+Agents = Mapping[str, tuple[str | None, int, int]]
 
 
 def spawn_findings(
-    agents: Mapping[str, tuple[str | None, int, int]],
+    agents: Agents,
     *,
     max_children: int | None,
     max_depth: int | None,
     max_new_agents_per_minute: int | None,
 ) -> list[SpawnFinding]:
-    """Limits over which the workflow's agents (agent -> (parent, depth, first seen ms)) are."""
+    """The subtrees over a limit, given the workflow's agents (agent -> (parent, depth, first
+    seen ms)): every parent with too many children; per subtree rooted at depth ``max_depth``,
+    its deepest agent; and the smallest subtree holding the largest burst of new agents."""
     found = []
     if max_children is not None:
         children: dict[str, int] = {}
         for parent, _, _ in agents.values():
             if parent is not None:
                 children[parent] = children.get(parent, 0) + 1
-        over = [(n, p) for p, n in children.items() if n > max_children]
-        if over:
-            count, parent = max(over)
-            found.append(SpawnFinding("children", parent, count, max_children))
+        for parent, count in sorted(children.items(), key=lambda item: (-item[1], item[0])):
+            if count > max_children:
+                found.append(SpawnFinding("children", parent, count, max_children, parent))
     if max_depth is not None:
-        deep = [(d, a) for a, (_, d, _) in agents.items() if d > max_depth]
-        if deep:
-            depth, agent = max(deep)
-            found.append(SpawnFinding("depth", agent, depth, max_depth))
+        deepest: dict[str | None, tuple[int, str]] = {}
+        for agent, (_, depth, _) in agents.items():
+            if depth > max_depth:
+                root = _root_at_depth(agents, agent, max_depth)
+                deepest[root] = max(deepest.get(root, (0, "")), (depth, agent))
+        for root, (depth, agent) in sorted(
+            deepest.items(), key=lambda item: (-item[1][0], item[0] or "")
+        ):
+            found.append(SpawnFinding("depth", agent, depth, max_depth, root))
     if max_new_agents_per_minute is not None:
         firsts = sorted((t, a) for a, (_, _, t) in agents.items())
-        best = (0, "")
+        best = (0, "", 0)
         low = 0
         for high, (time, agent) in enumerate(firsts):
             while firsts[low][0] <= time - 60_000:
                 low += 1
-            best = max(best, (high - low + 1, agent))
-        if best[0] > max_new_agents_per_minute:
-            found.append(SpawnFinding("rate", best[1], best[0], max_new_agents_per_minute))
+            best = max(best, (high - low + 1, agent, low))
+        count, newest, first = best
+        if count > max_new_agents_per_minute:
+            burst = [a for _, a in firsts[first : first + count]]
+            root = _common_ancestor(agents, burst)
+            found.append(SpawnFinding("rate", newest, count, max_new_agents_per_minute, root))
     return found
+
+
+def _ancestors(agents: Agents, agent: str) -> list[str]:
+    """``agent``'s parent, grandparent, ... as far as the workflow's agents say (the last may
+    be an agent that made no call, so its own parent is unknown)."""
+    chain: list[str] = []
+    current = agents.get(agent)
+    while current is not None and current[0] is not None and len(chain) <= len(agents):
+        parent = current[0]
+        chain.append(parent)
+        current = agents.get(parent)
+    return chain
+
+
+def _root_at_depth(agents: Agents, agent: str, depth: int) -> str | None:
+    """The ancestor of ``agent`` at spawn depth ``depth`` (or the highest known one deeper
+    than that, when the chain breaks), whose descendants are the agents too deep."""
+    chain = _ancestors(agents, agent)
+    levels = agents[agent][1] - depth  # the ancestor at ``depth`` is this many levels up
+    if not chain:
+        return None
+    return chain[min(levels, len(chain)) - 1]
+
+
+def _common_ancestor(agents: Agents, burst: list[str]) -> str | None:
+    """The deepest agent that every agent of ``burst`` descends from, if any."""
+    chains = [_ancestors(agents, agent) for agent in burst]
+    common = set(chains[0]).intersection(*chains[1:])
+    return next((a for a in chains[0] if a in common), None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from agentledger.config import Settings
 from agentledger.schemas import Alert
 
 __all__ = ["WebhookDelivery", "WebhookStats", "slack_payload"]
@@ -68,6 +69,22 @@ class WebhookDelivery:
         self._sleep = sleep
         self.queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=queue_size)
         self.stats = WebhookStats()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookDelivery | None:
+        """Delivery to ``AGENTLEDGER_ALERT_WEBHOOK_URL`` with the ``ALERT_WEBHOOK_*`` limits,
+        or None when no webhook is set."""
+        url = settings.alert_webhook_url
+        if url is None:
+            return None
+        return cls(
+            url.get_secret_value(),
+            queue_size=settings.alert_webhook_queue_size,
+            attempts=settings.alert_webhook_attempts,
+            backoff_s=settings.alert_webhook_backoff_s,
+            max_backoff_s=settings.alert_webhook_max_backoff_s,
+            timeout_s=settings.alert_webhook_timeout_s,
+        )
 
     def offer(self, alert: Alert) -> bool:
         """Queue ``alert`` for delivery without waiting; False (counted, logged) when full."""

@@ -12,12 +12,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from pydantic import SecretStr
 
 from agentledger.config import Settings
 from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
 
 TEST_CONTROL_KEY = "test-control-key-0123456789abcdef"
+
+# Hypothesis' per-example deadline is a timing assertion: on a loaded 2-core CI machine a
+# correct example can take longer than 200 ms. Speed lives in the benchmarks.
+hypothesis_settings.register_profile("agentledger", deadline=None)
+hypothesis_settings.load_profile("agentledger")
 
 
 def docker_reachable() -> bool:

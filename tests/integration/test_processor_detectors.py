@@ -17,7 +17,9 @@ import pytest
 
 import tests.integration.test_processor_thresholds as thresholds
 import tests.integration.test_processor_worker as base
+from agentledger.cli import main as cli
 from agentledger.config import Settings
+from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.schemas import (
     Alert,
     AlertKind,
@@ -72,11 +74,31 @@ def actions(reader: TopicReader, scope: str, key: bytes) -> list[ControlCommand]
     return found
 
 
+def cli_spend(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *args: str,
+) -> list[str]:
+    """``agentledger spend ARGS`` as an operator runs it against the live worker."""
+    for name, value in {
+        "AGENTLEDGER_HOME": str(settings.home),
+        "AGENTLEDGER_API_TOKEN": settings.api_token_value(),
+        "AGENTLEDGER_PROCESSOR_PORT": str(settings.processor_port),
+    }.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert cli(["spend", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
 def test_zoned_rolling_and_run_periods_and_the_detectors(
     stack_settings: Settings,
     workers: Callable[[], Worker],
     readers: tuple[TopicReader, TopicReader],
     alerts_reader: TopicReader,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = stack_settings
     control, _ = readers
@@ -132,12 +154,21 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     assert stop.action is ControlAction.STOP
     assert stop.period_start_ms == int(midnight.timestamp()) * 1000
     assert stop.until_ms == stop.period_start_ms + DAY_MS  # Kiritimati keeps no DST
+    out = cli_spend(settings, monkeypatch, capsys, "agent:zoned", "--period", "day")
+    assert out[3].startswith(f"day ({zone})")
+    assert out[3].split()[-4:] == ["0.010000000", "0.01", "100.00", "agent:zoned"]
 
     # Rolling 1m window: spend from 50 s ago stops the agent until it slides out, then RESUME.
     send("roller", call("roller", 10_000_000, at_ms=base.now_ms() - 50_000))
     stop = base.wait_for("the rolling STOP", lambda: actions(control, "agent:roller", key))[0]
     assert stop.action is ControlAction.STOP and stop.period_start_ms is None
     assert stop.until_ms is not None and stop.until_ms - base.now_ms() < 12_000
+    # `agentledger spend --period` shows the window as the live state holds it (its spend
+    # may already be sliding out, so only the window and the policy are checked here).
+    out = cli_spend(settings, monkeypatch, capsys, "agent:roller", "--period", "60s")
+    assert len(out) == 5 and out[3].split()[0] == "rolling:1m"
+    window = out[3].split()
+    assert (window[-3], window[-1]) == ("0.01", "agent:roller")
     base.wait_for(
         "the rolling RESUME", lambda: len(actions(control, "agent:roller", key)) >= 2 or None
     )
@@ -149,6 +180,9 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     send("w-b", call("w-b", 4_000_000, workflow_id="run-1"))
     stop = base.wait_for("the run STOP", lambda: actions(control, "workflow:run-1", key))[0]
     assert stop.action is ControlAction.STOP and "per-run budget" in stop.reason
+    out = cli_spend(settings, monkeypatch, capsys, "workflow:run-1", "--period", "run")
+    assert out[3].split()[0] == "run"
+    assert out[3].split()[-4:] == ["0.010000000", "0.01", "100.00", "workflow:run-1"]
     base.wait_for(
         "the run RESUME", lambda: len(actions(control, "workflow:run-1", key)) >= 2 or None
     )
@@ -164,12 +198,12 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     assert [a.kind for a in alerts_for(alerts_reader, "pool:gpu")] == [AlertKind.CAPACITY]
     assert worker.state("pool:gpu")["peak_in_flight"] == 3
 
-    # Spawn explosion: a third child of one parent stops the workflow.
+    # Spawn explosion: a third child of one parent stops the subtree that parent spawned.
     send("root", call("root", 1, workflow_id="fanout"))
     for child in ("k1", "k2"):
         send(child, call(child, 1, workflow_id="fanout", parent_agent_id="root", spawn_depth=1))
     send("k3", call("k3", 1, workflow_id="fanout", parent_agent_id="root", spawn_depth=1))
-    stop = base.wait_for("the spawn STOP", lambda: actions(control, "workflow:fanout", key))[0]
+    stop = base.wait_for("the spawn STOP", lambda: actions(control, "subtree:fanout|root", key))[0]
     assert stop.action is ControlAction.STOP and stop.until_ms is None
     assert "3 children of one parent" in stop.reason
     spawn_alert = base.wait_for(
@@ -203,6 +237,73 @@ def test_zoned_rolling_and_run_periods_and_the_detectors(
     day = worker.state("agent:forecaster")["periods"][0]
     assert day["exhausts_before_end"] and day["exhausts_at_ms"] < day["end_ms"]
     assert day["burn_nano_usd_per_hour"] > 0
+
+
+def test_a_spawn_explosion_stops_its_subtree_while_a_sibling_subtree_works(
+    stack_settings: Settings,
+    workers: Callable[[], Worker],
+    readers: tuple[TopicReader, TopicReader],
+    alerts_reader: TopicReader,
+) -> None:
+    settings = stack_settings
+    control, _ = readers
+    key = settings.control_key_bytes()
+    producer = base.make_producer(settings)
+    limits = {"scope": "workflow:tree", "spawn": {"max_children": 2, "action": "stop"}}
+    base.publish_policy(producer, settings, BudgetPolicy.model_validate(limits))
+    worker = workers()
+    worker.wait_ready()
+    ledger = Ledger(settings)  # the real shim: Kafka transport and control listener
+    try:
+        assert ledger.wait_for_control(30.0)
+        root = ledger.agent("root", workflow="tree")
+        exploding, sibling = root.spawn("lead-1"), root.spawn("lead-2")
+        workers_1 = [exploding.spawn(f"w1-{n}") for n in range(3)]  # one over max_children
+        workers_2 = [sibling.spawn("w2-0")]  # w2-new below makes 2: at the limit, not over
+        for agent in (root, exploding, sibling, *workers_1, *workers_2):
+            with agent.call(provider="openai", model="gpt-4o-mini") as made:
+                made.record(input_tokens=100, output_tokens=10)
+        assert ledger.transport.flush(10) == 0
+
+        (stop,) = base.wait_for(
+            "the subtree STOP", lambda: actions(control, "subtree:tree|lead-1", key)
+        )
+        assert stop.action is ControlAction.STOP and stop.until_ms is None
+        assert "3 children of one parent (limit 2; agent lead-1)" in stop.reason
+
+        def refused(agent: Any) -> bool:
+            try:
+                agent.check_budget()
+            except BudgetExceeded as exc:
+                return exc.scope == "subtree:tree|lead-1"
+            return False
+
+        base.wait_for("the shim to obey the subtree STOP", lambda: refused(workers_1[0]))
+        # Every agent under lead-1, one spawned after the STOP too, is refused ...
+        for agent in (*workers_1, workers_1[1].spawn("w1-1a"), exploding.spawn("w1-late")):
+            with pytest.raises(BudgetExceeded), agent.call(provider="openai", model="gpt-4o"):
+                pass
+        # ... while lead-1 itself, its sibling's subtree and the root keep working.
+        going = (root, exploding, sibling, *workers_2, sibling.spawn("w2-new"))
+        for agent in going:
+            with agent.call(provider="openai", model="gpt-4o-mini") as made:
+                made.record(input_tokens=100, output_tokens=10)
+        assert ledger.transport.flush(10) == 0
+        assert actions(control, "workflow:tree", key) == []  # the workflow is not stopped
+        (alert,) = base.wait_for(
+            "the spawn alert", lambda: alerts_for(alerts_reader, "workflow:tree")
+        )
+        assert alert.kind is AlertKind.SPAWN_EXPLOSION
+        assert alert.details["subtree"] == "subtree:tree|lead-1"
+        # w2-new's call is counted (the sibling subtree still works); the refused made none.
+        state = base.wait_for(
+            "w2-new in the workflow's tree",
+            lambda: (found := worker.state("workflow:tree"))["agents_seen"] == 8 and found,
+        )
+        assert state["stopped_subtrees"] == ["subtree:tree|lead-1"]
+        assert len(actions(control, "subtree:tree|lead-1", key)) == 1  # published once
+    finally:
+        ledger.close()
 
 
 class FlakyHook(BaseHTTPRequestHandler):

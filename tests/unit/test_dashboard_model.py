@@ -279,6 +279,16 @@ def test_operator_command_refuses_bad_input(changes: dict[str, Any], message: st
         operator_command(**values)
 
 
+def test_an_operator_can_lift_a_subtree_stop() -> None:
+    cmd = operator_command(
+        scope="subtree:wf-1|lead-1", action="resume", now_ms=T0, key=KEY, operator="alice"
+    )
+    verify_command(cmd, KEY)
+    assert (cmd.schema_version, cmd.action) == (2, ControlAction.RESUME)
+    plain = operator_command(scope="agent:a", action="stop", now_ms=T0, key=KEY, operator="al")
+    assert plain.schema_version == 1  # still readable by shims from before subtrees
+
+
 def test_operator_command_refuses_a_bad_scope_naming_the_field() -> None:
     with pytest.raises(ValidationError, match="scope"):
         operator_command(scope="agents:x", action="stop", now_ms=T0, key=KEY, operator="alice")

@@ -111,7 +111,8 @@ _DISTRIBUTED_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import chdb
-from agentledger.sinks.migrations import apply_migrations, distributed_statements
+from agentledger.sinks.migrations import (
+    LATENCY_BUCKET_SQL, apply_migrations, distributed_statements)
 
 root = Path(sys.argv[1])
 (root / "config.xml").write_text(
@@ -152,8 +153,10 @@ for table in ("calls_by_day", "calls_by_day_all", "workflows_by_hour_all"):
     cur.execute(f"SELECT toString(sum(cost_nano_usd)), sum(calls) FROM {table}")
     out[table] = list(cur.fetchall()[0])
 for table in ("calls_by_day", "calls_by_day_all"):
-    cur.execute(f"SELECT toString(quantilesMerge(0.5, 0.9, 0.99)(latency_ms)) FROM {table}")
+    cur.execute(f"SELECT toString(sumMap(latency_hist)) FROM {table}")
     out["latency " + table] = cur.fetchall()[0][0]
+cur.execute(f"SELECT toString(sumMap(map({LATENCY_BUCKET_SQL}, toUInt64(1)))) FROM calls")
+out["latency calls"] = cur.fetchall()[0][0]
 print(json.dumps(out))
 """
 
@@ -176,4 +179,6 @@ def test_distributed_read_tables_answer_like_the_local_tables(tmp_path: Path) ->
     assert out["calls"] == out["calls_all"] == [50, total]
     assert out["calls_by_day"] == out["calls_by_day_all"] == out["workflows_by_hour_all"]
     assert out["calls_by_day_all"] == [total, 50]
-    assert out["latency calls_by_day_all"] == out["latency calls_by_day"] == "[124.5,144.1,148.51]"
+    assert out["latency calls_by_day_all"] == out["latency calls_by_day"] == out["latency calls"]
+    # 100..149 ms: floor(log2(101..150) * 8) spans buckets 53..57; all 50 calls counted.
+    assert out["latency calls"] == "{53:7,54:10,55:10,56:12,57:11}"

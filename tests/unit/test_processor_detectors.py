@@ -86,6 +86,7 @@ class Feed:
         self.state = replace(self.state, alerted=decision.alerted)
         if decision.command is not None:
             self.state = replace(self.state, last_command=decision.command)
+        self.state = replace(self.state, subtrees=decision.subtrees)
         return decision
 
 
@@ -394,32 +395,97 @@ def test_spawn_findings_name_the_offender() -> None:
         "d": ("c", 2, 70_000),
     }
     found = spawn_findings(agents, max_children=2, max_depth=1, max_new_agents_per_minute=3)
-    assert [(f.what, f.agent, f.value, f.limit) for f in found] == [
-        ("children", "root", 3, 2),
-        ("depth", "d", 2, 1),
-        ("rate", "c", 4, 3),
+    assert [(f.what, f.agent, f.value, f.limit, f.root) for f in found] == [
+        ("children", "root", 3, 2, "root"),
+        ("depth", "d", 2, 1, "c"),  # c is at the depth limit: its descendants are too deep
+        ("rate", "c", 4, 3, None),  # the burst holds root itself: no one agent spawned it all
     ]
 
 
-def test_spawn_explosion_stops_the_workflow_until_lifted() -> None:
+def test_spawn_findings_name_each_offending_subtree() -> None:
+    # root -> a, b; a -> a1..a3 (a1 -> a11 -> a111); b -> b1..b3; a late burst under b1.
+    agents: dict[str, tuple[str | None, int, int]] = {
+        "root": (None, 0, 0),
+        "a": ("root", 1, 0),
+        "b": ("root", 1, 0),
+        **{f"a{n}": ("a", 2, 10 * MIN) for n in (1, 2, 3)},
+        **{f"b{n}": ("b", 2, 20 * MIN) for n in (1, 2, 3)},
+        "a11": ("a1", 3, 30 * MIN),
+        "a111": ("a11", 4, 31 * MIN),
+        **{f"b1{n}": ("b1", 3, 40 * MIN + n) for n in range(4)},
+        # its parent made no call, so its chain stops there
+        "x1": ("x", 5, 50 * MIN),
+    }
+    children = spawn_findings(
+        agents, max_children=3, max_depth=None, max_new_agents_per_minute=None
+    )
+    assert [(f.agent, f.value, f.root) for f in children] == [("b1", 4, "b1")]
+    deep = spawn_findings(agents, max_children=None, max_depth=2, max_new_agents_per_minute=None)
+    # Per subtree rooted at depth 2 its deepest agent; x's chain breaks at x (depth 4).
+    assert [(f.agent, f.value, f.root) for f in deep] == [
+        ("x1", 5, "x"),
+        ("a111", 4, "a1"),
+        ("b13", 3, "b1"),
+    ]
+    burst = spawn_findings(agents, max_children=None, max_depth=None, max_new_agents_per_minute=3)
+    assert [(f.what, f.agent, f.value, f.root) for f in burst] == [("rate", "b13", 4, "b1")]
+
+
+def test_spawn_explosion_stops_the_offending_subtree_until_lifted() -> None:
     limits = policy(scope="workflow:w", spawn={"max_children": 3, "action": "stop"})
     feed = Feed(limits, scope="workflow:w")
     t0 = ms("2026-03-04T12:00:00")
     feed.spend(1, t0, activity=Activity(agent_id="root"))
+    feed.spend(1, t0, activity=Activity("lead-1", "root", 1))
+    feed.spend(1, t0, activity=Activity("lead-2", "root", 1))
     for child in range(3):
-        feed.spend(1, t0 + child, activity=Activity(f"c{child}", "root", 1))
-    assert feed.settle(t0 + 10).command is None
-    feed.spend(1, t0 + 20, activity=Activity("c3", "root", 1))
+        feed.spend(1, t0 + child, activity=Activity(f"c{child}", "lead-1", 2))
+        feed.spend(1, t0 + child, activity=Activity(f"d{child}", "lead-2", 2))
+    assert feed.settle(t0 + 10) == Decision(None, (), ())
+    feed.spend(1, t0 + 20, activity=Activity("c3", "lead-1", 2))
     decision = feed.settle(t0 + 20)
-    stop = decision.command
-    assert stop is not None and stop.action is ControlAction.STOP
-    assert stop.until_ms is None and "4 children of one parent" in stop.reason
-    assert [a.kind for a in decision.alerts] == [AlertKind.SPAWN_EXPLOSION]
-    assert decision.alerts[0].details["agent"] == "root"
-    assert feed.settle(t0 + 10 * HOUR).command is None  # stands until the policy changes
+    # The workflow itself, and lead-2's subtree, are left alone.
+    assert decision.command is None
+    (stop,) = decision.subtree_commands
+    assert stop.scope == "subtree:w|lead-1" and stop.schema_version == 2
+    assert stop.action is ControlAction.STOP and stop.until_ms is None
+    assert "4 children of one parent" in stop.reason and "subtree:w|lead-1" in stop.reason
+    assert decision.subtrees == ("subtree:w|lead-1",)
+    (alert,) = decision.alerts
+    assert alert.kind is AlertKind.SPAWN_EXPLOSION and alert.scope == "workflow:w"
+    assert alert.details["agent"] == "lead-1" and alert.details["subtree"] == stop.scope
+    assert spend_report(feed.state, feed.policies, "workflow:w", t0 + 20)["stopped_subtrees"] == [
+        "subtree:w|lead-1"
+    ]
+    # Idempotent: stands, not re-published, until the policy changes.
+    later = feed.settle(t0 + 10 * HOUR)
+    assert later.subtree_commands == () and later.subtrees == ("subtree:w|lead-1",)
+    assert SpendState.from_json(feed.state.to_json()) == feed.state
+    # A second parent over the limit gets its own STOP; the first is not sent again.
+    feed.spend(1, t0 + 30, activity=Activity("d3", "lead-2", 2))
+    second = feed.settle(t0 + 30)
+    assert [c.scope for c in second.subtree_commands] == ["subtree:w|lead-2"]
+    assert second.subtrees == ("subtree:w|lead-1", "subtree:w|lead-2")
     feed.policies = {}
-    resume = feed.settle(t0 + 10 * HOUR).command
-    assert resume is not None and resume.action is ControlAction.RESUME
+    lifted = feed.settle(t0 + 10 * HOUR)
+    assert [(c.scope, c.action) for c in lifted.subtree_commands] == [
+        ("subtree:w|lead-1", ControlAction.RESUME),
+        ("subtree:w|lead-2", ControlAction.RESUME),
+    ]
+    assert lifted.subtrees == () and lifted.command is None
+    assert feed.settle(t0 + 11 * HOUR) == Decision(None, (), ())
+
+
+def test_a_burst_with_no_single_spawning_agent_stops_the_whole_workflow() -> None:
+    limits = policy(scope="workflow:w", spawn={"max_new_agents_per_minute": 2, "action": "stop"})
+    feed = Feed(limits, scope="workflow:w")
+    t0 = ms("2026-03-04T12:00:00")
+    for n in range(3):  # three unrelated roots
+        feed.spend(1, t0 + n, activity=Activity(agent_id=f"r{n}"))
+    decision = feed.settle(t0 + 10)
+    stop = decision.command
+    assert stop is not None and stop.scope == "workflow:w" and stop.action is ControlAction.STOP
+    assert "for the whole workflow" in stop.reason and decision.subtree_commands == ()
 
 
 def test_tracked_state_round_trips_through_json() -> None:
@@ -533,3 +599,24 @@ def test_new_periods_equal_a_recomputation_through_replays(
         elif t >= first - 10 * MIN:
             first, last, total = min(first, t), max(last, t), total + cost
     assert state.runs[10 * MIN] == (first, last, total)
+
+
+def test_a_lowered_rolling_or_zoned_policy_sees_spend_since_its_first_publish() -> None:
+    # The README's workaround for trackers that count from a policy's arrival.
+    generous = [
+        policy(scope="agent:a", period="rolling", window="24h", limit_usd=100),
+        policy(scope="agent:a", period="day", timezone="Asia/Tokyo", limit_usd=100),
+    ]
+    lowered = [
+        policy(scope="agent:a", period="rolling", window="24h", limit_usd="0.01"),
+        policy(scope="agent:a", period="day", timezone="Asia/Tokyo", limit_usd="0.01"),
+    ]
+    assert plan_for(generous) == plan_for(lowered)
+    feed = Feed(*generous)
+    t0 = ms("2026-03-04T12:00:00")
+    feed.spend(USD // 100, t0)
+    assert feed.settle(t0 + MIN).command is None
+    feed.policies = book(*lowered)
+    stop = feed.settle(t0 + MIN).command
+    assert stop is not None and stop.action is ControlAction.STOP
+    assert "$0.01 of $0.01" in stop.reason

@@ -133,6 +133,10 @@ def test_forwarded_costs_name_every_non_agent_scope() -> None:
     assert pool.activity == workflow.activity == Activity("x", None, 0, 10)
     assert task_type.activity is None
     assert forwarded_costs(call(42), 0, 0) == []
+    for extra in ({"task_type": "t"}, {"workflow_id": "w"}, {"pool": "p", "task_type": "t"}):
+        event = call(1, **extra)
+        expected = [s for s in event.scopes() if not s.startswith("agent:")]
+        assert [c.scope for c in forwarded_costs(event, 0, 0)] == expected
 
 
 def test_bad_activity_in_a_batch_is_named() -> None:

@@ -150,3 +150,63 @@ def test_dlq_rate_alerts_once_per_cooldown_when_the_minute_holds_too_many() -> N
     assert rate.record(101_000, "bad") is None  # cooldown
     later = [rate.record(700_000 + t, "bad") for t in range(4)]
     assert [a is not None for a in later] == [False, False, False, True]
+
+
+def test_dlq_rate_and_webhook_limits_come_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agentledger.config import Settings
+
+    for name, value in {
+        "DLQ_ALERT_MAX": "2",
+        "DLQ_ALERT_WINDOW_S": "10",
+        "DLQ_ALERT_COOLDOWN_S": "0",
+        "ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+        "ALERT_WEBHOOK_QUEUE_SIZE": "7",
+        "ALERT_WEBHOOK_ATTEMPTS": "3",
+        "ALERT_WEBHOOK_BACKOFF_S": "0.25",
+        "ALERT_WEBHOOK_MAX_BACKOFF_S": "4",
+        "ALERT_WEBHOOK_TIMEOUT_S": "1.5",
+    }.items():
+        monkeypatch.setenv(f"AGENTLEDGER_{name}", value)
+    settings = Settings()
+    rate = DlqRate.from_settings(settings)
+    assert (rate.max_per_window, rate.window_ms, rate.cooldown_ms) == (2, 10_000, 0)
+    # Two in ten seconds are tolerated, the third raises, and with no cooldown so does the next.
+    assert [rate.record(t, "bad") is not None for t in (0, 1_000, 2_000, 3_000)] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert rate.record(20_000, "bad") is None  # the window slid past the burst
+    delivery = WebhookDelivery.from_settings(settings)
+    assert delivery is not None
+    assert delivery.queue.maxsize == 7
+    assert (delivery.attempts, delivery.backoff_s, delivery.max_backoff_s) == (3, 0.25, 4.0)
+    assert delivery.timeout_s == 1.5
+    assert WebhookDelivery.from_settings(Settings(alert_webhook_url=None)) is None
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"dlq_alert_max": 0}, "dlq_alert_max"),
+        ({"dlq_alert_window_s": 0}, "dlq_alert_window_s"),
+        ({"dlq_alert_cooldown_s": -1}, "dlq_alert_cooldown_s"),
+        ({"alert_webhook_queue_size": 0}, "alert_webhook_queue_size"),
+        ({"alert_webhook_attempts": 0}, "alert_webhook_attempts"),
+        ({"alert_webhook_backoff_s": 0}, "alert_webhook_backoff_s"),
+        ({"alert_webhook_timeout_s": -1}, "alert_webhook_timeout_s"),
+        ({"alert_webhook_backoff_s": 5, "alert_webhook_max_backoff_s": 1}, "max_backoff_s"),
+    ],
+)
+def test_bad_alerting_settings_are_refused_naming_the_field(
+    values: dict[str, object], field: str
+) -> None:
+    from pydantic import ValidationError
+
+    from agentledger.config import Settings
+
+    with pytest.raises(ValidationError, match=field):
+        Settings(**values)  # type: ignore[arg-type]

@@ -353,6 +353,54 @@ def test_spawned_child_records_parent_depth_and_inherits_pool_and_workflow(h: Ha
         parent.spawn("bad id")
 
 
+def test_a_subtree_stop_stops_every_descendant_of_its_root_and_nothing_else(
+    h: Harness,
+) -> None:
+    root = h.ledger.agent("root", workflow="wf-9")
+    lead_1, lead_2 = root.spawn("lead-1"), root.spawn("lead-2")
+    worker = lead_1.spawn("w-1")
+    grandchild = worker.spawn("w-1a")
+    other_run = h.ledger.agent("root", workflow="wf-10").spawn("lead-1").spawn("w-1")
+    assert grandchild.ancestors == ("w-1", "lead-1", "root")
+    assert root.scopes() == ("agent:root", "workflow:wf-9")  # no subtree command: no lookups
+    h.publish("subtree:wf-9|lead-1", schema_version=2)
+    assert "subtree:wf-9|lead-1" in worker.scopes()
+    for stopped in (worker, grandchild):
+        with pytest.raises(BudgetExceeded) as info, stopped.call(**GPT):
+            pass
+        assert info.value.scope == "subtree:wf-9|lead-1"
+    with pytest.raises(BudgetExceeded), worker.spawn("late").call(**GPT):
+        pass  # spawned after the STOP: in the subtree too
+    # lead-1 itself, its sibling's subtree and the same names in another workflow go on.
+    for going in (root, lead_1, lead_2, lead_2.spawn("w-2"), other_run):
+        with going.call(**GPT):
+            pass
+    assert [e.agent_id for e in h.events()] == ["root", "lead-1", "lead-2", "w-2", "w-1"]
+    h.publish("subtree:wf-9|lead-1", ControlAction.RESUME, schema_version=2)
+    assert worker.scopes() == ("agent:w-1", "workflow:wf-9")
+    with grandchild.call(**GPT):
+        pass
+
+
+def test_subtree_commands_need_schema_version_2() -> None:
+    from pydantic import ValidationError
+
+    from agentledger.schemas import ControlCommand
+
+    fields: dict[str, Any] = {
+        "scope": "subtree:wf-9|lead-1",
+        "action": "stop",
+        "reason": "x",
+        "issued_at_ms": 1,
+    }
+    with pytest.raises(ValidationError, match="needs schema_version 2"):
+        ControlCommand.model_validate(fields)
+    assert ControlCommand.model_validate({**fields, "schema_version": 2}).scope == fields["scope"]
+    for bad in ("subtree:wf-9", "subtree:wf 9|a", "subtree:wf|a|b", "subtree:*|a"):
+        with pytest.raises(ValidationError, match="scope"):
+            ControlCommand.model_validate({**fields, "schema_version": 2, "scope": bad})
+
+
 def test_task_scope_follows_copied_contexts_into_threads(h: Harness) -> None:
     agent = h.ledger.agent("a")
 

@@ -27,6 +27,7 @@ from agentledger.sinks.insights import (
     build_review,
     key_model_stats,
     recommend_remaps,
+    rollup_pieces,
     source_for,
     spend_over_time,
 )
@@ -163,6 +164,33 @@ def test_rollups_and_raw_calls_give_the_same_numbers(db: ClickHouse) -> None:
             raw = key_model_stats(client, by, since, until, use_rollups=False)
             assert via_rollups == raw, (by, since, until)
     assert source_for(T0 + 1, T0 + DAY) is None
+    # Windows on a minute but not on an hour or a day read several rollups at once.
+    minute, hour = 60_000, 3_600_000
+    for since, until in (
+        (T0 - DAY + 7 * minute, T0 + DAY - 3 * hour + minute),
+        (T0 - DAY + 7 * minute, T0 + DAY + 3 * hour + minute),
+        (T0 + hour - minute, T0 + 2 * hour + 5 * minute),
+        (T0 + 3 * minute, T0 + 4 * minute),
+    ):
+        for by in ("agent", "task_type", "workflow"):
+            via_rollups = key_model_stats(client, by, since, until)
+            raw = key_model_stats(client, by, since, until, use_rollups=False)
+            assert via_rollups == raw, (by, since, until)
+
+
+def test_a_window_is_split_into_days_hours_and_minutes() -> None:
+    minute, hour = 60_000, 3_600_000
+    since, until = T0 - DAY + 7 * minute, T0 + DAY + 3 * hour + minute
+    assert rollup_pieces(since, until) == [
+        ("day", T0, T0 + DAY),
+        ("hour", T0 - DAY + hour, T0),
+        ("minute", since, T0 - DAY + hour),
+        ("hour", T0 + DAY, T0 + DAY + 3 * hour),
+        ("minute", T0 + DAY + 3 * hour, until),
+    ]
+    assert rollup_pieces(T0, T0 + 2 * DAY) == [("day", T0, T0 + 2 * DAY)]
+    assert rollup_pieces(T0 + minute, T0 + 2 * minute) == [("minute", T0 + minute, T0 + 2 * minute)]
+    assert rollup_pieces(T0 + 1, T0 + DAY) is None
 
 
 def test_thin_evidence_recommends_nothing() -> None:

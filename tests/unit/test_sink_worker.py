@@ -280,6 +280,61 @@ def test_batch_stops_at_max_rows(rig: Rig) -> None:
     assert rig.consumer.commits[-1] == [(rig.topic, 0, 250)]
 
 
+def test_batches_grow_while_behind_and_end_on_time_again_when_caught_up(rig: Rig) -> None:
+    worker = rig.worker
+    worker.batch_catch_up_rows = 250
+    t = rig.topic
+    rig.consumer.queued = [Msg(t, 0, i, call(i + 1)) for i in range(600)]
+    worker.step()  # not behind yet: the plain limit
+    worker.step()  # the first batch filled up: behind, so up to 250 rows
+    worker.step()
+    assert [tok for tok, _ in rig.store.inserts] == [
+        f"{t}:0:0-99",
+        f"{t}:0:100-349",
+        f"{t}:0:350-599",
+    ]
+    # A batch that ends on time below the plain limit means caught up: back to 100 rows.
+    rig.consumer.queued = [Msg(t, 0, 600 + i, call(601 + i)) for i in range(50)]
+    worker.step()
+    assert worker.collect() == []
+    rig.consumer.queued = [Msg(t, 0, 650 + i, call(651 + i)) for i in range(300)]
+    worker.step()
+    assert rig.store.inserts[-1][0] == f"{t}:0:650-749"
+    assert rig.consumer.commits[-1] == [(t, 0, 750)]
+
+
+def test_a_batch_time_counts_from_its_oldest_records_append(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = rig.topic
+    timeouts: list[float] = []
+    consume = rig.consumer.consume
+
+    def counting(num_messages: int = 1, timeout: float = -1) -> list[Msg]:
+        timeouts.append(timeout)
+        return consume(num_messages, timeout)
+
+    monkeypatch.setattr(rig.consumer, "consume", counting)
+    clock = rig.worker.clock
+    assert isinstance(clock, Clock)
+    # Appended 30 ms ago (the previous batch was being inserted): 20 ms of the 50 are left.
+    appended = clock.now - 30
+    rig.consumer.queued = [Msg(t, 0, i, call(i + 1), _appended_ms=appended) for i in range(5)]
+    assert len(rig.worker.collect()) == 5
+    assert 0 < timeouts[1] <= 0.020
+    # Appended long ago (a backlog): what is fetched is taken at once, without waiting.
+    timeouts.clear()
+    appended = clock.now - 10_000
+    rig.consumer.queued = [Msg(t, 0, i, call(i + 1), _appended_ms=appended) for i in range(5)]
+    assert len(rig.worker.collect()) == 5
+    assert timeouts == [0.2, 0.0]
+    # A broker clock ahead of ours: the batch time starts now, as without a timestamp.
+    timeouts.clear()
+    rig.consumer.queued = [Msg(t, 0, 0, call(1), _appended_ms=clock.now + 10_000)]
+    assert len(rig.worker.collect()) == 1
+    assert timeouts[1] == pytest.approx(0.049, abs=0.002)
+
+
 def test_a_batch_spanning_two_months_is_two_inserts_one_part_each(rig: Rig) -> None:
     t = rig.topic
     rig.consumer.queued = [

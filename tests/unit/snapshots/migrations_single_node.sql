@@ -699,3 +699,411 @@ WHERE (SELECT count() FROM workflows_by_day) = 0
 GROUP BY bucket, workflow_id, used_model
 ;
 
+DROP VIEW IF EXISTS calls_by_minute_mv
+;
+
+DROP TABLE IF EXISTS calls_by_minute
+;
+
+DROP VIEW IF EXISTS calls_by_hour_mv
+;
+
+DROP TABLE IF EXISTS calls_by_hour
+;
+
+DROP VIEW IF EXISTS calls_by_day_mv
+;
+
+DROP TABLE IF EXISTS calls_by_day
+;
+
+DROP VIEW IF EXISTS workflows_by_minute_mv
+;
+
+DROP TABLE IF EXISTS workflows_by_minute
+;
+
+DROP VIEW IF EXISTS workflows_by_hour_mv
+;
+
+DROP TABLE IF EXISTS workflows_by_hour
+;
+
+DROP VIEW IF EXISTS workflows_by_day_mv
+;
+
+DROP TABLE IF EXISTS workflows_by_day
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_minute
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_hist SimpleAggregateFunction(sumMap, Map(UInt16, UInt64))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, task_type)
+SETTINGS non_replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_minute_mv TO calls_by_minute AS
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+INSERT INTO calls_by_minute
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+WHERE (SELECT count() FROM calls_by_minute) = 0
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_hour
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_hist SimpleAggregateFunction(sumMap, Map(UInt16, UInt64))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, task_type)
+SETTINGS non_replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_hour_mv TO calls_by_hour AS
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+INSERT INTO calls_by_hour
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+WHERE (SELECT count() FROM calls_by_hour) = 0
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+CREATE TABLE IF NOT EXISTS calls_by_day
+(
+    bucket DateTime('UTC'),
+    agent_id String,
+    used_model LowCardinality(String),
+    pool String,
+    task_type String,
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_hist SimpleAggregateFunction(sumMap, Map(UInt16, UInt64))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, agent_id, used_model, pool, task_type)
+SETTINGS non_replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_day_mv TO calls_by_day AS
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+INSERT INTO calls_by_day
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    agent_id,
+    used_model,
+    ifNull(pool, '') AS pool,
+    ifNull(task_type, '') AS task_type,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+WHERE (SELECT count() FROM calls_by_day) = 0
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_minute
+(
+    bucket DateTime('UTC'),
+    workflow_id String,
+    used_model LowCardinality(String),
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_hist SimpleAggregateFunction(sumMap, Map(UInt16, UInt64))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, workflow_id, used_model)
+SETTINGS non_replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_minute_mv TO workflows_by_minute AS
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+
+GROUP BY bucket, workflow_id, used_model
+;
+
+INSERT INTO workflows_by_minute
+SELECT
+    toStartOfMinute(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+WHERE (SELECT count() FROM workflows_by_minute) = 0
+GROUP BY bucket, workflow_id, used_model
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_hour
+(
+    bucket DateTime('UTC'),
+    workflow_id String,
+    used_model LowCardinality(String),
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_hist SimpleAggregateFunction(sumMap, Map(UInt16, UInt64))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, workflow_id, used_model)
+SETTINGS non_replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_hour_mv TO workflows_by_hour AS
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+
+GROUP BY bucket, workflow_id, used_model
+;
+
+INSERT INTO workflows_by_hour
+SELECT
+    toStartOfHour(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+WHERE (SELECT count() FROM workflows_by_hour) = 0
+GROUP BY bucket, workflow_id, used_model
+;
+
+CREATE TABLE IF NOT EXISTS workflows_by_day
+(
+    bucket DateTime('UTC'),
+    workflow_id String,
+    used_model LowCardinality(String),
+    calls SimpleAggregateFunction(sum, UInt64),
+    failures SimpleAggregateFunction(sum, UInt64),
+    retries SimpleAggregateFunction(sum, UInt64),
+    input_tokens SimpleAggregateFunction(sum, UInt64),
+    output_tokens SimpleAggregateFunction(sum, UInt64),
+    cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    failed_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    retry_cost_nano_usd SimpleAggregateFunction(sum, Int128),
+    latency_hist SimpleAggregateFunction(sumMap, Map(UInt16, UInt64))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, workflow_id, used_model)
+SETTINGS non_replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_day_mv TO workflows_by_day AS
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+
+GROUP BY bucket, workflow_id, used_model
+;
+
+INSERT INTO workflows_by_day
+SELECT
+    toStartOfDay(event_time, 'UTC') AS bucket,
+    ifNull(workflow_id, '') AS workflow_id,
+    used_model,
+    toUInt64(count()) AS calls,
+    toUInt64(countIf(status != 'ok')) AS failures,
+    toUInt64(countIf(attempt > 1)) AS retries,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(toInt128(cost_nano_usd)) AS cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), status != 'ok') AS failed_cost_nano_usd,
+    sumIf(toInt128(calls.cost_nano_usd), attempt > 1) AS retry_cost_nano_usd,
+    sumMap(map(toUInt16(floor(log2(latency_ms + 1) * 8)), toUInt64(1))) AS latency_hist
+FROM calls
+WHERE (SELECT count() FROM workflows_by_day) = 0
+GROUP BY bucket, workflow_id, used_model
+;
+
