@@ -234,11 +234,19 @@ def held(worker: Worker, scope: str) -> dict[int, int] | None:
     return day_buckets(worker, scope)
 
 
+def last_problems(problems: Callable[[], dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """Poll ``problems`` until it finds none or ``timeout_s`` passes; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while (left := problems()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def wait_shared_and_exact(workers: list[Worker], truth: dict[str, dict[int, int]]) -> None:
     """Within 90 s every scope is held, exactly, by one worker, and every worker holds some."""
 
-    def problems() -> dict[str, object]:
-        found: dict[str, object] = {}
+    def problems() -> dict[str, Any]:
+        found: dict[str, Any] = {}
         holders = set()
         for scope in SCOPES:
             buckets = [held(w, scope) for w in workers]
@@ -250,9 +258,7 @@ def wait_shared_and_exact(workers: list[Worker], truth: dict[str, dict[int, int]
             found["holders"] = sorted(holders)
         return found
 
-    deadline = time.monotonic() + 90
-    while (left := problems()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = last_problems(problems, 90)
     assert not left, (
         f"the workers (logs {[str(w.log_path) for w in workers]}) do not share the scopes "
         f"exactly: {left}"
@@ -266,19 +272,16 @@ def assert_exact_on(worker: Worker, truth: dict[str, dict[int, int]]) -> None:
         found = {s: (held(worker, s), dict(truth[s])) for s in SCOPES}
         return {s: pair for s, pair in found.items() if pair[0] != pair[1]}
 
-    deadline = time.monotonic() + 90
-    while (left := wrong()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = last_problems(wrong, 90)
     assert not left, (
         f"worker (log {worker.log_path}) differs from the truth: {left}; "
         f"its /health: {worker.get('/health')[1]}"
     )
 
 
-# Was opt-in while totals came out short after the rebalance in about 1 of 10 runs: faust
-# empties its stream queues whenever flow resumes, and records fetched while recovery seeks the
-# stream partitions were dropped and committed past (stream_processors/flow.py). 12 of 12 runs
-# passed after the fix.
+# Was opt-in while totals came out short after the rebalance in about 1 of 10 runs: records
+# dropped from faust's queues and delivered out of offset order around the rebalance
+# (stream_processors/flow.py, ordering.py; stream_processors/README.md "Rebalances").
 def test_two_workers_share_partitions_and_stay_exact_when_one_is_killed(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
