@@ -325,6 +325,53 @@ def _drop_rollups(families: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
     )
 
 
+# v7: the calls of each task, clustered by task, for the review's escalations (escalation.py).
+# They are read per (key, task) in (attempt, event time, event id) order, with model price ranks
+# and window bounds known only at query time (the ranks are the window's cost per token, and a
+# window cut can remove a call from the middle of a task's sequence, since the order is by
+# attempt first), so no count can be fixed at insert time; what a rollup can do is keep the few
+# columns involved in that order. Read from `calls` (ordered by agent and time), a task's calls
+# are scattered over the agent's granules and its array arrives unsorted; here they are
+# adjacent and already in order, which measured ~25-35% less CPU for the same query over the
+# top 10 agents at 10M calls. Same column names and types as `calls`, so the same SQL reads
+# either (the test compares both). Only calls with a task_id (the others have no sequence).
+_TASK_CALLS_COLUMNS = (
+    "agent_id, pool, workflow_id, task_type, assumeNotNull(task_id) AS task_id, attempt, "
+    "event_time, event_id, used_model, status, cost_nano_usd"
+)
+_TASK_CALLS_V7 = """
+CREATE TABLE IF NOT EXISTS task_calls
+(
+    agent_id String,
+    pool LowCardinality(Nullable(String)),
+    workflow_id Nullable(String),
+    task_type LowCardinality(Nullable(String)),
+    task_id String,
+    attempt UInt16,
+    event_time DateTime64(3, 'UTC'),
+    event_id UUID,
+    used_model LowCardinality(String),
+    status LowCardinality(String),
+    cost_nano_usd Int64
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (agent_id, task_id, attempt, event_time, event_id)
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+_TASK_CALLS_VIEW_V7 = (
+    "CREATE MATERIALIZED VIEW IF NOT EXISTS task_calls_mv TO task_calls AS\n"
+    f"SELECT {_TASK_CALLS_COLUMNS}\nFROM calls\nWHERE calls.task_id IS NOT NULL"
+)
+# `calls.task_id`: the bare name would be the non-null alias. Same guard as the rollups'
+# backfill: migrations run before the worker inserts anything.
+_TASK_CALLS_BACKFILL_V7 = (
+    "INSERT INTO task_calls\n"  # noqa: S608 - our own constants
+    f"SELECT {_TASK_CALLS_COLUMNS}\nFROM calls\n"
+    "WHERE calls.task_id IS NOT NULL AND (SELECT count() FROM task_calls) = 0"
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "calls table", (_CALLS_V1,)),
     Migration(2, "calls: event_id bloom filter index for replay dedup", (_CALLS_EVENT_ID_INDEX,)),
@@ -340,6 +387,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "rollups: latency as a log-bucket histogram (latency_hist) instead of quantile states",
         _drop_rollups(ROLLUP_FAMILIES)
         + tuple(_v6(statement) for statement in _rollups(ROLLUP_FAMILIES)),
+    ),
+    Migration(
+        7,
+        "task_calls: the calls of each task in order, for the review's escalations",
+        (_TASK_CALLS_V7, _TASK_CALLS_VIEW_V7, _TASK_CALLS_BACKFILL_V7),
     ),
 )
 

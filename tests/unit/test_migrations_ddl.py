@@ -68,7 +68,7 @@ def test_cluster_mode_rewrites_every_ddl_statement() -> None:
 
 
 def test_every_table_left_in_place_gets_a_distributed_read_table() -> None:
-    stored = {"schema_migrations", "calls", "control_commands", "alerts"}
+    stored = {"schema_migrations", "calls", "control_commands", "alerts", "task_calls"}
     for family in ("calls_by", "workflows_by"):
         stored |= {f"{family}_{grain}" for grain in ("minute", "hour", "day")}
     names = {

@@ -1107,6 +1107,38 @@ WHERE (SELECT count() FROM workflows_by_day) = 0
 GROUP BY bucket, workflow_id, used_model
 ;
 
+CREATE TABLE IF NOT EXISTS task_calls ON CLUSTER agentledger
+(
+    agent_id String,
+    pool LowCardinality(Nullable(String)),
+    workflow_id Nullable(String),
+    task_type LowCardinality(Nullable(String)),
+    task_id String,
+    attempt UInt16,
+    event_time DateTime64(3, 'UTC'),
+    event_id UUID,
+    used_model LowCardinality(String),
+    status LowCardinality(String),
+    cost_nano_usd Int64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}')
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (agent_id, task_id, attempt, event_time, event_id)
+SETTINGS replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS task_calls_mv ON CLUSTER agentledger TO task_calls AS
+SELECT agent_id, pool, workflow_id, task_type, assumeNotNull(task_id) AS task_id, attempt, event_time, event_id, used_model, status, cost_nano_usd
+FROM calls
+WHERE calls.task_id IS NOT NULL
+;
+
+INSERT INTO task_calls
+SELECT agent_id, pool, workflow_id, task_type, assumeNotNull(task_id) AS task_id, attempt, event_time, event_id, used_model, status, cost_nano_usd
+FROM calls
+WHERE calls.task_id IS NOT NULL AND (SELECT count() FROM task_calls) = 0
+;
+
 CREATE TABLE IF NOT EXISTS schema_migrations_all ON CLUSTER agentledger AS schema_migrations
 ENGINE = Distributed(agentledger, currentDatabase(), schema_migrations)
 ;
@@ -1145,5 +1177,9 @@ ENGINE = Distributed(agentledger, currentDatabase(), workflows_by_hour)
 
 CREATE TABLE IF NOT EXISTS workflows_by_day_all ON CLUSTER agentledger AS workflows_by_day
 ENGINE = Distributed(agentledger, currentDatabase(), workflows_by_day)
+;
+
+CREATE TABLE IF NOT EXISTS task_calls_all ON CLUSTER agentledger AS task_calls
+ENGINE = Distributed(agentledger, currentDatabase(), task_calls)
 ;
 

@@ -1107,3 +1107,35 @@ WHERE (SELECT count() FROM workflows_by_day) = 0
 GROUP BY bucket, workflow_id, used_model
 ;
 
+CREATE TABLE IF NOT EXISTS task_calls
+(
+    agent_id String,
+    pool LowCardinality(Nullable(String)),
+    workflow_id Nullable(String),
+    task_type LowCardinality(Nullable(String)),
+    task_id String,
+    attempt UInt16,
+    event_time DateTime64(3, 'UTC'),
+    event_id UUID,
+    used_model LowCardinality(String),
+    status LowCardinality(String),
+    cost_nano_usd Int64
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (agent_id, task_id, attempt, event_time, event_id)
+SETTINGS non_replicated_deduplication_window = 10000
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS task_calls_mv TO task_calls AS
+SELECT agent_id, pool, workflow_id, task_type, assumeNotNull(task_id) AS task_id, attempt, event_time, event_id, used_model, status, cost_nano_usd
+FROM calls
+WHERE calls.task_id IS NOT NULL
+;
+
+INSERT INTO task_calls
+SELECT agent_id, pool, workflow_id, task_type, assumeNotNull(task_id) AS task_id, attempt, event_time, event_id, used_model, status, cost_nano_usd
+FROM calls
+WHERE calls.task_id IS NOT NULL AND (SELECT count() FROM task_calls) = 0
+;
+
