@@ -5,8 +5,8 @@ Kept free of clickhouse-connect so it is cheap to import and to unit test.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from agentledger.schemas import CallEvent
 
@@ -65,8 +65,9 @@ class RowError(ValueError):
     inserting it would fail forever and block the partition)."""
 
 
-@dataclass(frozen=True)
-class SourcePosition:
+# A NamedTuple, not a frozen dataclass: one is built per record, and a frozen dataclass's
+# __init__ (object.__setattr__ per field) showed up in the sink's profile.
+class SourcePosition(NamedTuple):
     topic: str
     partition: int
     offset: int

@@ -424,14 +424,10 @@ class SinkWorker:
             if stream is None or (topic, partition) not in self._assigned:
                 # Revoked between fetch and now: the new owner reads these records.
                 continue
-            present = self._present_offsets(
-                stream, topic, partition, min(_offset(m) for m in records)
-            )
-            for msg in records:
-                offset = _offset(msg)
-                commit_to[(topic, partition)] = max(
-                    commit_to.get((topic, partition), 0), offset + 1
-                )
+            offsets = [_offset(m) for m in records]
+            present = self._present_offsets(stream, topic, partition, min(offsets))
+            commit_to[(topic, partition)] = max(offsets) + 1
+            for msg, offset in zip(records, offsets, strict=True):
                 if offset in present:
                     self.stats.rows_skipped_replayed += 1
                     continue
@@ -500,25 +496,26 @@ class SinkWorker:
         by_stream: dict[str, list[Decoded]] = defaultdict(list)
         for stream, _partition, _source_offset, decoded in candidates:
             by_stream[stream.topic].append(decoded)
-        stored: dict[str, set[str]] = {}
+        # Per topic: the ids stored already, then every id kept so far (one set, one lookup).
+        taken: dict[str, set[str]] = {}
         for topic, decoded_list in by_stream.items():
             stream = self._streams[topic]
-            ids = sorted({d.record_id for d in decoded_list})
-            lo = min(d.time_ms for d in decoded_list)
-            hi = max(d.time_ms for d in decoded_list)
-            stored[topic] = self._retry(
-                functools.partial(self.store.present_ids, stream, ids, lo, hi),
-                f"looking up {len(ids)} ids in {stream.table}",
+            ids = list({d.record_id for d in decoded_list})  # any order: the lookup is a set
+            times = [d.time_ms for d in decoded_list]
+            lo, hi = min(times), max(times)
+            taken[topic] = set(  # a copy: ids kept are added to it
+                self._retry(
+                    functools.partial(self.store.present_ids, stream, ids, lo, hi),
+                    f"looking up {len(ids)} ids in {stream.table}",
+                )
             )
         kept = []
-        seen: set[tuple[str, str]] = set()
         for item in candidates:
-            stream, decoded = item[0], item[3]
-            key = (stream.topic, decoded.record_id)
-            if decoded.record_id in stored[stream.topic] or key in seen:
+            seen, record_id = taken[item[0].topic], item[3].record_id
+            if record_id in seen:
                 self.stats.duplicates_skipped += 1
                 continue
-            seen.add(key)
+            seen.add(record_id)
             kept.append(item)
         if len(kept) < len(candidates):
             log.info(
