@@ -19,7 +19,10 @@ from __future__ import annotations
 from functools import cached_property
 
 import faust
+from faust.types.transports import ConsumerT
 from mode.utils.queues import FlowControlEvent
+
+from .commits import BoundedCommitConsumer, CommitBound
 
 __all__ = ["LedgerApp", "ResumeKeepsQueues"]
 
@@ -34,8 +37,23 @@ class ResumeKeepsQueues(FlowControlEvent):
 
 
 class LedgerApp(faust.App):
-    """faust.App with :class:`ResumeKeepsQueues` as its flow control."""
+    """faust.App with :class:`ResumeKeepsQueues` as its flow control, and a consumer whose
+    commits never pass ``commit_bound`` (commits.py)."""
+
+    commit_bound: CommitBound | None = None
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:
         return ResumeKeepsQueues(loop=self.loop)
+
+    def _new_consumer(self) -> ConsumerT:
+        # faust's own construction (App._new_consumer), with the bounded consumer class.
+        consumer = BoundedCommitConsumer(
+            self.transport,
+            callback=self.topics.on_message,
+            on_partitions_revoked=self._on_partitions_revoked,
+            on_partitions_assigned=self._on_partitions_assigned,
+            beacon=self.beacon,
+            loop=self.transport.loop,
+        )
+        return consumer
