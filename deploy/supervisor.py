@@ -86,11 +86,17 @@ class Supervisor:
     def check(self) -> Step:
         step = decide(self.policy, self.tracks, self.observe(), self.clock())
         self.tracks = step.tracks
+        restarting = {r.name for r in step.restarts}
         for seen in step.turned_unhealthy:
-            self.progress(
-                f"{seen.name} unhealthy ({seen.detail or 'not running'}); restarting it unless "
-                f"it recovers within {self.policy.grace_s:.0f}s"
-            )
+            if seen.name in restarting:
+                continue  # the restart line says why
+            if seen.running:
+                self.progress(
+                    f"{seen.name} unhealthy ({seen.detail}); restarting it unless it recovers "
+                    f"within {self.policy.grace_s:g}s"
+                )
+            else:
+                self.progress(f"{seen.name} exited; restarting it once its backoff has passed")
         for name in step.turned_healthy:
             self.progress(f"{name} healthy")
         for restart in step.restarts:
