@@ -20,7 +20,7 @@ __all__ = ["main"]
 
 
 def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from agentledger.deploy.stack import Stack
+    from agentledger.deploy.stack import Stack, StackError
 
     shape = {
         "kafka_brokers": args.brokers,
@@ -30,7 +30,14 @@ def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     }
     settings = settings.model_copy(update={k: v for k, v in shape.items() if v is not None})
     stack = Stack(settings)
-    rows = stack.up(timeout_s=args.timeout)
+    try:
+        rows = stack.up(timeout_s=args.timeout)
+    except StackError:
+        # A worker that did not come up is just what the supervisor retries: start it anyway
+        # once the stack exists (Kafka up, shape recorded), then report the failure.
+        if args.supervise and stack.shape_recorded():
+            stack.start_supervisor()
+        raise
     if args.supervise:
         stack.start_supervisor()
         rows = stack.status()

@@ -160,6 +160,10 @@ class Stack:
         update = {k: int(recorded[k]) for k in _SHAPE_KEYS if isinstance(recorded.get(k), int)}
         return settings.model_copy(update=update)
 
+    def shape_recorded(self) -> bool:
+        """`up` got as far as a running Kafka (the stack exists, so it can be supervised)."""
+        return (self.run_dir / "stack.json").exists()
+
     def _record_shape(self) -> None:
         shape = {k: getattr(self.settings, k) for k in _SHAPE_KEYS}
         (self.run_dir / "stack.json").write_text(json.dumps(shape) + "\n")

@@ -142,7 +142,7 @@ def run_supervisor(settings: Settings, progress: Progress = _log) -> int:
     """The foreground loop of `agentledger supervise` (also what `up --supervise` runs in the
     background), until SIGTERM or Ctrl-C. Returns the exit code."""
     stack = Stack(settings, progress)
-    if not (stack.run_dir / "stack.json").exists():
+    if not stack.shape_recorded():
         raise StackError(
             f"nothing to supervise: no stack was started under {stack.home}; start one with "
             "`agentledger up --supervise` (or `agentledger up`, then `agentledger supervise`)"
