@@ -65,6 +65,13 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def _health_status(body: str) -> str:
     """The "status" of a JSON /health body ("stalled", "stuck rebalancing"), else its start."""
     try:
@@ -242,6 +249,10 @@ class Stack:
             if child.poll() is None:
                 return child.pid
             self._children.pop(service.name)
+            # The pid file may already name a newer process (`agentledger up` run beside a
+            # supervisor that had started this child): only our own child's entry is stale.
+            if _read_pid(self._pid_file(service)) != child.pid:
+                return self.running_pid(service)
             self._pid_file(service).unlink(missing_ok=True)
             return None
         path = self._pid_file(service)
