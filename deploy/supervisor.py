@@ -98,7 +98,8 @@ class Supervisor:
             else:
                 self.progress(f"{seen.name} exited; restarting it once its backoff has passed")
         for name in step.turned_healthy:
-            self.progress(f"{name} healthy")
+            # A broker is watched by its process only (see observe).
+            self.progress(f"{name} {'running' if name in self.brokers else 'healthy'}")
         for restart in step.restarts:
             self._restart(restart)
         return step
