@@ -2,7 +2,8 @@
 
 Each component has a pid file in <home>/run and a log in <home>/logs. A pid file whose process is
 gone, or now belongs to another program, is stale and is replaced, so `up` twice starts nothing
-twice and a crashed component is restarted by the next `up`.
+twice and a crashed component is restarted by the next `up`, or by the supervisor
+(deploy/supervisor.py) that `up --supervise` starts.
 
 Scale-out (settings kafka_brokers, processors, sinks): `up` runs a KRaft cluster of that many
 loopback brokers and that many processor and sink workers. Worker i > 0 listens on the first
