@@ -586,34 +586,8 @@ class Processor:
             if committed.get(tp) is None:
                 committed[tp] = self._earliest.get(tp)
         views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
-        for tp, remedy in self.stalls.observe(views, now).items():
-            view = views[tp]
-            if remedy is Remedy.SEEK and view.committed is not None:
-                log.warning(
-                    "partition %s:%s stalled (delivered %s, end %s); seeking to %s",
-                    tp.topic,
-                    tp.partition,
-                    view.delivered,
-                    view.end,
-                    view.committed,
-                )
-                await seek_fetch_position(self.app, tp, view.committed)
-            elif remedy is Remedy.REJOIN:
-                log.warning(
-                    "partition %s:%s still stalled after seeking; asking the group to rebalance",
-                    tp.topic,
-                    tp.partition,
-                )
-                await request_rejoin(self.app)
-            elif remedy is Remedy.UNHEALTHY:
-                log.error(
-                    "partition %s:%s stalled for good (delivered %s, end %s): /health reports "
-                    "503 so the supervisor restarts this worker",
-                    tp.topic,
-                    tp.partition,
-                    view.delivered,
-                    view.end,
-                )
+        due = self.stalls.observe(views, now)
+        await self._apply_remedies("partition", due, views, lambda view: view.committed)
 
     async def _unstick_recovery(self, now: float) -> None:
         """The stall watch for the changelog partitions a table recovery reads: faust waits for
@@ -622,31 +596,44 @@ class Processor:
         views = recovery_views(
             list(recovery.active_tps), recovery.active_offsets, recovery.active_highwaters
         )
-        for tp, remedy in self.recovery_stalls.observe(views, now).items():
+        due = self.recovery_stalls.observe(views, now)
+        # faust's recovery offsets are those of the last record read: go on from the next.
+        await self._apply_remedies(
+            "recovery of",
+            due,
+            views,
+            lambda view: None if view.delivered is None else view.delivered + 1,
+        )
+
+    async def _apply_remedies(
+        self,
+        what: str,
+        due: dict[Any, Remedy],
+        views: dict[Any, PartitionView],
+        seek_to: Callable[[PartitionView], int | None],
+    ) -> None:
+        """Apply the stall watch's remedies: seek ``seek_to(view)``, rejoin, or report."""
+        for tp, remedy in due.items():
             view = views[tp]
-            if remedy is Remedy.SEEK and view.delivered is not None:
+            name = f"{what} {tp.topic}:{tp.partition}"
+            target = seek_to(view)
+            if remedy is Remedy.SEEK and target is not None:
                 log.warning(
-                    "recovery of %s:%s stalled (read up to %s, highwater %s); seeking to %s",
-                    tp.topic,
-                    tp.partition,
+                    "%s stalled (delivered %s, end %s); seeking to %s",
+                    name,
                     view.delivered,
                     view.end,
-                    view.delivered + 1,
+                    target,
                 )
-                await seek_fetch_position(self.app, tp, view.delivered + 1)
+                await seek_fetch_position(self.app, tp, target)
             elif remedy is Remedy.REJOIN:
-                log.warning(
-                    "recovery of %s:%s still stalled after seeking; asking the group to rebalance",
-                    tp.topic,
-                    tp.partition,
-                )
+                log.warning("%s still stalled after seeking; asking the group to rebalance", name)
                 await request_rejoin(self.app)
             elif remedy is Remedy.UNHEALTHY:
                 log.error(
-                    "recovery of %s:%s stalled for good (read up to %s, highwater %s): /health "
-                    "reports 503 so the supervisor restarts this worker",
-                    tp.topic,
-                    tp.partition,
+                    "%s stalled for good (delivered %s, end %s): /health reports 503 so the "
+                    "supervisor restarts this worker",
+                    name,
                     view.delivered,
                     view.end,
                 )
