@@ -562,12 +562,14 @@ class Processor:
         self.recovery_stalls.reset()
         consumer = self.app.consumer
         inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
-        # faust keeps paused (recovering) and back-pressured partitions in private sets; a
-        # partition waiting there is not stalled. Read only.
-        waiting = set(getattr(consumer, "_paused_partitions", ())) | set(
+        # faust pauses partitions only while it rebalances or recovers (handled above), and
+        # sets back-pressured ones aside only while the stream works through its buffer, which
+        # moves the delivered offset. Either one held still for the stall period is stuck, so
+        # they are watched too; the sets are faust's private state, read only.
+        set_aside = set(getattr(consumer, "_paused_partitions", ())) | set(
             getattr(consumer, "_buffered_partitions", ())
         )
-        tps = [tp for tp in consumer.assignment() if tp.topic in inputs and tp not in waiting]
+        tps = [tp for tp in consumer.assignment() if tp.topic in inputs]
         if not tps:
             self.stalls.reset()
             return
@@ -587,6 +589,9 @@ class Processor:
                 committed[tp] = self._earliest.get(tp)
         views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
         due = self.stalls.observe(views, now)
+        for tp in set_aside & set(due):
+            # A seek does not lift a pause; the rejoin further up the ladder does.
+            log.warning("partition %s:%s is paused or set aside by faust", tp.topic, tp.partition)
         await self._apply_remedies("partition", due, views, lambda view: view.committed)
 
     async def _unstick_recovery(self, now: float) -> None:
