@@ -22,6 +22,7 @@ import hmac
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeVar
@@ -101,6 +102,7 @@ ACCEPT_GAP_AFTER_S = 5.0
 REBALANCE_STUCK_S = 180.0
 # Scopes whose governing policies are kept (an unbounded number of agents may come and go).
 GOVERNING_CACHE_SIZE = 100_000
+DEAD_LETTERS_REMEMBERED = 100_000
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -189,6 +191,8 @@ class Processor:
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
+        # Input records dead-lettered by this worker, oldest first (see dead_letter_record).
+        self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         # The policies governing each scope, for the policy book's version (see _governing).
         self._governing_cache: dict[str, list[BudgetPolicy]] = {}
         self._governing_version: tuple[int, int] | None = None
@@ -259,6 +263,17 @@ class Processor:
             self.webhook.offer(alert)
 
     async def dead_letter_record(self, record: Record, reason: str) -> None:
+        """Dead-letter an input record once per worker: faust delivers records again around
+        rebalances and recovery (the states skip what they applied), and each delivery would
+        otherwise add the same dead letter. A restarted worker that replays a partition
+        dead-letters its bad records again; readers can tell by topic, partition and offset."""
+        where = (record.topic, record.partition, record.offset)
+        if where in self._dead_lettered:
+            log.debug("%s:%s@%s delivered again; dead-lettered already", *where)
+            return
+        self._dead_lettered[where] = None
+        if len(self._dead_lettered) > DEAD_LETTERS_REMEMBERED:
+            self._dead_lettered.popitem(last=False)
         await self.dead_letter(
             topic=record.topic,
             partition=record.partition,
