@@ -22,6 +22,7 @@ import hmac
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeVar
@@ -101,6 +102,7 @@ ACCEPT_GAP_AFTER_S = 5.0
 REBALANCE_STUCK_S = 180.0
 # Scopes whose governing policies are kept (an unbounded number of agents may come and go).
 GOVERNING_CACHE_SIZE = 100_000
+DEAD_LETTERS_REMEMBERED = 100_000
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -189,6 +191,8 @@ class Processor:
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
+        # Input records dead-lettered by this worker, oldest first (see dead_letter_record).
+        self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         # The policies governing each scope, for the policy book's version (see _governing).
         self._governing_cache: dict[str, list[BudgetPolicy]] = {}
         self._governing_version: tuple[int, int] | None = None
@@ -259,6 +263,17 @@ class Processor:
             self.webhook.offer(alert)
 
     async def dead_letter_record(self, record: Record, reason: str) -> None:
+        """Dead-letter an input record once per worker: faust delivers records again around
+        rebalances and recovery (the states skip what they applied), and each delivery would
+        otherwise add the same dead letter. A restarted worker that replays a partition
+        dead-letters its bad records again; readers can tell by topic, partition and offset."""
+        where = (record.topic, record.partition, record.offset)
+        if where in self._dead_lettered:
+            log.debug("%s:%s@%s delivered again; dead-lettered already", *where)
+            return
+        self._dead_lettered[where] = None
+        if len(self._dead_lettered) > DEAD_LETTERS_REMEMBERED:
+            self._dead_lettered.popitem(last=False)
         await self.dead_letter(
             topic=record.topic,
             partition=record.partition,
@@ -562,12 +577,14 @@ class Processor:
         self.recovery_stalls.reset()
         consumer = self.app.consumer
         inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
-        # faust keeps paused (recovering) and back-pressured partitions in private sets; a
-        # partition waiting there is not stalled. Read only.
-        waiting = set(getattr(consumer, "_paused_partitions", ())) | set(
+        # faust pauses partitions only while it rebalances or recovers (handled above), and
+        # sets back-pressured ones aside only while the stream works through its buffer, which
+        # moves the delivered offset. Either one held still for the stall period is stuck, so
+        # they are watched too; the sets are faust's private state, read only.
+        set_aside = set(getattr(consumer, "_paused_partitions", ())) | set(
             getattr(consumer, "_buffered_partitions", ())
         )
-        tps = [tp for tp in consumer.assignment() if tp.topic in inputs and tp not in waiting]
+        tps = [tp for tp in consumer.assignment() if tp.topic in inputs]
         if not tps:
             self.stalls.reset()
             return
@@ -586,34 +603,11 @@ class Processor:
             if committed.get(tp) is None:
                 committed[tp] = self._earliest.get(tp)
         views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
-        for tp, remedy in self.stalls.observe(views, now).items():
-            view = views[tp]
-            if remedy is Remedy.SEEK and view.committed is not None:
-                log.warning(
-                    "partition %s:%s stalled (delivered %s, end %s); seeking to %s",
-                    tp.topic,
-                    tp.partition,
-                    view.delivered,
-                    view.end,
-                    view.committed,
-                )
-                await seek_fetch_position(self.app, tp, view.committed)
-            elif remedy is Remedy.REJOIN:
-                log.warning(
-                    "partition %s:%s still stalled after seeking; asking the group to rebalance",
-                    tp.topic,
-                    tp.partition,
-                )
-                await request_rejoin(self.app)
-            elif remedy is Remedy.UNHEALTHY:
-                log.error(
-                    "partition %s:%s stalled for good (delivered %s, end %s): /health reports "
-                    "503 so the supervisor restarts this worker",
-                    tp.topic,
-                    tp.partition,
-                    view.delivered,
-                    view.end,
-                )
+        due = self.stalls.observe(views, now)
+        for tp in set_aside & set(due):
+            # A seek does not lift a pause; the rejoin further up the ladder does.
+            log.warning("partition %s:%s is paused or set aside by faust", tp.topic, tp.partition)
+        await self._apply_remedies("partition", due, views, lambda view: view.committed)
 
     async def _unstick_recovery(self, now: float) -> None:
         """The stall watch for the changelog partitions a table recovery reads: faust waits for
@@ -622,31 +616,44 @@ class Processor:
         views = recovery_views(
             list(recovery.active_tps), recovery.active_offsets, recovery.active_highwaters
         )
-        for tp, remedy in self.recovery_stalls.observe(views, now).items():
+        due = self.recovery_stalls.observe(views, now)
+        # faust's recovery offsets are those of the last record read: go on from the next.
+        await self._apply_remedies(
+            "recovery of",
+            due,
+            views,
+            lambda view: None if view.delivered is None else view.delivered + 1,
+        )
+
+    async def _apply_remedies(
+        self,
+        what: str,
+        due: dict[Any, Remedy],
+        views: dict[Any, PartitionView],
+        seek_to: Callable[[PartitionView], int | None],
+    ) -> None:
+        """Apply the stall watch's remedies: seek ``seek_to(view)``, rejoin, or report."""
+        for tp, remedy in due.items():
             view = views[tp]
-            if remedy is Remedy.SEEK and view.delivered is not None:
+            name = f"{what} {tp.topic}:{tp.partition}"
+            target = seek_to(view)
+            if remedy is Remedy.SEEK and target is not None:
                 log.warning(
-                    "recovery of %s:%s stalled (read up to %s, highwater %s); seeking to %s",
-                    tp.topic,
-                    tp.partition,
+                    "%s stalled (delivered %s, end %s); seeking to %s",
+                    name,
                     view.delivered,
                     view.end,
-                    view.delivered + 1,
+                    target,
                 )
-                await seek_fetch_position(self.app, tp, view.delivered + 1)
+                await seek_fetch_position(self.app, tp, target)
             elif remedy is Remedy.REJOIN:
-                log.warning(
-                    "recovery of %s:%s still stalled after seeking; asking the group to rebalance",
-                    tp.topic,
-                    tp.partition,
-                )
+                log.warning("%s still stalled after seeking; asking the group to rebalance", name)
                 await request_rejoin(self.app)
             elif remedy is Remedy.UNHEALTHY:
                 log.error(
-                    "recovery of %s:%s stalled for good (read up to %s, highwater %s): /health "
-                    "reports 503 so the supervisor restarts this worker",
-                    tp.topic,
-                    tp.partition,
+                    "%s stalled for good (delivered %s, end %s): /health reports 503 so the "
+                    "supervisor restarts this worker",
+                    name,
                     view.delivered,
                     view.end,
                 )

@@ -1,4 +1,5 @@
-"""A faust consumer that never commits an input partition past a record not yet counted.
+"""A faust consumer that never commits an input partition past a record not yet counted, and
+that seeks partitions without a committed offset back to their beginning like the others.
 
 faust commits, per partition, the end of the first run of consecutive acked offsets. It checks
 for a hole before that run only when the partition already has a committed offset, and then
@@ -11,11 +12,21 @@ lose them for good.
 
 The processor knows exactly where it is: everything below the ordering guard's next expected
 offset is counted (or was accepted as a gap). That offset bounds every commit.
+
+Seeks: faust throws away records fetched while a rebalance or recovery is under way and seeks
+the partitions back to their committed offsets (``perform_seek``). aiokafka seeks only to a
+committed offset above 0, so a partition never committed (or committed at 0) keeps the fetch
+position past the records thrown away, and nothing reads them again. Seen in the two-worker
+kill test: the survivor took over a partition the victim had never committed, fetched offsets
+0-11 during recovery, dropped them, and fetched on from 12 until the stall watch sought it
+back 12 s later. Such input partitions are sought to their beginning (where the group's
+``auto_offset_reset=earliest`` starts them anyway); changelog partitions are left to the
+table recovery, which places them itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from faust.transport.drivers.aiokafka import Consumer
 from faust.types import TP
@@ -43,3 +54,13 @@ class BoundedCommitConsumer(Consumer):
         proposed = super()._new_offset(tp)
         commit_bound: CommitBound | None = getattr(self.app, "commit_bound", None)
         return bounded(proposed, commit_bound(tp) if commit_bound is not None else None)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        committed = await super().seek_to_committed()
+        changelogs = self.app.tables.changelog_topics
+        unset = [
+            tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs
+        ]
+        if unset:
+            await self._thread.seek_to_beginning(*unset)
+        return committed
