@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
             "supervise",
         ]
     )
+    # Until the child has exec'd, /proc/<pid>/cmdline is still pytest's.
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while b"supervise" not in cmdline.read_bytes():
+        assert time.monotonic() < deadline, "the sleeper did not start in 10 s"
+        time.sleep(0.01)
     yield proc
     proc.kill()
     proc.wait()
