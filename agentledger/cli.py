@@ -20,7 +20,7 @@ __all__ = ["main"]
 
 
 def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from agentledger.deploy.stack import Stack
+    from agentledger.deploy.stack import Stack, StackError
 
     shape = {
         "kafka_brokers": args.brokers,
@@ -30,9 +30,25 @@ def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     }
     settings = settings.model_copy(update={k: v for k, v in shape.items() if v is not None})
     stack = Stack(settings)
-    rows = stack.up(timeout_s=args.timeout)
+    try:
+        rows = stack.up(timeout_s=args.timeout)
+    except StackError:
+        # A worker that did not come up is just what the supervisor retries: start it anyway
+        # once the stack exists (Kafka up, shape recorded), then report the failure.
+        if args.supervise and stack.shape_recorded():
+            stack.start_supervisor()
+        raise
+    if args.supervise:
+        stack.start_supervisor()
+        rows = stack.status()
     _print_status(rows)
     return 0 if all(r.healthy for r in rows) else 1
+
+
+def _cmd_supervise(settings: Settings, _args: argparse.Namespace) -> int:
+    from agentledger.deploy.supervisor import run_supervisor
+
+    return run_supervisor(settings)
 
 
 def _cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
@@ -172,7 +188,18 @@ def _parser() -> argparse.ArgumentParser:
         "--sinks", type=_count, help="sink workers; more than 1 needs a ClickHouse server DSN"
     )
     up.add_argument("--partitions", type=_count, help="partitions of a new calls topic")
+    up.add_argument(
+        "--supervise",
+        action="store_true",
+        help="also start a background supervisor that restarts a component that exits or "
+        "stays unhealthy (`down` stops it first)",
+    )
     up.set_defaults(run=_cmd_up)
+    sub.add_parser(
+        "supervise",
+        help="watch the running stack in the foreground and restart a component that exits or "
+        "stays unhealthy (Ctrl-C stops watching; the components keep running)",
+    ).set_defaults(run=_cmd_supervise)
     sub.add_parser("down", help="stop the local stack").set_defaults(run=_cmd_down)
     status = sub.add_parser("status", help="health, pid, address and log of each component")
     status.add_argument("--json", action="store_true")

@@ -123,6 +123,28 @@ class Settings(BaseSettings):
         description="ClickHouse cluster name: Replicated engines, ON CLUSTER DDL, *_all "
         "Distributed tables for reads",
     )
+    # -- supervision of the local stack (deploy/README.md "Supervision") ----------------------
+    supervise_every_s: float = Field(
+        default=5.0, gt=0, le=600, description="seconds between two supervisor checks"
+    )
+    supervise_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="a running component whose /health fails this long is restarted",
+    )
+    supervise_start_grace_s: float = Field(
+        default=180.0,
+        gt=0,
+        le=3600,
+        description="how long a (re)started component may take to become healthy",
+    )
+    supervise_backoff_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="the longest wait between two restarts of one component (doubling from 2 s)",
+    )
 
     @model_validator(mode="after")
     def _check_scale_out(self) -> Settings:

@@ -2,7 +2,8 @@
 
 Each component has a pid file in <home>/run and a log in <home>/logs. A pid file whose process is
 gone, or now belongs to another program, is stale and is replaced, so `up` twice starts nothing
-twice and a crashed component is restarted by the next `up`.
+twice and a crashed component is restarted by the next `up`, or by the supervisor
+(deploy/supervisor.py) that `up --supervise` starts.
 
 Scale-out (settings kafka_brokers, processors, sinks): `up` runs a KRaft cluster of that many
 loopback brokers and that many processor and sink workers. Worker i > 0 listens on the first
@@ -35,11 +36,21 @@ from .kafka_broker import (
 )
 from .topics import ensure_topics, topic_specs
 
-__all__ = ["WORKER_PORT_STEP", "ComponentStatus", "Stack", "StackError", "worker_ports"]
+__all__ = [
+    "SUPERVISOR",
+    "WORKER_PORT_STEP",
+    "ComponentStatus",
+    "Stack",
+    "StackError",
+    "worker_ports",
+]
 
 Progress = Callable[[str], None]
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 WORKER_PORT_STEP = 10
+# The supervisor's pid file and log are <run>/supervisor.pid and <logs>/supervisor.log.
+SUPERVISOR = "supervisor"
+SUPERVISE_COMMAND = "supervise"
 _SHAPE_KEYS = ("kafka_brokers", "processors", "sinks")
 
 
@@ -53,6 +64,24 @@ def worker_ports(first: int, count: int) -> list[int]:
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _health_status(body: str) -> str:
+    """The "status" of a JSON /health body ("stalled", "stuck rebalancing"), else its start."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body[:200]
+    if isinstance(parsed, dict) and "status" in parsed:
+        return str(parsed["status"])
+    return body[:200]
 
 
 class StackError(RuntimeError):
@@ -139,6 +168,10 @@ class Stack:
         update = {k: int(recorded[k]) for k in _SHAPE_KEYS if isinstance(recorded.get(k), int)}
         return settings.model_copy(update=update)
 
+    def shape_recorded(self) -> bool:
+        """`up` got as far as a running Kafka (the stack exists, so it can be supervised)."""
+        return (self.run_dir / "stack.json").exists()
+
     def _record_shape(self) -> None:
         shape = {k: getattr(self.settings, k) for k in _SHAPE_KEYS}
         (self.run_dir / "stack.json").write_text(json.dumps(shape) + "\n")
@@ -217,6 +250,10 @@ class Stack:
             if child.poll() is None:
                 return child.pid
             self._children.pop(service.name)
+            # The pid file may already name a newer process (`agentledger up` run beside a
+            # supervisor that had started this child): only our own child's entry is stale.
+            if _read_pid(self._pid_file(service)) != child.pid:
+                return self.running_pid(service)
             self._pid_file(service).unlink(missing_ok=True)
             return None
         path = self._pid_file(service)
@@ -232,13 +269,25 @@ class Stack:
     # -- health ----------------------------------------------------------------------------
 
     def _health(self, service: _Service) -> tuple[bool, str]:
+        _answered, healthy, detail = self._probe(service)
+        return healthy, detail
+
+    def _probe(self, service: _Service) -> tuple[bool, bool, str]:
+        """(answered, healthy, detail) of the component's /health."""
         url = f"http://127.0.0.1:{service.port}/health"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 body = response.read().decode()
-                return response.status == 200, body[:200]
+                return True, response.status == 200, body[:200]
+        except urllib.error.HTTPError as exc:
+            # A 503 is an answer (a stalled processor says why in its body), not an outage.
+            try:
+                body = exc.read().decode(errors="replace")
+            finally:
+                exc.close()
+            return True, False, f"HTTP {exc.code} {_health_status(body)}"
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            return False, str(getattr(exc, "reason", exc))
+            return False, False, str(getattr(exc, "reason", exc))
 
     def status(self) -> list[ComponentStatus]:
         rows = []
@@ -274,6 +323,9 @@ class Stack:
                     detail,
                 )
             )
+        supervisor = self._supervisor_row()
+        if supervisor is not None:
+            rows.append(supervisor)
         return rows
 
     # -- up / down -------------------------------------------------------------------------
@@ -305,6 +357,7 @@ class Stack:
         return self.status()
 
     def _start(self, service: _Service) -> None:
+        self._stopped_file(service).unlink(missing_ok=True)
         if self.running_pid(service) is not None:
             self.progress(f"{service.name} already running")
             return
@@ -350,28 +403,146 @@ class Stack:
         )
 
     def stop_service(self, name: str, *, kill: bool = False, timeout_s: float = 30.0) -> bool:
-        service = next(s for s in self.services if s.name == name)
+        """Stop a component on purpose: a supervisor leaves it stopped until the next start."""
+        service = self._service(name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._stopped_file(service).write_text("stopped on purpose\n")
+        return self._stop(service, kill=kill, timeout_s=timeout_s)
+
+    def restart_service(self, name: str, *, stop: str = "none", timeout_s: float = 30.0) -> Path:
+        """The supervisor's restart: end the process (``stop`` "term" or "kill"; "none" when it
+        is gone), start it again without waiting for health. Returns its log file."""
+        service = self._service(name)
+        if stop != "none":
+            self._stop(service, kill=stop == "kill", timeout_s=timeout_s)
+        self._start(service)
+        return self._log_file(service)
+
+    def stopped_on_purpose(self, name: str) -> bool:
+        return self._stopped_file(self._service(name)).exists()
+
+    def probe(self, name: str) -> tuple[bool, bool, str]:
+        """(answered, healthy, detail) from the component's /health on loopback."""
+        return self._probe(self._service(name))
+
+    def pid_of(self, name: str) -> int | None:
+        return self.running_pid(self._service(name))
+
+    def log_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def _service(self, name: str) -> _Service:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise ValueError(
+            f"no component {name!r} in this stack; expected one of "
+            f"{', '.join(s.name for s in self.services)}"
+        )
+
+    def _stopped_file(self, service: _Service) -> Path:
+        return self.run_dir / f"{service.name}.stopped"
+
+    def _stop(self, service: _Service, *, kill: bool, timeout_s: float) -> bool:
         pid = self.running_pid(service)
         if pid is None:
             return False
         _terminate(pid, 0 if kill else timeout_s)
         self._pid_file(service).unlink(missing_ok=True)
-        child = self._children.pop(name, None)
+        child = self._children.pop(service.name, None)
         if child is not None:
             child.wait(timeout=30)
         return True
 
     def start_service(self, name: str, timeout_s: float = 120.0) -> None:
-        service = next(s for s in self.services if s.name == name)
+        service = self._service(name)
         self._start(service)
         self._wait_healthy(service, timeout_s)
 
     def down(self) -> list[str]:
-        stopped = [s.name for s in self.services if self.stop_service(s.name)]
+        # The supervisor first, so it does not restart what is being stopped.
+        stopped = [SUPERVISOR] if self.stop_supervisor() else []
+        stopped += [s.name for s in self.services if self.stop_service(s.name)]
         if self.manages_kafka and self.cluster.stop():
             stopped.append("kafka")
         (self.run_dir / "stack.json").unlink(missing_ok=True)
         return stopped
+
+    # -- the supervisor's process (its loop is deploy/supervisor.py) ---------------------------
+
+    @property
+    def supervisor_pid_file(self) -> Path:
+        return self.run_dir / f"{SUPERVISOR}.pid"
+
+    @property
+    def supervisor_log_file(self) -> Path:
+        return self.log_dir / f"{SUPERVISOR}.log"
+
+    def supervisor_pid(self) -> int | None:
+        """The running supervisor's pid. A stale pid file is kept (unlike a component's), so
+        `status` reports a supervisor that died; `down` and the next supervisor remove it."""
+        try:
+            pid = int(self.supervisor_pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        child = self._children.get(SUPERVISOR)
+        if child is not None:
+            return pid if child.poll() is None else None
+        # argv is NUL-separated: this matches `... -m agentledger supervise` only.
+        if pid_alive(pid) and _cmdline_mentions(pid, f"agentledger\0{SUPERVISE_COMMAND}"):
+            return pid
+        return None
+
+    def start_supervisor(self) -> int:
+        """Run `agentledger supervise` in the background (pid file, log); idempotent."""
+        pid = self.supervisor_pid()
+        if pid is not None:
+            self.progress(f"supervisor already running (pid {pid})")
+            return pid
+        for folder in (self.run_dir, self.log_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        log = self.supervisor_log_file.open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agentledger", SUPERVISE_COMMAND],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.child_env(),
+            cwd=self.home,
+            start_new_session=True,
+        )
+        log.close()
+        self._children[SUPERVISOR] = proc
+        # Written here as well as by the supervisor itself, so a `down` right after `up` finds it.
+        self.supervisor_pid_file.write_text(f"{proc.pid}\n")
+        self.progress(
+            f"supervisor started (pid {proc.pid}): it restarts a component that exits or stays "
+            f"unhealthy; log: {self.supervisor_log_file}"
+        )
+        return proc.pid
+
+    def stop_supervisor(self, timeout_s: float = 30.0) -> bool:
+        pid = self.supervisor_pid()
+        if pid is not None:
+            _terminate(pid, timeout_s)
+        self.supervisor_pid_file.unlink(missing_ok=True)
+        child = self._children.pop(SUPERVISOR, None)
+        if child is not None:
+            child.wait(timeout=30)
+        return pid is not None
+
+    def _supervisor_row(self) -> ComponentStatus | None:
+        if not self.supervisor_pid_file.exists():
+            return None
+        pid = self.supervisor_pid()
+        detail = (
+            "watching"
+            if pid is not None
+            else f"exited; see {self.supervisor_log_file}; `agentledger up --supervise` starts it"
+        )
+        return ComponentStatus(
+            SUPERVISOR, pid is not None, pid, "-", self.supervisor_log_file, detail
+        )
 
     def status_json(self) -> str:
         return json.dumps(

@@ -16,6 +16,7 @@ the shim, so the processor's stats and budgets apply to them:
 from __future__ import annotations
 
 import argparse
+import collections
 import heapq
 import itertools
 import logging
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 
 from agentledger.config import Settings
 from agentledger.producers import Ledger, Router, RoutingDecision, RoutingPolicy
-from agentledger.producers.router import DecisionStatus
+from agentledger.producers.routing import Evidence
 from agentledger.schemas import Alert
 
 __all__ = ["AlertWatcher", "Coordinator", "Dispatch", "Task", "main"]
@@ -64,11 +65,15 @@ class Dispatch:
     action: str  # "run", "requeued", "deferred", "dropped"
     agent: str | None
     decision: RoutingDecision
+    learning: str | None = None  # why the task went to a candidate still being learned
 
     def describe(self) -> str:
         head = f"{self.task.task_id} [{self.task.task_type}] {self.action}"
         target = f" -> {self.agent}" if self.agent else ""
-        return f"{head}{target}: {self.decision.reasons[0] if self.decision.reasons else ''}"
+        why = self.decision.reasons[0] if self.decision.reasons else ""
+        if self.learning:
+            why = f"{self.learning}; router: {why}"
+        return f"{head}{target}: {why}"
 
 
 class AlertWatcher:
@@ -141,6 +146,8 @@ class Coordinator:
         self.alerts = alerts
         self._queue: list[Task] = []
         self._seq = itertools.count()
+        # Tasks handed to each agent by this coordinator, for the learning phase (see next).
+        self._sent: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -176,10 +183,9 @@ class Coordinator:
                 mode = "budget"  # an alert on the way: be careful with money
         decision = self.router.choose(task.task_type, candidates, mode)
         chosen = decision.chosen
-        if chosen is None and decision.status is DecisionStatus.INSUFFICIENT_EVIDENCE:
-            # Nothing known yet: spread the work over the allowed agents to learn their stats.
-            allowed = [c.name for c in decision.candidates if c.allowed]
-            chosen = allowed[task.seq % len(allowed)]
+        learning = self._to_learn(decision)
+        if learning is not None:
+            chosen = learning
         throttled_only = chosen is not None and any(
             "throttled" in r for c in decision.candidates if c.name == chosen for r in c.reasons
         )
@@ -191,7 +197,28 @@ class Coordinator:
             return Dispatch(task, "deferred", None, decision)
         action = "run" if task.agent in (None, chosen) else "requeued"
         task.agent = chosen
-        return Dispatch(task, action, chosen, decision)
+        self._sent[chosen] += 1
+        note = None
+        if learning is not None:
+            note = (
+                f"learning {chosen}: {self._sent[chosen]} of "
+                f"{self.router.policy.min_samples} tasks sent while its evidence is thin"
+            )
+        return Dispatch(task, action, chosen, decision, note)
+
+    def _to_learn(self, decision: RoutingDecision) -> str | None:
+        """The allowed candidate with thin evidence that this coordinator has sent the fewest
+        tasks, while that is under the router's min_samples; None once every candidate has
+        had its share. Without this, whichever candidate's stats arrive first is chosen from
+        then on, and the other is seen only through the router's rare exploration."""
+        thin = [
+            c.name
+            for c in decision.candidates
+            if c.allowed
+            and c.evidence is not Evidence.ENOUGH
+            and self._sent[c.name] < self.router.policy.min_samples
+        ]
+        return min(thin, key=lambda name: self._sent[name]) if thin else None
 
 
 def _simulate(ledger: Ledger, agent_id: str, task: Task, model: str, delay_s: float) -> None:

@@ -283,7 +283,7 @@ class KafkaControlListener:
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
                 settling = time.monotonic() - self.started_at < self.SETTLE_S
-                if settling and isinstance(error, KafkaError) and error.retriable():
+                if settling and isinstance(error, KafkaError) and _settling_error(error):
                     # A topic created moments ago answers NOT_LEADER until its leader is
                     # known everywhere; only an error that outlasts that is worth counting.
                     log.debug("agentledger: control listener: retrying: %s", exc)
@@ -321,3 +321,21 @@ class KafkaControlListener:
             del targets[partition]
             if not targets:
                 self._caught_up.set()
+
+
+# What a topic created moments ago answers until its leader is known everywhere. librdkafka
+# does not flag all of them retriable: a watermark query got NOT_LEADER_FOR_PARTITION,
+# unflagged, on a one-broker cluster under load.
+_SETTLING_CODES = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._TIMED_OUT,
+    }
+)
+
+
+def _settling_error(error: KafkaError) -> bool:
+    return bool(error.retriable()) or error.code() in _SETTLING_CODES

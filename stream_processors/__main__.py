@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import sys
+
 import faust
+from confluent_kafka import KafkaException
 
 from agentledger.config import Settings
 
 from .app import build_app
+
+# Exit code of a worker that could not reach Kafka (or found no calls topic) before starting.
+EXIT_NO_KAFKA = 3
 
 
 def main() -> None:
     settings = Settings()
     # faust creates its data dir on start, but not its parents.
     settings.home.mkdir(parents=True, exist_ok=True)
-    app = build_app(settings)
+    try:
+        app = build_app(settings)
+    except (KafkaException, RuntimeError) as exc:
+        # Kafka unreachable (or the calls topic missing) before faust starts: one line that says
+        # what to do instead of a traceback, and a non-zero exit for the supervisor.
+        print(
+            f"processor: cannot start: {exc}. Check that Kafka answers at {settings.kafka} "
+            "(`agentledger status`) and that the stack's topics exist (`agentledger up` "
+            "creates them); `agentledger up --supervise` restarts this worker by itself",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_NO_KAFKA)
     # faust's Worker installs SIGTERM/SIGINT handlers that stop the app cleanly.
     worker = faust.Worker(app, loglevel=settings.log_level)
     worker.execute_from_commandline()

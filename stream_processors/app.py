@@ -22,9 +22,10 @@ import hmac
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import faust
 from aiokafka.errors import KafkaError
@@ -58,7 +59,7 @@ from .scopes import (
     forwarded_costs,
     scopes_topic_name,
 )
-from .stall import PartitionView, Remedy, StallWatch
+from .stall import PartitionView, Remedy, StallWatch, recovery_views
 from .state_codec import decode_state, encode_state
 from .stats import StatsAggregator, register_stats
 from .webhook import WebhookDelivery
@@ -101,6 +102,7 @@ ACCEPT_GAP_AFTER_S = 5.0
 REBALANCE_STUCK_S = 180.0
 # Scopes whose governing policies are kept (an unbounded number of agents may come and go).
 GOVERNING_CACHE_SIZE = 100_000
+DEAD_LETTERS_REMEMBERED = 100_000
 SPEND_TABLE = "spend"  # per agent id
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
@@ -183,11 +185,14 @@ class Processor:
         self._order_generation: int | None = None
         # Partition stall watch, see unstick.
         self.stalls: StallWatch[Any] = StallWatch(STALL_AFTER_S)
+        self.recovery_stalls: StallWatch[Any] = StallWatch(STALL_AFTER_S)
         self._earliest: dict[Any, int] = {}  # per assignment; see unstick
         self._rebalancing_since: float | None = None
         # Decoded table values, see _load; and sends not yet acknowledged, see _confirm.
         self._decoded: dict[tuple[str, str], tuple[Any, SpendState]] = {}
         self._unconfirmed: list[Awaitable[Any]] = []
+        # Input records dead-lettered by this worker, oldest first (see dead_letter_record).
+        self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         # The policies governing each scope, for the policy book's version (see _governing).
         self._governing_cache: dict[str, list[BudgetPolicy]] = {}
         self._governing_version: tuple[int, int] | None = None
@@ -258,6 +263,17 @@ class Processor:
             self.webhook.offer(alert)
 
     async def dead_letter_record(self, record: Record, reason: str) -> None:
+        """Dead-letter an input record once per worker: faust delivers records again around
+        rebalances and recovery (the states skip what they applied), and each delivery would
+        otherwise add the same dead letter. A restarted worker that replays a partition
+        dead-letters its bad records again; readers can tell by topic, partition and offset."""
+        where = (record.topic, record.partition, record.offset)
+        if where in self._dead_lettered:
+            log.debug("%s:%s@%s delivered again; dead-lettered already", *where)
+            return
+        self._dead_lettered[where] = None
+        if len(self._dead_lettered) > DEAD_LETTERS_REMEMBERED:
+            self._dead_lettered.popitem(last=False)
         await self.dead_letter(
             topic=record.topic,
             partition=record.partition,
@@ -552,16 +568,23 @@ class Processor:
             self._earliest.clear()
             if self._rebalancing_since is None:
                 self._rebalancing_since = now
+            if self.app.in_recovery:
+                await self._unstick_recovery(now)
+            else:
+                self.recovery_stalls.reset()
             return
         self._rebalancing_since = None
+        self.recovery_stalls.reset()
         consumer = self.app.consumer
         inputs = {self.settings.topics.calls, scopes_topic_name(self.settings)}
-        # faust keeps paused (recovering) and back-pressured partitions in private sets; a
-        # partition waiting there is not stalled. Read only.
-        waiting = set(getattr(consumer, "_paused_partitions", ())) | set(
+        # faust pauses partitions only while it rebalances or recovers (handled above), and
+        # sets back-pressured ones aside only while the stream works through its buffer, which
+        # moves the delivered offset. Either one held still for the stall period is stuck, so
+        # they are watched too; the sets are faust's private state, read only.
+        set_aside = set(getattr(consumer, "_paused_partitions", ())) | set(
             getattr(consumer, "_buffered_partitions", ())
         )
-        tps = [tp for tp in consumer.assignment() if tp.topic in inputs and tp not in waiting]
+        tps = [tp for tp in consumer.assignment() if tp.topic in inputs]
         if not tps:
             self.stalls.reset()
             return
@@ -580,31 +603,57 @@ class Processor:
             if committed.get(tp) is None:
                 committed[tp] = self._earliest.get(tp)
         views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
-        for tp, remedy in self.stalls.observe(views, now).items():
+        due = self.stalls.observe(views, now)
+        for tp in set_aside & set(due):
+            # A seek does not lift a pause; the rejoin further up the ladder does.
+            log.warning("partition %s:%s is paused or set aside by faust", tp.topic, tp.partition)
+        await self._apply_remedies("partition", due, views, lambda view: view.committed)
+
+    async def _unstick_recovery(self, now: float) -> None:
+        """The stall watch for the changelog partitions a table recovery reads: faust waits for
+        them without a timeout, with every stream partition paused meanwhile."""
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]  # TableManager's
+        views = recovery_views(
+            list(recovery.active_tps), recovery.active_offsets, recovery.active_highwaters
+        )
+        due = self.recovery_stalls.observe(views, now)
+        # faust's recovery offsets are those of the last record read: go on from the next.
+        await self._apply_remedies(
+            "recovery of",
+            due,
+            views,
+            lambda view: None if view.delivered is None else view.delivered + 1,
+        )
+
+    async def _apply_remedies(
+        self,
+        what: str,
+        due: dict[Any, Remedy],
+        views: dict[Any, PartitionView],
+        seek_to: Callable[[PartitionView], int | None],
+    ) -> None:
+        """Apply the stall watch's remedies: seek ``seek_to(view)``, rejoin, or report."""
+        for tp, remedy in due.items():
             view = views[tp]
-            if remedy is Remedy.SEEK and view.committed is not None:
+            name = f"{what} {tp.topic}:{tp.partition}"
+            target = seek_to(view)
+            if remedy is Remedy.SEEK and target is not None:
                 log.warning(
-                    "partition %s:%s stalled (delivered %s, end %s); seeking to %s",
-                    tp.topic,
-                    tp.partition,
+                    "%s stalled (delivered %s, end %s); seeking to %s",
+                    name,
                     view.delivered,
                     view.end,
-                    view.committed,
+                    target,
                 )
-                await seek_fetch_position(self.app, tp, view.committed)
+                await seek_fetch_position(self.app, tp, target)
             elif remedy is Remedy.REJOIN:
-                log.warning(
-                    "partition %s:%s still stalled after seeking; asking the group to rebalance",
-                    tp.topic,
-                    tp.partition,
-                )
+                log.warning("%s still stalled after seeking; asking the group to rebalance", name)
                 await request_rejoin(self.app)
             elif remedy is Remedy.UNHEALTHY:
                 log.error(
-                    "partition %s:%s stalled for good (delivered %s, end %s): /health reports "
-                    "503 so the supervisor restarts this worker",
-                    tp.topic,
-                    tp.partition,
+                    "%s stalled for good (delivered %s, end %s): /health reports 503 so the "
+                    "supervisor restarts this worker",
+                    name,
                     view.delivered,
                     view.end,
                 )
@@ -703,16 +752,32 @@ class Processor:
         return state.partition is not None and TP(ledger.topic, state.partition) in actives
 
 
+Result = TypeVar("Result")
+
+
+async def on_consumer_thread(app: faust.App, work: Callable[[Any], Awaitable[Result]]) -> Result:
+    """Run ``work(aiokafka_consumer)`` on faust's consumer thread and return its result.
+
+    faust runs aiokafka in a thread of its own; calling aiokafka from the app's thread races
+    its fetcher (a seek landing while that thread drained fetched records made aiokafka raise
+    KeyError and crashed the worker after a broker restart)."""
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+
+    async def call() -> Result:
+        return await work(thread._ensure_consumer())
+
+    result: Result = await thread.call_thread(call)
+    return result
+
+
 async def committed_or_earliest(app: faust.App, tps: set[TP]) -> dict[TP, int]:
     """Each partition's committed offset in the group, or its earliest offset when the group
     never committed one (the consumer's auto_offset_reset is earliest)."""
-    thread = app.consumer._thread  # type: ignore[attr-defined]
 
-    async def committed() -> dict[TP, int | None]:
-        consumer = thread._ensure_consumer()
+    async def committed(consumer: Any) -> dict[TP, int | None]:
         return {tp: await consumer.committed(tp) for tp in tps}
 
-    found: dict[TP, int | None] = await thread.call_thread(committed)
+    found = await on_consumer_thread(app, committed)
     missing = [tp for tp, offset in found.items() if offset is None]
     earliest = await app.consumer.earliest_offsets(*missing) if missing else {}
     return {tp: offset if offset is not None else earliest[tp] for tp, offset in found.items()}
@@ -721,17 +786,14 @@ async def committed_or_earliest(app: faust.App, tps: set[TP]) -> dict[TP, int]:
 async def seek_fetch_position(app: faust.App, tp: TP, offset: int) -> None:
     """Move the consumer's fetch position of ``tp`` to ``offset``, on faust's consumer thread.
 
-    Not faust's ``Consumer.seek``: it calls aiokafka from the app's thread while the consumer
-    runs in a thread of its own (a seek landing while that thread drained fetched records made
-    aiokafka raise KeyError and crashed the worker after a broker restart), and it also moves
-    faust's read offset, which would look like progress to the stall watch. Records read again
-    are recognised by the applied offsets in the state."""
-    thread = app.consumer._thread  # type: ignore[attr-defined]
+    Not faust's ``Consumer.seek``: it calls aiokafka from the app's thread (see
+    on_consumer_thread), and it also moves faust's read offset, which would look like progress
+    to the stall watch. Records read again are recognised by the applied offsets in the state."""
 
-    async def seek() -> None:
-        thread._ensure_consumer().seek(tp, offset)
+    async def seek(consumer: Any) -> None:
+        consumer.seek(tp, offset)
 
-    await thread.call_thread(seek)
+    await on_consumer_thread(app, seek)
 
 
 async def request_rejoin(app: faust.App) -> None:
@@ -739,12 +801,11 @@ async def request_rejoin(app: faust.App) -> None:
 
     faust has no public call for it; aiokafka's coordinator lives on faust's consumer thread,
     so the request runs there."""
-    thread = app.consumer._thread  # type: ignore[attr-defined]
 
-    async def rejoin() -> None:
-        thread._ensure_consumer()._coordinator.request_rejoin()
+    async def rejoin(consumer: Any) -> None:
+        consumer._coordinator.request_rejoin()
 
-    await thread.call_thread(rejoin)
+    await on_consumer_thread(app, rejoin)
 
 
 def partition_report(app: faust.App) -> dict[str, list[str]]:
@@ -833,6 +894,9 @@ def build_app(
     )
     proc = Processor(app, settings, clock or wall_clock_ms, partitions, future_tolerance_ms)
     app.processor = proc  # type: ignore[attr-defined]  # for tests and tooling
+    # Held-back records are acked with their batch; commits stop at the first record not yet
+    # counted (commits.py).
+    app.commit_bound = proc.order.commit_bound
     # Routing stats: counted by on_calls from its parsed events rather than by an agent of
     # their own, which cost a second faust stream and a second parse per calls record.
     proc.stats = register_stats(app, settings, proc.clock, proc.dead_letter, own_agent=False)
@@ -881,7 +945,10 @@ def build_app(
             # The web server starts before the consumer thread; a probe in that gap gets a
             # retryable answer instead of a 500.
             return web.json({"status": "starting", "policies_loaded": False}, status=503)
-        stalled = sorted(f"{tp.topic}:{tp.partition}" for tp in proc.stalls.unhealthy)
+        stalled = sorted(
+            f"{tp.topic}:{tp.partition}"
+            for tp in proc.stalls.unhealthy | proc.recovery_stalls.unhealthy
+        )
         stuck = proc.stuck_rebalancing()
         status = "stalled" if stalled else "stuck rebalancing" if stuck else "ok"
         return web.json(
@@ -891,6 +958,7 @@ def build_app(
                 "policies": len(proc.book),
                 "policies_loaded": proc.book.ready.is_set(),
                 "rebalancing": bool(app.rebalancing),
+                "in_recovery": bool(app.in_recovery),
                 "partitions": partitions,
             },
             status=200 if status == "ok" else 503,

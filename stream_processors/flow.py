@@ -19,7 +19,11 @@ from __future__ import annotations
 from functools import cached_property
 
 import faust
+from faust.types.transports import ConsumerT, ProducerT
 from mode.utils.queues import FlowControlEvent
+
+from .commits import BoundedCommitConsumer, CommitBound
+from .declare import PatientProducer
 
 __all__ = ["LedgerApp", "ResumeKeepsQueues"]
 
@@ -34,8 +38,28 @@ class ResumeKeepsQueues(FlowControlEvent):
 
 
 class LedgerApp(faust.App):
-    """faust.App with :class:`ResumeKeepsQueues` as its flow control."""
+    """faust.App with :class:`ResumeKeepsQueues` as its flow control, a consumer whose
+    commits never pass ``commit_bound`` (commits.py), and a producer whose topic creation
+    rides out a broker gone while the worker starts (declare.py)."""
+
+    commit_bound: CommitBound | None = None
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:
         return ResumeKeepsQueues(loop=self.loop)
+
+    def _new_producer(self) -> ProducerT:
+        # faust's own construction (App._new_producer), with the patient producer class.
+        return PatientProducer(self.transport, loop=self.loop, beacon=self.beacon)
+
+    def _new_consumer(self) -> ConsumerT:
+        # faust's own construction (App._new_consumer), with the bounded consumer class.
+        consumer = BoundedCommitConsumer(
+            self.transport,
+            callback=self.topics.on_message,
+            on_partitions_revoked=self._on_partitions_revoked,
+            on_partitions_assigned=self._on_partitions_assigned,
+            beacon=self.beacon,
+            loop=self.transport.loop,
+        )
+        return consumer

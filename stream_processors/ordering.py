@@ -65,6 +65,11 @@ class InOrder(Generic[Partition]):
     def expected(self, tp: Partition) -> int:
         return self._next[tp]
 
+    def commit_bound(self, tp: Partition) -> int | None:
+        """The highest offset that may be committed for ``tp``: every record below the next
+        one to count is counted. None for a partition not followed (yet)."""
+        return self._next.get(tp)
+
     def admit(self, tp: Partition, offset: int, now: float) -> Verdict:
         expected = self._next[tp]
         if offset < expected:

@@ -18,12 +18,12 @@ Re-reading is always safe: the spend state recognises applied offsets.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, TypeVar
 
-__all__ = ["PartitionView", "Remedy", "StallWatch"]
+__all__ = ["PartitionView", "Remedy", "StallWatch", "recovery_views"]
 
 Partition = TypeVar("Partition", bound=Hashable)
 
@@ -115,3 +115,24 @@ def _waiting(view: PartitionView) -> bool:
     if view.committed is None:
         return False
     return view.end > view.committed
+
+
+def recovery_views(
+    tps: Iterable[Partition],
+    offsets: Mapping[Partition, int | None],
+    highwaters: Mapping[Partition, int | None],
+) -> dict[Partition, PartitionView]:
+    """The changelog partitions a table recovery still reads, as views for a StallWatch.
+
+    faust's recovery waits, without a timeout, until it has read each active changelog
+    partition up to its highwater (faust stores the offset of the last record there, one less
+    than Kafka's end offset); a fetch that stalls there keeps the worker in recovery, with
+    every stream partition paused, for good. ``offsets`` holds the last record read per
+    partition (-1: none)."""
+    views: dict[Partition, PartitionView] = {}
+    for tp in tps:
+        offset, highwater = offsets.get(tp), highwaters.get(tp)
+        if offset is None or highwater is None:
+            continue
+        views[tp] = PartitionView(delivered=offset, committed=None, end=highwater + 1)
+    return views

@@ -261,7 +261,7 @@ def wait_shared_and_exact(workers: list[Worker], truth: dict[str, dict[int, int]
     left = last_problems(problems, 90)
     assert not left, (
         f"the workers (logs {[str(w.log_path) for w in workers]}) do not share the scopes "
-        f"exactly: {left}"
+        f"exactly: {left}\n" + "\n".join(w.diagnosis() for w in workers)
     )
 
 
@@ -274,8 +274,7 @@ def assert_exact_on(worker: Worker, truth: dict[str, dict[int, int]]) -> None:
 
     left = last_problems(wrong, 90)
     assert not left, (
-        f"worker (log {worker.log_path}) differs from the truth: {left}; "
-        f"its /health: {worker.get('/health')[1]}"
+        f"worker (log {worker.log_path}) differs from the truth: {left}\n{worker.diagnosis()}"
     )
 
 

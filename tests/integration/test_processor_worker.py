@@ -124,6 +124,22 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
+    def diagnosis(self) -> str:
+        """What a failed assertion should show when the log files are gone (a CI run): the
+        worker's /health and the last warnings, errors and rebalance steps of its log."""
+        try:
+            health: object = self.get("/health")
+        except (urllib.error.URLError, OSError) as exc:
+            health = f"unreachable ({exc})"
+        marks = ("WARNING", "ERROR", "CRITICAL", "Recovery", "generation", "Revoking", "Traceback")
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        notable = [line[:300] for line in lines if any(m in line for m in marks)]
+        exit_code = self.proc.poll()
+        return (
+            f"worker on port {self.settings.processor_port} (exit code {exit_code}), "
+            f"/health {health}; last notable log lines:\n" + "\n".join(notable[-40:])
+        )
+
 
 @pytest.fixture
 def workers(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Worker]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentledger.stream_processors.stall import PartitionView, Remedy, StallWatch
+from agentledger.stream_processors.stall import PartitionView, Remedy, StallWatch, recovery_views
 
 STALL_S = 10.0
 
@@ -81,3 +81,28 @@ def test_reset_forgets_everything() -> None:
 def test_stall_period_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stall_after_s must be > 0"):
         StallWatch(0)
+
+
+def test_a_recovery_read_to_its_highwater_is_done_and_one_short_of_it_stalls() -> None:
+    # faust's highwater is the offset of the last changelog record (Kafka's end offset - 1).
+    views = recovery_views(
+        ["changelog:0", "changelog:1", "changelog:2", "changelog:3"],
+        offsets={"changelog:0": 41, "changelog:1": 40, "changelog:2": -1, "changelog:3": None},
+        highwaters={"changelog:0": 41, "changelog:1": 41, "changelog:2": -1, "changelog:3": 9},
+    )
+    assert views == {
+        "changelog:0": PartitionView(delivered=41, committed=None, end=42),
+        "changelog:1": PartitionView(delivered=40, committed=None, end=42),
+        "changelog:2": PartitionView(delivered=-1, committed=None, end=0),
+    }
+    watch: StallWatch[str] = StallWatch(STALL_S)
+    due = [watch.observe(views, now) for now in (0, 5, 10)]
+    # Only the partition one record short of its highwater waits; the empty one is done.
+    assert due == [{}, {}, {"changelog:1": Remedy.SEEK}]
+
+
+def test_a_recovery_that_reads_on_is_never_stalled() -> None:
+    watch: StallWatch[str] = StallWatch(STALL_S)
+    for now, offset in enumerate(range(0, 300, 10)):
+        views = recovery_views(["changelog:0"], {"changelog:0": offset}, {"changelog:0": 1000})
+        assert watch.observe(views, now * 5.0) == {}

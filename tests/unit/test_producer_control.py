@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from confluent_kafka import KafkaError
 
 from agentledger.producers import ControlState
+from agentledger.producers.control import _settling_error
 from agentledger.schemas import ControlAction, ControlCommand, sign_command
 from tests.conftest import TEST_CONTROL_KEY
 
@@ -123,3 +125,21 @@ def test_lapsed_commands_are_left_out_given_a_time(state: ControlState) -> None:
 def test_short_key_is_refused() -> None:
     with pytest.raises(ValueError, match="control_key must be at least 16 bytes"):
         ControlState(b"short")
+
+
+@pytest.mark.parametrize(
+    ("code", "settling"),
+    [
+        (KafkaError.NOT_LEADER_FOR_PARTITION, True),
+        (KafkaError.LEADER_NOT_AVAILABLE, True),
+        (KafkaError.UNKNOWN_TOPIC_OR_PART, True),
+        (KafkaError.TOPIC_AUTHORIZATION_FAILED, False),
+        (KafkaError._SSL, False),
+    ],
+)
+def test_errors_of_a_topic_still_settling_are_told_apart_from_faults(
+    code: int, settling: bool
+) -> None:
+    # librdkafka leaves NOT_LEADER_FOR_PARTITION unflagged on watermark queries.
+    assert _settling_error(KafkaError(code)) is settling
+    assert _settling_error(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, retriable=True))

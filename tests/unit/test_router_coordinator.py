@@ -14,7 +14,16 @@ import pytest
 from agentledger.config import Settings
 from agentledger.producers.router import DecisionStatus
 from agentledger.schemas import Alert, AlertKind, ControlAction
-from tests.unit.test_router import NOW, Scripted, command, make_router, workload
+from tests.unit.test_router import (
+    NEVER,
+    NOW,
+    Scripted,
+    book_of,
+    calls,
+    command,
+    make_router,
+    workload,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coordinator.py"
 
@@ -94,3 +103,39 @@ def test_without_evidence_work_is_spread_to_learn(example: ModuleType, tmp_path:
     dispatches = [coordinator.next() for _ in range(4)]
     assert {d.decision.status for d in dispatches} == {DecisionStatus.INSUFFICIENT_EVIDENCE}
     assert sorted(d.agent for d in dispatches) == ["cheap", "cheap", "pricey", "pricey"]
+
+
+def test_each_candidate_is_learned_with_min_samples_tasks_before_one_is_preferred(
+    example: ModuleType, tmp_path: Path
+) -> None:
+    # pricey's stats arrived first (enough evidence), cheap's not yet: the router alone would
+    # send everything to pricey; the coordinator first gives cheap its min_samples tasks.
+    book = book_of(calls("pricey", 40, cost=1_000_000, latency=300, failures=0))
+    router = make_router(tmp_path, book, rng=Scripted(*[NEVER] * 8), min_samples=5)
+    coordinator = example.Coordinator(router, AGENTS)
+    for _ in range(8):
+        coordinator.submit("summarize")
+    dispatches = [coordinator.next() for _ in range(8)]
+    assert [d.agent for d in dispatches] == ["cheap"] * 5 + ["pricey"] * 3
+    assert (
+        dispatches[0]
+        .describe()
+        .endswith(
+            "learning cheap: 1 of 5 tasks sent while its evidence is thin; router: "
+            + dispatches[0].decision.reasons[0]
+        )
+    )
+    assert dispatches[5].learning is None
+    assert dispatches[5].decision.reasons[0].startswith("pricey chosen: cheapest per success")
+
+
+def test_with_no_evidence_at_all_the_candidates_take_turns(
+    example: ModuleType, tmp_path: Path
+) -> None:
+    router = make_router(tmp_path, book_of(), rng=Scripted(*[NEVER] * 6), min_samples=3)
+    coordinator = example.Coordinator(router, AGENTS)
+    for _ in range(6):
+        coordinator.submit("summarize")
+    dispatches = [coordinator.next() for _ in range(6)]
+    assert sorted(d.agent for d in dispatches) == ["cheap"] * 3 + ["pricey"] * 3
+    assert all(d.decision.status is DecisionStatus.INSUFFICIENT_EVIDENCE for d in dispatches)
