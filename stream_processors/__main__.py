@@ -10,6 +10,7 @@ from confluent_kafka import KafkaException
 from agentledger.config import Settings
 
 from .app import build_app
+from .declare import TopicMissing
 
 # Exit code of a worker that could not reach Kafka (or found no calls topic) before starting.
 EXIT_NO_KAFKA = 3
@@ -21,7 +22,7 @@ def main() -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     try:
         app = build_app(settings)
-    except (KafkaException, RuntimeError) as exc:
+    except (KafkaException, TopicMissing) as exc:
         # Kafka unreachable (or the calls topic missing) before faust starts: one line that says
         # what to do instead of a traceback, and a non-zero exit for the supervisor.
         print(

@@ -46,6 +46,7 @@ from agentledger.schemas import (
 )
 
 from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_report
+from .declare import TopicMissing
 from .dlq_rate import DlqRate
 from .flow import LedgerApp
 from .fold import SpendFold
@@ -147,7 +148,7 @@ def calls_partition_count(settings: Settings, timeout_s: float = 30.0) -> int:
     topic = settings.topics.calls
     meta = admin.list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
-        raise RuntimeError(
+        raise TopicMissing(
             f"calls topic {topic!r} is missing on {settings.kafka}; create the stack's topics "
             "first (agentledger up, or deploy.ensure_topics)"
         )

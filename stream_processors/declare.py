@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 from faust.exceptions import NotReady
 from faust.transport.drivers.aiokafka import Producer
 
-__all__ = ["BrokerGoneAtStart", "PatientProducer"]
+__all__ = ["BrokerGoneAtStart", "PatientProducer", "TopicMissing"]
 
 # Long enough for a broker restart (a single node is back in 5-15 s here), short enough that a
 # broker gone for good ends the worker, so its supervisor restarts it once Kafka is back.
@@ -28,6 +28,10 @@ MAX_BACKOFF_S = 5.0
 
 class BrokerGoneAtStart(RuntimeError):
     """Kafka did not answer for the whole patience while a topic was being created."""
+
+
+class TopicMissing(RuntimeError):
+    """A topic the processor reads is not on the broker; the stack's topics come first."""
 
 
 class PatientProducer(Producer):
