@@ -19,36 +19,13 @@ from hypothesis import strategies as st
 from agentledger.sinks.call_decode import decode_call_fast, format_ms
 from agentledger.sinks.decoding import Decoded, DecodeError, decode_call
 from agentledger.sinks.rows import MAX_DATETIME64_MS, SourcePosition, ms_to_datetime
+from tests.unit.test_sink_rows import make_event
 
 SOURCE = SourcePosition("p.calls", 3, 41)
 NOW = 1_700_000_100_000
 
-BASE: dict[str, Any] = {
-    "schema_version": 1,
-    "event_id": "0190c9a8-0000-7000-8000-000000000001",
-    "event_time_ms": 1_700_000_000_123,
-    "agent_id": "agent-1",
-    "pool": "pool-a",
-    "workflow_id": "wf-9",
-    "parent_agent_id": "root",
-    "spawn_depth": 2,
-    "task_type": "summarize",
-    "task_id": "t-1",
-    "provider": "openai",
-    "requested_model": "gpt-4o",
-    "used_model": "gpt-4o-2024-08-06",
-    "input_tokens": 10_000,
-    "output_tokens": 2_000,
-    "cached_input_tokens": 1_000,
-    "reasoning_tokens": 500,
-    "cost_nano_usd": 45_000_000,
-    "priced": True,
-    "pricing_version": "genai-prices 0.2.3",
-    "latency_ms": 812,
-    "status": "rate_limited",
-    "attempt": 3,
-    "error_type": "RateLimitError",
-}
+# The full event of the row tests, as its JSON object.
+BASE: dict[str, Any] = make_event().model_dump(mode="json")
 
 
 def canonical(value: object) -> object:
