@@ -32,9 +32,8 @@ from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import default_streams
 from agentledger.sinks.worker import SinkWorker
-from tests.unit.test_sink_worker import Clock, FakeConsumer, FakeProducer, Msg
+from tests.unit.test_sink_worker import KEY, Msg, worker_on_chdb
 
-KEY = "rollup-test-control-key-0123456789"
 T0 = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 
 
@@ -153,19 +152,7 @@ def test_rollups_backfill_calls_stored_before_them(tmp_path: Path) -> None:
 
 
 def run_worker(db: ClickHouse, batches: list[list[Msg]]) -> SinkWorker:
-    settings = Settings(topic_prefix="x.", control_key=SecretStr(KEY), kafka="127.0.0.1:1")
-    log: list[str] = []
-    consumer = FakeConsumer(log)
-    worker = SinkWorker(
-        settings,
-        SinkTables(db),
-        consumer=consumer,
-        producer=FakeProducer(log),
-        clock=Clock(),
-        batch_max_rows=1000,
-        batch_max_ms=20,
-    )
-    worker.subscribe()
+    worker, consumer, settings = worker_on_chdb(db, batch_max_rows=1000, batch_max_ms=20)
     for topic in (settings.topics.calls, settings.topics.control, settings.topics.alerts):
         consumer.assign_partitions(topic, [0, 1])
     # Assigning one topic replaces the fake's list; the worker keeps all of them.

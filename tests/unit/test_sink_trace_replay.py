@@ -7,17 +7,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from pydantic import SecretStr
 
-from agentledger.config import Settings
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.insights import build_review
-from agentledger.sinks.store import SinkTables
-from agentledger.sinks.worker import SinkWorker
 from agentledger.traces import TraceCall, find_trace_dir, load_trace
 from tests.unit.test_sink_review import LocalClient
-from tests.unit.test_sink_worker import Clock, FakeConsumer, FakeProducer, Msg
+from tests.unit.test_sink_worker import Msg, worker_on_chdb
 
 # Integer prices, nano-USD per token (input, output): exact by construction.
 PRICES = {"small": (150, 600), "big": (2_500, 10_000)}
@@ -57,19 +53,7 @@ def test_trace_replay_totals_equal_an_independent_recomputation(db: ClickHouse) 
         Msg("x.calls", 1 - n % 2, len(payloads) + n, payloads[n])
         for n in range(0, len(payloads), 20)
     ]
-    settings = Settings(topic_prefix="x.", control_key=SecretStr("k" * 32), kafka="127.0.0.1:1")
-    log: list[str] = []
-    consumer = FakeConsumer(log)
-    worker = SinkWorker(
-        settings,
-        SinkTables(db),
-        consumer=consumer,
-        producer=FakeProducer(log),
-        clock=Clock(),
-        batch_max_rows=2_000,
-        batch_max_ms=50,
-    )
-    worker.subscribe()
+    worker, consumer, _ = worker_on_chdb(db, batch_max_rows=2_000, batch_max_ms=50)
     consumer.assign_partitions("x.calls", [0, 1])
     consumer.queued = records + replays
     while consumer.queued:

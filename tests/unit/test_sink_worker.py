@@ -29,8 +29,9 @@ from agentledger.schemas import (
     sign_command,
 )
 from agentledger.sinks.audit_rows import CONTROL_COLUMNS, command_to_row
-from agentledger.sinks.database import ClickHouseError
+from agentledger.sinks.database import ClickHouse, ClickHouseError
 from agentledger.sinks.rows import SourcePosition
+from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import SinkStream
 from agentledger.sinks.worker import SinkWorker, consumer_config
 
@@ -193,6 +194,27 @@ class Clock:
     def __call__(self) -> int:
         self.now += 1
         return self.now
+
+
+def worker_on_chdb(
+    db: ClickHouse, batch_max_rows: int, batch_max_ms: int
+) -> tuple[SinkWorker, FakeConsumer, Settings]:
+    """A sink worker writing to real chDB tables, fed by the in-memory consumer: topic prefix
+    ``x.``, every partition of ``x.calls`` unassigned until the test assigns them."""
+    settings = Settings(topic_prefix="x.", control_key=SecretStr(KEY), kafka="127.0.0.1:1")
+    log: list[str] = []
+    consumer = FakeConsumer(log)
+    worker = SinkWorker(
+        settings,
+        SinkTables(db),
+        consumer=consumer,
+        producer=FakeProducer(log),
+        clock=Clock(),
+        batch_max_rows=batch_max_rows,
+        batch_max_ms=batch_max_ms,
+    )
+    worker.subscribe()
+    return worker, consumer, settings
 
 
 @dataclass
