@@ -39,7 +39,7 @@ from agentledger.schemas import BudgetPolicy, PolicyFile, Threshold
 from agentledger.traces import load_trace
 from agentledger.workload import plan_to_events, replay_trace
 
-__all__ = ["measure"]
+__all__ = ["measure", "run_callers"]
 
 CALLERS = 16
 MINI = {"provider": "openai", "model": "gpt-4o-mini"}
@@ -155,7 +155,12 @@ def _p2(settings: Settings, ledger: Ledger, probes: int, rate: int) -> dict[str,
     return result
 
 
-def _run_callers(agents: list[AgentLedger], stop_after_s: float) -> tuple[int, int]:
+def run_callers(
+    agents: list[AgentLedger], stop_after_s: float, llm_latency_s: float = LLM_LATENCY_S
+) -> tuple[int, int]:
+    """Every agent calls gpt-4o-mini (1,000 output tokens, ``llm_latency_s`` each) in its own
+    thread until refused or ``stop_after_s``; return the calls made and the callers refused.
+    The overshoot test (tests/integration/test_producer_overshoot.py) runs it too."""
     made = refused = 0
     lock = threading.Lock()
     deadline = time.monotonic() + stop_after_s
@@ -165,7 +170,7 @@ def _run_callers(agents: list[AgentLedger], stop_after_s: float) -> tuple[int, i
         while time.monotonic() < deadline:
             try:
                 with agent.call(**MINI, max_tokens=1000) as call:  # type: ignore[arg-type]
-                    time.sleep(LLM_LATENCY_S)
+                    time.sleep(llm_latency_s)
                     call.record(output_tokens=1000)
             except BudgetExceeded:
                 with lock:
@@ -227,7 +232,7 @@ def _p3(settings: Settings, ledger: Ledger) -> dict[str, Any]:
     for pool in ("p3-stoponly", "p3-reserved"):
         agents = [ledger.agent(f"{pool}-{i}", pool=pool) for i in range(CALLERS)]
         started = time.monotonic()
-        made, refused = _run_callers(agents, stop_after_s=120)
+        made, refused = run_callers(agents, stop_after_s=120)
         took = time.monotonic() - started
         ledger.transport.flush(30)
         spent = _settled(settings, f"pool:{pool}", made * CALL_NANO)

@@ -12,7 +12,6 @@ producers/README.md states:
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from agentledger.config import Settings
-from agentledger.producers import AgentLedger, BudgetExceeded, Ledger
+from agentledger.producers import Ledger
 from agentledger.schemas import BudgetPolicy, ControlAction, ControlCommand, sign_command
+from bench.enforcement import run_callers
 from tests.integration.test_processor_worker import (
     Worker,
     avoid_midnight,
@@ -39,36 +39,6 @@ MINI = {"provider": "openai", "model": "gpt-4o-mini"}
 CALL_NANO = 600_000  # 1,000 output tokens of gpt-4o-mini
 LIMIT_NANO = 100 * CALL_NANO  # $0.06
 LLM_LATENCY_S = 0.02
-
-
-def run_callers(agents: list[AgentLedger], stop_after_s: float) -> tuple[int, int]:
-    """Every agent calls in its own thread until refused (or ``stop_after_s``); return the
-    calls made and the callers that were refused."""
-    made = 0
-    refused = 0
-    lock = threading.Lock()
-    deadline = time.monotonic() + stop_after_s
-
-    def caller(agent: AgentLedger) -> None:
-        nonlocal made, refused
-        while time.monotonic() < deadline:
-            try:
-                with agent.call(**MINI, max_tokens=1000) as call:
-                    time.sleep(LLM_LATENCY_S)
-                    call.record(input_tokens=0, output_tokens=1000)
-            except BudgetExceeded:
-                with lock:
-                    refused += 1
-                return
-            with lock:
-                made += 1
-
-    threads = [threading.Thread(target=caller, args=(a,)) for a in agents]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(stop_after_s + 30)
-    return made, refused
 
 
 def settled_spend(worker: Worker, scope: str, expected: int) -> int:
@@ -104,7 +74,7 @@ def test_overshoot_of_sixteen_callers(stack_settings: Settings, processor: Worke
         # 1. STOP only.
         agents = [ledger.agent(f"s-{i}", pool="stoponly") for i in range(CALLERS)]
         started = time.monotonic()
-        made, refused = run_callers(agents, stop_after_s=60.0)
+        made, refused = run_callers(agents, stop_after_s=60.0, llm_latency_s=LLM_LATENCY_S)
         took = time.monotonic() - started
         assert refused == CALLERS, "the processor's STOP never reached every caller"
         spent = settled_spend(worker, "pool:stoponly", made * CALL_NANO)
@@ -139,7 +109,7 @@ def test_overshoot_of_sixteen_callers(stack_settings: Settings, processor: Worke
             "the shim to learn the report",
             lambda: ledger.control.report("pool:reserved", time.time_ns() // 1_000_000),
         )
-        made, refused = run_callers(agents, stop_after_s=60.0)
+        made, refused = run_callers(agents, stop_after_s=60.0, llm_latency_s=LLM_LATENCY_S)
         assert refused == CALLERS
         spent = settled_spend(worker, "pool:reserved", (40 + made) * CALL_NANO)
         reserved = spent - LIMIT_NANO
