@@ -218,14 +218,29 @@ def _begin(spec: _Spec, agent: AgentLedger, kwargs: dict[str, Any]) -> CallRecor
     return call
 
 
+def _prepare(spec: _Spec, call: CallRecorder, kwargs: dict[str, Any]) -> bool:
+    """Point the request at the call's model and ready a stream; True when it streams."""
+    if isinstance(kwargs.get("model"), str):  # a ROUTE cannot name what was not asked
+        kwargs["model"] = call.model
+    streaming = bool(kwargs.get("stream"))
+    if streaming:
+        spec.prepare_stream(kwargs)
+    return streaming
+
+
+def _finish(spec: _Spec, call: CallRecorder, result: Any) -> Any:
+    """Record a whole (not streamed) response's usage and close the call."""
+    try:
+        spec.record(call, result)
+    finally:
+        call.__exit__(None, None, None)
+    return result
+
+
 def _wrap_sync(spec: _Spec, agent: AgentLedger, original: Callable[..., Any]) -> Callable[..., Any]:
     def create(*args: Any, **kwargs: Any) -> Any:
         call = _begin(spec, agent, kwargs).__enter__()
-        if isinstance(kwargs.get("model"), str):  # a ROUTE cannot name what was not asked
-            kwargs["model"] = call.model
-        streaming = bool(kwargs.get("stream"))
-        if streaming:
-            spec.prepare_stream(kwargs)
+        streaming = _prepare(spec, call, kwargs)
         try:
             result = original(*args, **kwargs)
         except BaseException as exc:
@@ -233,11 +248,7 @@ def _wrap_sync(spec: _Spec, agent: AgentLedger, original: Callable[..., Any]) ->
             raise
         if streaming:
             return _Stream(result, call, spec.on_item, spec.new_state())
-        try:
-            spec.record(call, result)
-        finally:
-            call.__exit__(None, None, None)
-        return result
+        return _finish(spec, call, result)
 
     return create
 
@@ -247,11 +258,7 @@ def _wrap_async(
 ) -> Callable[..., Any]:
     async def create(*args: Any, **kwargs: Any) -> Any:
         call = await _begin(spec, agent, kwargs)._enter_async()
-        if isinstance(kwargs.get("model"), str):  # a ROUTE cannot name what was not asked
-            kwargs["model"] = call.model
-        streaming = bool(kwargs.get("stream"))
-        if streaming:
-            spec.prepare_stream(kwargs)
+        streaming = _prepare(spec, call, kwargs)
         try:
             result = await original(*args, **kwargs)
         except BaseException as exc:
@@ -259,11 +266,7 @@ def _wrap_async(
             raise
         if streaming:
             return _AsyncStream(result, call, spec.on_item, spec.new_state())
-        try:
-            spec.record(call, result)
-        finally:
-            call.__exit__(None, None, None)
-        return result
+        return _finish(spec, call, result)
 
     return create
 
