@@ -257,9 +257,8 @@ class Stack:
             self._pid_file(service).unlink(missing_ok=True)
             return None
         path = self._pid_file(service)
-        try:
-            pid = int(path.read_text().strip())
-        except (FileNotFoundError, ValueError):
+        pid = _read_pid(path)
+        if pid is None:
             return None
         if pid_alive(pid) and _cmdline_mentions(pid, service.module):
             return pid
@@ -429,7 +428,7 @@ class Stack:
         return self.running_pid(self._service(name))
 
     def log_file(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
+        return self._log_file(self._service(name))
 
     def _service(self, name: str) -> _Service:
         for service in self.services:
@@ -478,12 +477,15 @@ class Stack:
     def supervisor_log_file(self) -> Path:
         return self.log_dir / f"{SUPERVISOR}.log"
 
+    def supervisor_pid_file_names_me(self) -> bool:
+        """The supervisor pid file names this process (the supervisor's own clean-up)."""
+        return _read_pid(self.supervisor_pid_file) == os.getpid()
+
     def supervisor_pid(self) -> int | None:
         """The running supervisor's pid. A stale pid file is kept (unlike a component's), so
         `status` reports a supervisor that died; `down` and the next supervisor remove it."""
-        try:
-            pid = int(self.supervisor_pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
+        pid = _read_pid(self.supervisor_pid_file)
+        if pid is None:
             return None
         child = self._children.get(SUPERVISOR)
         if child is not None:

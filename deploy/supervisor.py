@@ -106,10 +106,8 @@ class Supervisor:
 
     def _restart(self, restart: Restart) -> None:
         name = restart.name
-        log = self.stack.log_file(name)
         broker = self.brokers.get(name)
-        if broker is not None:
-            log = broker.log_file
+        log = broker.log_file if broker is not None else self.stack.log_file(name)
         self.progress(
             f"restarting {name} (restart {restart.attempt} in a row): {restart.reason}; "
             f"its log: {log}"
@@ -172,11 +170,7 @@ def run_supervisor(settings: Settings, progress: Progress = _log) -> int:
     try:
         Supervisor(stack, policy, progress=progress).run(settings.supervise_every_s, stop)
     finally:
-        try:
-            mine = stack.supervisor_pid_file.read_text().strip() == str(os.getpid())
-        except FileNotFoundError:
-            mine = False
-        if mine:
+        if stack.supervisor_pid_file_names_me():
             stack.supervisor_pid_file.unlink(missing_ok=True)
         progress("supervisor stopped; the components keep running")
     return 0
