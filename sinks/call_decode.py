@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from .decoding import Decoded, decode_call
-from .rows import CALL_COLUMNS, MAX_DATETIME64_MS, SourcePosition
+from .rows import CALL_COLUMNS, MAX_DATETIME64_MS, SourcePosition, new_tuple
 
 __all__ = ["FAST_COLUMNS", "decode_call_fast", "format_ms"]
 
@@ -72,7 +72,6 @@ if (*FAST_COLUMNS, "_topic", "_partition", "_offset", "ingested_at") != CALL_COL
     raise RuntimeError(f"_Call fields {FAST_COLUMNS} do not match CALL_COLUMNS {CALL_COLUMNS}")
 
 _DECODER = msgspec.json.Decoder(_Call)
-_new_tuple = tuple.__new__
 _ASTUPLE = msgspec.structs.astuple
 # Canonical lower-case hyphenated UUID, then every identifier present, newline-separated: one
 # regex per record. CallEvent's Identifier is 1-200 of these characters; "\n" is not one of
@@ -145,8 +144,7 @@ def _fast_row(value: bytes, source: SourcePosition, ingested_at: str) -> Decoded
     row = list(fields)
     row[_TIME] = format_ms(time_ms)
     row += (source.topic, source.partition, source.offset, ingested_at)
-    # tuple.__new__: the NamedTuple's own __new__ is a Python function (see worker._new_tuple).
-    return _new_tuple(Decoded, (row, fields[_EVENT_ID], time_ms))
+    return new_tuple(Decoded, (row, fields[_EVENT_ID], time_ms))
 
 
 def decode_call_fast(value: bytes, source: SourcePosition, now_ms: int) -> Decoded:

@@ -41,16 +41,13 @@ from agentledger.schemas import InvalidMessage
 from .database import ClickHouseError
 from .decoding import month_of
 from .lag import LagHistogram
-from .rows import SourcePosition, dedup_token
+from .rows import SourcePosition, dedup_token, new_tuple
 from .store import SinkStore
 from .streams import Decoded, DecodeError, SinkStream, default_streams
 
 __all__ = ["Chunk", "SinkStats", "SinkWorker", "consumer_config", "wall_clock_ms"]
 
 log = logging.getLogger(__name__)
-# NamedTuple(...) runs a Python-level __new__; tuple.__new__ builds the same tuple in C. One
-# per record on the hot path (it showed up in the sink's profile).
-_new_tuple = tuple.__new__
 
 Clock = Callable[[], int]
 TopicPartitionKey = tuple[str, int]
@@ -435,7 +432,7 @@ class SinkWorker:
                 if offset in present:
                     self.stats.rows_skipped_replayed += 1
                     continue
-                source = _new_tuple(SourcePosition, (topic, partition, offset))
+                source = new_tuple(SourcePosition, (topic, partition, offset))
                 value = msg.value()
                 if not value and stream.skip_empty:
                     continue
@@ -531,19 +528,11 @@ class SinkWorker:
     @staticmethod
     def _chunks(items: list[tuple[SinkStream, int, int, Decoded]]) -> list[Chunk]:
         times = [item[3].time_ms for item in items]
-        if items and month_of(min(times)) == month_of(max(times)):
-            # The usual batch: one month, so one chunk per topic, without a month per row.
-            per_topic: dict[str, Chunk] = {}
-            for stream, partition, offset, decoded in items:
-                chunk = per_topic.get(stream.topic)
-                if chunk is None:
-                    chunk = per_topic[stream.topic] = Chunk(stream.topic, stream)
-                chunk.rows.append(decoded.row)
-                chunk.sources.append((partition, offset))
-            return list(per_topic.values())
+        # The usual batch is one month: then the chunks go by topic, without a month per row.
+        one_month = bool(items) and month_of(min(times)) == month_of(max(times))
         per_key: dict[tuple[str, int], Chunk] = {}
         for stream, partition, offset, decoded in items:
-            key = (stream.topic, decoded.month)
+            key = (stream.topic, 0 if one_month else decoded.month)
             chunk = per_key.get(key)
             if chunk is None:
                 chunk = per_key[key] = Chunk(stream.topic, stream)
