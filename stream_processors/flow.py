@@ -54,7 +54,7 @@ class LedgerApp(faust.App):
 
     def _new_consumer(self) -> ConsumerT:
         # faust's own construction (App._new_consumer), with the bounded consumer class.
-        consumer = BoundedCommitConsumer(
+        return BoundedCommitConsumer(
             self.transport,
             callback=self.topics.on_message,
             on_partitions_revoked=self._on_partitions_revoked,
@@ -62,4 +62,3 @@ class LedgerApp(faust.App):
             beacon=self.beacon,
             loop=self.transport.loop,
         )
-        return consumer

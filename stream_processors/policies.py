@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from agentledger.schemas import BudgetPolicy
 
+from .declare import TopicMissing
 from .kafka_clients import ClientOptions, follower_consumer, metadata_producer
 from .tracking import EMPTY_PLAN, BucketPlan, plan_for
 
@@ -103,7 +104,7 @@ async def _partitions_of(
     try:
         numbers: set[int] = await producer.partitions_for(topic)
     except KafkaTimeoutError:
-        raise RuntimeError(
+        raise TopicMissing(
             f"policies topic {topic!r} not found on {bootstrap}; create the stack's topics "
             "first (agentledger up, or deploy.ensure_topics)"
         ) from None

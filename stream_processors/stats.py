@@ -30,6 +30,7 @@ from agentledger.config import Settings
 from agentledger.schemas import CallEvent, CallStatus, TaskStats
 from agentledger.schemas.stats import latency_bucket
 
+from .declare import TopicMissing
 from .kafka_clients import ClientOptions, follower_consumer
 
 __all__ = [
@@ -237,7 +238,7 @@ def rebuild_stats(
     try:
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
-            raise RuntimeError(
+            raise TopicMissing(
                 f"stats topic {topic!r} is missing on {settings.kafka}; create the stack's "
                 "topics first (agentledger up, or deploy.ensure_topics)"
             )
