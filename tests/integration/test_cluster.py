@@ -89,7 +89,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
             port=base,
             controller_port=base + 1,
             jar_dir=Path(jars) if jars else None,
-            heap="256m",
+            # The default 512m: a broker of a 3-node cluster ran out of a 256m heap at start.
+            heap="512m",
         )
         try:
             cluster.start(timeout_s=180, progress=lambda _m: None)
@@ -161,8 +162,16 @@ def test_topics_are_replicated_three_times_with_min_isr_two(cluster: KafkaCluste
     settings = Settings(kafka=cluster.bootstrap, topic_prefix="rf.")
     ensure_topics(cluster.bootstrap, topic_specs(settings.topics))
     admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    names = (settings.topics.calls, settings.topics.control)
+    # Created topics reach each broker's metadata a moment after the controller has them (a
+    # fresh-clone CI run once listed none of them yet).
+    deadline = time.monotonic() + 30
     topics = admin.list_topics(timeout=10).topics
-    for name in (settings.topics.calls, settings.topics.control):
+    while not all(name in topics for name in names):
+        assert time.monotonic() < deadline, f"topics {names} not in the metadata after 30 s"
+        time.sleep(0.2)
+        topics = admin.list_topics(timeout=10).topics
+    for name in names:
         assert {len(p.replicas) for p in topics[name].partitions.values()} == {3}
         assert _topic_config(admin, name)["min.insync.replicas"].value == "2"
 

@@ -46,7 +46,8 @@ def test_up_brokers_3_processors_2_then_down(tmp_path: Path) -> None:
         "AGENTLEDGER_HOME": str(tmp_path / "home"),
         "AGENTLEDGER_KAFKA": f"127.0.0.1:{kafka}",
         "AGENTLEDGER_KAFKA_CONTROLLER_PORT": str(kafka + 1),
-        "AGENTLEDGER_KAFKA_HEAP": "256m",
+        # The default 512m: one of 3 brokers ran out of a 256m heap at start in a CI run.
+        "AGENTLEDGER_KAFKA_HEAP": "512m",
         "AGENTLEDGER_TOPIC_PREFIX": "up3.",
         "AGENTLEDGER_PROCESSOR_PORT": str(workers),
         "AGENTLEDGER_SINK_PORT": str(workers + 1),
