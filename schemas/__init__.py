@@ -1,5 +1,15 @@
 """Wire schemas shared by every component. This package imports nothing else from agentledger."""
 
+from .allowance import (
+    ALLOWANCE_VERSION,
+    AllowanceGrant,
+    AllowanceKind,
+    AllowanceRequest,
+    BudgetClaim,
+    BudgetGrant,
+    sign_grant,
+    verify_grant,
+)
 from .alerts import ALERT_VERSION, Alert, AlertKind, Severity
 from .control import (
     CONTROL_COMMAND_VERSION,
@@ -29,6 +39,14 @@ from .stats import STATS_VERSION, StatsSummary, TaskStats, summarize
 from .topics import Topics
 
 __all__ = [
+    "ALLOWANCE_VERSION",
+    "AllowanceGrant",
+    "AllowanceKind",
+    "AllowanceRequest",
+    "BudgetClaim",
+    "BudgetGrant",
+    "sign_grant",
+    "verify_grant",
     "ALERT_VERSION",
     "BUDGET_POLICY_VERSION",
     "CALL_EVENT_VERSION",

@@ -36,5 +36,24 @@ class Topics:
         """Routing stats per (agent or model, task type, calls partition); compacted."""
         return f"{self.prefix}stats"
 
+    @property
+    def allowance_requests(self) -> str:
+        """Shims ask for allowances here, keyed like the scope's spend state (see allowance.py)."""
+        return f"{self.prefix}allowance-requests"
+
+    @property
+    def allowances(self) -> str:
+        """Signed grants, each on the partition its holder follows."""
+        return f"{self.prefix}allowances"
+
     def all(self) -> tuple[str, ...]:
-        return (self.calls, self.control, self.policies, self.alerts, self.dlq, self.stats)
+        return (
+            self.calls,
+            self.control,
+            self.policies,
+            self.alerts,
+            self.dlq,
+            self.stats,
+            self.allowance_requests,
+            self.allowances,
+        )
