@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         "Distributed tables for reads",
     )
     # -- supervision of the local stack (deploy/README.md "Supervision") ----------------------
+    allowance_ttl_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="unused allowance of a silent shim process is reclaimed after this long",
+    )
     supervise_every_s: float = Field(
         default=5.0, gt=0, le=600, description="seconds between two supervisor checks"
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agentledger.schemas import Topics
+from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
@@ -14,9 +15,6 @@ if TYPE_CHECKING:
 __all__ = ["TopicSpec", "ensure_topics", "main", "replication_for", "topic_specs"]
 
 DAY_MS = 24 * 3600 * 1000
-
-
-ALLOWANCE_PARTITIONS = 6
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Wire schemas shared by every component. This package imports nothing else from agentledger."""
 
+from .alerts import ALERT_VERSION, Alert, AlertKind, Severity
 from .allowance import (
     ALLOWANCE_VERSION,
     AllowanceGrant,
@@ -10,7 +11,6 @@ from .allowance import (
     sign_grant,
     verify_grant,
 )
-from .alerts import ALERT_VERSION, Alert, AlertKind, Severity
 from .control import (
     CONTROL_COMMAND_VERSION,
     ControlAction,
@@ -39,15 +39,8 @@ from .stats import STATS_VERSION, StatsSummary, TaskStats, summarize
 from .topics import Topics
 
 __all__ = [
-    "ALLOWANCE_VERSION",
-    "AllowanceGrant",
-    "AllowanceKind",
-    "AllowanceRequest",
-    "BudgetClaim",
-    "BudgetGrant",
-    "sign_grant",
-    "verify_grant",
     "ALERT_VERSION",
+    "ALLOWANCE_VERSION",
     "BUDGET_POLICY_VERSION",
     "CALL_EVENT_VERSION",
     "CONTROL_COMMAND_VERSION",
@@ -56,6 +49,11 @@ __all__ = [
     "STATS_VERSION",
     "Alert",
     "AlertKind",
+    "AllowanceGrant",
+    "AllowanceKind",
+    "AllowanceRequest",
+    "BudgetClaim",
+    "BudgetGrant",
     "BudgetPolicy",
     "CallEvent",
     "CallStatus",
@@ -76,9 +74,11 @@ __all__ = [
     "nano_to_usd",
     "parse_policy_file",
     "sign_command",
+    "sign_grant",
     "subtree_scope",
     "summarize",
     "usd_to_nano",
     "uuid7",
     "verify_command",
+    "verify_grant",
 ]

@@ -31,7 +31,7 @@ __all__ = [
     "verify_grant",
 ]
 
-ALLOWANCE_VERSION = 1
+ALLOWANCE_VERSION: Literal[1] = 1
 
 
 class AllowanceKind(StrEnum):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Topics"]
+__all__ = ["ALLOWANCE_PARTITIONS", "Topics"]
+
+# Partitions of the allowances topic: each shim process follows one of them.
+ALLOWANCE_PARTITIONS = 6
 
 
 @dataclass(frozen=True)

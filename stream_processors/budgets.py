@@ -295,7 +295,9 @@ def _leases_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
     holders = {}
     for holder, numbers in holders_raw.items():
         if not (isinstance(numbers, list) and len(numbers) == 3):
-            raise ValueError(f"spend state field 'holders.{holder}' must be [seq, at_ms, partition]")
+            raise ValueError(
+                f"spend state field 'holders.{holder}' must be [seq, at_ms, partition]"
+            )
         seq, at, partition = (_int(n, f"holders.{holder}") for n in numbers)
         holders[str(holder)] = (seq, at, partition)
     return {"leases": leases, "holders": holders}
