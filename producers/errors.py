@@ -9,6 +9,7 @@ from typing import Self
 from agentledger.schemas import ControlCommand, nano_to_usd
 
 __all__ = [
+    "AllowanceRefused",
     "BudgetExceeded",
     "ControlPlaneUnavailable",
     "NewWorkRefused",
@@ -150,6 +151,18 @@ class ControlPlaneUnavailable(BudgetExceeded):
 
     def _message(self) -> str:
         return f"refused by {self.scope}: {self.reason}"
+
+
+class AllowanceRefused(BudgetExceeded):
+    """The call's reservation does not fit in what the processor would grant this process of
+    a budget: the budget is spent, or what is left is granted to other processes. ``reason``
+    has the numbers; ``resets_at_ms`` says when the period resets (None for rolling windows)."""
+
+    def _message(self) -> str:
+        message = f"budget exceeded for {self.scope}: allowance refused: {self.reason}"
+        if self.resets_at_ms is not None:
+            message += f"; resets {_iso_utc(self.resets_at_ms)}"
+        return message
 
 
 class UnpricedModelWarning(UserWarning):

@@ -22,9 +22,12 @@ __all__ = ["EventTransport", "InMemoryTransport", "KafkaTransport", "TransportSt
 log = logging.getLogger(__name__)
 
 
+Headers = list[tuple[str, str | bytes | None]]
+
+
 @runtime_checkable
 class EventTransport(Protocol):
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         """Queue one message; must not raise for broker outages."""
 
     def flush(self, timeout_s: float) -> int:
@@ -56,17 +59,20 @@ class InMemoryTransport:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes, bytes]] = []
+        #: The headers of each message, index for index.
+        self.headers: list[Headers | None] = []
         self.stats = TransportStats()
         self._closed = False
         self._lock = threading.Lock()
 
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         with self._lock:
             if self._closed:
                 self.stats.dropped += 1
                 self.stats.last_error = "transport closed"
                 return
             self.messages.append((topic, key, value))
+            self.headers.append(headers)
             self.stats.sent += 1
             self.stats.delivered += 1
 
@@ -286,7 +292,7 @@ class KafkaTransport:
             self.stats.last_error = why
             self._warn(f"event dropped: {why}")
 
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         if self._closed:
             self._drop("transport closed")
             return
@@ -296,12 +302,12 @@ class KafkaTransport:
             self._drop(f"cannot create producer: {exc}")
             return
         if self._spool is not None:
-            self._send_or_spool(producer, topic, key, value)
+            self._send_or_spool(producer, topic, key, value, headers)
             return
         deadline = time.monotonic() + self._block_s
         while True:
             try:
-                producer.produce(topic, value, key)
+                producer.produce(topic, value, key, headers=headers)
                 break
             except BufferError:
                 remaining = deadline - time.monotonic()
@@ -317,13 +323,18 @@ class KafkaTransport:
         # Serves delivery callbacks without waiting.
         producer.poll(0)
 
-    def _send_or_spool(self, producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+    def _send_or_spool(
+        self, producer: Producer, topic: str, key: bytes, value: bytes, headers: Headers | None
+    ) -> None:
+        # The spool keeps topic, key and value only: a replayed event loses its allowance
+        # holder, so the processor counts it as spend without moving it out of an allowance
+        # (conservative: the allowance lapses with its TTL).
         with self._mode_lock:
             if self._spooling:
                 self._spool_one(topic, key, value)
                 return
             try:
-                producer.produce(topic, value, key)
+                producer.produce(topic, value, key, headers=headers)
             except BufferError:
                 self._spool_one(topic, key, value)
                 return
@@ -333,6 +344,19 @@ class KafkaTransport:
             # Every send with a spool holds the mode lock here, so it guards this count too.
             self.stats.sent += 1
         producer.poll(0)
+
+    def produce_now(self, topic: str, key: bytes, value: bytes, partition: int) -> bool:
+        """Queue one message for ``partition``, never spooled, never blocking; False when it
+        could not be queued (closed, queue full, refused)."""
+        if self._closed:
+            return False
+        try:
+            producer = self._get_producer()
+            producer.produce(topic, value, key, partition=partition)
+        except (BufferError, KafkaException):
+            return False
+        producer.poll(0)
+        return True
 
     @property
     def spooling(self) -> bool:
