@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Ask for this long of recent spend at a time, and for at least this many reservations, so a
 # steady caller asks about once per hundreds of calls while the budget is plentiful.
 HORIZON_S = 2.0
-CALLS_AHEAD = 128
+CALLS_AHEAD = 256
 # Ask again ahead of time once less than this share of the last want is left.
 LOW_WATER = 0.5
 # An unanswered request may be sent again after this long.
@@ -66,7 +66,7 @@ def new_holder_id() -> str:
 class Lease:
     """This process's allowance in one budget instance of one scope."""
 
-    __slots__ = ("budget", "granted", "limit", "period", "spend", "until_ms", "used")
+    __slots__ = ("budget", "granted", "limit", "outstanding", "period", "spend", "until_ms", "used")
 
     def __init__(self, budget: str) -> None:
         self.budget = budget
@@ -74,6 +74,7 @@ class Lease:
         self.used = 0
         self.limit = 0
         self.spend = 0
+        self.outstanding = 0  # every holder's, this one's included, when last answered
         self.period = ""
         self.until_ms: int | None = None
 
@@ -86,6 +87,9 @@ class Shortfall:
     waiting: bool
     """True while an answer may still change it; False once the processor refused"""
     refused: str | None
+    others_hold: bool
+    """other processes held allowances in the scope when it last answered: they may give
+    them back (or lose them to expiry), so waiting may still help"""
     limit_nano_usd: int | None
     spend_nano_usd: int | None
     until_ms: int | None
@@ -188,6 +192,7 @@ class Allowances:
                 book = self._books.get(scope)
                 if book is None:
                     book = self._books[scope] = _Book(scope)
+                    book.burn_since = now
                 if book.unbudgeted and now < book.valid_until:
                     continue
                 shortfall = self._check(book, amount, now, now_ms)
@@ -230,10 +235,14 @@ class Allowances:
             self._ask_locked(book, now)
         waiting = not final
         first = next(iter(book.leases.values()), None)
+        others = any(
+            lease.outstanding > max(lease.granted - lease.used, 0) for lease in book.leases.values()
+        )
         return Shortfall(
             book.scope,
             waiting=waiting,
             refused=book.refused,
+            others_hold=others,
             limit_nano_usd=first.limit if first is not None else None,
             spend_nano_usd=first.spend if first is not None else None,
             until_ms=first.until_ms if first is not None else None,
@@ -298,12 +307,17 @@ class Allowances:
         return book.want
 
     def _ask_locked(
-        self, book: _Book, now: float, kind: AllowanceKind = AllowanceKind.ACQUIRE
+        self,
+        book: _Book,
+        now: float,
+        kind: AllowanceKind = AllowanceKind.ACQUIRE,
+        *,
+        want_more: bool = True,
     ) -> None:
         """Send a request for ``book`` (the lock is held; sending only queues a message)."""
         self._seq += 1
         seq = self._seq
-        want = self._want(book, max(book.need, 1), now) if kind is AllowanceKind.ACQUIRE else 0
+        want = self._want(book, max(book.need, 1), now) if want_more else 0
         request = AllowanceRequest(
             holder=self.holder,
             seq=seq,
@@ -361,6 +375,7 @@ class Allowances:
                 lease.granted = budget.granted_nano_usd
                 lease.limit = budget.limit_nano_usd
                 lease.spend = budget.spend_nano_usd
+                lease.outstanding = budget.outstanding_nano_usd
                 lease.period = budget.period
                 lease.until_ms = budget.until_ms
                 leases[budget.budget] = lease
@@ -409,7 +424,22 @@ class Allowances:
         for lease in book.leases.values():
             lease.granted = min(lease.granted, lease.used)
         self.stats["releases"] += 1
-        self._ask_locked(book, now, AllowanceKind.RELEASE)
+        self._ask_locked(book, now, AllowanceKind.RELEASE, want_more=False)
+
+    def policies_changed(self) -> None:
+        """A policy changed: stop using every allowance and ask again. A lowered limit then
+        binds this process at once instead of after the processor's revocation arrives; an
+        unchanged or raised one is granted back as it was."""
+        now = self._monotonic()
+        with self._lock:
+            for book in self._books.values():
+                if not book.answered:
+                    continue
+                book.unbudgeted = False
+                for lease in book.leases.values():
+                    lease.granted = min(lease.granted, lease.used)
+                # Given back and asked afresh in one request, under the new policies.
+                self._ask_locked(book, now, AllowanceKind.RELEASE)
 
     def release_all(self) -> None:
         """Give back every unused allowance (the ledger is closing)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 
 from pydantic import ValidationError
@@ -34,6 +35,8 @@ class BudgetDirectory:
         self._cache: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.loaded = threading.Event()
         self.version = 0
+        #: Called (on the listener's thread) after every change of the policies in force.
+        self.on_change: Callable[[], None] | None = None
         self.rejected = 0
 
     @property
@@ -68,6 +71,8 @@ class BudgetDirectory:
             self._globs = tuple(sorted(p for p in patterns if _is_glob(p)))
             self._cache = {}
             self.version += 1
+        if self.on_change is not None:
+            self.on_change()
 
     def budgeted(self, scopes: tuple[str, ...]) -> tuple[str, ...]:
         """Those of ``scopes`` that some budgeted policy governs."""

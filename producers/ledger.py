@@ -196,6 +196,8 @@ class Ledger:
         #: in them; both None-free once built. Without a broker (tests) they come injected.
         self.budgets = budgets if budgets is not None else BudgetDirectory()
         self.allowances = allowances
+        if allowances is not None:
+            self.budgets.on_change = allowances.policies_changed
         self._allowance_listener: AllowanceListener | None = None
         self._unlicensed_warned = False
         self._holder_headers: Headers | None = None
@@ -265,6 +267,7 @@ class Ledger:
             clock_ms=self.clock,
             ttl_fallback_s=self.settings.allowance_ttl_s,
         )
+        self.budgets.on_change = self.allowances.policies_changed
         self._allowance_listener = AllowanceListener(
             self.settings, self.budgets, self.allowances, sender
         )
@@ -961,7 +964,10 @@ class CallRecorder:
         self._held = True
         shortfall = self._reserve()
         while shortfall is not None:
-            ledger.allowances.wait_answer(shortfall.scope, _WAIT_SLICE_S)  # type: ignore[union-attr]
+            if shortfall.waiting:
+                ledger.allowances.wait_answer(shortfall.scope, _WAIT_SLICE_S)  # type: ignore[union-attr]
+            else:
+                time.sleep(_WAIT_SLICE_S)  # others hold the rest: they may give it back
             shortfall = self._retry_allowance(shortfall)
         self._started_ms = ledger.clock()
         return self
@@ -979,7 +985,8 @@ class CallRecorder:
         self._held = True
         shortfall = self._reserve()
         while shortfall is not None:
-            await asyncio.sleep(0.005)  # never block the event loop waiting for an answer
+            # Never block the event loop waiting for an answer.
+            await asyncio.sleep(0.005 if shortfall.waiting else _WAIT_SLICE_S)
             shortfall = self._retry_allowance(shortfall)
         self._started_ms = ledger.clock()
         return self
@@ -1039,7 +1046,7 @@ class CallRecorder:
             self._leases = result
             self._reserve_reported(amount)
             return None
-        if not result.waiting:
+        if not result.waiting and not (result.others_hold and time.monotonic() < self._deadline):
             self.reserved_nano_usd = 0
             ledger._count("refused_allowance")
             self._release()
@@ -1055,7 +1062,9 @@ class CallRecorder:
                 resets_at_ms=result.until_ms,
             )
         silent = allowances.silent_for(result.scope)
-        if silent >= ledger.allowance_wait_s or time.monotonic() >= self._deadline:
+        if silent >= ledger.allowance_wait_s or (
+            result.waiting and time.monotonic() >= self._deadline
+        ):
             # No answer: the control plane is unreachable (or the processor is down).
             if ledger.fail_closed_after_s is not None:
                 self.reserved_nano_usd = 0

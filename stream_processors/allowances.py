@@ -145,8 +145,10 @@ def grant_allowance(
             granted, confirmed, _ = held.get(holder, (0, 0, 0))
             used = max(claims.get(budget.key, 0), confirmed)
             if request.kind is AllowanceKind.RELEASE:
+                # The holder stopped using anything beyond ``used`` before it asked; with a
+                # ``want`` it asks afresh from there (after a policy change).
                 granted = used
-            else:
+            if request.kind is AllowanceKind.ACQUIRE or request.want_nano_usd:
                 others = outstanding(held, now_ms, but=holder)
                 mine = max(granted - confirmed, 0)
                 left = max(budget.limit - budget.spend - others - mine, 0)
@@ -273,7 +275,8 @@ def revoke_over_allocated(
                     budgets=tuple(_budget_grant(b, leases, holder, now_ms) for b in budgets),
                     ttl_ms=ttl_ms,
                     issued_at_ms=now_ms,
-                    refused="the budget was lowered: allowances were taken back",
+                    # Not a refusal: the holder asks again for a share of what remains.
+                    refused=None,
                 ),
             )
         )

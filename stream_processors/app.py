@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "processor"
 SWEEP_INTERVAL_S = 1.0
+POLICY_CHECK_EVERY_S = 0.05
 FULL_SWEEP_EVERY_S = 60.0
 # Events stamped further than this into the future are dead-lettered: a skewed or forged clock
 # must not pre-spend a budget period that has not started.
@@ -1113,6 +1114,13 @@ def build_app(
     @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
         await proc.sweep()
+
+    # A lowered policy must take allowances back at once, not at the next 1 s sweep: the
+    # processes holding them spend meanwhile.
+    @app.timer(interval=POLICY_CHECK_EVERY_S)  # type: ignore[untyped-decorator]
+    async def sweep_on_policy_change() -> None:
+        if proc.book.version != proc._swept_version:
+            await proc.sweep()
 
     @app.timer(interval=STALL_CHECK_EVERY_S)  # type: ignore[untyped-decorator]
     async def watch_stalls() -> None:
