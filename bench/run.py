@@ -53,7 +53,15 @@ def _merged(figures: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT.parent))
-    from bench import enforcement, processor_bench, review_query, scaling, shim_overhead, sink_bench
+    from bench import (
+        allowance_bench,
+        enforcement,
+        processor_bench,
+        review_query,
+        scaling,
+        shim_overhead,
+        sink_bench,
+    )
 
     wanted = _wanted()
 
@@ -75,8 +83,10 @@ def main() -> int:
                 figures.append(_p1(processor_bench, broker.bootstrap, Path(tmp)))
             if run("P5"):
                 figures.append(_p5(sink_bench, broker.bootstrap, Path(tmp)))
-            if run("P2") or run("P3"):
-                figures += _p2_p3(enforcement, broker.bootstrap, Path(tmp))
+            if run("P2"):
+                figures += _p2_p3(enforcement, broker.bootstrap, Path(tmp))[:1]
+            if run("P3"):
+                figures.append(_p3(allowance_bench, broker.bootstrap, Path(tmp)))
             if run("P7"):
                 print("P7: processor scaling curve (1 and 2 workers) ...", flush=True)
                 figures.append(
@@ -205,6 +215,23 @@ def _p2_p3(enforcement: Any, bootstrap: str, tmp: Path) -> list[dict[str, object
             "command": command,
         },
     ]
+
+
+def _p3(allowance_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
+    print("P3: overshoot with allowances, 6 cases (1, 16 and 4x4 callers; 5 and 200 ms) ...")
+    started = time.monotonic()
+    p3 = allowance_bench.measure(bootstrap, tmp / "allowances", (_free_port(), _free_port()))
+    ratios = [c["throughput_ratio"] for c in p3["cases"] if c["throughput_ratio"] is not None]
+    return {
+        "id": "P3",
+        "name": "runaway overshoot with allowances, worst of 6 cases, % of the limit",
+        "value": f"{p3['worst_overshoot_percent']} (throughput ratio min {min(ratios)})",
+        "unit": "%",
+        "target": "<= 1% over the limit; calls/s while budget remains >= 0.9 of unbudgeted",
+        "details": p3,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": f"AGENTLEDGER_BENCH_ONLY=P3 {COMMAND}  (bench/allowance_bench.py)",
+    }
 
 
 def _p6(review_query: Any) -> dict[str, object]:

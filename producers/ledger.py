@@ -1046,13 +1046,20 @@ class CallRecorder:
             self._leases = result
             self._reserve_reported(amount)
             return None
-        if not result.waiting and not (result.others_hold and time.monotonic() < self._deadline):
+        past_deadline = time.monotonic() >= self._deadline
+        silent = allowances.silent_for(result.scope)
+        answering = silent < ledger.allowance_wait_s
+        # Refused, or waited out while the processor answers: a refusal. Other processes
+        # holding the rest may give it back, so their case waits until the deadline.
+        if answering and (past_deadline or not (result.waiting or result.others_hold)):
             self.reserved_nano_usd = 0
             ledger._count("refused_allowance")
             self._release()
             raise AllowanceRefused(
                 result.scope,
-                result.refused or "the budget is spent",
+                result.refused
+                or f"no allowance for {nano_to_usd(amount)} USD within "
+                f"{ledger.allowance_wait_s}s: other processes hold the rest",
                 limit_usd=None
                 if result.limit_nano_usd is None
                 else nano_to_usd(result.limit_nano_usd),
@@ -1061,10 +1068,7 @@ class CallRecorder:
                 else nano_to_usd(result.spend_nano_usd),
                 resets_at_ms=result.until_ms,
             )
-        silent = allowances.silent_for(result.scope)
-        if silent >= ledger.allowance_wait_s or (
-            result.waiting and time.monotonic() >= self._deadline
-        ):
+        if not answering:
             # No answer: the control plane is unreachable (or the processor is down).
             if ledger.fail_closed_after_s is not None:
                 self.reserved_nano_usd = 0

@@ -96,7 +96,7 @@ def env_of(settings: Settings) -> dict[str, str]:
 
 def caller(settings: Settings, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.allowance_caller", *args],
+        [sys.executable, "-m", "bench.allowance_caller", *args],
         env=env_of(settings),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -1,15 +1,17 @@
-"""A shim process for the allowance tests: ``python -m tests.integration.allowance_caller``.
+"""A shim process for the allowance benchmark and tests: ``python -m bench.allowance_caller``.
 
-Makes gpt-4o-mini calls (1,000 output tokens, $0.0006 each) from ``--threads`` threads as
-agents of ``--pool`` until refused, then prints one JSON line: calls made, refusals, and the
-holder id. With ``--hold`` it makes one call, prints, and sleeps (to be killed holding an
-allowance).
+Makes gpt-4o-mini calls (``max_tokens=1000``, so $0.0006 reserved each) from ``--threads``
+threads as agents of ``--pool`` (or ``--agent``-scoped agents) until refused or ``--seconds``
+pass, each taking ``--latency-s`` and using between ``--min-output`` and 1,000 output tokens,
+then prints one JSON line: calls made, refusals, nano-USD spent and reserved, the holder id.
+With ``--hold`` it makes one call, prints, and sleeps (to be killed holding an allowance).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import threading
 import time
 
@@ -23,26 +25,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--latency-s", type=float, default=0.005)
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--min-output", type=int, default=1000)
     args = parser.parse_args()
     ledger = Ledger.from_env()
     assert ledger.wait_for_control(60.0), "control and policies not loaded in 60 s"
-    made = refused = 0
+    made = refused = spent = reserved = excess = 0
     lock = threading.Lock()
+    deadline = time.monotonic() + args.seconds
+    started = time.monotonic()
 
     def caller(index: int) -> None:
-        nonlocal made, refused
+        nonlocal made, refused, spent, reserved, excess
         agent = ledger.agent(f"{args.name}-{index}", pool=args.pool)
-        while True:
+        rng = random.Random(index)  # noqa: S311 - token counts, not secrets
+        while time.monotonic() < deadline:
             try:
                 with agent.call(provider="openai", model="gpt-4o-mini", max_tokens=1000) as call:
                     time.sleep(args.latency_s)
-                    call.record(output_tokens=1000)
+                    call.record(output_tokens=rng.randint(args.min_output, 1000))
+                    held = call.reserved_nano_usd
             except BudgetExceeded:
                 with lock:
                     refused += 1
                 return
             with lock:
                 made += 1
+                spent += call.cost_nano_usd
+                reserved += held
+                excess += max(call.cost_nano_usd - held, 0)
             if args.hold:
                 return
 
@@ -51,6 +62,7 @@ def main() -> None:
         thread.start()
     for thread in threads:
         thread.join()
+    took = time.monotonic() - started
     assert ledger.allowances is not None
     ledger.transport.flush(30)
     print(
@@ -58,6 +70,11 @@ def main() -> None:
             {
                 "made": made,
                 "refused": refused,
+                "spent_nano_usd": spent,
+                "reserved_nano_usd": reserved,
+                "excess_nano_usd": excess,
+                "seconds": round(took, 3),
+                "requests": ledger.allowances.stats["requests"],
                 "holder": ledger.allowances.holder,
                 "held": ledger.allowances.snapshot(),
             }
