@@ -156,10 +156,10 @@ def _case(
     time.sleep(1.0)
     steady = _callers(settings, steady_pool, processes, threads, latency, seconds=3.0)
     steady_made = sum(r["made"] for r in steady)
-    budgeted_rate = steady_made / max(max(r["seconds"] for r in steady), 1e-9)
+    budgeted_rate = sum(r["calls_per_s_after_first"] for r in steady)
     steady_requests = sum(r["requests"] for r in steady)
     free = _callers(settings, f"free-{tag}", processes, threads, latency, seconds=3.0)
-    free_rate = sum(r["made"] for r in free) / max(max(r["seconds"] for r in free), 1e-9)
+    free_rate = sum(r["calls_per_s_after_first"] for r in free)
     return {
         "case": f"({name}) {processes} process(es) x {threads} thread(s), "
         f"{latency * 1000:g} ms calls",
