@@ -26,6 +26,8 @@ from agentledger.config import Settings
 from agentledger.schemas import ControlAction, ControlCommand, SignatureError, verify_command
 from agentledger.schemas.control import SUBTREE_KIND
 
+from .client_log import client_log
+
 __all__ = ["ControlState", "KafkaControlListener", "RecordSink"]
 
 log = logging.getLogger(__name__)
@@ -166,8 +168,9 @@ class KafkaControlListener:
     RETRY_S = 1.0
     # Retriable metadata errors this soon after start are a topic still settling, not a fault.
     SETTLE_S = 10.0
-    # Short, so close() never waits long on a listener stuck asking a dead broker.
-    METADATA_TIMEOUT_S = 1.0
+    # Short, so close() never waits long on a listener stuck asking a dead broker (a live
+    # one answers in milliseconds; a timed-out request is retried after RETRY_S).
+    METADATA_TIMEOUT_S = 0.5
 
     def __init__(
         self, settings: Settings, state: RecordSink, *, topic: str | None = None, **config: Any
@@ -183,7 +186,8 @@ class KafkaControlListener:
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "client.id": "agentledger-shim-control",
-            "logger": log.getChild("librdkafka"),
+            # librdkafka would otherwise reach the agent's stderr, a line per retry.
+            "logger": client_log(settings.kafka),
             **config,
         }
         self._stop = threading.Event()

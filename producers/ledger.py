@@ -375,11 +375,14 @@ class Ledger:
             self._closed = True
             listener = self._listener
         if listener is not None:
-            listener.stop()
-        left = self.transport.flush(timeout_s)
-        if left:
-            log.warning("agentledger: %d events still queued after %ss at close", left, timeout_s)
+            # Only signalled here: its thread may be in a metadata request to a dead broker,
+            # and ends while the transport closes (joined below), not before.
+            listener.stop(timeout_s=0)
+        # What is still queued after this, the transport's close spools or counts, and says.
+        self.transport.flush(timeout_s)
         self.transport.close()
+        if listener is not None:
+            listener.stop()
 
 
 def _close_at_exit(ref: weakref.ref[Ledger]) -> None:
