@@ -60,10 +60,13 @@ class ClientLog:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._detail = logging.getLogger(DETAIL_LOGGER)
+        self.lines = 0
+        """librdkafka lines received"""
         self.warnings = 0
         """lines this object logged at WARNING or above"""
 
     def log(self, level: int, msg: str, *args: object) -> None:
+        self.lines += 1  # a statistic: an update lost to a race costs nothing
         self._detail.debug(msg, *args)
         if level < logging.WARNING:
             return

@@ -293,8 +293,16 @@ class KafkaControlListener:
                     log.debug("agentledger: control listener: retrying: %s", exc)
                 else:
                     self._note_error(f"cannot read control topic metadata: {exc}")
+            self._serve(consumer)
             self._stop.wait(self.RETRY_S)
         return None
+
+    def _serve(self, consumer: Consumer) -> None:
+        """Serve the client's queue before there is an assignment to poll: its log lines and
+        error events wait there, and an outage would otherwise be told only at close."""
+        msg = consumer.poll(0)
+        if msg is not None and msg.error() is not None:
+            log.debug("agentledger: control listener: %s", msg.error())
 
     def _poll_once(self, consumer: Consumer, targets: dict[int, int]) -> None:
         msg = consumer.poll(self.POLL_TIMEOUT_S)

@@ -245,6 +245,9 @@ class KafkaTransport:
         self._start_spooling()
 
     def _broker_reachable(self, producer: Producer) -> bool:
+        # While spooling, no send polls the producer: serve its log lines and error events
+        # here, or they wait in librdkafka's queue and the outage is told only at close.
+        producer.poll(0)
         try:
             producer.list_topics(timeout=self.PROBE_TIMEOUT_S)
         except KafkaException:
