@@ -114,8 +114,10 @@ class KafkaTransport:
     OUTAGE_WAIT_S = 0.5
     # flush() waits in slices this long, so an outage reported during the wait cuts it short.
     FLUSH_SLICE_S = 0.05
-    # The replayer's metadata request; short, because close waits for a request in flight.
-    PROBE_TIMEOUT_S = 0.5
+    # The replayer's metadata request. Close waits for a request in flight, so while
+    # librdkafka reports every broker down (when a request can only time out) it is short.
+    PROBE_TIMEOUT_S = 1.0
+    DOWN_PROBE_TIMEOUT_S = 0.25
     # The replayer is stopped at close before it joins; it may be in a metadata request.
     REPLAY_JOIN_S = 5.0
 
@@ -249,7 +251,8 @@ class KafkaTransport:
         # here, or they wait in librdkafka's queue and the outage is told only at close.
         producer.poll(0)
         try:
-            producer.list_topics(timeout=self.PROBE_TIMEOUT_S)
+            timeout = self.DOWN_PROBE_TIMEOUT_S if self._outage else self.PROBE_TIMEOUT_S
+            producer.list_topics(timeout=timeout)
         except KafkaException:
             return False
         return True
