@@ -34,6 +34,7 @@ from agentledger.schemas.partitioning import crc32_partition, state_key, state_p
 
 from .allowance import Allowances
 from .budget_directory import BudgetDirectory
+from .client_log import client_log
 
 __all__ = ["AllowanceListener", "KafkaRequestSender"]
 
@@ -63,6 +64,10 @@ class KafkaRequestSender:
             request.model_dump_json().encode(),
             state_partition(request.scope, partitions),
         )
+
+
+def _ignore_client_error(error: KafkaError) -> None:
+    log.debug("agentledger: allowance listener: %s", error)
 
 
 class AllowanceListener:
@@ -100,7 +105,9 @@ class AllowanceListener:
             "client.id": "agentledger-shim-allowances",
             # Answers are waited on by calls: fetch as soon as one arrives.
             "fetch.wait.max.ms": 10,
-            "logger": log.getChild("librdkafka"),
+            "logger": client_log(settings.kafka),
+            # Connection failures arrive as log lines (the client log says them once).
+            "error_cb": _ignore_client_error,
             **config,
         }
         self._stop = threading.Event()

@@ -445,19 +445,25 @@ class Ledger:
             self._closed = True
             listener = self._listener
         if listener is not None:
-            listener.stop()
+            # Only signalled here: its thread may be in a metadata request to a dead broker,
+            # and ends while the transport closes (joined below), not before.
+            listener.stop(timeout_s=0)
         allowances = self.allowances
         if allowances is not None:
             # Give back what is unused, before the transport closes: another process may
             # need it now rather than after the TTL.
             allowances.release_all()
             allowances.stop()
-        if self._allowance_listener is not None:
-            self._allowance_listener.stop()
-        left = self.transport.flush(timeout_s)
-        if left:
-            log.warning("agentledger: %d events still queued after %ss at close", left, timeout_s)
+        allowance_listener = self._allowance_listener
+        if allowance_listener is not None:
+            allowance_listener.stop(timeout_s=0)
+        # What is still queued after this, the transport's close spools or counts, and says.
+        self.transport.flush(timeout_s)
         self.transport.close()
+        if listener is not None:
+            listener.stop()
+        if allowance_listener is not None:
+            allowance_listener.stop()
 
 
 def _close_at_exit(ref: weakref.ref[Ledger]) -> None:
