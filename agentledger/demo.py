@@ -45,6 +45,7 @@ def run_demo(
     from agentledger.budgets import apply_policies
     from agentledger.deploy.stack import Stack
     from agentledger.producers import BudgetExceeded, Ledger
+    from agentledger.producers.errors import format_usd
 
     _say("== 1/5 starting the local stack (Kafka broker, processor, sink with embedded ClickHouse)")
     stack = Stack(settings, progress=_say)
@@ -158,7 +159,7 @@ def run_demo(
     spent = stopped.spent_nano_usd
     over = (spent - limit_nano) * 100 / limit_nano
     _say(
-        f"   spent when stopped: ${nano_to_usd(spent)} of ${limit} "
+        f"   spent when stopped: {format_usd(nano_to_usd(spent))} of {format_usd(limit)} "
         f"({spent * 100 / limit_nano:.2f}% of the budget; overshoot {max(over, 0):.2f}%)"
     )
 
