@@ -18,6 +18,7 @@ is imported only when this module is.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from .ledger import AgentLedger, CallRecorder
 from .sdk_usage import fail, token_count
 
 __all__ = ["LedgerCallbackHandler"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -72,6 +75,10 @@ class LedgerCallbackHandler(BaseCallbackHandler):
         self._runs: dict[UUID, _Run] = {}
         self._calls: dict[UUID, CallRecorder] = {}
         self._spawned: dict[tuple[str, ...], AgentLedger] = {}
+        self._rerouted: set[UUID] = set()
+        self.unrouted = 0
+        """calls a ROUTE applied to that were sent unrouted: their model was not wrapped with
+        ``routable``, so they are recorded at the model actually called"""
 
     # --- the run tree ---------------------------------------------------------------------
 
@@ -238,7 +245,20 @@ class LedgerCallbackHandler(BaseCallbackHandler):
 
     def _pop(self, run_id: UUID) -> CallRecorder | None:
         with self._lock:
-            return self._calls.pop(run_id, None)
+            call = self._calls.pop(run_id, None)
+            rerouted = run_id in self._rerouted
+            self._rerouted.discard(run_id)
+            if call is not None and call.model != call.requested_model and not rerouted:
+                # The request went to the model LangChain built it for: record that one.
+                log.warning(
+                    "agentledger: a ROUTE to %s was not applied to a %s call: wrap the model "
+                    "with handler.routable(model)",
+                    call.model,
+                    call.requested_model,
+                )
+                call.model = call.used_model = call.requested_model
+                self.unrouted += 1
+        return call
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         call = self._pop(run_id)
@@ -255,10 +275,14 @@ class LedgerCallbackHandler(BaseCallbackHandler):
             fail(call, error)
 
     def routed_model(self, run_id: UUID) -> str | None:
-        """The model a running call was admitted with (after a ROUTE), for ``routable``."""
+        """The model a running call was admitted with (after a ROUTE), for ``routable``,
+        which sends the request there."""
         with self._lock:
             call = self._calls.get(run_id)
-        return None if call is None else call.model
+            if call is None:
+                return None
+            self._rerouted.add(run_id)
+            return call.model
 
     def routable(self, model: Any) -> Any:
         """``model`` (a ``BaseChatModel``) wrapped so a standing ROUTE changes the model its
@@ -289,8 +313,14 @@ def _record_usage(call: CallRecorder, response: LLMResult) -> None:
         cached = token_count(details.get("cache_read"))
         reasoning = token_count(out_details.get("reasoning"))
     else:
-        raw = (response.llm_output or {}).get("token_usage") or {}
+        raw = (response.llm_output or {}).get("token_usage")
         if not isinstance(raw, Mapping):
+            # Recorded with 0 tokens; a ChatOpenAI stream reports usage only with
+            # stream_usage=True (set by default only for OpenAI's own endpoint).
+            log.warning(
+                "agentledger: a %s call reported no usage; it is recorded with 0 tokens",
+                call.requested_model,
+            )
             return
         inp = token_count(raw.get("prompt_tokens"))
         out = token_count(raw.get("completion_tokens"))

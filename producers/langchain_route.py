@@ -100,6 +100,7 @@ class RoutableChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         target = self._target(run_manager)
+        _ask_for_usage(target, kwargs)
         yield from target._stream(messages, stop=stop, run_manager=run_manager, **kwargs)
 
     async def _astream(
@@ -110,6 +111,7 @@ class RoutableChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         target = self._target(run_manager)
+        _ask_for_usage(target, kwargs)
         async for chunk in target._astream(messages, stop=stop, run_manager=run_manager, **kwargs):
             yield chunk
 
@@ -118,3 +120,10 @@ class RoutableChatModel(BaseChatModel):
         # wrapper so that routing still applies.
         bound = self.inner.bind_tools(tools, **kwargs)
         return self.bind(**getattr(bound, "kwargs", {}))
+
+
+def _ask_for_usage(model: BaseChatModel, kwargs: dict[str, Any]) -> None:
+    # ChatOpenAI streams usage only when asked, and asks by itself only for the default
+    # OpenAI endpoint; a caller's explicit choice stands.
+    if "stream_usage" in type(model).model_fields and getattr(model, "stream_usage", 0) is None:
+        kwargs.setdefault("stream_usage", True)
