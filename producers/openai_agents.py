@@ -12,7 +12,7 @@ control plane raises ``BudgetExceeded`` out of ``Runner.run`` / ``run_sync`` / `
 before the request; a THROTTLE waits for a slot; a ROUTE asks the wrapped provider for the
 routed model instead. Usage is read from the response (``ModelResponse.usage``, or the
 ``response.completed`` event of a stream). The SDK agent a call is made for is read from the
-current agent span (the SDK keeps one per agent turn, also with tracing disabled): the first
+current turn or agent span (the SDK keeps them also with tracing disabled): the first
 SDK agent the provider sees records as ``agent``; every other one (a handoff target, an agent
 run as a tool) as a spawn of the agent whose turn it came from. Each trace (one per top-level
 ``Runner.run``) is a task. The SDK is imported only when this module is.
@@ -28,7 +28,7 @@ from typing import Any
 from agents.models.interface import Model, ModelProvider
 from agents.models.multi_provider import MultiProvider
 from agents.tracing import get_current_span, get_current_trace
-from agents.tracing.span_data import AgentSpanData
+from agents.tracing.span_data import AgentSpanData, TurnSpanData
 
 from .framework import Pause, admit_async, identifier
 from .ledger import AgentLedger, CallRecorder
@@ -83,8 +83,10 @@ class LedgerModelProvider(ModelProvider):
 
 
 def _sdk_agent_name() -> str | None:
-    span = get_current_span()
-    data = getattr(span, "span_data", None)
+    # A model call runs inside the turn span of its agent, itself inside the agent span.
+    data = getattr(get_current_span(), "span_data", None)
+    if isinstance(data, TurnSpanData):
+        return data.agent_name
     return data.name if isinstance(data, AgentSpanData) else None
 
 

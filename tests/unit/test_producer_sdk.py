@@ -47,9 +47,9 @@ def openai_completion(model: str) -> dict[str, Any]:
     }
 
 
-def openai_tool_completion(model: str, tool: str, n: int) -> dict[str, Any]:
-    """A chat completion asking for a call of ``tool`` with no arguments."""
-    call = {"id": f"call_{n}", "type": "function", "function": {"name": tool, "arguments": "{}"}}
+def openai_tool_completion(model: str, tool: str, n: int, args: str = "{}") -> dict[str, Any]:
+    """A chat completion asking for a call of ``tool`` with ``args`` (JSON)."""
+    call = {"id": f"call_{n}", "type": "function", "function": {"name": tool, "arguments": args}}
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -58,14 +58,14 @@ def openai_tool_completion(model: str, tool: str, n: int) -> dict[str, Any]:
     return openai_completion(model) | {"choices": [choice]}
 
 
-def openai_tool_response(model: str, tool: str, n: int) -> dict[str, Any]:
-    """A Responses API response asking for a call of ``tool`` with no arguments."""
+def openai_tool_response(model: str, tool: str, n: int, args: str = "{}") -> dict[str, Any]:
+    """A Responses API response asking for a call of ``tool`` with ``args`` (JSON)."""
     item = {
         "type": "function_call",
         "id": f"fc_{n}",
         "call_id": f"call_{n}",
         "name": tool,
-        "arguments": "{}",
+        "arguments": args,
         "status": "completed",
     }
     return openai_response(model) | {"output": [item]}
@@ -218,9 +218,10 @@ class FakeApi:
         self.fail_with: int | None = None
         self.response_end = "completed"
         # Framework tests: tool names to answer (non-streaming) requests with a call of, in
-        # turn; then ``loop_tool`` for every request, if set; then text.
+        # turn ("" for a text answer); then ``loop_tool`` for every request, if set; then text.
         self.tool_calls: list[str] = []
         self.loop_tool: str | None = None
+        self.tool_args: dict[str, str] = {}  # a tool's JSON arguments, "{}" when not given
         self._lock = threading.Lock()
         api = self
 
@@ -236,11 +237,11 @@ class FakeApi:
                     self._json(api.fail_with, {"error": {"type": kind, "message": "failed"}})
                     return
                 model = body.get("model", "gpt-4o-mini")  # a stored prompt names it
-                tool = None if body.get("stream") else api.next_tool()
+                tool = None if body.get("stream") else api.next_tool() or None
                 if tool is not None and self.path.endswith("/chat/completions"):
-                    self._json(200, openai_tool_completion(model, tool, len(api.requests)))
+                    self._json(200, openai_tool_completion(model, tool, len(api.requests), api.tool_args.get(tool, "{}")))
                 elif tool is not None and self.path.endswith("/responses"):
-                    self._json(200, openai_tool_response(model, tool, len(api.requests)))
+                    self._json(200, openai_tool_response(model, tool, len(api.requests), api.tool_args.get(tool, "{}")))
                 elif self.path.endswith("/chat/completions"):
                     if body.get("stream"):
                         include = (body.get("stream_options") or {}).get("include_usage")
