@@ -238,10 +238,12 @@ class FakeApi:
                     return
                 model = body.get("model", "gpt-4o-mini")  # a stored prompt names it
                 tool = None if body.get("stream") else api.next_tool() or None
+                args = api.tool_args.get(tool or "", "{}")
+                n = len(api.requests)
                 if tool is not None and self.path.endswith("/chat/completions"):
-                    self._json(200, openai_tool_completion(model, tool, len(api.requests), api.tool_args.get(tool, "{}")))
+                    self._json(200, openai_tool_completion(model, tool, n, args))
                 elif tool is not None and self.path.endswith("/responses"):
-                    self._json(200, openai_tool_response(model, tool, len(api.requests), api.tool_args.get(tool, "{}")))
+                    self._json(200, openai_tool_response(model, tool, n, args))
                 elif self.path.endswith("/chat/completions"):
                     if body.get("stream"):
                         include = (body.get("stream_options") or {}).get("include_usage")
