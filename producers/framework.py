@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from .errors import BudgetExceeded, ControlPlaneUnavailable, NewWorkRefused, ThrottleTimeout
 from .ledger import AgentLedger, CallRecorder, Ledger
+from .scope import TaskScope, current_task
 
 __all__ = [
     "Pause",
@@ -29,6 +30,7 @@ __all__ = [
     "admit_async",
     "check_task",
     "identifier",
+    "inherited_task",
     "pause_stats",
 ]
 
@@ -98,6 +100,18 @@ def pause_stats(ledger: Ledger) -> PauseStats:
         if found is None:
             found = _STATS[ledger] = PauseStats()
         return found
+
+
+def inherited_task(agent: AgentLedger) -> TaskScope | None:
+    """The task ``agent`` runs in: its own, else one an ancestor runs in the caller's context
+    (a sub-agent working for its parent's task, as a framework delegates)."""
+    own = agent.current_task()
+    if own is not None:
+        return own
+    found = current_task()
+    if found is not None and found.agent_id in agent.ancestors:
+        return found
+    return None
 
 
 def _pausable(exc: BudgetExceeded) -> bool:

@@ -28,7 +28,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
-from .framework import Pause, admit, check_task, identifier
+from .framework import Pause, admit, check_task, identifier, inherited_task
 from .ledger import AgentLedger, CallRecorder
 from .sdk_usage import fail, token_count
 
@@ -200,7 +200,7 @@ class LedgerCallbackHandler(BaseCallbackHandler):
         agent = self._agent_for(metadata)
         task_type = run.task_type if run is not None else None
         task_id = str(run.root) if run is not None and run.task_type is not None else None
-        user_task = self.agent.current_task()
+        user_task = inherited_task(self.agent)
         if user_task is not None:  # the caller's own agent.task() wins
             task_type, task_id = user_task.task_type, user_task.task_id
 

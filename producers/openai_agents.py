@@ -30,7 +30,7 @@ from agents.models.multi_provider import MultiProvider
 from agents.tracing import get_current_span, get_current_trace
 from agents.tracing.span_data import AgentSpanData, TurnSpanData
 
-from .framework import Pause, admit_async, identifier
+from .framework import Pause, admit_async, identifier, inherited_task
 from .ledger import AgentLedger, CallRecorder
 from .sdk_usage import fail, openai_responses_usage
 
@@ -110,17 +110,21 @@ class _LedgerModel(Model):
         agent = owner.agent_for(_sdk_agent_name())
         _ACTIVE.set(agent)
         limit = getattr(model_settings, "max_tokens", None)
-        task = _task()
-        user_task = agent.current_task()
+        # The caller's own agent.task() (or its parent's) wins over the trace.
+        user_task = inherited_task(agent)
+        if user_task is not None:
+            task: tuple[str, str] | None = (user_task.task_type, user_task.task_id)
+        else:
+            task = _task()
 
         def make() -> CallRecorder:
             call = agent.call(
                 provider=owner.provider,
                 model=self._name,
-                task_type=task[0] if task is not None and user_task is None else None,
+                task_type=task[0] if task is not None else None,
                 max_tokens=limit if isinstance(limit, int) and limit >= 0 else None,
             )
-            if task is not None and user_task is None:
+            if task is not None:
                 call.task_id = task[1]
             return call
 

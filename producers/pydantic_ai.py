@@ -14,7 +14,8 @@ keep their name in ``_model_name``, as pydantic-ai's own do; others are sent unr
 event says so). Usage comes from the response's ``RequestUsage``. pydantic-ai's own
 ``UsageLimits`` are untouched: they stay the caller's per-run limits, ours are the fleet's
 budgets. A sub-agent (delegation from a tool) is recorded as a spawn by wrapping its model with
-``lead.spawn(...)``. pydantic-ai is imported only when this module is.
+``lead.spawn(...)``; its calls carry the task its parent runs in. pydantic-ai is imported only
+when this module is.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydantic_ai.models import KnownModelName, Model, ModelRequestParameters, St
 from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
 
-from .framework import Pause, admit_async, identifier
+from .framework import Pause, admit_async, identifier, inherited_task
 from .ledger import AgentLedger, CallRecorder
 from .sdk_usage import fail, token_count
 
@@ -60,12 +61,18 @@ class LedgerModel(WrapperModel):
         provider = identifier(self._provider_name or self.wrapped.system, "unknown")
         model = identifier(self.wrapped.model_name, "unknown")
 
+        task = inherited_task(agent)
+
         def make() -> CallRecorder:
-            return agent.call(
+            call = agent.call(
                 provider=provider,
                 model=model,
+                task_type=task.task_type if task is not None else None,
                 max_tokens=limit if isinstance(limit, int) and limit >= 0 else None,
             )
+            if task is not None:
+                call.task_id = task.task_id
+            return call
 
         return admit_async(make, agent, self.pause)
 
