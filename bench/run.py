@@ -53,7 +53,15 @@ def _merged(figures: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT.parent))
-    from bench import enforcement, processor_bench, review_query, scaling, shim_overhead, sink_bench
+    from bench import (
+        enforcement,
+        framework_overhead,
+        processor_bench,
+        review_query,
+        scaling,
+        shim_overhead,
+        sink_bench,
+    )
 
     wanted = _wanted()
 
@@ -86,6 +94,8 @@ def main() -> int:
             broker.stop()
     if run("P6"):
         figures.append(_p6(review_query))
+    if run("P8"):
+        figures.append(_p8(framework_overhead))
 
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -205,6 +215,26 @@ def _p2_p3(enforcement: Any, bootstrap: str, tmp: Path) -> list[dict[str, object
             "command": command,
         },
     ]
+
+
+def _p8(framework_overhead: Any) -> dict[str, object]:
+    print("P8: shim overhead per call through LangChain, OpenAI Agents, pydantic-ai ...")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="agentledger-p8-") as tmp:
+        p8 = framework_overhead.measure(str(Path(tmp) / "home"))
+    return {
+        "id": "P8",
+        "name": "shim overhead per model call through each framework integration, median",
+        "value": " / ".join(
+            f"{name} {p8[name]['overhead_us']}"
+            for name in ("langchain", "openai_agents", "pydantic_ai")
+        ),
+        "unit": "us",
+        "target": "reported (issue #18)",
+        "details": p8,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": ".venv/bin/python bench/framework_overhead.py",
+    }
 
 
 def _p6(review_query: Any) -> dict[str, object]:
