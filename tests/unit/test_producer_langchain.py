@@ -346,3 +346,22 @@ def test_pause_ends_when_the_budget_resets_and_raises_after_its_timeout(
     thread.join(30)
     assert not thread.is_alive()
     assert len(h.events()) == 1
+
+
+def test_an_exhausted_budget_is_refused_locally_out_of_invoke(api: FakeApi, h: Harness) -> None:
+    agent = h.ledger.agent("a")
+    # The processor's last report: $0.001 left of $1.00; a gpt-4o call capped at 500 output
+    # tokens reserves $0.005, so the shim refuses it before the request.
+    h.publish(
+        "agent:a",
+        ControlAction.THROTTLE,
+        params={"concurrency": 100},
+        spend_nano_usd=999_000_000,
+        limit_nano_usd=1_000_000_000,
+    )
+    llm = langchain_openai.ChatOpenAI(
+        model="gpt-4o", api_key="test", base_url=f"{api.url}/v1", max_retries=0, max_tokens=500
+    )
+    with pytest.raises(BudgetExceeded, match="local reservation"):
+        single(llm).invoke(HI, config={"callbacks": [LedgerCallbackHandler(agent)]})
+    assert api.requests == [] and h.ledger.stats["refused_local"] == 1
