@@ -47,8 +47,9 @@ class LedgerCallbackHandler(BaseCallbackHandler):
     """Records and enforces every model call of the runs it is passed to, for ``agent``.
 
     ``task_type`` names the task of each top-level run (default: the run's name, such as
-    ``LangGraph``); ``pause`` waits out a STOP instead of raising; ``provider`` is used when
-    the model does not say (``ls_provider``)."""
+    ``LangGraph``); ``tasks=False`` leaves runs out of tasks (and unchecked at their start);
+    ``pause`` waits out a STOP instead of raising; ``provider`` is used when the model does
+    not say (``ls_provider``)."""
 
     # LangChain logs and swallows a handler's exception unless the handler says otherwise.
     raise_error = True
@@ -67,9 +68,9 @@ class LedgerCallbackHandler(BaseCallbackHandler):
     ) -> None:
         super().__init__()
         self.agent = agent
-        self.task_type = task_type
+        self.task_type = None if task_type is None else identifier(task_type, "langchain")
         self.pause = pause
-        self.provider = provider
+        self.provider = identifier(provider, "unknown")
         self.tasks = tasks
         self._lock = threading.Lock()
         self._runs: dict[UUID, _Run] = {}

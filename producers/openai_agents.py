@@ -75,7 +75,9 @@ class LedgerModelProvider(ModelProvider):
                 return self.agent
             found = self._agents.get(sdk_agent)
             if found is None:
-                parent = _ACTIVE.get() or self.agent
+                parent = _ACTIVE.get()
+                if parent is None or parent.ledger is not self.agent.ledger:
+                    parent = self.agent  # another provider's agent is no parent of ours
                 found = self._agents[sdk_agent] = parent.spawn(
                     identifier(f"{self.agent.agent_id}.{sdk_agent}", "sub")
                 )
