@@ -56,6 +56,7 @@ def main() -> int:
     from bench import (
         allowance_bench,
         enforcement,
+        framework_overhead,
         processor_bench,
         review_query,
         scaling,
@@ -96,6 +97,8 @@ def main() -> int:
             broker.stop()
     if run("P6"):
         figures.append(_p6(review_query))
+    if run("P9"):
+        figures.append(_p8(framework_overhead))
 
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -231,6 +234,26 @@ def _p3(allowance_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
         "details": p3,
         "seconds": round(time.monotonic() - started, 1),
         "command": f"AGENTLEDGER_BENCH_ONLY=P3 {COMMAND}  (bench/allowance_bench.py)",
+    }
+
+
+def _p8(framework_overhead: Any) -> dict[str, object]:
+    print("P9: shim overhead per call through LangChain, OpenAI Agents, pydantic-ai ...")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="agentledger-p8-") as tmp:
+        p8 = framework_overhead.measure(str(Path(tmp) / "home"))
+    return {
+        "id": "P9",
+        "name": "shim overhead per model call through each framework integration, median",
+        "value": " / ".join(
+            f"{name} {p8[name]['overhead_us']}"
+            for name in ("langchain", "openai_agents", "pydantic_ai")
+        ),
+        "unit": "us",
+        "target": "reported (issue #18)",
+        "details": p8,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": ".venv/bin/python bench/framework_overhead.py",
     }
 
 
