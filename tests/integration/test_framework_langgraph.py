@@ -46,13 +46,18 @@ def api() -> Iterator[FakeApi]:
 
 def test_a_looping_langgraph_agent_is_stopped_by_its_budget(stack: Stack, api: FakeApi) -> None:
     settings = stack.settings
-    limit = Decimal("0.02")  # about four of the fake's gpt-4o calls ($0.00475 each)
+    limit = Decimal("0.05")  # ten of the fake's gpt-4o calls ($0.00475 each)
     apply_policies(
         settings, PolicyFile(budgets=[BudgetPolicy(scope="agent:lg-looper", limit_usd=limit)])
     )
     api.loop_tool = "search"  # the model asks for the tool every time: the graph never ends
     llm = langchain_openai.ChatOpenAI(
-        model="gpt-4o", api_key="test", base_url=f"{api.url}/v1", max_retries=0
+        model="gpt-4o",
+        api_key="test",
+        base_url=f"{api.url}/v1",
+        max_retries=0,
+        # What each call may cost at most ($0.01 of output), so its allowance covers it.
+        max_tokens=1000,
     )
     ledger = Ledger(settings)
     try:
@@ -64,16 +69,17 @@ def test_a_looping_langgraph_agent_is_stopped_by_its_budget(stack: Stack, api: F
             looping(llm, lambda _: None).invoke(HI, config=config)
         print(
             f"the graph made {len(api.requests)} calls in {time.monotonic() - started:.1f}s "
-            "before its STOP came back"
+            "before its budget refused the next"
         )
         assert stop.value.scope == "agent:lg-looper"
         assert stop.value.limit_usd == limit
-        assert stop.value.spend_usd is not None and stop.value.spend_usd >= limit
-        # Every request the graph sent was recorded, and none after the STOP.
+        # Every request the graph sent was recorded; the allowance refused the call that
+        # would not fit, so the budget was never passed.
         calls = len(api.requests)
         assert calls >= 5
         assert ledger.stats["events"] == calls
-        assert ledger.stats["refused"] >= 1
+        assert calls * Decimal("0.00475") <= limit
+        assert ledger.stats["refused_allowance"] + ledger.stats["refused"] >= 1
         assert ledger.transport.flush(10) == 0
     finally:
         ledger.close()
