@@ -168,7 +168,7 @@ class Chunk:
 
     topic: str
     stream: SinkStream
-    rows: list[list[object]] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)  # column lists, or JSON lines (bytes)
     sources: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset) per row
 
     @property

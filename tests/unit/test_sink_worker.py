@@ -172,8 +172,15 @@ class FakeStore:
             self.log.append("insert failed")
             raise ClickHouseError("Code: 241. MEMORY_LIMIT_EXCEEDED", code=241)
         self.log.append(f"insert {token}")
-        self.inserts.append((token, [int(str(r[-2])) for r in rows]))
-        self.stored_ids.update(str(r[1]) for r in rows)
+        # Calls arrive as JSON lines (decode_call_json), the other streams as column lists.
+        pairs = [
+            (int(d["_offset"]), str(d["event_id"]))
+            if isinstance(r, bytes) and (d := json.loads(r))
+            else (int(str(r[-2])), str(r[1]))
+            for r in rows
+        ]
+        self.inserts.append((token, [offset for offset, _ in pairs]))
+        self.stored_ids.update(record_id for _, record_id in pairs)
 
     def present_offsets(
         self, stream: SinkStream, topic: str, partition: int, from_offset: int
