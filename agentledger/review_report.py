@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentledger.config import Settings
-from agentledger.schemas import nano_to_usd
+from agentledger.schemas import format_usd
 from agentledger.tables import render_table
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def review_table(
                 r.failures,
                 r.input_tokens,
                 r.output_tokens,
-                r.cost_usd,
+                format_usd(r.cost_nano_usd),
                 f"{100 * r.cost_nano_usd / total:.1f}%" if total else "-",
             ]
             for r in rows
@@ -54,7 +54,7 @@ def review_table(
     )
     scope = f" in workflow {workflow_id}" if workflow_id else ""
     header = f"spend per agent and model{scope}, {_utc(since_ms)} .. {_utc(until_ms)}"
-    return f"{header}\n{body}\ntotal: ${nano_to_usd(total)} over {sum(r.calls for r in rows)} calls"
+    return f"{header}\n{body}\ntotal: {format_usd(total)} over {sum(r.calls for r in rows)} calls"
 
 
 def print_review(
@@ -74,7 +74,7 @@ def _change(now: int, before: int | None) -> str:
 
 
 def _usd(nano: int | None) -> str:
-    return "-" if nano is None else f"{nano_to_usd(nano):.6f}"
+    return "-" if nano is None else format_usd(nano)
 
 
 def render_review(review: Review) -> str:
@@ -120,8 +120,8 @@ def render_review(review: Review) -> str:
         )
     )
     lines.append(
-        f"total: ${nano_to_usd(review.total_nano_usd)} over {review.total_calls} calls "
-        f"(previous period ${nano_to_usd(review.previous_total_nano_usd)}); expensive models "
+        f"total: {format_usd(review.total_nano_usd)} over {review.total_calls} calls "
+        f"(previous period {format_usd(review.previous_total_nano_usd)}); expensive models "
         f"(cost per token >= 3x the median): {', '.join(review.expensive) or 'none'}"
     )
     lines.append("")

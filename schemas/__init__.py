@@ -13,7 +13,7 @@ from .control import (
 from .dlq import DEAD_LETTER_VERSION, InvalidMessage
 from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
 from .ids import uuid7
-from .money import NANO_PER_USD, nano_to_usd, usd_to_nano
+from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
 from .policy import (
     BUDGET_POLICY_VERSION,
     BudgetPolicy,
@@ -55,6 +55,7 @@ __all__ = [
     "TaskStats",
     "Threshold",
     "Topics",
+    "format_usd",
     "nano_to_usd",
     "parse_policy_file",
     "sign_command",

@@ -326,7 +326,7 @@ def test_top_renders_scopes_in_the_chosen_order_with_standing_and_alerts() -> No
     console.print(render_top(snap, "spend"))
     text = console.export_text()
     assert text.index("agent:calm") < text.index("agent:runaway")
-    assert "120.00%" in text and "$1.2000" in text
+    assert "120.00%" in text and "$1.20 " in text
     assert "STOP operator:bob" in text
     assert "runaway at 100%" in text and "the sink is not running" in text
     console = Console(record=True, width=200)
