@@ -179,7 +179,7 @@ def test_task_calls_are_backfilled_from_calls_stored_before_them(tmp_path: Path)
         rows = [call_to_row(e, SourcePosition("x.calls", 0, i), 0) for i, e in enumerate(events)]
         stream = calls_stream(Settings(topic_prefix="x.", control_key=SecretStr("k" * 32)))
         SinkTables(database).insert(stream, rows, "x.calls:0:0-199")
-        assert apply_migrations(database) == [7]
+        assert apply_migrations(database) == [7, 8]
         assert apply_migrations(database) == []
         with_task = sum(e.task_id is not None for e in events)
         assert database.writer_query("SELECT count() FROM task_calls").rows == [[with_task]]
