@@ -10,7 +10,7 @@ from .control import (
     subtree_scope,
     verify_command,
 )
-from .dlq import DEAD_LETTER_VERSION, InvalidMessage
+from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
 from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
 from .ids import uuid7
 from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
@@ -43,6 +43,7 @@ __all__ = [
     "CallStatus",
     "ControlAction",
     "ControlCommand",
+    "DeadLetter",
     "InvalidMessage",
     "Period",
     "PolicyFile",
@@ -55,6 +56,7 @@ __all__ = [
     "TaskStats",
     "Threshold",
     "Topics",
+    "dead_letter",
     "format_usd",
     "nano_to_usd",
     "parse_policy_file",
