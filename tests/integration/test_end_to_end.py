@@ -18,8 +18,8 @@ from agentledger.budgets import apply_policies
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
+from agentledger.review.query import QueryClient
 from agentledger.schemas import BudgetPolicy, PolicyFile, usd_to_nano
-from agentledger.sinks.query import QueryClient
 
 pytestmark = pytest.mark.integration
 

@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from agentledger.config import Settings
+from agentledger.review.query import QueryClient, QueryError
 from agentledger.schemas import (
     Alert,
     AlertKind,
@@ -32,7 +33,6 @@ from agentledger.schemas import (
     nano_to_usd,
     sign_command,
 )
-from agentledger.sinks.query import QueryClient, QueryError
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ from agentledger.dashboard.forecast import HOUR_MS, SpendSamples, forecast
 from agentledger.dashboard.operator import operator_command
 from agentledger.dashboard.sources import fetch_history, processor_ports
 from agentledger.dashboard.view import RateTracker, build_snapshot, scope_row, sort_scopes
+from agentledger.review.query import QueryClient, QueryResult
 from agentledger.schemas import (
     Alert,
     AlertKind,
@@ -27,7 +28,6 @@ from agentledger.schemas import (
     verify_command,
 )
 from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.query import QueryClient, QueryResult
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream

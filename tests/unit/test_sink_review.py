@@ -12,12 +12,9 @@ from typing import Any
 from pydantic import SecretStr
 
 from agentledger.config import Settings
-from agentledger.review_report import render_review
-from agentledger.schemas import CallEvent, CallStatus
-from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.escalation import Escalations
-from agentledger.sinks.forecast import BudgetForecast
-from agentledger.sinks.insights import (
+from agentledger.review.escalation import Escalations
+from agentledger.review.forecast import BudgetForecast
+from agentledger.review.insights import (
     MIN_CALLS_FOR_REMAP,
     KeyModelStats,
     Remap,
@@ -31,8 +28,11 @@ from agentledger.sinks.insights import (
     source_for,
     spend_over_time,
 )
-from agentledger.sinks.query import QueryClient, QueryResult
-from agentledger.sinks.review_html import render_html
+from agentledger.review.query import QueryClient, QueryResult
+from agentledger.review.review_html import render_html
+from agentledger.review_report import render_review
+from agentledger.schemas import CallEvent, CallStatus
+from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream

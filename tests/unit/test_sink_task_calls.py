@@ -12,12 +12,12 @@ from typing import Any
 from pydantic import SecretStr
 
 from agentledger.config import Settings
+from agentledger.review.escalation import Escalations, escalations
+from agentledger.review.insights import DIMENSIONS
+from agentledger.review.query import QueryClient, QueryResult
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.escalation import Escalations, escalations
-from agentledger.sinks.insights import DIMENSIONS
 from agentledger.sinks.migrations import MIGRATIONS, apply_migrations
-from agentledger.sinks.query import QueryClient, QueryResult
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream
