@@ -55,7 +55,7 @@ def _env_int(name: str, default: int) -> int:
 def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
     stop = stop if stop is not None else threading.Event()
     batch_rows = _env_int(BATCH_MAX_ROWS_ENV, 10_000)
-    batch_ms = _env_int(BATCH_MAX_MS_ENV, 1_000)
+    batch_ms = _env_int(BATCH_MAX_MS_ENV, 300)
     catch_up_rows = _env_int(BATCH_CATCH_UP_ROWS_ENV, 50_000)
     try:
         flood = FloodGuard(_env_int(DLQ_MAX_PERCENT_ENV, 50), _env_int(DLQ_WINDOW_ENV, 1_000))
