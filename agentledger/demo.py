@@ -164,7 +164,7 @@ def run_demo(
     )
 
     _say(f"== 4/5 waiting for the sink to write all {emitted} calls to ClickHouse")
-    from agentledger.sinks.query import QueryClient
+    from agentledger.review.query import QueryClient
 
     client = QueryClient.from_settings(settings)
     deadline = time.monotonic() + 60

@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Self
 
-from agentledger.schemas import ControlCommand, nano_to_usd
+from agentledger.schemas import ControlCommand, nano_to_usd, usd_to_nano
+from agentledger.schemas import format_usd as format_usd_nano
 
 __all__ = [
     "AllowanceRefused",
@@ -20,10 +21,8 @@ __all__ = [
 
 
 def format_usd(amount: Decimal) -> str:
-    """``$5.0012``, ``$5.00``: at least cents, never trailing zeros beyond them."""
-    text = format(amount.normalize(), "f")
-    whole, _, frac = text.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
+    """A Decimal USD amount in the one format of money for people (schemas.format_usd)."""
+    return format_usd_nano(usd_to_nano(amount))
 
 
 def _iso_utc(ms: int) -> str:

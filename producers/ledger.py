@@ -30,7 +30,7 @@ from agentledger.schemas import (
     CallStatus,
     ControlAction,
     ControlCommand,
-    InvalidMessage,
+    dead_letter,
     nano_to_usd,
     subtree_scope,
     uuid7,
@@ -399,7 +399,7 @@ class Ledger:
         reason = f"shim built an invalid CallEvent: {problems}"
         log.error("agentledger: %s", reason)
         payload = TypeAdapter(dict[str, Any]).dump_json(fields)
-        message = InvalidMessage.from_raw(
+        record = dead_letter(
             topic=self._calls_topic,
             partition=0,
             offset=0,
@@ -409,9 +409,7 @@ class Ledger:
             key=str(fields.get("agent_id", "")).encode(),
             payload=payload,
         )
-        self.transport.send(
-            self._dlq_topic, self._calls_topic.encode(), message.model_dump_json().encode()
-        )
+        self.transport.send(self._dlq_topic, record.key, record.value)
         self._count("dead_lettered")
 
     def price(

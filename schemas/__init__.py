@@ -20,10 +20,10 @@ from .control import (
     subtree_scope,
     verify_command,
 )
-from .dlq import DEAD_LETTER_VERSION, InvalidMessage
+from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
 from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
 from .ids import uuid7
-from .money import NANO_PER_USD, nano_to_usd, usd_to_nano
+from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
 from .policy import (
     BUDGET_POLICY_VERSION,
     BudgetPolicy,
@@ -59,6 +59,7 @@ __all__ = [
     "CallStatus",
     "ControlAction",
     "ControlCommand",
+    "DeadLetter",
     "InvalidMessage",
     "Period",
     "PolicyFile",
@@ -71,6 +72,8 @@ __all__ = [
     "TaskStats",
     "Threshold",
     "Topics",
+    "dead_letter",
+    "format_usd",
     "nano_to_usd",
     "parse_policy_file",
     "sign_command",

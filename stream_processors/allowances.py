@@ -29,7 +29,7 @@ from agentledger.schemas import (
     BudgetGrant,
     BudgetPolicy,
     Period,
-    nano_to_usd,
+    format_usd,
 )
 
 from .budgets import SpendState, policy_window
@@ -284,4 +284,4 @@ def revoke_over_allocated(
 
 
 def _usd(nano: int) -> str:
-    return f"${nano_to_usd(nano).normalize():f}"
+    return format_usd(nano)

@@ -43,7 +43,7 @@ from agentledger.schemas import (
     CallEvent,
     ControlAction,
     ControlCommand,
-    InvalidMessage,
+    dead_letter,
     sign_command,
     sign_grant,
 )
@@ -275,7 +275,7 @@ class Processor:
         payload: bytes | None,
         reason: str,
     ) -> None:
-        record = InvalidMessage.from_raw(
+        record = dead_letter(
             topic=topic,
             partition=partition,
             offset=offset,
@@ -285,12 +285,7 @@ class Processor:
             key=key,
             payload=payload,
         )
-        log.warning("dead-lettered %s:%s@%s: %s", topic, partition, offset, reason[:200])
-        self._unconfirmed.append(
-            await self.dlq.send(
-                key=f"{topic}:{partition}".encode(), value=record.model_dump_json().encode()
-            )
-        )
+        self._unconfirmed.append(await self.dlq.send(key=record.key, value=record.value))
         too_many = self.dlq_rate.record(self.clock(), reason)
         if too_many is not None:
             await self.raise_alert(too_many)

@@ -36,6 +36,7 @@ from agentledger.schemas import (
     Period,
     Severity,
     Threshold,
+    format_usd,
     nano_to_usd,
     subtree_scope,
     usd_to_nano,
@@ -567,15 +568,6 @@ def matching_policies(policies: Iterable[BudgetPolicy], scope: str) -> list[Budg
 def _rank(policy: BudgetPolicy, scope: str) -> tuple[int, int, str]:
     exact = 0 if policy.scope == scope else 1
     return (exact, -policy_specificity(policy.scope), policy.scope)
-
-
-def format_usd(nano: int) -> str:
-    """Dollars for people: cents always, more digits only when they are not zero."""
-    amount = nano_to_usd(nano).normalize()
-    exponent = amount.as_tuple().exponent
-    if isinstance(exponent, int) and exponent > -2:
-        amount = amount.quantize(Decimal("0.01"))
-    return f"${amount:,f}"
 
 
 # Which command wins when thresholds of several periods (or several thresholds) are crossed:

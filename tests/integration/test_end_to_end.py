@@ -18,8 +18,8 @@ from agentledger.budgets import apply_policies
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
-from agentledger.schemas import BudgetPolicy, PolicyFile, usd_to_nano
-from agentledger.sinks.query import QueryClient
+from agentledger.review.query import QueryClient
+from agentledger.schemas import BudgetPolicy, PolicyFile, format_usd, usd_to_nano
 
 pytestmark = pytest.mark.integration
 
@@ -180,4 +180,4 @@ def test_budget_crossing_stops_agent_and_history_is_exact(stack: Stack) -> None:
     lines = review.stdout.splitlines()
     runaway_row = next(line for line in lines if line.startswith("e2e-runaway"))
     assert runaway_row.split()[:3] == ["e2e-runaway", "gpt-4o", str(n)]
-    assert f"total: ${Decimal(expected_total) / 10**9:.9f} over {emitted} calls" in review.stdout
+    assert f"total: {format_usd(expected_total)} over {emitted} calls" in review.stdout

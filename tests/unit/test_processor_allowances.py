@@ -111,8 +111,8 @@ def test_a_need_that_does_not_fit_is_refused_with_the_numbers() -> None:
     state, _ = grant(SpendState(), ask("h1", 1, want=LIMIT // 2))
     state, answer = grant(state, ask("h2", 1, want=LIMIT, need=LIMIT))
     assert answer.refused is not None
-    assert "day budget of $1" in answer.refused
-    assert "$0.5 allowed to other processes" in answer.refused
+    assert "day budget of $1.00" in answer.refused
+    assert "$0.50 allowed to other processes" in answer.refused
 
 
 def test_a_replayed_request_changes_nothing_and_is_answered_the_same() -> None:
