@@ -157,7 +157,8 @@ def _case(
     steady = _callers(settings, steady_pool, processes, threads, latency, seconds=3.0)
     steady_made = sum(r["made"] for r in steady)
     budgeted_rate = sum(r["calls_per_s_after_first"] for r in steady)
-    steady_requests = sum(r["requests"] for r in steady)
+    # Requests after each process's first grant: the first is the cold start.
+    steady_requests = sum(r["requests_after_first"] for r in steady)
     free = _callers(settings, f"free-{tag}", processes, threads, latency, seconds=3.0)
     free_rate = sum(r["calls_per_s_after_first"] for r in free)
     return {

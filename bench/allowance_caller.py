@@ -38,9 +38,10 @@ def main() -> None:
     # the process's start is not what the rate is about).
     warm: list[float] = []
     warm_made = 0
+    warm_requests = 0
 
     def caller(index: int) -> None:
-        nonlocal made, refused, spent, reserved, excess, warm_made
+        nonlocal made, refused, spent, reserved, excess, warm_made, warm_requests
         agent = ledger.agent(f"{args.name}-{index}", pool=args.pool)
         rng = random.Random(index)  # noqa: S311 - token counts, not secrets
         while time.monotonic() < deadline:
@@ -57,6 +58,8 @@ def main() -> None:
                 if not warm:
                     warm.append(time.monotonic())
                     warm_made = made + 1
+                    assert ledger.allowances is not None
+                    warm_requests = ledger.allowances.stats["requests"]
                 made += 1
                 spent += call.cost_nano_usd
                 reserved += held
@@ -87,6 +90,7 @@ def main() -> None:
                     else 0.0
                 ),
                 "requests": ledger.allowances.stats["requests"],
+                "requests_after_first": ledger.allowances.stats["requests"] - warm_requests,
                 "holder": ledger.allowances.holder,
                 "held": ledger.allowances.snapshot(),
             }
