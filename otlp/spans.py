@@ -37,6 +37,9 @@ __all__ = [
 
 _MAX_TOKENS = 100_000_000
 _NOT_ID = re.compile(r"[^A-Za-z0-9._:/@+\-]")
+# Some instrumentations set error.type to the exception class itself, which the SDK exports
+# as its repr: "<class 'openai.InternalServerError'>" is recorded as the class name.
+_CLASS_REPR = re.compile(r"^<class '([^']+)'>$")
 _GENAI_MARKERS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system")
 
 
@@ -215,7 +218,7 @@ class SpanConverter:
                 f"({out})"
             )
         hit = m.lookup(m.error_type, attrs, resource)
-        error_type = None if hit is None else str(hit[1])[:200]
+        error_type = None if hit is None else _CLASS_REPR.sub(r"\1", str(hit[1]))[:200]
         status = _status(span, error_type)
         if status is not CallStatus.OK and error_type is None:
             error_type = (span.status.message or "error")[:200]
