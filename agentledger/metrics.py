@@ -10,13 +10,19 @@ when its exporter is switched on.
 from __future__ import annotations
 
 import hmac
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from agentledger.config import Settings
 
-__all__ = ["CONTENT_TYPE", "metrics_authorized", "render"]
+__all__ = ["CONTENT_TYPE", "MetricsServer", "metrics_authorized", "render"]
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """``text/plain; version=0.0.4``: the text format every Prometheus version scrapes."""
@@ -34,3 +40,52 @@ def metrics_authorized(settings: Settings, header: str | None) -> bool:
         return False
     token = settings.api_token_value().encode()
     return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), token)
+
+
+class MetricsServer:
+    """A ``GET /metrics`` server on its own thread, for a process with no HTTP API of its own
+    (the shim's opt-in exporter). Loopback by default; bearer token unless metrics_open."""
+
+    def __init__(
+        self, registry: CollectorRegistry, settings: Settings, host: str, port: int
+    ) -> None:
+        registry_ = registry
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "agentledger-metrics"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("%s " + format, self.address_string(), *args)
+
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self._reply(404, b"GET /metrics\n", "text/plain")
+                elif not metrics_authorized(settings, self.headers.get("Authorization")):
+                    self._reply(
+                        401, b"missing or wrong 'Authorization: Bearer <api token>'\n", "text/plain"
+                    )
+                else:
+                    self._reply(200, render(registry_), CONTENT_TYPE)
+
+            def _reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="agentledger-metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)

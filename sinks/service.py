@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -11,8 +12,10 @@ from collections.abc import Callable
 from types import FrameType
 
 from agentledger.config import Settings
+from agentledger.metrics import render
 
 from .database import ClickHouse, ClickHouseError
+from .metrics import sink_registry
 from .migrations import apply_migrations
 from .server import QueryServer
 from .store import SinkTables
@@ -71,6 +74,8 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
             settings.sink_port,
             settings.api_token_value(),
             health_extra=worker.stats.as_json,
+            metrics=functools.partial(render, sink_registry(worker.stats)),
+            metrics_open=settings.metrics_open,
         )
         server.start()
         log.info(
