@@ -59,6 +59,17 @@ class Settings(BaseSettings):
         description="how long an export waits for its events to reach Kafka (or the spool) "
         "before answering 503, which OTLP exporters retry",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="also serve GET /metrics on this port of metrics_host (for a scraper that "
+        "cannot reach loopback: another container or pod); default: only on the service's own "
+        "loopback API port",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address of the metrics_port listener"
+    )
     metrics_open: bool = Field(
         default=False,
         description="serve /metrics without the bearer token (for a scraper on a trusted network)",

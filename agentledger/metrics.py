@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from agentledger.config import Settings
 
-__all__ = ["CONTENT_TYPE", "MetricsServer", "metrics_authorized", "render"]
+__all__ = ["CONTENT_TYPE", "MetricsServer", "metrics_authorized", "metrics_listener", "render"]
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +89,14 @@ class MetricsServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=10)
+
+
+def metrics_listener(settings: Settings, registry: CollectorRegistry) -> MetricsServer | None:
+    """The extra ``metrics_host:metrics_port`` listener a service starts when configured: the
+    services' own APIs bind loopback, where a Prometheus in another pod cannot scrape them. It
+    serves nothing but /metrics, with the same bearer token rule."""
+    if settings.metrics_port is None:
+        return None
+    server = MetricsServer(registry, settings, settings.metrics_host, settings.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.port)
+    return server

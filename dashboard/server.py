@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from agentledger.config import Settings
-from agentledger.metrics import CONTENT_TYPE, metrics_authorized, render
+from agentledger.metrics import CONTENT_TYPE, metrics_authorized, metrics_listener, render
 
 from .collector import Collector
 from .metrics import DashboardMetrics
@@ -219,6 +219,7 @@ def build_app(settings: Settings, collector: Collector | None = None) -> web.App
 def serve(settings: Settings) -> None:
     """Run the dashboard on 127.0.0.1:<dashboard_port> until SIGINT/SIGTERM."""
     app = build_app(settings)
+    metrics_listener(settings, app[_METRICS].registry)  # only with AGENTLEDGER_METRICS_PORT
     print(
         f"agentledger dashboard on http://127.0.0.1:{settings.dashboard_port}/ "
         "(log in with the API token)",

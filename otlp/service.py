@@ -10,6 +10,7 @@ from types import FrameType
 from typing import Any
 
 from agentledger.config import Settings
+from agentledger.metrics import metrics_listener
 from agentledger.producers.spool import Spool
 from agentledger.producers.transport import EventTransport, KafkaTransport
 
@@ -57,6 +58,7 @@ def run_receiver(settings: Settings, stop: threading.Event) -> int:
     receiver = build_receiver(settings)
     server = OtlpServer(receiver, settings)
     server.start()
+    extra = metrics_listener(settings, receiver.registry)
     log.info(
         "otlp: receiving OTLP/HTTP traces on http://%s:%d/v1/traces (token %s)",
         server.host,
@@ -67,5 +69,7 @@ def run_receiver(settings: Settings, stop: threading.Event) -> int:
         stop.wait()
     finally:
         server.stop()
+        if extra is not None:
+            extra.close()
         receiver.transport.close()
     return 0

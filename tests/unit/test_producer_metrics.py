@@ -70,3 +70,26 @@ def test_metrics_open_needs_no_token(tmp_path: Path) -> None:
         assert scrape(server.port, None)[0] == 200
     finally:
         server.close()
+
+
+def test_the_extra_metrics_listener_serves_a_registry_only_when_configured(
+    tmp_path: Path,
+) -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from agentledger.metrics import metrics_listener
+
+    h = Harness(tmp_path)
+    registry = CollectorRegistry()
+    Counter("agentledger_probe", "a probe", registry=registry).inc(3)
+    assert metrics_listener(h.settings, registry) is None  # AGENTLEDGER_METRICS_PORT unset
+    settings = h.settings.model_copy(update={"metrics_port": free_port()})
+    server = metrics_listener(settings, registry)
+    assert server is not None
+    try:
+        token = settings.api_token_value()
+        assert scrape(server.port, None)[0] == 401
+        status, found = scrape(server.port, token)
+        assert status == 200 and found[("agentledger_probe_total", "")] == 3
+    finally:
+        server.close()
