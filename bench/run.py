@@ -5,7 +5,8 @@ running stack. Every figure records the command that reproduces it.
 
 AGENTLEDGER_BENCH_ONLY=P2,P3 runs only those figures and merges them into the existing
 results.json. Other knobs: AGENTLEDGER_BENCH_EVENTS (P1/P5), AGENTLEDGER_BENCH_P2_RATE and
-AGENTLEDGER_BENCH_P2_PROBES (P2), AGENTLEDGER_BENCH_REVIEW_CALLS (P6).
+AGENTLEDGER_BENCH_P2_PROBES (P2), AGENTLEDGER_BENCH_REVIEW_CALLS (P6), AGENTLEDGER_BENCH_OTLP_SPANS
+(P8).
 """
 
 from __future__ import annotations
@@ -53,7 +54,15 @@ def _merged(figures: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT.parent))
-    from bench import enforcement, processor_bench, review_query, scaling, shim_overhead, sink_bench
+    from bench import (
+        enforcement,
+        otlp_receiver,
+        processor_bench,
+        review_query,
+        scaling,
+        shim_overhead,
+        sink_bench,
+    )
 
     wanted = _wanted()
 
@@ -77,6 +86,8 @@ def main() -> int:
                 figures.append(_p5(sink_bench, broker.bootstrap, Path(tmp)))
             if run("P2") or run("P3"):
                 figures += _p2_p3(enforcement, broker.bootstrap, Path(tmp))
+            if run("P8"):
+                figures.append(_p8(otlp_receiver, broker.bootstrap, Path(tmp)))
             if run("P7"):
                 print("P7: processor scaling curve (1 and 2 workers) ...", flush=True)
                 figures.append(
@@ -205,6 +216,24 @@ def _p2_p3(enforcement: Any, bootstrap: str, tmp: Path) -> list[dict[str, object
             "command": command,
         },
     ]
+
+
+def _p8(otlp_receiver: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
+    spans = int(os.environ.get("AGENTLEDGER_BENCH_OTLP_SPANS", "50000"))
+    print(f"P8: {spans:,} GenAI spans through the OTLP receiver into Kafka ...", flush=True)
+    started = time.monotonic()
+    p8 = otlp_receiver.measure(bootstrap, tmp / "otlp", spans=spans, batch=512, clients=2)
+    return {
+        "id": "P8",
+        "name": "OTLP receiver spans/s (protobuf, 512-span exports, 2 clients) into Kafka, and "
+        "receiver CPU per span",
+        "value": f"{p8['spans_per_s']} spans/s, {p8['cpu_us_per_span']} us CPU/span",
+        "unit": "",
+        "target": "measured (issue #17)",
+        "details": p8,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": f".venv/bin/python -m bench.otlp_receiver --spans {spans} --batch 512",
+    }
 
 
 def _p6(review_query: Any) -> dict[str, object]:
