@@ -120,7 +120,7 @@ def _cmd_budgets_diff(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    from agentledger.sinks.query import QueryClient
+    from agentledger.review.query import QueryClient
 
     result = QueryClient.from_settings(settings).query(args.query)
     if args.format == "json":

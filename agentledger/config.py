@@ -158,6 +158,14 @@ class Settings(BaseSettings):
         "Distributed tables for reads",
     )
     # -- supervision of the local stack (deploy/README.md "Supervision") ----------------------
+    allowance_ttl_s: float = Field(
+        # Renewed at half of it: a caller making a call every 200 ms then asks once per ~150
+        # calls, and a dead process's allowance comes back within a minute.
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="unused allowance of a silent shim process is reclaimed after this long",
+    )
     supervise_every_s: float = Field(
         default=5.0, gt=0, le=600, description="seconds between two supervisor checks"
     )

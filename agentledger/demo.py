@@ -16,7 +16,7 @@ from decimal import Decimal
 
 from agentledger.config import Settings
 from agentledger.review_report import review_table
-from agentledger.schemas import BudgetPolicy, CallStatus, PolicyFile
+from agentledger.schemas import BudgetPolicy, CallStatus, PolicyFile, nano_to_usd, usd_to_nano
 from agentledger.traces import TraceCall, load_trace
 
 __all__ = ["run_demo"]
@@ -35,6 +35,7 @@ class _Outcome:
     calls: int = 0
     stopped_by: str | None = None
     stop_seen_at: float | None = None
+    spent_nano_usd: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -44,6 +45,7 @@ def run_demo(
     from agentledger.budgets import apply_policies
     from agentledger.deploy.stack import Stack
     from agentledger.producers import BudgetExceeded, Ledger
+    from agentledger.producers.errors import format_usd
 
     _say("== 1/5 starting the local stack (Kafka broker, processor, sink with embedded ClickHouse)")
     stack = Stack(settings, progress=_say)
@@ -97,8 +99,15 @@ def run_demo(
                 break
             size = code[rng.randrange(len(code))]
             try:
+                # max_tokens and the prompt's size make the reservation fit the call, so the
+                # allowance admits every call that fits the budget and none that does not.
                 with agent.call(
-                    provider="openai", model="gpt-4o", task_type="fix-tests", attempt=attempt
+                    provider="openai",
+                    model="gpt-4o",
+                    task_type="fix-tests",
+                    attempt=attempt,
+                    max_tokens=max(size.output_tokens, 1),
+                    estimated_input_tokens=size.input_tokens,
                 ) as call:
                     time.sleep(0.03)
                     # The tool call keeps failing, so the agent retries with the full context.
@@ -109,6 +118,7 @@ def run_demo(
                         error_type="ToolCallFailed",
                     )
                 outcome.calls += 1
+                outcome.spent_nano_usd += call.cost_nano_usd
             except BudgetExceeded as exc:
                 outcome.stopped_by = str(exc)
                 outcome.stop_seen_at = time.time()
@@ -145,9 +155,16 @@ def run_demo(
         )
         return 1
     _say(f"== STOPPED {runaway_id} after {stopped.calls} attempts:\n   {stopped.stopped_by}")
+    limit_nano = usd_to_nano(limit)
+    spent = stopped.spent_nano_usd
+    over = (spent - limit_nano) * 100 / limit_nano
+    _say(
+        f"   spent when stopped: {format_usd(nano_to_usd(spent))} of {format_usd(limit)} "
+        f"({spent * 100 / limit_nano:.2f}% of the budget; overshoot {max(over, 0):.2f}%)"
+    )
 
     _say(f"== 4/5 waiting for the sink to write all {emitted} calls to ClickHouse")
-    from agentledger.sinks.query import QueryClient
+    from agentledger.review.query import QueryClient
 
     client = QueryClient.from_settings(settings)
     deadline = time.monotonic() + 60

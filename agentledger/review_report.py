@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentledger.config import Settings
-from agentledger.schemas import nano_to_usd
+from agentledger.schemas import format_usd
 from agentledger.tables import render_table
 
 if TYPE_CHECKING:
+    from agentledger.review.forecast import BudgetLine
+    from agentledger.review.insights import Review, Spender
     from agentledger.schemas import BudgetPolicy
-    from agentledger.sinks.forecast import BudgetLine
-    from agentledger.sinks.insights import Review, Spender
 
 __all__ = ["budget_lines", "print_review", "render_review", "review_table", "run_review"]
 
@@ -26,8 +26,8 @@ def _utc(ms: int) -> str:
 def review_table(
     settings: Settings, since_ms: int, until_ms: int, workflow_id: str | None = None
 ) -> str:
-    from agentledger.sinks.query import QueryClient
-    from agentledger.sinks.review import spend_by_agent_model
+    from agentledger.review.query import QueryClient
+    from agentledger.review.spend import spend_by_agent_model
 
     client = QueryClient.from_settings(settings)
     try:
@@ -45,7 +45,7 @@ def review_table(
                 r.failures,
                 r.input_tokens,
                 r.output_tokens,
-                r.cost_usd,
+                format_usd(r.cost_nano_usd),
                 f"{100 * r.cost_nano_usd / total:.1f}%" if total else "-",
             ]
             for r in rows
@@ -54,7 +54,7 @@ def review_table(
     )
     scope = f" in workflow {workflow_id}" if workflow_id else ""
     header = f"spend per agent and model{scope}, {_utc(since_ms)} .. {_utc(until_ms)}"
-    return f"{header}\n{body}\ntotal: ${nano_to_usd(total)} over {sum(r.calls for r in rows)} calls"
+    return f"{header}\n{body}\ntotal: {format_usd(total)} over {sum(r.calls for r in rows)} calls"
 
 
 def print_review(
@@ -74,12 +74,12 @@ def _change(now: int, before: int | None) -> str:
 
 
 def _usd(nano: int | None) -> str:
-    return "-" if nano is None else f"{nano_to_usd(nano):.6f}"
+    return "-" if nano is None else format_usd(nano)
 
 
 def render_review(review: Review) -> str:
     """Top spenders with the reasons their spend grew, then model remap recommendations."""
-    from agentledger.sinks.insights import MIN_CALLS_FOR_REMAP
+    from agentledger.review.insights import MIN_CALLS_FOR_REMAP
 
     lines = [
         f"top spenders by {review.by}, {_utc(review.since_ms)} .. {_utc(review.until_ms)} "
@@ -120,8 +120,8 @@ def render_review(review: Review) -> str:
         )
     )
     lines.append(
-        f"total: ${nano_to_usd(review.total_nano_usd)} over {review.total_calls} calls "
-        f"(previous period ${nano_to_usd(review.previous_total_nano_usd)}); expensive models "
+        f"total: {format_usd(review.total_nano_usd)} over {review.total_calls} calls "
+        f"(previous period {format_usd(review.previous_total_nano_usd)}); expensive models "
         f"(cost per token >= 3x the median): {', '.join(review.expensive) or 'none'}"
     )
     lines.append("")
@@ -159,7 +159,7 @@ def render_review(review: Review) -> str:
 def _escalation_lines(review: Review) -> list[str]:
     """Tasks moved to a pricier model: failed (the pricier model failed too) and needless (the
     cheaper call had succeeded), with their cost, for the top spenders, now and before."""
-    from agentledger.sinks.escalation import Escalations
+    from agentledger.review.escalation import Escalations
 
     head = (
         "escalations (a task's call on a pricier model than its previous call): failed = the "
@@ -246,8 +246,8 @@ def budget_lines(policies: list[BudgetPolicy], as_of_ms: int) -> list[BudgetLine
     """The budgets to forecast at `as_of_ms`: each policy with a limit, over its calendar period
     holding the window's last millisecond (in the policy's timezone), or its rolling window
     ending there (nothing left to project). Per-run budgets have no calendar end: skipped."""
+    from agentledger.review.forecast import BudgetLine
     from agentledger.schemas import Period
-    from agentledger.sinks.forecast import BudgetLine
     from agentledger.stream_processors.periods import period_window
 
     lines = []
@@ -275,8 +275,8 @@ def run_review(
 ) -> str:
     """The text of `agentledger review`; writes the HTML report too when html_path is given.
     `policies` (as `agentledger budgets list` reads them) are forecast at `until_ms`."""
-    from agentledger.sinks.insights import build_review
-    from agentledger.sinks.query import QueryClient
+    from agentledger.review.insights import build_review
+    from agentledger.review.query import QueryClient
 
     spend = review_table(settings, since_ms, until_ms)
     client = QueryClient.from_settings(settings)
@@ -288,7 +288,7 @@ def run_review(
         client.close()
     text = f"{spend}\n\n{render_review(review)}"
     if html_path is not None:
-        from agentledger.sinks.review_html import render_html
+        from agentledger.review.review_html import render_html
 
         html_path.write_text(render_html(review), encoding="utf-8")
         text += f"\n\nHTML report: {html_path}"

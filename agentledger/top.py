@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from agentledger.config import Settings
+from agentledger.schemas import format_usd, usd_to_nano
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -25,8 +26,7 @@ BAR_WIDTH = 20
 def _usd(value: str | None) -> str:
     if value is None:
         return "-"
-    amount = Decimal(value)
-    return f"${amount:.2f}" if abs(amount) >= 100 else f"${amount:.4f}"
+    return format_usd(usd_to_nano(Decimal(value)))
 
 
 def _pct(hundredths: int | None) -> str:

@@ -1,5 +1,5 @@
 """P6: review query latency over N generated calls, by running the sink's own benchmark
-(`python -m agentledger.sinks.bench_review`) in a subprocess and reading its figures."""
+(`python -m bench.bench_review`) in a subprocess and reading its figures."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def command(calls: int, runs: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "agentledger.sinks.bench_review",
+        "bench.bench_review",
         "--calls",
         str(calls),
         "--runs",

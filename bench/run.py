@@ -55,7 +55,9 @@ def _merged(figures: list[dict[str, object]]) -> list[dict[str, object]]:
 def main() -> int:
     sys.path.insert(0, str(ROOT.parent))
     from bench import (
+        allowance_bench,
         enforcement,
+        framework_overhead,
         otlp_receiver,
         processor_bench,
         review_query,
@@ -84,10 +86,12 @@ def main() -> int:
                 figures.append(_p1(processor_bench, broker.bootstrap, Path(tmp)))
             if run("P5"):
                 figures.append(_p5(sink_bench, broker.bootstrap, Path(tmp)))
-            if run("P2") or run("P3"):
-                figures += _p2_p3(enforcement, broker.bootstrap, Path(tmp))
+            if run("P2"):
+                figures += _p2_p3(enforcement, broker.bootstrap, Path(tmp))[:1]
+            if run("P3"):
+                figures.append(_p3(allowance_bench, broker.bootstrap, Path(tmp)))
             if run("P8"):
-                figures.append(_p8(otlp_receiver, broker.bootstrap, Path(tmp)))
+                figures.append(_p8_otlp(otlp_receiver, broker.bootstrap, Path(tmp)))
             if run("P7"):
                 print("P7: processor scaling curve (1 and 2 workers) ...", flush=True)
                 figures.append(
@@ -97,6 +101,8 @@ def main() -> int:
             broker.stop()
     if run("P6"):
         figures.append(_p6(review_query))
+    if run("P9"):
+        figures.append(_p8(framework_overhead))
 
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -218,7 +224,44 @@ def _p2_p3(enforcement: Any, bootstrap: str, tmp: Path) -> list[dict[str, object
     ]
 
 
-def _p8(otlp_receiver: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
+def _p3(allowance_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
+    print("P3: overshoot with allowances, 6 cases (1, 16 and 4x4 callers; 5 and 200 ms) ...")
+    started = time.monotonic()
+    p3 = allowance_bench.measure(bootstrap, tmp / "allowances", (_free_port(), _free_port()))
+    ratios = [c["throughput_ratio"] for c in p3["cases"] if c["throughput_ratio"] is not None]
+    return {
+        "id": "P3",
+        "name": "runaway overshoot with allowances, worst of 6 cases, % of the limit",
+        "value": f"{p3['worst_overshoot_percent']} (throughput ratio min {min(ratios)})",
+        "unit": "%",
+        "target": "<= 1% over the limit; calls/s while budget remains >= 0.9 of unbudgeted",
+        "details": p3,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": f"AGENTLEDGER_BENCH_ONLY=P3 {COMMAND}  (bench/allowance_bench.py)",
+    }
+
+
+def _p8(framework_overhead: Any) -> dict[str, object]:
+    print("P9: shim overhead per call through LangChain, OpenAI Agents, pydantic-ai ...")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="agentledger-p8-") as tmp:
+        p8 = framework_overhead.measure(str(Path(tmp) / "home"))
+    return {
+        "id": "P9",
+        "name": "shim overhead per model call through each framework integration, median",
+        "value": " / ".join(
+            f"{name} {p8[name]['overhead_us']}"
+            for name in ("langchain", "openai_agents", "pydantic_ai")
+        ),
+        "unit": "us",
+        "target": "reported (issue #18)",
+        "details": p8,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": ".venv/bin/python bench/framework_overhead.py",
+    }
+
+
+def _p8_otlp(otlp_receiver: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
     spans = int(os.environ.get("AGENTLEDGER_BENCH_OTLP_SPANS", "50000"))
     print(f"P8: {spans:,} GenAI spans through the OTLP receiver into Kafka ...", flush=True)
     started = time.monotonic()

@@ -67,6 +67,12 @@ def measure(bootstrap: str, home: str, iterations: int = 20_000) -> dict[str, An
     kafka_ns = _median_ns(shim_step(kafka), iterations)
     kafka.close()
 
+    # The same calls in two budgeted scopes (agent and pool), admitted against allowances that
+    # a local stand-in for the processor grants in full: the admission's own cost per call.
+    budgeted = _budgeted_ledger(settings, KafkaTransport(bootstrap))
+    budgeted_ns = _median_ns(shim_step(budgeted), iterations)
+    budgeted.close()
+
     with memory_payload(settings) as (key, value):
         producer = Producer(
             {
@@ -92,7 +98,74 @@ def measure(bootstrap: str, home: str, iterations: int = 20_000) -> dict[str, An
         "shim_kafka_us": round(kafka_ns / 1000, 2),
         "bare_produce_us": round(bare_ns / 1000, 2),
         "shim_minus_bare_us": round((kafka_ns - bare_ns) / 1000, 2),
+        "shim_kafka_budgeted_us": round(budgeted_ns / 1000, 2),
     }
+
+
+class _GrantAll:
+    """Answers every allowance request in full, from a thread (as the processor would)."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.allowances: Any = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def send(self, request: Any) -> bool:
+        self._queue.put(request)
+        return True
+
+    def _run(self) -> None:
+        from agentledger.schemas import AllowanceGrant, BudgetGrant
+
+        while True:
+            request = self._queue.get()
+            used = max((c.used_nano_usd for c in request.claims), default=0)
+            grant = AllowanceGrant(
+                holder=request.holder,
+                seq=request.seq,
+                scope=request.scope,
+                budgets=(
+                    BudgetGrant(
+                        budget="day:0",
+                        period="day",
+                        granted_nano_usd=used + request.want_nano_usd,
+                        limit_nano_usd=10**18,
+                        spend_nano_usd=0,
+                        outstanding_nano_usd=used + request.want_nano_usd,
+                    ),
+                ),
+                ttl_ms=3_600_000,
+                issued_at_ms=0,
+            )
+            self.allowances.on_grant(grant)
+
+
+def _budgeted_ledger(settings: Settings, transport: KafkaTransport) -> Ledger:
+    from agentledger.producers.allowance import Allowances
+    from agentledger.producers.budget_directory import BudgetDirectory
+    from agentledger.schemas import BudgetPolicy
+
+    directory = BudgetDirectory()
+    for scope in ("agent:bench-agent", "pool:bench"):
+        policy = BudgetPolicy(scope=scope, limit_usd=1_000_000)
+        directory.apply(policy.key.encode(), policy.model_dump_json().encode())
+    directory.loaded.set()
+    authority = _GrantAll()
+    allowances = Allowances(
+        "bench-holder", authority.send, reply_partitions=6, clock_ms=lambda: time.time_ns() // 10**6
+    )
+    authority.allowances = allowances
+    allowances.start()
+    return Ledger(
+        settings,
+        transport=transport,
+        start_control_listener=False,
+        allowances=allowances,
+        budgets=directory,
+    )
 
 
 class memory_payload:

@@ -12,6 +12,10 @@ given by the caller, alone (no processor competing for the CPU), on a topic pref
   broker's append (the calls topic is LogAppendTime) to its insert being acknowledged, i.e.
   the row being queryable. p50/p99/max come from its /health (10 ms buckets, upper edges).
 
+- Ceiling (bench/chdb_ceiling.py, after the sink runs): chDB's insert of the same bytes in
+  this process, without Kafka: into `calls` without views (`bare_insert_rows_per_s`, the P5
+  ceiling; `sink_vs_bare_insert` = sink rows/s over it), with every view, and each view's CPU.
+
 Run alone: `python -m bench.sink_bench [--events N] [--lag-rate R] [--lag-seconds S]`
 (starts its own private broker), or call `measure(...)` from bench/run.py.
 """
@@ -35,6 +39,7 @@ from typing import Any
 from agentledger.config import Settings
 from agentledger.deploy import ensure_topics, topic_specs
 
+from .chdb_ceiling import measure_inserts
 from .pipeline import _payloads, _produce, _settings, raw_consume_seconds
 
 __all__ = ["main", "measure"]
@@ -178,6 +183,7 @@ def measure(
     count: int = 200_000,
     lag_rate: int = 0,
     lag_seconds: float = 10.0,
+    ceiling: bool = True,
 ) -> dict[str, Any]:
     settings = _settings(bootstrap, home, f"bs{uuid.uuid4().hex[:6]}.", (port, port))
     ensure_topics(bootstrap, topic_specs(settings.topics))
@@ -210,7 +216,15 @@ def measure(
         lag_cpu_s = sink.cpu_seconds() - lag_cpu_ready
     finally:
         sink.stop()
+    # The ceiling in the same run: chDB's insert of the same bytes, batches of the sink's mean
+    # batch size (its processes are stopped, so they do not compete).
+    limits: dict[str, Any] = {}
+    if ceiling:
+        mean_batch = max(1, count // max(1, int(health["batches"])))
+        limits = measure_inserts([value for _, value in payloads], mean_batch)
+        limits["sink_vs_bare_insert"] = round(count / sink_s / limits["bare_insert_rows_per_s"], 2)
     return {
+        **limits,
         "events": count,
         "bytes": sum(len(k) + len(v) for k, v in payloads),
         "produce_s": round(produce_s, 2),
@@ -242,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "--lag-rate", type=int, default=0, help="events/s; 0: half the measured rows/s"
     )
     parser.add_argument("--lag-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--no-ceiling", action="store_true", help="skip chDB's bare insert of the same bytes"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="agentledger-sink-bench-") as tmp:
         broker = KafkaBroker(
@@ -256,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.events,
                 args.lag_rate,
                 args.lag_seconds,
+                ceiling=not args.no_ceiling,
             )
         finally:
             broker.stop()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agentledger.config import Settings
-from agentledger.sinks.query import QueryClient, QueryError
+from agentledger.review.query import QueryClient, QueryError
 
 from .feeds import AlertLog, CommandBoard, TopicFeed
 from .sources import History, fetch_history, fetch_scopes

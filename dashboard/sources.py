@@ -14,7 +14,7 @@ from typing import Any
 
 from agentledger.config import Settings
 from agentledger.deploy.stack import worker_ports
-from agentledger.sinks.query import QueryClient, QueryError
+from agentledger.review.query import QueryClient, QueryError
 
 __all__ = ["History", "fetch_history", "fetch_scopes", "processor_ports"]
 

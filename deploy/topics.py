@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agentledger.schemas import Topics
+from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
@@ -66,6 +67,19 @@ def topic_specs(topics: Topics, calls_partitions: int = 6) -> list[TopicSpec]:
                 "retention.ms": str(30 * DAY_MS),
                 "cleanup.policy": "delete",
             },
+        ),
+        # Keyed like the spend state of the scope asked for (agent id, or the scope), with as
+        # many partitions as calls, so the worker owning that state gets the request.
+        TopicSpec(
+            topics.allowance_requests,
+            calls_partitions,
+            {"retention.ms": str(DAY_MS), "cleanup.policy": "delete"},
+        ),
+        # Each shim process follows one partition from its end; grants are short-lived.
+        TopicSpec(
+            topics.allowances,
+            ALLOWANCE_PARTITIONS,
+            {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
         ),
         # Keyed by (subject, task type, calls partition): compaction keeps each partial
         # aggregate's latest value, which is all a restarting processor or a router needs.

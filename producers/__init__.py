@@ -15,6 +15,7 @@ connects to nothing until the first agent or call.
 
 from .control import ControlState, KafkaControlListener
 from .errors import (
+    AllowanceRefused,
     BudgetExceeded,
     ControlPlaneUnavailable,
     NewWorkRefused,
@@ -40,6 +41,7 @@ from .transport import EventTransport, InMemoryTransport, KafkaTransport, Transp
 __all__ = [
     "PRICING_VERSION",
     "AgentLedger",
+    "AllowanceRefused",
     "AsyncCallRecorder",
     "BudgetExceeded",
     "CallRecorder",

@@ -26,6 +26,8 @@ from agentledger.config import Settings
 from agentledger.schemas import ControlAction, ControlCommand, SignatureError, verify_command
 from agentledger.schemas.control import SUBTREE_KIND
 
+from .client_log import client_log
+
 __all__ = ["ControlState", "KafkaControlListener", "RecordSink"]
 
 log = logging.getLogger(__name__)
@@ -166,8 +168,12 @@ class KafkaControlListener:
     RETRY_S = 1.0
     # Retriable metadata errors this soon after start are a topic still settling, not a fault.
     SETTLE_S = 10.0
-    # Short, so close() never waits long on a listener stuck asking a dead broker.
+    # Short, so close() never waits long on a listener stuck asking a dead broker; not
+    # shorter, since a live broker on a loaded machine took over 0.5 s to answer.
     METADATA_TIMEOUT_S = 1.0
+    # While librdkafka reports every broker down, a request can only time out, and close()
+    # must not wait for it. Only that report (not a timeout, which load can cause) selects it.
+    DOWN_METADATA_TIMEOUT_S = 0.25
 
     def __init__(
         self, settings: Settings, state: RecordSink, *, topic: str | None = None, **config: Any
@@ -183,7 +189,9 @@ class KafkaControlListener:
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "client.id": "agentledger-shim-control",
-            "logger": log.getChild("librdkafka"),
+            # librdkafka would otherwise reach the agent's stderr, a line per retry.
+            "logger": client_log(settings.kafka),
+            "error_cb": self._on_client_error,
             **config,
         }
         self._stop = threading.Event()
@@ -195,6 +203,21 @@ class KafkaControlListener:
         self._next_heartbeat = 0.0
         self.last_ok: float | None = None
         """``time.monotonic()`` of the last answer from the broker"""
+        self._brokers_down = False
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        # Served by poll(); connection failures also arrive as log lines (the ClientLog
+        # says them), so this only notes the outage.
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._brokers_down = True
+        log.debug("agentledger: control listener client: %s", err)
+
+    def _metadata_timeout_s(self) -> float:
+        return self.DOWN_METADATA_TIMEOUT_S if self._brokers_down else self.METADATA_TIMEOUT_S
+
+    def _answered(self) -> None:
+        self._brokers_down = False
+        self.last_ok = time.monotonic()
 
     def unreachable_for_s(self) -> float:
         """Seconds since the broker last answered (since the start if it never did)."""
@@ -249,18 +272,18 @@ class KafkaControlListener:
     def _heartbeat(self, consumer: Consumer) -> None:
         self._next_heartbeat = time.monotonic() + self.HEARTBEAT_S
         try:
-            consumer.list_topics(self._topic, timeout=self.METADATA_TIMEOUT_S)
+            consumer.list_topics(self._topic, timeout=self._metadata_timeout_s())
         except KafkaException as exc:
             self._note_error(f"control topic unreachable: {exc}")
             return
-        self.last_ok = time.monotonic()
+        self._answered()
 
     def _assign(self, consumer: Consumer) -> dict[int, int] | None:
         """Assign all partitions from the beginning; return the end offset per partition that
         catching up means, or None when stopped before the topic could be read."""
         while not self._stop.is_set():
             try:
-                metadata = consumer.list_topics(self._topic, timeout=self.METADATA_TIMEOUT_S)
+                metadata = consumer.list_topics(self._topic, timeout=self._metadata_timeout_s())
                 topic = metadata.topics.get(self._topic)
                 if topic is None or topic.error is not None or not topic.partitions:
                     why = topic.error if topic is not None else "missing"
@@ -269,7 +292,8 @@ class KafkaControlListener:
                     targets: dict[int, int] = {}
                     for partition in topic.partitions:
                         low, high = consumer.get_watermark_offsets(
-                            TopicPartition(self._topic, partition), timeout=self.METADATA_TIMEOUT_S
+                            TopicPartition(self._topic, partition),
+                            timeout=self._metadata_timeout_s(),
                         )
                         if high > low:
                             targets[partition] = high
@@ -278,7 +302,7 @@ class KafkaControlListener:
                     )
                     if not targets:
                         self._caught_up.set()
-                    self.last_ok = time.monotonic()
+                    self._answered()
                     return targets
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
@@ -289,8 +313,16 @@ class KafkaControlListener:
                     log.debug("agentledger: control listener: retrying: %s", exc)
                 else:
                     self._note_error(f"cannot read control topic metadata: {exc}")
+            self._serve(consumer)
             self._stop.wait(self.RETRY_S)
         return None
+
+    def _serve(self, consumer: Consumer) -> None:
+        """Serve the client's queue before there is an assignment to poll: its log lines and
+        error events wait there, and an outage would otherwise be told only at close."""
+        msg = consumer.poll(0)
+        if msg is not None and msg.error() is not None:
+            log.debug("agentledger: control listener: %s", msg.error())
 
     def _poll_once(self, consumer: Consumer, targets: dict[int, int]) -> None:
         msg = consumer.poll(self.POLL_TIMEOUT_S)

@@ -6,9 +6,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Self
 
-from agentledger.schemas import ControlCommand, nano_to_usd
+from agentledger.schemas import ControlCommand, nano_to_usd, usd_to_nano
+from agentledger.schemas import format_usd as format_usd_nano
 
 __all__ = [
+    "AllowanceRefused",
     "BudgetExceeded",
     "ControlPlaneUnavailable",
     "NewWorkRefused",
@@ -19,10 +21,8 @@ __all__ = [
 
 
 def format_usd(amount: Decimal) -> str:
-    """``$5.0012``, ``$5.00``: at least cents, never trailing zeros beyond them."""
-    text = format(amount.normalize(), "f")
-    whole, _, frac = text.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
+    """A Decimal USD amount in the one format of money for people (schemas.format_usd)."""
+    return format_usd_nano(usd_to_nano(amount))
 
 
 def _iso_utc(ms: int) -> str:
@@ -150,6 +150,18 @@ class ControlPlaneUnavailable(BudgetExceeded):
 
     def _message(self) -> str:
         return f"refused by {self.scope}: {self.reason}"
+
+
+class AllowanceRefused(BudgetExceeded):
+    """The call's reservation does not fit in what the processor would grant this process of
+    a budget: the budget is spent, or what is left is granted to other processes. ``reason``
+    has the numbers; ``resets_at_ms`` says when the period resets (None for rolling windows)."""
+
+    def _message(self) -> str:
+        message = f"budget exceeded for {self.scope}: allowance refused: {self.reason}"
+        if self.resets_at_ms is not None:
+            message += f"; resets {_iso_utc(self.resets_at_ms)}"
+        return message
 
 
 class UnpricedModelWarning(UserWarning):

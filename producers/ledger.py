@@ -8,6 +8,7 @@ into the agent.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import threading
@@ -29,15 +30,20 @@ from agentledger.schemas import (
     CallStatus,
     ControlAction,
     ControlCommand,
-    InvalidMessage,
+    dead_letter,
     nano_to_usd,
     subtree_scope,
     uuid7,
 )
 from agentledger.schemas.events import Identifier
+from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
+from .allowance import Allowances, Lease, Shortfall, new_holder_id
+from .allowance_kafka import AllowanceListener, KafkaRequestSender
+from .budget_directory import BudgetDirectory
 from .control import ControlState, KafkaControlListener
 from .errors import (
+    AllowanceRefused,
     BudgetExceeded,
     ControlPlaneUnavailable,
     NewWorkRefused,
@@ -51,7 +57,7 @@ from .reservation import SpendBook
 from .scope import _CURRENT, TaskScope
 from .spool import Spool
 from .throttle import Limits, SlotTable
-from .transport import EventTransport, KafkaTransport
+from .transport import EventTransport, Headers, KafkaTransport
 
 __all__ = [
     "AgentLedger",
@@ -66,6 +72,10 @@ log = logging.getLogger(__name__)
 
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 _MAX_TOKENS = 100_000_000
+# A call waiting for an allowance answer re-checks this often.
+_WAIT_SLICE_S = 0.05
+# Names the allowance holder on call events (read by the processor: stream_processors/app.py).
+HOLDER_HEADER = "agentledger-holder"
 
 
 STAT_NAMES = (
@@ -76,6 +86,9 @@ STAT_NAMES = (
     "throttled",
     "throttle_timeouts",
     "refused_local",
+    "refused_allowance",
+    "waited_allowance",
+    "admitted_unlicensed",
     "refused_fail_closed",
     "routed",
     "bad_commands",
@@ -134,6 +147,9 @@ class Ledger:
         throttle_max_wait_s: float | None = None,
         default_max_output_tokens: int = 4096,
         fail_closed_after_s: float | None = None,
+        allowances: Allowances | None = None,
+        budgets: BudgetDirectory | None = None,
+        allowance_wait_s: float = 5.0,
     ) -> None:
         if fail_closed_after_s is not None and not fail_closed_after_s > 0:
             raise ValueError(
@@ -167,11 +183,24 @@ class Ledger:
         self._start_listener = start_control_listener
         self._pricer = Pricer(price_overrides)
         self._linear = LinearPrices(self._pricer)
+        self._topics = settings.topics
         self._calls_topic = settings.topics.calls
         self._dlq_topic = settings.topics.dlq
         self._lock = threading.Lock()
         self._listener: KafkaControlListener | None = None
         self._closed = False
+        if not allowance_wait_s >= 0:
+            raise ValueError(f"allowance_wait_s must be >= 0 seconds, got {allowance_wait_s!r}")
+        self.allowance_wait_s = allowance_wait_s
+        #: Which scopes are budgeted (from the policies topic), and this process's allowances
+        #: in them; both None-free once built. Without a broker (tests) they come injected.
+        self.budgets = budgets if budgets is not None else BudgetDirectory()
+        self.allowances = allowances
+        if allowances is not None:
+            self.budgets.on_change = allowances.policies_changed
+        self._allowance_listener: AllowanceListener | None = None
+        self._unlicensed_warned = False
+        self._holder_headers: Headers | None = None
         self.slots = SlotTable()
         self.spend_book = SpendBook()
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
@@ -201,6 +230,17 @@ class Ledger:
                 state = self._control
         return state
 
+    @property
+    def holder_headers(self) -> Headers | None:
+        """The header naming this process on events of calls made under an allowance."""
+        allowances = self.allowances
+        if allowances is None:
+            return None
+        headers = self._holder_headers
+        if headers is None:
+            headers = self._holder_headers = [(HOLDER_HEADER, allowances.holder.encode())]
+        return headers
+
     def _ensure_listener(self) -> KafkaControlListener | None:
         if not self._start_listener or self._closed:
             return self._listener
@@ -210,7 +250,29 @@ class Ledger:
                 if self._listener is None and not self._closed:
                     self._listener = KafkaControlListener(self.settings, state)
                     self._listener.start()
+                    self._start_allowances()
         return self._listener
+
+    def _start_allowances(self) -> None:
+        """Follow the policies and this process's answers, and send requests through the
+        transport's producer (Kafka transports only). Called with the lock held."""
+        produce = getattr(self.transport, "produce_now", None)
+        if self.allowances is not None or produce is None:
+            return
+        sender = KafkaRequestSender(produce, self._topics.allowance_requests)
+        self.allowances = Allowances(
+            new_holder_id(),
+            sender,
+            reply_partitions=ALLOWANCE_PARTITIONS,
+            clock_ms=self.clock,
+            ttl_fallback_s=self.settings.allowance_ttl_s,
+        )
+        self.budgets.on_change = self.allowances.policies_changed
+        self._allowance_listener = AllowanceListener(
+            self.settings, self.budgets, self.allowances, sender
+        )
+        self._allowance_listener.start()
+        self.allowances.start()
 
     def wait_for_control(self, timeout_s: float) -> bool:
         """Block until every control command that stood when listening began is known.
@@ -221,7 +283,15 @@ class Ledger:
         listener = self._ensure_listener()
         if listener is None:
             return False
-        return listener.wait_caught_up(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        if not listener.wait_caught_up(timeout_s):
+            return False
+        if self._allowance_listener is not None:
+            left = max(deadline - time.monotonic(), 0.0)
+            return self.budgets.loaded.wait(left) and self._allowance_listener.ready.wait(
+                max(deadline - time.monotonic(), 0.0)
+            )
+        return True
 
     def agent(
         self,
@@ -304,7 +374,7 @@ class Ledger:
         with self._lock:
             self.stats[stat] += 1
 
-    def emit(self, fields: dict[str, Any]) -> CallEvent | None:
+    def emit(self, fields: dict[str, Any], headers: Headers | None = None) -> CallEvent | None:
         """Validate and send one call; an event that does not validate goes to the dlq."""
         try:
             event = CallEvent(**fields)
@@ -312,14 +382,14 @@ class Ledger:
             self._dead_letter(fields, exc)
             return None
         self.transport.send(
-            self._calls_topic, event.agent_id.encode(), event.model_dump_json().encode()
+            self._calls_topic, event.agent_id.encode(), event.model_dump_json().encode(), headers
         )
         self._count("events")
         return event
 
-    def emit_json(self, key: bytes, value: bytes) -> None:
+    def emit_json(self, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         """Send one call event already serialised by ``event_json.call_event_json``."""
-        self.transport.send(self._calls_topic, key, value)
+        self.transport.send(self._calls_topic, key, value, headers)
         self._count("events")
 
     def _dead_letter(self, fields: dict[str, Any], exc: ValidationError) -> None:
@@ -329,7 +399,7 @@ class Ledger:
         reason = f"shim built an invalid CallEvent: {problems}"
         log.error("agentledger: %s", reason)
         payload = TypeAdapter(dict[str, Any]).dump_json(fields)
-        message = InvalidMessage.from_raw(
+        record = dead_letter(
             topic=self._calls_topic,
             partition=0,
             offset=0,
@@ -339,9 +409,7 @@ class Ledger:
             key=str(fields.get("agent_id", "")).encode(),
             payload=payload,
         )
-        self.transport.send(
-            self._dlq_topic, self._calls_topic.encode(), message.model_dump_json().encode()
-        )
+        self.transport.send(self._dlq_topic, record.key, record.value)
         self._count("dead_lettered")
 
     def price(
@@ -375,11 +443,25 @@ class Ledger:
             self._closed = True
             listener = self._listener
         if listener is not None:
-            listener.stop()
-        left = self.transport.flush(timeout_s)
-        if left:
-            log.warning("agentledger: %d events still queued after %ss at close", left, timeout_s)
+            # Only signalled here: its thread may be in a metadata request to a dead broker,
+            # and ends while the transport closes (joined below), not before.
+            listener.stop(timeout_s=0)
+        allowances = self.allowances
+        if allowances is not None:
+            # Give back what is unused, before the transport closes: another process may
+            # need it now rather than after the TTL.
+            allowances.release_all()
+            allowances.stop()
+        allowance_listener = self._allowance_listener
+        if allowance_listener is not None:
+            allowance_listener.stop(timeout_s=0)
+        # What is still queued after this, the transport's close spools or counts, and says.
+        self.transport.flush(timeout_s)
         self.transport.close()
+        if listener is not None:
+            listener.stop()
+        if allowance_listener is not None:
+            allowance_listener.stop()
 
 
 def _close_at_exit(ref: weakref.ref[Ledger]) -> None:
@@ -687,9 +769,13 @@ class CallRecorder:
     # One is built per LLM call: slots make that and every attribute access cheaper.
     __slots__ = (
         "_agent",
+        "_budgeted",
+        "_deadline",
         "_event",
         "_event_json",
         "_held",
+        "_leases",
+        "_reported",
         "_scopes",
         "_started_ms",
         "_valid_ids",
@@ -749,6 +835,8 @@ class CallRecorder:
         self.reserved_nano_usd = 0
         """the estimated maximum cost reserved when the call started"""
         self._scopes: tuple[str, ...] = ()
+        self._leases: tuple[Lease, ...] = ()
+        self._reported = 0  # the part of the reservation booked against spend reports
         # The identifiers as checked on the way in (call(), record(), a ROUTE); the event
         # skips re-checking them unless an attribute was reassigned since.
         self._valid_ids = (provider, model, model, task_type, task_id)
@@ -878,7 +966,13 @@ class CallRecorder:
             if full is not None:
                 raise self._timeout(full)
         self._held = True
-        self._reserve()
+        shortfall = self._reserve()
+        while shortfall is not None:
+            if shortfall.waiting:
+                ledger.allowances.wait_answer(shortfall.scope, _WAIT_SLICE_S)  # type: ignore[union-attr]
+            else:
+                time.sleep(_WAIT_SLICE_S)  # others hold the rest: they may give it back
+            shortfall = self._retry_allowance(shortfall)
         self._started_ms = ledger.clock()
         return self
 
@@ -893,11 +987,116 @@ class CallRecorder:
             if full is not None:
                 raise self._timeout(full)
         self._held = True
-        self._reserve()
+        shortfall = self._reserve()
+        while shortfall is not None:
+            # Never block the event loop waiting for an answer.
+            await asyncio.sleep(0.005 if shortfall.waiting else _WAIT_SLICE_S)
+            shortfall = self._retry_allowance(shortfall)
         self._started_ms = ledger.clock()
         return self
 
-    def _reserve(self) -> None:
+    def _amount(self, now: int) -> int:
+        """The call's estimated maximum cost: ``max_tokens`` (or the default) of output plus
+        ``estimated_input_tokens`` of input."""
+        ledger = self._agent.ledger
+        output = (
+            self.max_tokens if self.max_tokens is not None else ledger.default_max_output_tokens
+        )
+        rates = ledger._linear.rates(self.provider, self.model)
+        if rates is not None:
+            return ledger._linear.cost(rates, self.estimated_input_tokens, output, 0)
+        return ledger._pricer.price(
+            self.provider,
+            self.model,
+            input_tokens=self.estimated_input_tokens,
+            output_tokens=output,
+            cached_input_tokens=0,
+            at_ms=now,
+        ).cost_nano_usd
+
+    def _reserve(self) -> Shortfall | None:
+        """Reserve the call's estimated maximum cost: from this process's allowances in its
+        budgeted scopes, then against the processor's last spend reports. Returns a shortfall
+        to wait on (the caller waits, then :meth:`_retry_allowance`), or raises."""
+        ledger = self._agent.ledger
+        allowances = ledger.allowances
+        if allowances is not None:
+            budgets = ledger.budgets
+            if not budgets.loaded.is_set():
+                # Before the policies are known every scope looks unbudgeted; a runaway that
+                # starts at once must not pass that gap unbounded.
+                budgets.loaded.wait(ledger.allowance_wait_s)
+            if not budgets.empty:
+                budgeted = budgets.budgeted(self._scopes)
+                if budgeted:
+                    self._deadline = time.monotonic() + ledger.allowance_wait_s
+                    self._budgeted = budgeted
+                    self.reserved_nano_usd = self._amount(ledger.clock())
+                    shortfall = self._retry_allowance(None)
+                    if shortfall is not None:
+                        ledger._count("waited_allowance")
+                    return shortfall
+        self._reserve_reported()
+        return None
+
+    def _retry_allowance(self, last: Shortfall | None) -> Shortfall | None:
+        """One attempt at the allowances; None once admitted (then the report check runs)."""
+        ledger = self._agent.ledger
+        allowances = ledger.allowances
+        assert allowances is not None
+        amount = self.reserved_nano_usd
+        result = allowances.reserve(self._budgeted, amount)
+        if isinstance(result, tuple):
+            self._leases = result
+            self._reserve_reported(amount)
+            return None
+        past_deadline = time.monotonic() >= self._deadline
+        silent = allowances.silent_for(result.scope)
+        answering = silent < ledger.allowance_wait_s
+        # Refused, or waited out while the processor answers: a refusal. Other processes
+        # holding the rest may give it back, so their case waits until the deadline.
+        if answering and (past_deadline or not (result.waiting or result.others_hold)):
+            self.reserved_nano_usd = 0
+            ledger._count("refused_allowance")
+            self._release()
+            raise AllowanceRefused(
+                result.scope,
+                result.refused
+                or f"no allowance for {nano_to_usd(amount)} USD within "
+                f"{ledger.allowance_wait_s}s: other processes hold the rest",
+                limit_usd=None
+                if result.limit_nano_usd is None
+                else nano_to_usd(result.limit_nano_usd),
+                spend_usd=None
+                if result.spend_nano_usd is None
+                else nano_to_usd(result.spend_nano_usd),
+                resets_at_ms=result.until_ms,
+            )
+        if not answering:
+            # No answer: the control plane is unreachable (or the processor is down).
+            if ledger.fail_closed_after_s is not None:
+                self.reserved_nano_usd = 0
+                self._release()
+                ledger._count("refused_fail_closed")
+                raise ControlPlaneUnavailable(
+                    result.scope,
+                    f"no allowance answer for {silent:.1f}s (fail-closed)",
+                )
+            ledger._count("admitted_unlicensed")
+            if not ledger._unlicensed_warned:
+                ledger._unlicensed_warned = True
+                log.warning(
+                    "agentledger: no allowance answer for %s within %.1fs; calls go ahead "
+                    "without one (fail-open) until the processor answers. Check that the "
+                    "processor runs (agentledger status), or set fail_closed_after_s.",
+                    result.scope,
+                    ledger.allowance_wait_s,
+                )
+            self._reserve_reported(amount)
+            return None
+        return result
+
+    def _reserve_reported(self, amount: int | None = None) -> None:
         ledger = self._agent.ledger
         control = ledger.control
         if not control.has_reports:
@@ -912,21 +1111,14 @@ class CallRecorder:
                     reports[scope] = (report.spend_nano_usd, limit, report.issued_at_ms)
         if not reports:
             return
-        amount = ledger._pricer.price(
-            self.provider,
-            self.model,
-            input_tokens=self.estimated_input_tokens,
-            output_tokens=(
-                self.max_tokens if self.max_tokens is not None else ledger.default_max_output_tokens
-            ),
-            cached_input_tokens=0,
-            at_ms=now,
-        ).cost_nano_usd
+        if amount is None:
+            amount = self._amount(now)
         refusal = ledger.spend_book.reserve(self._scopes, reports, amount, now)
         if refusal is None:
-            self.reserved_nano_usd = amount
+            self.reserved_nano_usd = self._reported = amount
             return
         ledger._count("refused_local")
+        self._give_back()
         self._release()
         report = control.report(refusal.scope, now)
         raise BudgetExceeded(
@@ -937,6 +1129,14 @@ class CallRecorder:
             spend_usd=nano_to_usd(refusal.committed_nano_usd),
             resets_at_ms=None if report is None else report.until_ms,
         )
+
+    def _give_back(self) -> None:
+        """Undo the allowance reservation of a call refused after taking it."""
+        leases, self._leases = self._leases, ()
+        allowances = self._agent.ledger.allowances
+        if leases and allowances is not None:
+            allowances.settle(leases, self.reserved_nano_usd, 0)
+        self.reserved_nano_usd = 0
 
     def _release(self) -> None:
         if self._held:
@@ -955,10 +1155,17 @@ class CallRecorder:
             self._release()
             if self._started_ms is not None:
                 ledger = self._agent.ledger
+                leases = self._leases
+                if leases:
+                    ledger.allowances.settle(  # type: ignore[union-attr]
+                        leases, self.reserved_nano_usd, self.cost_nano_usd
+                    )
+                    self._leases = ()
                 ledger.spend_book.settle(
-                    self._scopes, self.reserved_nano_usd, self.cost_nano_usd, ledger.clock()
+                    self._scopes, self._reported, self.cost_nano_usd, ledger.clock()
                 )
                 self.reserved_nano_usd = 0
+                self._reported = 0
 
     def _finish_unadmitted(self, started_ms: int, ended_ms: int) -> None:
         ledger = self._agent.ledger
@@ -1045,8 +1252,9 @@ class CallRecorder:
                 self.attempt,
                 self.error_type,
             )
+        headers = ledger.holder_headers if self._leases else None
         if data is not None:
-            ledger.emit_json(known.key, data)
+            ledger.emit_json(known.key, data, headers)
             self._event_json = data
             self.cost_nano_usd = cost
         else:
@@ -1078,7 +1286,8 @@ class CallRecorder:
                     "status": self.status,
                     "attempt": self.attempt,
                     "error_type": self.error_type,
-                }
+                },
+                headers,
             )
             if self._event is not None:
                 self.cost_nano_usd = self._event.cost_nano_usd

@@ -26,7 +26,7 @@ from enum import StrEnum
 from fractions import Fraction
 from typing import Any, Protocol, TypeVar
 
-from agentledger.schemas import StatsSummary, nano_to_usd
+from agentledger.schemas import StatsSummary, format_usd
 
 __all__ = [
     "CandidateView",
@@ -145,7 +145,7 @@ class _Scored:
 
 
 def _usd(nano: Fraction | int) -> str:
-    return f"${nano_to_usd(math.ceil(nano))}"
+    return format_usd(math.ceil(nano))
 
 
 def _evidence(view: CandidateView, policy: RoutingPolicy, now_ms: int) -> Evidence:

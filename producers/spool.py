@@ -9,7 +9,7 @@ crash can lose the spooled events of that last interval. A line torn by such a c
 skipped (and counted) on replay.
 
 One directory per process, guarded by an ``flock``: a process that finds a sibling directory
-whose lock is free (its owner died) adopts and replays it.
+whose lock is free (its owner died) adopts and replays it, the oldest first.
 """
 
 from __future__ import annotations
@@ -84,6 +84,36 @@ class Spool:
             self._dir = directory
         return self._dir
 
+    def _others(self) -> list[Path]:
+        """The other processes' directories, the one with the oldest segment first (a
+        directory's name starts with a pid, which says nothing about age)."""
+        if not self.root.is_dir():
+            return []
+        found: list[tuple[float, str, Path]] = []
+        for other in self.root.iterdir():
+            if not other.is_dir() or other == self._dir:
+                continue
+            try:
+                oldest = min((s.stat().st_mtime for s in other.glob("*.jsonl")), default=0.0)
+            except OSError:  # a segment adopted or replayed meanwhile: order it first
+                oldest = 0.0
+            found.append((oldest, other.name, other))
+        return [path for _, _, path in sorted(found)]
+
+    def has_orphans(self) -> bool:
+        """Whether a dead process left segments here. Adopts nothing and creates nothing, so
+        a process with nothing to replay writes no directory."""
+        for other in self._others():
+            if not any(other.glob("*.jsonl")):
+                continue
+            try:
+                with (other / LOCK_NAME).open("rb") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: its owner is alive; or it went meanwhile
+                continue
+            return True
+        return False
+
     def adopt_orphans(self) -> int:
         """Move the segments of dead processes' spools into this one, oldest first; return how
         many records they hold."""
@@ -92,7 +122,7 @@ class Spool:
         adopted = 0
         with self._lock:
             mine = self._open_dir()
-            for other in sorted(p for p in self.root.iterdir() if p.is_dir() and p != mine):
+            for other in self._others():
                 try:
                     with (other / LOCK_NAME).open("ab") as lock:
                         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

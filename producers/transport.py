@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from .client_log import client_log
 from .spool import Spool
 
 __all__ = ["EventTransport", "InMemoryTransport", "KafkaTransport", "TransportStats"]
@@ -22,9 +23,12 @@ __all__ = ["EventTransport", "InMemoryTransport", "KafkaTransport", "TransportSt
 log = logging.getLogger(__name__)
 
 
+Headers = list[tuple[str, str | bytes | None]]
+
+
 @runtime_checkable
 class EventTransport(Protocol):
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         """Queue one message; must not raise for broker outages."""
 
     def flush(self, timeout_s: float) -> int:
@@ -56,17 +60,20 @@ class InMemoryTransport:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes, bytes]] = []
+        #: The headers of each message, index for index.
+        self.headers: list[Headers | None] = []
         self.stats = TransportStats()
         self._closed = False
         self._lock = threading.Lock()
 
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         with self._lock:
             if self._closed:
                 self.stats.dropped += 1
                 self.stats.last_error = "transport closed"
                 return
             self.messages.append((topic, key, value))
+            self.headers.append(headers)
             self.stats.sent += 1
             self.stats.delivered += 1
 
@@ -89,6 +96,9 @@ KAFKA_PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
 class KafkaTransport:
     """confluent-kafka Producer with idempotence; ``**config`` overrides librdkafka settings.
 
@@ -96,12 +106,26 @@ class KafkaTransport:
     ``block_s`` seconds while serving deliveries, then drops the message and counts it: an agent
     is slowed down by a slow broker, never stopped by it. ``close`` waits at most
     ``close_timeout_s`` for queued messages, then purges them (counted as delivery errors).
+
+    With a spool, messages are never lost to an outage, so waiting for a broker known to be
+    down is pointless: ``flush`` and ``close`` together wait at most ``OUTAGE_WAIT_S`` per
+    outage, and what ``close`` then purges is spooled. A spool that a dead process left is
+    adopted, and replayed in the background, as soon as the transport is built.
     """
 
     LOG_EVERY_S = 10.0
 
     REPLAY_RETRY_S = 1.0
     REPLAY_FLUSH_S = 30.0
+    OUTAGE_WAIT_S = 0.5
+    # flush() waits in slices this long, so an outage reported during the wait cuts it short.
+    FLUSH_SLICE_S = 0.05
+    # The replayer's metadata request. Close waits for a request in flight, so while
+    # librdkafka reports every broker down (when a request can only time out) it is short.
+    PROBE_TIMEOUT_S = 1.0
+    DOWN_PROBE_TIMEOUT_S = 0.25
+    # The replayer is stopped at close before it joins; it may be in a metadata request.
+    REPLAY_JOIN_S = 5.0
 
     def __init__(
         self,
@@ -114,8 +138,8 @@ class KafkaTransport:
     ) -> None:
         self._config: dict[str, Any] = {
             **KAFKA_PRODUCER_DEFAULTS,
-            # librdkafka would otherwise write its own lines to the agent's stderr.
-            "logger": log.getChild("librdkafka"),
+            # librdkafka would otherwise reach the agent's stderr, a line per retry.
+            "logger": client_log(bootstrap),
             "error_cb": self._on_error,
             # A report per delivered message would cost the agent a Python callback (and a
             # Message object) per event; only failures need handling, and a replay, which
@@ -130,6 +154,9 @@ class KafkaTransport:
         # the spooled ones; the replayer switches it off once the spool is drained.
         self._spooling = False
         self._outage = False
+        # When flush/close stop waiting for the current outage (monotonic); None when no
+        # wait has started since the broker last answered.
+        self._outage_wait_until: float | None = None
         self._mode_lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -141,6 +168,13 @@ class KafkaTransport:
         self._lock = threading.Lock()
         self._producer: Producer | None = None
         self._closed = False
+        if spool is not None and spool.has_orphans():
+            # Replay what a dead process left now, not at this process's first send, which
+            # may never come (an agent that only reads commands, a short CLI run).
+            try:
+                self._get_producer()
+            except KafkaException as exc:
+                log.warning("agentledger: cannot create producer to replay the spool: %s", exc)
 
     def _get_producer(self) -> Producer:
         # Created on first send, so building a Ledger opens no connection.
@@ -174,12 +208,16 @@ class KafkaTransport:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:  # only with a caller's delivery.report.only.error=False
             return
+        topic, key, value = msg.topic(), msg.key(), msg.value()
+        spooled = self._spool is not None and topic is not None and value is not None
         with self._lock:
             self.stats.delivery_errors += 1
             self.stats.last_error = str(err)
-            self._warn(f"event delivery failed: {err}")
-        topic, key, value = msg.topic(), msg.key(), msg.value()
-        if self._spool is not None and topic is not None and value is not None:
+            # A message purged at close and spooled is kept, not failed: nothing to say.
+            if not (spooled and err.code() in _PURGED):
+                self._warn(f"event delivery failed: {err}")
+        if spooled:
+            assert topic is not None and value is not None
             with self._mode_lock:
                 self._spool_one(topic, key or b"", value)
 
@@ -215,8 +253,12 @@ class KafkaTransport:
         self._start_spooling()
 
     def _broker_reachable(self, producer: Producer) -> bool:
+        # While spooling, no send polls the producer: serve its log lines and error events
+        # here, or they wait in librdkafka's queue and the outage is told only at close.
+        producer.poll(0)
         try:
-            producer.list_topics(timeout=1.0)
+            timeout = self.DOWN_PROBE_TIMEOUT_S if self._outage else self.PROBE_TIMEOUT_S
+            producer.list_topics(timeout=timeout)
         except KafkaException:
             return False
         return True
@@ -240,6 +282,7 @@ class KafkaTransport:
                 continue
             with self._mode_lock:
                 self._outage = False
+                self._outage_wait_until = None
             if segment is not None and not self._replay(producer, spool, segment):
                 self._stop.wait(self.REPLAY_RETRY_S)
 
@@ -286,7 +329,7 @@ class KafkaTransport:
             self.stats.last_error = why
             self._warn(f"event dropped: {why}")
 
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         if self._closed:
             self._drop("transport closed")
             return
@@ -296,12 +339,12 @@ class KafkaTransport:
             self._drop(f"cannot create producer: {exc}")
             return
         if self._spool is not None:
-            self._send_or_spool(producer, topic, key, value)
+            self._send_or_spool(producer, topic, key, value, headers)
             return
         deadline = time.monotonic() + self._block_s
         while True:
             try:
-                producer.produce(topic, value, key)
+                producer.produce(topic, value, key, headers=headers)
                 break
             except BufferError:
                 remaining = deadline - time.monotonic()
@@ -317,13 +360,18 @@ class KafkaTransport:
         # Serves delivery callbacks without waiting.
         producer.poll(0)
 
-    def _send_or_spool(self, producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+    def _send_or_spool(
+        self, producer: Producer, topic: str, key: bytes, value: bytes, headers: Headers | None
+    ) -> None:
+        # The spool keeps topic, key and value only: a replayed event loses its allowance
+        # holder, so the processor counts it as spend without moving it out of an allowance
+        # (conservative: the allowance lapses with its TTL).
         with self._mode_lock:
             if self._spooling:
                 self._spool_one(topic, key, value)
                 return
             try:
-                producer.produce(topic, value, key)
+                producer.produce(topic, value, key, headers=headers)
             except BufferError:
                 self._spool_one(topic, key, value)
                 return
@@ -333,6 +381,19 @@ class KafkaTransport:
             # Every send with a spool holds the mode lock here, so it guards this count too.
             self.stats.sent += 1
         producer.poll(0)
+
+    def produce_now(self, topic: str, key: bytes, value: bytes, partition: int) -> bool:
+        """Queue one message for ``partition``, never spooled, never blocking; False when it
+        could not be queued (closed, queue full, refused)."""
+        if self._closed:
+            return False
+        try:
+            producer = self._get_producer()
+            producer.produce(topic, value, key, partition=partition)
+        except (BufferError, KafkaException):
+            return False
+        producer.poll(0)
+        return True
 
     @property
     def spooling(self) -> bool:
@@ -347,39 +408,50 @@ class KafkaTransport:
         producer = self._producer
         if producer is None:
             return 0
-        left = int(producer.flush(timeout_s))
+        left = self._wait_delivered(producer, timeout_s)
         self._count_delivered(left)
         return left
+
+    def _wait_delivered(self, producer: Producer, timeout_s: float) -> int:
+        """``producer.flush(timeout_s)``, except that with a spool, once the broker is known
+        to be down, waiting ends ``OUTAGE_WAIT_S`` after the first wait of that outage began:
+        the messages left are safe (a failed delivery is spooled, and close spools the rest)."""
+        if self._spool is None:
+            return int(producer.flush(timeout_s))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = time.monotonic()
+            end = deadline
+            if self._outage:
+                with self._mode_lock:
+                    if self._outage_wait_until is None:
+                        self._outage_wait_until = now + self.OUTAGE_WAIT_S
+                    end = min(deadline, self._outage_wait_until)
+            left = int(producer.flush(max(0.0, min(end - now, self.FLUSH_SLICE_S))))
+            if left == 0 or time.monotonic() >= end:
+                return left
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        # The replayer winds down while queued messages are waited for: a replay in flight
+        # is delivered with them, or purged with them and kept on disk.
         self._stop.set()
         self._wake.set()
-        if self._replayer is not None:
-            self._replayer.join(self.REPLAY_FLUSH_S + 5)
         producer = self._producer
-        if producer is None:
-            if self._spool is not None:
-                self._spool.close()
-            return
-        # With a spool, what is not delivered soon is kept on disk, so close need not wait
-        # out a broker that is known to be down.
-        timeout = self._close_timeout_s
-        if self._spool is not None and self._outage:
-            timeout = min(timeout, 0.5)
-        left = int(producer.flush(timeout))
-        if left:
-            log.warning(
-                "agentledger: %d events not delivered within %ss of close; purging them",
-                left,
-                self._close_timeout_s,
-            )
-            # Purged messages come back through the delivery callback as errors, so they are
-            # counted; Producer.close() would instead wait for them without a bound.
-            producer.purge()
-            producer.flush(0)
-        self._count_delivered(0)
+        if producer is not None:
+            left = self._wait_delivered(producer, self._close_timeout_s)
+            if left:
+                fate = "spooling" if self._spool is not None else "purging"
+                log.warning("agentledger: %d events not delivered at close; %s them", left, fate)
+                # Purged messages come back through the delivery callback as errors, so they
+                # are counted (and spooled); Producer.close() would instead wait for them
+                # without a bound.
+                producer.purge()
+                producer.flush(0)
+            self._count_delivered(0)
+        if self._replayer is not None:
+            self._replayer.join(self.REPLAY_JOIN_S)
         if self._spool is not None:
             self._spool.close()

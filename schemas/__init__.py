@@ -1,6 +1,16 @@
 """Wire schemas shared by every component. This package imports nothing else from agentledger."""
 
 from .alerts import ALERT_VERSION, Alert, AlertKind, Severity
+from .allowance import (
+    ALLOWANCE_VERSION,
+    AllowanceGrant,
+    AllowanceKind,
+    AllowanceRequest,
+    BudgetClaim,
+    BudgetGrant,
+    sign_grant,
+    verify_grant,
+)
 from .control import (
     CONTROL_COMMAND_VERSION,
     ControlAction,
@@ -10,10 +20,10 @@ from .control import (
     subtree_scope,
     verify_command,
 )
-from .dlq import DEAD_LETTER_VERSION, InvalidMessage
+from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
 from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
 from .ids import uuid7
-from .money import NANO_PER_USD, nano_to_usd, usd_to_nano
+from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
 from .policy import (
     BUDGET_POLICY_VERSION,
     BudgetPolicy,
@@ -30,6 +40,7 @@ from .topics import Topics
 
 __all__ = [
     "ALERT_VERSION",
+    "ALLOWANCE_VERSION",
     "BUDGET_POLICY_VERSION",
     "CALL_EVENT_VERSION",
     "CONTROL_COMMAND_VERSION",
@@ -38,11 +49,17 @@ __all__ = [
     "STATS_VERSION",
     "Alert",
     "AlertKind",
+    "AllowanceGrant",
+    "AllowanceKind",
+    "AllowanceRequest",
+    "BudgetClaim",
+    "BudgetGrant",
     "BudgetPolicy",
     "CallEvent",
     "CallStatus",
     "ControlAction",
     "ControlCommand",
+    "DeadLetter",
     "InvalidMessage",
     "Period",
     "PolicyFile",
@@ -55,12 +72,16 @@ __all__ = [
     "TaskStats",
     "Threshold",
     "Topics",
+    "dead_letter",
+    "format_usd",
     "nano_to_usd",
     "parse_policy_file",
     "sign_command",
+    "sign_grant",
     "subtree_scope",
     "summarize",
     "usd_to_nano",
     "uuid7",
     "verify_command",
+    "verify_grant",
 ]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
-from typing import Literal
+import logging
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DEAD_LETTER_VERSION", "InvalidMessage"]
+__all__ = ["DEAD_LETTER_VERSION", "DeadLetter", "InvalidMessage", "dead_letter"]
+
+log = logging.getLogger("agentledger.dlq")
 
 DEAD_LETTER_VERSION: Literal[1] = 1
 
@@ -53,3 +56,39 @@ class InvalidMessage(BaseModel):
 
     def payload(self) -> bytes:
         return base64.b64decode(self.payload_b64)
+
+
+class DeadLetter(NamedTuple):
+    """One record for ``<prefix>dlq``, ready for any producer: key, value and the message."""
+
+    key: bytes
+    value: bytes
+    message: InvalidMessage
+
+
+def dead_letter(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    reason: str,
+    component: str,
+    detected_at_ms: int,
+    key: bytes | None,
+    payload: bytes | None,
+) -> DeadLetter:
+    """The one dlq writer of the shim, the processor and the sink: the record (keyed by the
+    source topic and partition, so one source's dead letters stay in order) and one warning
+    line naming where it came from and why. Each component sends it with its own producer."""
+    message = InvalidMessage.from_raw(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        reason=reason,
+        component=component,
+        detected_at_ms=detected_at_ms,
+        key=key,
+        payload=payload,
+    )
+    log.warning("%s dead-lettered %s:%d@%d: %s", component, topic, partition, offset, reason[:300])
+    return DeadLetter(f"{topic}:{partition}".encode(), message.model_dump_json().encode(), message)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, Decimal
 
-__all__ = ["NANO_PER_USD", "nano_to_usd", "usd_to_nano"]
+__all__ = ["NANO_PER_USD", "format_usd", "nano_to_usd", "usd_to_nano"]
 
 NANO_PER_USD = 1_000_000_000
 _NANO = Decimal("0.000000001")
+_CENT = Decimal("0.01")
 
 
 def usd_to_nano(usd: Decimal | int | str) -> int:
@@ -32,3 +33,15 @@ def usd_to_nano(usd: Decimal | int | str) -> int:
 def nano_to_usd(nano: int) -> Decimal:
     """Convert integer nano-USD to an exact Decimal USD amount."""
     return (Decimal(nano) / NANO_PER_USD).quantize(_NANO)
+
+
+def format_usd(nano: int) -> str:
+    """Money as people read it, the one format of every report, message and CLI table:
+    `$1,234.50`, `$0.000123`, `$0.00`, `-$2.50`: at least cents, more digits only when they
+    are not zero (exact to the nano-USD), thousands grouped, the sign before the `$`."""
+    amount = nano_to_usd(abs(nano)).normalize()
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > -2:
+        # Whole dollars and dimes get their cents; normalize() also turns 0E-9 into 0.
+        amount = amount.quantize(_CENT)
+    return f"{'-' if nano < 0 else ''}${amount:,f}"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Topics"]
+__all__ = ["ALLOWANCE_PARTITIONS", "Topics"]
+
+# Partitions of the allowances topic: each shim process follows one of them.
+ALLOWANCE_PARTITIONS = 6
 
 
 @dataclass(frozen=True)
@@ -36,5 +39,24 @@ class Topics:
         """Routing stats per (agent or model, task type, calls partition); compacted."""
         return f"{self.prefix}stats"
 
+    @property
+    def allowance_requests(self) -> str:
+        """Shims ask for allowances here, keyed like the scope's spend state (see allowance.py)."""
+        return f"{self.prefix}allowance-requests"
+
+    @property
+    def allowances(self) -> str:
+        """Signed grants, each on the partition its holder follows."""
+        return f"{self.prefix}allowances"
+
     def all(self) -> tuple[str, ...]:
-        return (self.calls, self.control, self.policies, self.alerts, self.dlq, self.stats)
+        return (
+            self.calls,
+            self.control,
+            self.policies,
+            self.alerts,
+            self.dlq,
+            self.stats,
+            self.allowance_requests,
+            self.allowances,
+        )

@@ -1,16 +1,25 @@
-"""The sink's fast CallEvent decoder: one msgspec pass per record instead of a pydantic model.
+"""The sink's CallEvent check: records go to ClickHouse as the bytes they arrived in.
 
-At the sink's rates pydantic (model instance, validators, then `call_to_row` building UUID and
-datetime objects) cost about 4x what the insert itself costs per row. This decoder checks the
-same rules with msgspec constraints plus a few plain comparisons and emits the row already in
-the form the JSON insert sends (UUID and time as strings).
+ClickHouse parses JSONEachRow far faster than Python builds rows (measured: see README "Insert
+path"), so a valid record is not decoded into a row here: one msgspec pass checks the same rules
+as the pydantic schema (constraints, then one regex over every identifier, then the two
+token-subset checks) and the record's own bytes become its line of the insert, with the Kafka
+source columns and the ingestion time spliced in front of its first field:
+`{"_topic":"<topic>","_partition":P,"ingested_at_ms":T,"_offset":O,` + the record after its `{`.
+The insert maps the JSON fields to the columns (`CALL_INPUT_STRUCTURE`, `CALL_INPUT_SELECT`).
 
 The pydantic schema stays the authority: a record the fast path does not accept *for certain*
 (anything unusual: a missing event_id, an upper-case or unhyphenated UUID, a number sent as a
-string, a value out of a column's range, any constraint failure) is decoded again by
-`decode_call` (CallEvent + call_to_row), which either stores it exactly as before or sends it
-to the dlq with the field-level reason. So the fast path may only ever be stricter than
-pydantic, never looser; tests/unit/test_sink_call_decode.py checks that on generated records.
+string, a value out of a column's range, any constraint failure) is decoded by pydantic, which
+either gives the dlq reason (the same as before) or the event, whose canonical JSON
+(`model_dump_json`) becomes the line instead of the original bytes. So the fast path may only
+be stricter than pydantic, never looser; tests/unit/test_sink_call_decode.py checks that the
+stored rows equal the reference rows, on hand-picked and generated records.
+
+Where ClickHouse and msgspec could read the same bytes differently (a key repeated in one
+object: msgspec keeps the last, ClickHouse's reader the first) the insert refuses the bytes
+(`input_format_json_ignore_unnecessary_fields=0`), and the store re-sends the chunk re-encoded
+(see `canonical_lines`): a repeated key can never store a value the check did not see.
 """
 
 from __future__ import annotations
@@ -20,10 +29,15 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from .decoding import Decoded, decode_call
+from .decoding import Decoded, parse_call
 from .rows import CALL_COLUMNS, MAX_DATETIME64_MS, SourcePosition, new_tuple
 
-__all__ = ["FAST_COLUMNS", "decode_call_fast", "format_ms"]
+__all__ = [
+    "CALL_INPUT_SELECT",
+    "CALL_INPUT_STRUCTURE",
+    "canonical_lines",
+    "decode_call_json",
+]
 
 _UINT32_MAX = (1 << 32) - 1
 _INT64_MAX = (1 << 63) - 1
@@ -63,13 +77,65 @@ class _Call(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     error_type: _Text200 | None = None
 
 
-# The struct's fields are CALL_COLUMNS minus the four source columns, with event_time_ms where
-# the table has event_time; checked at import so the two can never drift apart.
-FAST_COLUMNS = tuple(
-    "event_time" if name == "event_time_ms" else name for name in _Call.__struct_fields__
-)
-if (*FAST_COLUMNS, "_topic", "_partition", "_offset", "ingested_at") != CALL_COLUMNS:
-    raise RuntimeError(f"_Call fields {FAST_COLUMNS} do not match CALL_COLUMNS {CALL_COLUMNS}")
+_SOURCE_FIELDS = ("_topic", "_partition", "_offset", "ingested_at_ms")
+# The JSON fields of a line and the types ClickHouse reads them as. A field CallEvent may omit
+# with a default other than the type's zero is Nullable here and defaulted in the SELECT
+# (`input()`/`file()` structures have no DEFAULT); an explicit null for such a field never
+# reaches the insert (the check rejects it, and so does pydantic).
+_INPUT_TYPES = {
+    "schema_version": "Nullable(UInt8)",
+    "event_id": "UUID",
+    "event_time_ms": "Int64",
+    "agent_id": "String",
+    "pool": "Nullable(String)",
+    "workflow_id": "Nullable(String)",
+    "parent_agent_id": "Nullable(String)",
+    "spawn_depth": "UInt16",
+    "task_type": "Nullable(String)",
+    "task_id": "Nullable(String)",
+    "provider": "String",
+    "requested_model": "String",
+    "used_model": "String",
+    "input_tokens": "UInt64",
+    "output_tokens": "UInt64",
+    "cached_input_tokens": "UInt64",
+    "reasoning_tokens": "UInt64",
+    "cost_nano_usd": "Int64",
+    "priced": "Nullable(Bool)",
+    "pricing_version": "Nullable(String)",
+    "latency_ms": "UInt32",
+    "status": "Nullable(String)",
+    "attempt": "Nullable(UInt16)",
+    "error_type": "Nullable(String)",
+    "_topic": "String",
+    "_partition": "UInt32",
+    "_offset": "UInt64",
+    "ingested_at_ms": "Int64",
+}
+_INPUT_EXPRESSIONS = {
+    "schema_version": "coalesce(schema_version, 1)",
+    "event_time": "fromUnixTimestamp64Milli(event_time_ms, 'UTC')",
+    "priced": "coalesce(priced, true)",
+    "status": "coalesce(status, 'ok')",
+    "attempt": "coalesce(attempt, 1)",
+    "ingested_at": "fromUnixTimestamp64Milli(ingested_at_ms, 'UTC')",
+}
+CALL_INPUT_STRUCTURE = ", ".join(f"{name} {kind}" for name, kind in _INPUT_TYPES.items())
+# One expression per CALL_COLUMNS entry, in that order.
+CALL_INPUT_SELECT = ", ".join(_INPUT_EXPRESSIONS.get(name, name) for name in CALL_COLUMNS)
+
+# The struct, the line's fields and the table's columns are checked against each other at
+# import, so they can never drift apart.
+if (*_Call.__struct_fields__, *_SOURCE_FIELDS) != tuple(_INPUT_TYPES):
+    raise RuntimeError(f"_Call fields {_Call.__struct_fields__} do not match {_INPUT_TYPES}")
+if (
+    tuple(
+        {"event_time_ms": "event_time", "ingested_at_ms": "ingested_at"}.get(name, name)
+        for name in _INPUT_TYPES
+    )
+    != CALL_COLUMNS
+):
+    raise RuntimeError(f"the line's fields {tuple(_INPUT_TYPES)} do not match {CALL_COLUMNS}")
 
 _DECODER = msgspec.json.Decoder(_Call)
 _ASTUPLE = msgspec.structs.astuple
@@ -84,48 +150,31 @@ _IDENTIFIERS = re.compile(
 _EVENT_ID, _TIME, _AGENT, _POOL, _WORKFLOW, _PARENT = 1, 2, 3, 4, 5, 6
 _TASK_TYPE, _TASK_ID, _PROVIDER, _REQUESTED, _USED = 8, 9, 10, 11, 12
 _INPUT, _OUTPUT, _CACHED, _REASONING = 13, 14, 15, 16
+_JSON_SPACE = b" \t\r\n"
 
-_SECONDS_CACHE: dict[int, str] = {}
-# ".000" to ".999": a concatenation costs half of formatting the f-string per row (measured).
-_MILLIS = tuple(f".{millis:03d}" for millis in range(1000))
-# The worker passes one ingestion time for a whole batch: its text is formatted once.
-_last_ingested: tuple[int, str] = (-1, "")
+# The head of a line up to the offset, per (topic, partition, ingestion time): a batch has one
+# ingestion time and few partitions, so each head is built once.
+_heads: dict[tuple[str, int, int], bytes] = {}
 
 
-def format_ms(ms: int) -> str:
-    """UTC milliseconds as 'YYYY-MM-DD hh:mm:ss.fff', the text DateTime64(3) reads exactly.
-    Events of a batch share a few seconds, so the second's text is cached."""
-    seconds, millis = divmod(ms, 1000)
-    text = _SECONDS_CACHE.get(seconds)
-    if text is None:
-        if len(_SECONDS_CACHE) > 100_000:
-            _SECONDS_CACHE.clear()
-        # Integer arithmetic from the epoch: no float, no timezone database.
-        days, rest = divmod(seconds, 86_400)
-        year, month, day = _civil_from_days(days)
-        text = (
-            f"{year:04d}-{month:02d}-{day:02d} "
-            f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+def _head(source: SourcePosition, now_ms: int) -> bytes:
+    key = (source.topic, source.partition, now_ms)
+    head = _heads.get(key)
+    if head is None:
+        if len(_heads) > 1_000:
+            _heads.clear()
+        topic = msgspec.json.encode(source.topic)
+        head = b'{"_topic":%b,"_partition":%d,"ingested_at_ms":%d,"_offset":' % (
+            topic,
+            source.partition,
+            now_ms,
         )
-        _SECONDS_CACHE[seconds] = text
-    return text + _MILLIS[millis]
+        _heads[key] = head
+    return head
 
 
-def _civil_from_days(days: int) -> tuple[int, int, int]:
-    # Howard Hinnant's days-to-civil algorithm (proleptic Gregorian, days since 1970-01-01).
-    z = days + 719_468
-    era = z // 146_097
-    doe = z - era * 146_097
-    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    day = doy - (153 * mp + 2) // 5 + 1
-    month = mp + 3 if mp < 10 else mp - 9
-    year = yoe + era * 400 + (1 if month <= 2 else 0)
-    return year, month, day
-
-
-def _fast_row(value: bytes, source: SourcePosition, ingested_at: str) -> Decoded | None:
+def _checked(value: bytes) -> tuple[str, int] | None:
+    """(event id, event time) if the record is certainly a storable CallEvent, else None."""
     try:
         fields = _ASTUPLE(_DECODER.decode(value))
     except msgspec.DecodeError:
@@ -140,20 +189,24 @@ def _fast_row(value: bytes, source: SourcePosition, ingested_at: str) -> Decoded
             ids.append(fields[index])
     if _IDENTIFIERS.fullmatch("\n".join(ids)) is None:
         return None
-    time_ms: int = fields[_TIME]
-    row = list(fields)
-    row[_TIME] = format_ms(time_ms)
-    row += (source.topic, source.partition, source.offset, ingested_at)
-    return new_tuple(Decoded, (row, fields[_EVENT_ID], time_ms))
+    return fields[_EVENT_ID], fields[_TIME]
 
 
-def decode_call_fast(value: bytes, source: SourcePosition, now_ms: int) -> Decoded:
-    """Like `decode_call` (same rows stored, same DecodeError reasons), mostly without pydantic.
-    The row holds the UUID and times as text, which the JSON insert sends as they are."""
-    global _last_ingested
-    if _last_ingested[0] != now_ms:
-        _last_ingested = (now_ms, format_ms(now_ms))
-    decoded = _fast_row(value, source, _last_ingested[1])
-    if decoded is None:
-        return decode_call(value, source, now_ms)
-    return decoded
+def decode_call_json(value: bytes, source: SourcePosition, now_ms: int) -> Decoded:
+    """The record's line of the JSONEachRow insert, its id and time; DecodeError (the reference
+    decoder's dlq reason) when it cannot be stored."""
+    head = _head(source, now_ms) + b"%d," % source.offset
+    checked = _checked(value)
+    if checked is not None:
+        # A decoded Struct means the value is one JSON object with at least event_id in it.
+        body = value if value[:1] == b"{" else value.lstrip(_JSON_SPACE)
+        return new_tuple(Decoded, (head + body[1:], checked[0], checked[1]))
+    event, _row = parse_call(value, source, now_ms)
+    line = head + event.model_dump_json().encode()[1:]
+    return new_tuple(Decoded, (line, str(event.event_id), event.event_time_ms))
+
+
+def canonical_lines(lines: list[bytes]) -> list[bytes]:
+    """The same lines re-encoded by msgspec (one key each, the last of a repeated key, as the
+    check read it): for the rare chunk ClickHouse refuses as sent."""
+    return [msgspec.json.encode(msgspec.json.decode(line)) for line in lines]

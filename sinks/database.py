@@ -14,6 +14,8 @@ Verified on chdb-core 26.9 through clickhouse-connect 1.12 (see README.md):
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,6 +37,10 @@ SERVER_READONLY = 2
 
 def readonly_level(dsn: str) -> int:
     return CHDB_READONLY if dsn.startswith("chdb:") else SERVER_READONLY
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _import_error_base() -> type[Exception]:
@@ -130,6 +136,52 @@ class ClickHouse:
                     settings=settings,
                     fmt="JSONCompactColumns",
                 )
+            except self._errors as exc:
+                raise _wrap(exc) from exc
+
+    def insert_select_json(
+        self,
+        table: str,
+        column_names: Sequence[str],
+        select: str,
+        structure: str,
+        body: bytes,
+        settings: dict[str, str | int],
+    ) -> None:
+        """`INSERT INTO table (columns) SELECT <select> FROM <body as JSONEachRow>`: ClickHouse
+        parses the lines and computes the columns. In-process chDB reads the body from a file
+        this process writes (as `raw_insert` itself does); a server reads it from the request
+        through `input()`. `table`, `select` and `structure` are ours, never user input."""
+        columns = ", ".join(column_names)
+        # Text settings (the dedup token) go as parameters, numbers as they are.
+        parameters = {f"s_{n}": v for n, v in settings.items() if isinstance(v, str)}
+        clause = ", ".join(
+            f"{n} = {{s_{n}:String}}" if isinstance(v, str) else f"{n} = {int(v)}"
+            for n, v in settings.items()
+        )
+        with self._lock:
+            try:
+                if not self.embedded:
+                    self._writer.command(
+                        f"INSERT INTO {table} ({columns}) SELECT {select} "  # noqa: S608 - see docstring
+                        f"FROM input({_quote(structure)}) SETTINGS {clause} FORMAT JSONEachRow",
+                        parameters=parameters,
+                        data=body,
+                    )
+                    return
+                handle, path = tempfile.mkstemp(prefix="agentledger-insert-", suffix=".json")
+                try:
+                    with os.fdopen(handle, "wb") as out:
+                        out.write(body)
+                    parameters["path"] = path
+                    self._writer.command(
+                        f"INSERT INTO {table} ({columns}) SELECT {select} "  # noqa: S608 - see docstring
+                        f"FROM file({{path:String}}, JSONEachRow, {_quote(structure)}) "
+                        f"SETTINGS {clause}",
+                        parameters=parameters,
+                    )
+                finally:
+                    os.unlink(path)
             except self._errors as exc:
                 raise _wrap(exc) from exc
 

@@ -24,6 +24,7 @@ __all__ = [
     "decode_alert",
     "decode_call",
     "month_of",
+    "parse_call",
 ]
 
 
@@ -49,7 +50,8 @@ def month_of(time_ms: int) -> int:
 # One per record: a NamedTuple is built in C, a frozen dataclass calls object.__setattr__ per
 # field (seen in the sink's profile).
 class Decoded(NamedTuple):
-    row: list[object]
+    # Column values, or (the calls stream) the record's JSON line for the insert.
+    row: list[object] | bytes
     # Canonical lower-case UUID text: ids from the fast decoder and from pydantic compare equal.
     record_id: str
     time_ms: int
@@ -74,12 +76,18 @@ def _reason(kind: str, exc: ValidationError | RowError) -> str:
 
 def decode_call(value: bytes, source: SourcePosition, now_ms: int) -> Decoded:
     """The reference decoder: pydantic CallEvent, then call_to_row."""
+    event, row = parse_call(value, source, now_ms)
+    return Decoded(row, str(event.event_id), event.event_time_ms)
+
+
+def parse_call(value: bytes, source: SourcePosition, now_ms: int) -> tuple[CallEvent, list[object]]:
+    """The pydantic CallEvent and its `calls` row, or DecodeError with the dlq reason."""
     try:
         event = CallEvent.model_validate_json(value)
         row = call_to_row(event, source, now_ms)
     except (ValidationError, RowError) as exc:
         raise DecodeError(_reason("CallEvent", exc)) from exc
-    return Decoded(row, str(event.event_id), event.event_time_ms)
+    return event, row
 
 
 def command_decoder(key: bytes) -> Decoder:

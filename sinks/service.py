@@ -15,6 +15,7 @@ from agentledger.config import Settings
 from agentledger.metrics import metrics_listener, render
 
 from .database import ClickHouse, ClickHouseError
+from .flood import DlqFlood, FloodGuard
 from .metrics import sink_registry
 from .migrations import apply_migrations
 from .server import QueryServer
@@ -25,6 +26,8 @@ __all__ = [
     "BATCH_CATCH_UP_ROWS_ENV",
     "BATCH_MAX_MS_ENV",
     "BATCH_MAX_ROWS_ENV",
+    "DLQ_MAX_PERCENT_ENV",
+    "DLQ_WINDOW_ENV",
     "open_with_retry",
     "run_sink",
 ]
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 BATCH_MAX_ROWS_ENV = "AGENTLEDGER_SINK_BATCH_ROWS"
 BATCH_MAX_MS_ENV = "AGENTLEDGER_SINK_BATCH_MS"
 BATCH_CATCH_UP_ROWS_ENV = "AGENTLEDGER_SINK_CATCH_UP_ROWS"
+DLQ_MAX_PERCENT_ENV = "AGENTLEDGER_SINK_DLQ_MAX_PERCENT"
+DLQ_WINDOW_ENV = "AGENTLEDGER_SINK_DLQ_WINDOW"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -53,8 +58,12 @@ def _env_int(name: str, default: int) -> int:
 def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
     stop = stop if stop is not None else threading.Event()
     batch_rows = _env_int(BATCH_MAX_ROWS_ENV, 10_000)
-    batch_ms = _env_int(BATCH_MAX_MS_ENV, 1_000)
+    batch_ms = _env_int(BATCH_MAX_MS_ENV, 300)
     catch_up_rows = _env_int(BATCH_CATCH_UP_ROWS_ENV, 50_000)
+    try:
+        flood = FloodGuard(_env_int(DLQ_MAX_PERCENT_ENV, 50), _env_int(DLQ_WINDOW_ENV, 1_000))
+    except ValueError as exc:
+        raise SystemExit(f"{DLQ_MAX_PERCENT_ENV} / {DLQ_WINDOW_ENV}: {exc}") from None
     if settings.embedded_clickhouse:
         (settings.home / "clickhouse").mkdir(parents=True, exist_ok=True)
     database = open_with_retry(settings.clickhouse_dsn, stop, cluster=settings.clickhouse_cluster)
@@ -68,6 +77,7 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
             batch_max_rows=batch_rows,
             batch_max_ms=batch_ms,
             batch_catch_up_rows=catch_up_rows,
+            flood=flood,
         )
         registry = sink_registry(worker.stats)
         server = QueryServer(
@@ -91,6 +101,9 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
         gc.set_threshold(50_000, 20, 100)
         try:
             worker.run()
+        except DlqFlood as exc:
+            log.error("sink stopped: %s", exc)
+            return 3
         finally:
             log.info("stopping: closing the consumer, the API and ClickHouse")
             server.stop()

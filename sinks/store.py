@@ -3,18 +3,22 @@ source offsets of a partition already landed, and which record ids are already s
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
-from .database import ClickHouse
+from .call_decode import CALL_INPUT_SELECT, CALL_INPUT_STRUCTURE, canonical_lines
+from .database import ClickHouse, ClickHouseError
 from .rows import ms_to_datetime
 from .streams import SinkStream
 
 __all__ = ["CallsTable", "SinkStore", "SinkTables"]
+
+log = logging.getLogger(__name__)
 
 # Both settings are needed for a retried chunk to be dropped in the materialized views' target
 # tables too, not only in the base table (NOTES.md; every table carries
@@ -23,10 +27,23 @@ _INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
 # The fast decoder sends times as 'YYYY-MM-DD hh:mm:ss.fff'; rows built by call_to_row carry
 # datetime objects, which msgspec writes as RFC 3339 ('...T...Z'): best_effort reads both.
 _JSON_INSERT_SETTINGS = {**_INSERT_SETTINGS, "date_time_input_format": "best_effort"}
+# A key repeated in one record must be refused, not read as its first copy (see call_decode).
+_LINES_SETTINGS: dict[str, str | int] = {
+    **_INSERT_SETTINGS,
+    "input_format_json_ignore_unnecessary_fields": 0,
+    # The views of `calls` run side by side instead of one after the other: the insert's wall
+    # time with every view fell from 54-109k to 100-151k rows/s in interleaved passes of
+    # bench/chdb_ceiling.py (same CPU); each view still dedups with the chunk's token.
+    "parallel_view_processing": 1,
+}
+# ClickHouse's codes for input it cannot parse as sent (INCORRECT_DATA, CANNOT_PARSE_*, ...):
+# such a chunk is re-sent once re-encoded; anything else is retried as it is by the worker.
+_PARSE_ERRORS = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 376})
 
 
 class SinkStore(Protocol):
-    def insert(self, stream: SinkStream, rows: Sequence[Sequence[object]], token: str) -> None: ...
+    # rows: lists of column values, or the JSON lines of `decode_call_json` (the calls stream).
+    def insert(self, stream: SinkStream, rows: Sequence[Any], token: str) -> None: ...
 
     def present_offsets(
         self, stream: SinkStream, topic: str, partition: int, from_offset: int
@@ -41,7 +58,10 @@ class SinkTables:
     def __init__(self, database: ClickHouse) -> None:
         self.database = database
 
-    def insert(self, stream: SinkStream, rows: Sequence[Sequence[object]], token: str) -> None:
+    def insert(self, stream: SinkStream, rows: Sequence[Any], token: str) -> None:
+        if rows and isinstance(rows[0], bytes):
+            self._insert_lines(stream, cast(list[bytes], list(rows)), token)
+            return
         if stream.json_insert:
             # Transposed in C (zip) and encoded in C (msgspec); ClickHouse parses the columns.
             document = msgspec.json.encode(list(zip(*rows, strict=True)))
@@ -58,6 +78,29 @@ class SinkTables:
             stream.columns,
             settings={**_INSERT_SETTINGS, "insert_deduplication_token": token},
         )
+
+    def _insert_lines(self, stream: SinkStream, lines: list[bytes], token: str) -> None:
+        """Lines from `decode_call_json`: ClickHouse parses them and computes the columns."""
+        settings = {**_LINES_SETTINGS, "insert_deduplication_token": token}
+
+        def send(body: list[bytes]) -> None:
+            self.database.insert_select_json(
+                stream.table,
+                stream.columns,
+                CALL_INPUT_SELECT,
+                CALL_INPUT_STRUCTURE,
+                b"\n".join(body),
+                settings,
+            )
+
+        try:
+            send(lines)
+        except ClickHouseError as exc:
+            if exc.code not in _PARSE_ERRORS:
+                raise
+            # Nothing was stored (one part, parsed before it is written): same token.
+            log.warning("ClickHouse refused %d lines as sent, re-encoding: %s", len(lines), exc)
+            send(canonical_lines(lines))
 
     def present_offsets(
         self, stream: SinkStream, topic: str, partition: int, from_offset: int

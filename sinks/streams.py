@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from agentledger.config import Settings
 
 from .audit_rows import ALERT_COLUMNS, CONTROL_COLUMNS
-from .call_decode import decode_call_fast
+from .call_decode import decode_call_json
 from .decoding import Decoded, DecodeError, Decoder, command_decoder, decode_alert, decode_call
 from .rows import CALL_COLUMNS
 
@@ -40,8 +40,10 @@ class SinkStream:
     # Compacted topics carry tombstones (no value) that delete a key: not garbage, nothing to
     # store. On the calls topic an empty value is garbage and goes to the dlq.
     skip_empty: bool = False
-    # Rows go to ClickHouse as one JSONCompactColumns document parsed by ClickHouse itself
-    # (the calls stream: volume); otherwise through clickhouse-connect's typed Native insert.
+    # Rows given as lists go to ClickHouse as one JSONCompactColumns document parsed by
+    # ClickHouse itself (rows built by call_to_row, e.g. in tests); otherwise through
+    # clickhouse-connect's typed Native insert. The calls stream's decoder emits JSON lines,
+    # which always go as JSONEachRow through an INSERT ... SELECT (see call_decode).
     json_insert: bool = False
 
 
@@ -50,7 +52,7 @@ def calls_stream(settings: Settings) -> SinkStream:
         settings.topics.calls,
         "calls",
         CALL_COLUMNS,
-        decode_call_fast,
+        decode_call_json,
         "event_id",
         "event_time",
         json_insert=True,

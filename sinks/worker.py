@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from agentledger.config import Settings
-from agentledger.schemas import InvalidMessage
+from agentledger.schemas import DeadLetter, dead_letter
 
 from .database import ClickHouseError
 from .decoding import month_of
+from .flood import DlqFlood, FloodGuard
 from .lag import LagHistogram
 from .rows import SourcePosition, dedup_token, new_tuple
 from .store import SinkStore
@@ -178,20 +179,19 @@ class Chunk:
 
     topic: str
     stream: SinkStream
-    rows: list[list[object]] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)  # column lists, or JSON lines (bytes)
     sources: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset) per row
 
     @property
     def token(self) -> str:
         """The offset range of each partition in the chunk, in partition order: the same rows
         give the same token, so a retried insert is dropped by ClickHouse."""
-        ranges: dict[int, tuple[int, int]] = {}
+        per_partition: dict[int, list[int]] = defaultdict(list)
         for partition, offset in self.sources:
-            lo, hi = ranges.get(partition, (offset, offset))
-            ranges[partition] = (min(lo, offset), max(hi, offset))
-        first, *rest = sorted(ranges.items())
-        token = dedup_token(self.topic, first[0], *first[1])
-        return ",".join([token, *(f"{p}:{lo}-{hi}" for p, (lo, hi) in rest)])
+            per_partition[partition].append(offset)
+        (first, offsets), *rest = sorted(per_partition.items())
+        token = dedup_token(self.topic, first, min(offsets), max(offsets))
+        return ",".join([token, *(f"{p}:{min(o)}-{max(o)}" for p, o in rest)])
 
     @property
     def partitions(self) -> set[int]:
@@ -217,7 +217,7 @@ class _Batch:
     """One batch between its steps: decoded (prepare), then inserting (launch), then done."""
 
     candidates: list[tuple[SinkStream, int, int, Decoded]]
-    dead: list[InvalidMessage]
+    dead: list[DeadLetter]
     commit_to: dict[TopicPartitionKey, int]
     appended: list[int]
     chunks: list[Chunk] = field(default_factory=list)
@@ -243,6 +243,7 @@ class SinkWorker:
         retry_initial_s: float = 0.2,
         retry_max_s: float = 10.0,
         stop: threading.Event | None = None,
+        flood: FloodGuard | None = None,
     ) -> None:
         if batch_max_rows < 1 or batch_max_ms < 1:
             raise ValueError(
@@ -269,6 +270,7 @@ class SinkWorker:
         self.retry_max_s = retry_max_s
         self.stop = stop if stop is not None else threading.Event()
         self.stats = SinkStats()
+        self.flood = flood if flood is not None else FloodGuard()
         if consumer is None:
             from confluent_kafka import Consumer
 
@@ -330,7 +332,13 @@ class SinkWorker:
         try:
             while not self.stop.is_set():
                 messages = self.collect()
-                prepared = self._prepare(messages) if messages else None
+                try:
+                    prepared = self._prepare(messages) if messages else None
+                except DlqFlood:
+                    # The batch before it is good: finish it, then stop.
+                    if pending is not None:
+                        self._complete(pending)
+                    raise
                 if pending is not None:
                     self._complete(pending)
                     pending = None
@@ -427,14 +435,16 @@ class SinkWorker:
         # Decode first, for every partition, so that ids repeated across partitions or already
         # stored are dropped before anything is inserted.
         candidates: list[tuple[SinkStream, int, int, Decoded]] = []
-        dead: list[InvalidMessage] = []
+        dead: list[DeadLetter] = []
         commit_to: dict[TopicPartitionKey, int] = {}
         appended: list[int] = []
+        judged: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # per topic: records, dead
         for (topic, partition), records in by_partition.items():
             stream = self._streams.get(topic)
             if stream is None or (topic, partition) not in self._assigned:
                 # Revoked between fetch and now: the new owner reads these records.
                 continue
+            kept_before, dead_before = len(candidates), len(dead)
             offsets = [_offset(m) for m in records]
             present = self._present_offsets(stream, topic, partition, min(offsets))
             commit_to[(topic, partition)] = max(offsets) + 1
@@ -455,7 +465,12 @@ class SinkWorker:
                 kind, appended_ms = msg.timestamp()
                 if kind != 0:  # 0: TIMESTAMP_NOT_AVAILABLE
                     appended.append(appended_ms)
+            judged[topic][0] += len(candidates) - kept_before + len(dead) - dead_before
+            judged[topic][1] += len(dead) - dead_before
 
+        for topic, (count, invalid) in judged.items():
+            first = next((d.message.reason for d in dead if d.message.topic == topic), None)
+            self.flood.check(topic, count, invalid, first)
         return _Batch(candidates, dead, commit_to, appended)
 
     def _launch(self, batch: _Batch, *, background: bool) -> _Batch:
@@ -540,8 +555,18 @@ class SinkWorker:
     @staticmethod
     def _chunks(items: list[tuple[SinkStream, int, int, Decoded]]) -> list[Chunk]:
         times = [item[3].time_ms for item in items]
-        # The usual batch is one month: then the chunks go by topic, without a month per row.
+        # The usual batch is one month of one topic: then one chunk, built without a loop.
         one_month = bool(items) and month_of(min(times)) == month_of(max(times))
+        if one_month and len({item[0].topic for item in items}) == 1:
+            stream = items[0][0]
+            return [
+                Chunk(
+                    stream.topic,
+                    stream,
+                    [item[3].row for item in items],
+                    [(item[1], item[2]) for item in items],
+                )
+            ]
         per_key: dict[tuple[str, int], Chunk] = {}
         for stream, partition, offset, decoded in items:
             key = (stream.topic, 0 if one_month else decoded.month)
@@ -581,15 +606,8 @@ class SinkWorker:
 
     def _invalid(
         self, msg: MessageLike, source: SourcePosition, reason: str, now: int
-    ) -> InvalidMessage:
-        log.warning(
-            "invalid record %s:%d@%d -> dlq: %s",
-            source.topic,
-            source.partition,
-            source.offset,
-            reason[:300],
-        )
-        return InvalidMessage.from_raw(
+    ) -> DeadLetter:
+        return dead_letter(
             topic=source.topic,
             partition=source.partition,
             offset=source.offset,
@@ -668,11 +686,11 @@ class SinkWorker:
 
             self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
-    def _send_dlq(self, dead: list[InvalidMessage]) -> None:
+    def _send_dlq(self, dead: list[DeadLetter]) -> None:
         pending = list(dead)
         delay = self.retry_initial_s
         while pending:
-            failed: list[InvalidMessage] = []
+            failed: list[DeadLetter] = []
             for item in pending:
                 self._produce_dlq(item, failed)
             left = self.producer.flush(10.0)
@@ -692,9 +710,8 @@ class SinkWorker:
                 raise _Abandon
             delay = min(delay * 2, self.retry_max_s)
 
-    def _produce_dlq(self, item: InvalidMessage, failed: list[InvalidMessage]) -> None:
-        value = item.model_dump_json().encode()
-        key = f"{item.topic}:{item.partition}".encode()
+    def _produce_dlq(self, item: DeadLetter, failed: list[DeadLetter]) -> None:
+        key, value = item.key, item.value
 
         def report(err: object, _msg: object) -> None:
             if err is not None:

@@ -39,14 +39,20 @@ from agentledger.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentledger.metrics import metrics_authorized, render
 from agentledger.schemas import (
     Alert,
+    AllowanceGrant,
+    AllowanceRequest,
     BudgetPolicy,
     CallEvent,
     ControlAction,
     ControlCommand,
-    InvalidMessage,
+    dead_letter,
     sign_command,
+    sign_grant,
 )
+from agentledger.schemas.partitioning import state_key, state_partition
+from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
+from .allowances import grant_allowance, revoke_over_allocated
 from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_report
 from .declare import TopicMissing
 from .dlq_rate import DlqRate
@@ -81,6 +87,7 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "processor"
 SWEEP_INTERVAL_S = 1.0
+POLICY_CHECK_EVERY_S = 0.05
 FULL_SWEEP_EVERY_S = 60.0
 # Events stamped further than this into the future are dead-lettered: a skewed or forged clock
 # must not pre-spend a budget period that has not started.
@@ -90,6 +97,8 @@ Clock = Callable[[], int]
 # most BATCH_WITHIN_S to enforcement latency.
 BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
+# Requests are few and a caller may be waiting on one: answer them sooner.
+ALLOWANCE_BATCH_WITHIN_S = 0.005
 # Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
 MAX_COSTS_PER_RECORD = 2000
 # An input partition whose records wait this long without one being delivered gets the
@@ -108,6 +117,7 @@ REBALANCE_STUCK_S = 180.0
 GOVERNING_CACHE_SIZE = 100_000
 DEAD_LETTERS_REMEMBERED = 100_000
 SPEND_TABLE = "spend"  # per agent id
+HOLDER_HEADER = "agentledger-holder"
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
 
@@ -132,11 +142,34 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
+    #: The shim process whose allowance the call spent (the ``agentledger-holder`` header).
+    holder: str | None = None
 
     @classmethod
     def of(cls, event: Any) -> Record:
         message = event.message
-        return cls(message.topic, message.partition, message.offset, message.key, event.value)
+        return cls(
+            message.topic,
+            message.partition,
+            message.offset,
+            message.key,
+            event.value,
+            holder_of(message.headers),
+        )
+
+
+def holder_of(headers: Any) -> str | None:
+    """The allowance holder named in a record's headers (a list of pairs or a mapping)."""
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, dict) else headers
+    for name, value in items:
+        if name == HOLDER_HEADER and value:
+            try:
+                return bytes(value).decode()
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 def wall_clock_ms() -> int:
@@ -168,6 +201,7 @@ class Processor:
         clock: Clock,
         partitions: int,
         future_tolerance_ms: int = FUTURE_TOLERANCE_MS,
+        allowance_partitions: int = ALLOWANCE_PARTITIONS,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -214,6 +248,13 @@ class Processor:
         self.scopes = app.topic(
             scopes_topic_name(settings), key_serializer="raw", value_serializer="raw"
         )
+        self.allowance_requests = app.topic(
+            topics.allowance_requests, key_serializer="raw", value_serializer="raw"
+        )
+        self.allowances = app.topic(topics.allowances, key_serializer="raw", value_serializer="raw")
+        self.allowance_ttl_ms = int(settings.allowance_ttl_s * 1000)
+        self.partitions = partitions
+        self.allowance_partitions = allowance_partitions
         self.spend = app.Table(
             SPEND_TABLE,
             partitions=partitions,
@@ -241,7 +282,7 @@ class Processor:
         payload: bytes | None,
         reason: str,
     ) -> None:
-        record = InvalidMessage.from_raw(
+        record = dead_letter(
             topic=topic,
             partition=partition,
             offset=offset,
@@ -251,13 +292,8 @@ class Processor:
             key=key,
             payload=payload,
         )
-        log.warning("dead-lettered %s:%s@%s: %s", topic, partition, offset, reason[:200])
         self.metrics.dlq.labels(dlq_reason_class(reason)).inc()
-        self._unconfirmed.append(
-            await self.dlq.send(
-                key=f"{topic}:{partition}".encode(), value=record.model_dump_json().encode()
-            )
-        )
+        self._unconfirmed.append(await self.dlq.send(key=record.key, value=record.value))
         too_many = self.dlq_rate.record(self.clock(), reason)
         if too_many is not None:
             await self.raise_alert(too_many)
@@ -413,7 +449,7 @@ class Processor:
         batch = await self.in_order(batch)
         now = self.clock()
         stats = self.stats
-        by_agent: dict[str, list[tuple[CallEvent, int, int]]] = {}
+        by_agent: dict[str, list[tuple[CallEvent, int, int, str | None]]] = {}
         for record in batch:
             event = self._parse_call(record.value, now)
             if isinstance(event, str):
@@ -421,7 +457,9 @@ class Processor:
                 continue
             if stats is not None:
                 stats.count(event, record.partition, record.offset)
-            by_agent.setdefault(event.agent_id, []).append((event, record.partition, record.offset))
+            by_agent.setdefault(event.agent_id, []).append(
+                (event, record.partition, record.offset, record.holder)
+            )
         forwards: dict[str, list[ScopeCost]] = {}
         debug = log.isEnabledFor(logging.DEBUG)
         async with self._lock:
@@ -429,9 +467,9 @@ class Processor:
             for agent_id, items in by_agent.items():
                 state = self._load(self.spend, agent_id)
                 fold = SpendFold(state, now_ms=now, plan=plan)
-                for event, partition, offset in items:
+                for event, partition, offset, holder in items:
                     event_id = event.event_id.hex
-                    delivery = fold.add_event(event, event_id, partition, offset)
+                    delivery = fold.add_event(event, event_id, partition, offset, holder)
                     if debug:
                         log.debug("calls %s@%s agent %s: %s", partition, offset, agent_id, delivery)
                     if delivery is Delivery.DUPLICATE:
@@ -442,7 +480,7 @@ class Processor:
                     # A replay forwards again: the first run may have written the agent's
                     # state but crashed before the forward left; the scopes hop ignores what
                     # it has seen.
-                    for cost in forwarded_costs(event, partition, offset, event_id):
+                    for cost in forwarded_costs(event, partition, offset, event_id, holder):
                         forwards.setdefault(cost.scope, []).append(cost)
                 counted = fold.result()
                 if counted is not state:
@@ -502,6 +540,7 @@ class Processor:
                         offset=cost.offset,
                         state_partition=state_partition,
                         activity=cost.activity,
+                        holder=cost.holder,
                     )
                 counted = fold.result()
                 if counted is state:
@@ -513,6 +552,126 @@ class Processor:
                 self._track(SCOPE_SPEND_TABLE, scope, counted)
             await self._confirm()
         self.metrics.batch_done(self.scopes.get_topic_name(), len(batch), self.clock())
+
+    # -- allowances -------------------------------------------------------------------------
+
+    def _parse_request(self, record: Record) -> AllowanceRequest | str:
+        """The request to answer, or why it goes to the dlq instead."""
+        if not record.value:
+            return "empty value; expected an AllowanceRequest JSON object"
+        try:
+            request = AllowanceRequest.model_validate_json(record.value)
+        except ValidationError as exc:
+            return f"not a valid AllowanceRequest: {exc}"
+        expected = state_partition(request.scope, self.partitions)
+        if record.partition != expected:
+            return (
+                f"allowance request for {request.scope} arrived on partition "
+                f"{record.partition}, but its spend state lives on partition {expected}: "
+                "the sender must partition as agentledger.schemas.partitioning does"
+            )
+        if request.reply_partition >= self.allowance_partitions:
+            return (
+                f"reply_partition {request.reply_partition} does not exist: "
+                f"{self.settings.topics.allowances} has {self.allowance_partitions} partitions"
+            )
+        return request
+
+    async def on_allowance_requests(self, batch: list[Record]) -> None:
+        """Answer a batch of allowance requests from the scopes' states. Each state is written
+        and acknowledged before any answer leaves, so a crash in between is answered again
+        from the state on replay (the request's seq is applied already), never granted
+        twice."""
+        batch = await self.in_order(batch)
+        by_key: dict[tuple[int, str], list[tuple[AllowanceRequest, int]]] = {}
+        for record in batch:
+            request = self._parse_request(record)
+            if isinstance(request, str):
+                await self.dead_letter_record(record, request)
+                continue
+            kind = request.scope.partition(":")[0]
+            if kind == "agent":
+                index = 0
+            elif kind in {"pool", "workflow", "task_type"}:
+                index = 1
+            else:
+                index = -1  # a scope kind without a spend state (subtree): no budget
+            by_key.setdefault((index, state_key(request.scope).decode()), []).append(
+                (request, record.partition)
+            )
+        if not by_key:
+            return
+        while not self.book.ready.is_set():
+            # Answering before the policies are known would say "no budget" for a budgeted
+            # scope; the shim waits a bounded time for the answer instead.
+            await asyncio.sleep(0.05)
+        answers: list[tuple[int, AllowanceGrant]] = []
+        async with self._lock:
+            now = self.clock()
+            for (index, key), requests in by_key.items():
+                if index < 0:
+                    for request, _ in requests:
+                        answers.append((request.reply_partition, _unbudgeted(request, now)))
+                    continue
+                ledger = self.ledgers[index]
+                state = before = self._load(ledger.table, key)
+                scope = ledger.scope_of(key)
+                governing = self._governing(scope)
+                for request, partition in requests:
+                    state, answer = grant_allowance(
+                        state,
+                        request,
+                        governing,
+                        now,
+                        ttl_ms=self.allowance_ttl_ms,
+                        request_partition=partition,
+                    )
+                    answers.append((request.reply_partition, answer))
+                if state is not before:
+                    if state.partition is None:
+                        # A state made by a request alone still lives on its partition (the
+                        # sweep drops states that say none).
+                        state = replace(state, partition=requests[-1][1])
+                    self._store(ledger.table, key, state, requests[-1][1])
+            await self._confirm()
+            for partition, answer in answers:
+                await self._send_grant(partition, answer)
+            await self._confirm()
+
+    async def _send_grant(self, partition: int, answer: AllowanceGrant) -> None:
+        signed = sign_grant(answer, self._key)
+        self._unconfirmed.append(
+            await self.allowances.send(
+                key=answer.holder.encode(),
+                value=signed.model_dump_json().encode(),
+                partition=partition,
+            )
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "allowance %s seq %s for %s: %s",
+                answer.holder,
+                answer.seq,
+                answer.scope,
+                [(b.budget, b.granted_nano_usd) for b in answer.budgets],
+            )
+
+    async def _revoke_over_allocated(
+        self, ledger: _Ledger, key: str, state: SpendState
+    ) -> SpendState:
+        """Take back allowances that no longer fit (a policy was lowered); see allowances.py."""
+        if not state.leases:
+            return state
+        scope = ledger.scope_of(key)
+        revoked, answers = revoke_over_allocated(
+            state, self._governing(scope), scope, self.clock(), ttl_ms=self.allowance_ttl_ms
+        )
+        for partition, answer in answers:
+            log.info(
+                "allowances of %s taken back from %s: the budget was lowered", scope, answer.holder
+            )
+            await self._send_grant(partition, answer)
+        return revoked
 
     # -- offset order -----------------------------------------------------------------------
 
@@ -729,6 +888,7 @@ class Processor:
             self._decoded.pop((name, key), None)
             return
         settled = await self.settle(ledger.scope_of(key), state)
+        settled = await self._revoke_over_allocated(ledger, key, settled)
         self._track(name, key, settled)
         if settled is not state:
             self._store(ledger.table, key, settled, state.partition)
@@ -771,6 +931,17 @@ class Processor:
         so they must be neither served nor re-decided (sweep drops them)."""
         actives = self.app.assignor.assigned_actives()
         return state.partition is not None and TP(ledger.topic, state.partition) in actives
+
+
+def _unbudgeted(request: AllowanceRequest, now_ms: int) -> AllowanceGrant:
+    return AllowanceGrant(
+        holder=request.holder,
+        seq=request.seq,
+        scope=request.scope,
+        budgets=(),
+        ttl_ms=0,
+        issued_at_ms=now_ms,
+    )
 
 
 Result = TypeVar("Result")
@@ -935,6 +1106,11 @@ def build_app(
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             await proc.on_scope_costs([Record.of(event) for event in events])
 
+    @app.agent(proc.allowance_requests, concurrency=1)
+    async def process_allowance_requests(stream: Any) -> None:
+        async for events in stream.take_events(BATCH_MAX, within=ALLOWANCE_BATCH_WITHIN_S):
+            await proc.on_allowance_requests([Record.of(event) for event in events])
+
     @app.task  # type: ignore[untyped-decorator]
     async def deliver_alerts() -> None:
         if proc.webhook is not None:
@@ -953,6 +1129,13 @@ def build_app(
     @app.timer(interval=SWEEP_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
         await proc.sweep()
+
+    # A lowered policy must take allowances back at once, not at the next 1 s sweep: the
+    # processes holding them spend meanwhile.
+    @app.timer(interval=POLICY_CHECK_EVERY_S)  # type: ignore[untyped-decorator]
+    async def sweep_on_policy_change() -> None:
+        if proc.book.version != proc._swept_version:
+            await proc.sweep()
 
     @app.timer(interval=STALL_CHECK_EVERY_S)  # type: ignore[untyped-decorator]
     async def watch_stalls() -> None:

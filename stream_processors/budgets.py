@@ -36,6 +36,7 @@ from agentledger.schemas import (
     Period,
     Severity,
     Threshold,
+    format_usd,
     nano_to_usd,
     subtree_scope,
     usd_to_nano,
@@ -141,6 +142,13 @@ class SpendState:
     retry_spend: Mapping[str, int] = field(default_factory=dict)
     #: Subtree scopes a command published from this (workflow) state stands for.
     subtrees: tuple[str, ...] = ()
+    #: Allowances per budget instance (allowances.py): budget key -> (start ms, end ms or
+    #: None, {holder: (granted, confirmed, expires ms)}), amounts cumulative in nano-USD.
+    leases: Mapping[str, tuple[int, int | None, Mapping[str, tuple[int, int, int]]]] = field(
+        default_factory=dict
+    )
+    #: Per holder: (last request seq applied, when, the allowances partition it follows).
+    holders: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def already_applied(self, partition: int, offset: int) -> bool:
         done = self.applied.get(partition)
@@ -187,6 +195,7 @@ class SpendState:
             "agents": {a: [p, d, t] for a, (p, d, t) in self.agents.items()},
             "retry_spend": dict(sorted(self.retry_spend.items())),
             **({"subtrees": list(self.subtrees)} if self.subtrees else {}),
+            **_leases_to_json(self.leases, self.holders),
         }
 
     @classmethod
@@ -244,7 +253,55 @@ class SpendState:
             recent=recent,
             alerted=tuple(alerted),
             **_tracked_from_json(data),
+            **_leases_from_json(data),
         )
+
+
+def _leases_to_json(
+    leases: Mapping[str, tuple[int, int | None, Mapping[str, tuple[int, int, int]]]],
+    holders: Mapping[str, tuple[int, int, int]],
+) -> dict[str, Any]:
+    if not leases and not holders:
+        return {}
+    return {
+        "leases": {
+            key: [start, end, {h: list(v) for h, v in held.items()}]
+            for key, (start, end, held) in leases.items()
+        },
+        "holders": {h: list(v) for h, v in holders.items()},
+    }
+
+
+def _leases_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    leases_raw = data.get("leases", {})
+    holders_raw = data.get("holders", {})
+    if not isinstance(leases_raw, dict) or not isinstance(holders_raw, dict):
+        raise ValueError("spend state fields 'leases' and 'holders' must be JSON objects")
+    leases: dict[str, tuple[int, int | None, dict[str, tuple[int, int, int]]]] = {}
+    for key, entry in leases_raw.items():
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], dict)):
+            raise ValueError(f"spend state field 'leases.{key}' must be [start, end, holders]")
+        start = _int(entry[0], f"leases.{key}.start")
+        end = None if entry[1] is None else _int(entry[1], f"leases.{key}.end")
+        held = {}
+        for holder, numbers in entry[2].items():
+            if not (isinstance(numbers, list) and len(numbers) == 3):
+                raise ValueError(
+                    f"spend state field 'leases.{key}.{holder}' must be "
+                    "[granted, confirmed, expires_ms]"
+                )
+            g, c, e = (_int(n, f"leases.{key}.{holder}") for n in numbers)
+            held[str(holder)] = (g, c, e)
+        leases[str(key)] = (start, end, held)
+    holders = {}
+    for holder, numbers in holders_raw.items():
+        if not (isinstance(numbers, list) and len(numbers) == 3):
+            raise ValueError(
+                f"spend state field 'holders.{holder}' must be [seq, at_ms, partition]"
+            )
+        seq, at, partition = (_int(n, f"holders.{holder}") for n in numbers)
+        holders[str(holder)] = (seq, at, partition)
+    return {"leases": leases, "holders": holders}
 
 
 def _tracked_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -511,15 +568,6 @@ def matching_policies(policies: Iterable[BudgetPolicy], scope: str) -> list[Budg
 def _rank(policy: BudgetPolicy, scope: str) -> tuple[int, int, str]:
     exact = 0 if policy.scope == scope else 1
     return (exact, -policy_specificity(policy.scope), policy.scope)
-
-
-def format_usd(nano: int) -> str:
-    """Dollars for people: cents always, more digits only when they are not zero."""
-    amount = nano_to_usd(nano).normalize()
-    exponent = amount.as_tuple().exponent
-    if isinstance(exponent, int) and exponent > -2:
-        amount = amount.quantize(Decimal("0.01"))
-    return f"${amount:,f}"
 
 
 # Which command wins when thresholds of several periods (or several thresholds) are crossed:

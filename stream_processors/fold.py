@@ -18,6 +18,7 @@ from typing import Any
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.schemas.policy import CALENDAR_PERIODS
 
+from .allowances import apply_lease_costs
 from .budgets import (
     FAILING_TASKS,
     FAILURES_PER_TASK,
@@ -65,6 +66,8 @@ class SpendFold:
         self._runs: dict[int, tuple[int, int, int]] | None = None
         self._intervals: list[tuple[int, int]] | None = None
         self._agents: dict[str, tuple[str | None, int, int]] | None = None
+        # Costs of events made under an allowance, per holder (allowances.py).
+        self._lease_costs: dict[str, list[tuple[int, int]]] | None = None
 
     def delivery(self, event_id: str | None, partition: int, offset: int) -> Delivery:
         """As :meth:`SpendState.delivery`, against what is counted so far."""
@@ -76,15 +79,24 @@ class SpendFold:
             return Delivery.REPLAY
         return Delivery.NEW
 
-    def add_event(self, event: CallEvent, event_id: str, partition: int, offset: int) -> Delivery:
+    def add_event(
+        self,
+        event: CallEvent,
+        event_id: str,
+        partition: int,
+        offset: int,
+        holder: str | None = None,
+    ) -> Delivery:
         """Count ``event`` (``event_id`` is its id as hex) as :func:`budgets.apply_event` does;
-        return what the record was (only NEW ones are counted)."""
+        return what the record was (only NEW ones are counted). ``holder`` is the shim
+        process whose allowance the call spent, if any."""
         delivery = self.add_cost(
             event_id=event_id,
             event_time_ms=event.event_time_ms,
             cost_nano_usd=event.cost_nano_usd,
             partition=partition,
             offset=offset,
+            holder=holder,
         )
         if delivery is not Delivery.NEW:
             return delivery
@@ -115,12 +127,17 @@ class SpendFold:
         offset: int,
         state_partition: int | None = None,
         activity: Activity | None = None,
+        holder: str | None = None,
     ) -> Delivery:
         """Count one cost as :func:`budgets.apply_cost` does; return what the record was."""
         delivery = self.delivery(event_id, partition, offset)
         if delivery is not Delivery.NEW:
             return delivery
         self._counted = True
+        if holder is not None and cost_nano_usd and self.state.leases:
+            if self._lease_costs is None:
+                self._lease_costs = {}
+            self._lease_costs.setdefault(holder, []).append((event_time_ms, cost_nano_usd))
         self._periods_grew |= self._add_to_periods(self._periods, event_time_ms, cost_nano_usd)
         self._track_more(activity, event_time_ms, cost_nano_usd)
         self._applied[partition] = offset
@@ -216,7 +233,10 @@ class SpendFold:
             changed["intervals"] = tuple(kept[-INTERVALS_KEPT:])
         if self._agents is not None:
             changed["agents"] = self._agents
-        return replace(self.state, **changed)
+        counted = replace(self.state, **changed)
+        if self._lease_costs is not None:
+            counted = apply_lease_costs(counted, self._lease_costs)
+        return counted
 
 
 def _pruned(buckets: dict[str, int], horizon: int) -> dict[str, int]:

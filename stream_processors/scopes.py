@@ -19,6 +19,7 @@ from typing import Any
 
 from agentledger.config import Settings
 from agentledger.schemas import CallEvent
+from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .tracking import Activity
 
@@ -55,6 +56,8 @@ class ScopeCost:
     #: Who made the call and for how long: pool and workflow scopes only (concurrency caps,
     #: spawn limits).
     activity: Activity | None = None
+    #: The shim process whose allowance the call spent (allowances.py), if any.
+    holder: str | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -116,6 +119,7 @@ def encode_scope_costs(scope: str, costs: list[ScopeCost]) -> bytes:
                     c.partition,
                     c.offset,
                     *_activity_row(c.activity),
+                    *((c.holder,) if c.holder is not None else ()),
                 ]
                 for c in costs
             ],
@@ -145,12 +149,19 @@ def decode_scope_costs(value: bytes | None) -> list[ScopeCost]:
         raise ValueError("scope cost field 'costs' must be a non-empty list")
     costs = []
     for index, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) not in (5, 9):
+        if not isinstance(row, list) or len(row) not in (5, 6, 9, 10):
             raise ValueError(
                 f"scope cost field 'costs[{index}]' must be "
-                "[event_id, event_time_ms, cost_nano_usd, partition, offset] and optionally "
-                "[agent_id, parent_agent_id, spawn_depth, latency_ms]"
+                "[event_id, event_time_ms, cost_nano_usd, partition, offset], optionally "
+                "followed by [agent_id, parent_agent_id, spawn_depth, latency_ms], then "
+                "optionally by the allowance holder"
             )
+        holder = None
+        if len(row) in (6, 10):
+            holder = row[-1]
+            if not isinstance(holder, str) or not holder:
+                raise ValueError(f"scope cost field 'costs[{index}]': holder must be a string")
+            row = row[:-1]
         activity = _activity_of(row[5:], index) if len(row) == 9 else None
         event_id, *numbers = row[:5]
         if not isinstance(event_id, str) or not event_id:
@@ -161,7 +172,7 @@ def decode_scope_costs(value: bytes | None) -> list[ScopeCost]:
                     f"scope cost field 'costs[{index}][{position}]' must be an integer >= 0"
                 )
         time, nano, partition, offset = numbers
-        costs.append(ScopeCost(scope, event_id, time, nano, partition, offset, activity))
+        costs.append(ScopeCost(scope, event_id, time, nano, partition, offset, activity, holder))
     return costs
 
 
@@ -190,10 +201,15 @@ def _activity_of(tail: list[Any], index: int) -> Activity:
 
 
 def forwarded_costs(
-    event: CallEvent, partition: int, offset: int, event_id: str | None = None
+    event: CallEvent,
+    partition: int,
+    offset: int,
+    event_id: str | None = None,
+    holder: str | None = None,
 ) -> list[ScopeCost]:
     """The records the first hop forwards for ``event``: one per scope except its agent.
-    ``event_id`` is the event's id as hex, when the caller has it already."""
+    ``event_id`` is the event's id as hex, when the caller has it already; ``holder`` the
+    shim process whose allowances the call spent."""
     if not (event.pool or event.workflow_id or event.task_type):
         return []
     hex_id = event.event_id.hex if event_id is None else event_id
@@ -205,14 +221,16 @@ def forwarded_costs(
         )
         if event.pool:
             costs.append(
-                ScopeCost(f"pool:{event.pool}", hex_id, time, cost, partition, offset, activity)
+                ScopeCost(
+                    f"pool:{event.pool}", hex_id, time, cost, partition, offset, activity, holder
+                )
             )
         if event.workflow_id:
             scope = f"workflow:{event.workflow_id}"
-            costs.append(ScopeCost(scope, hex_id, time, cost, partition, offset, activity))
+            costs.append(ScopeCost(scope, hex_id, time, cost, partition, offset, activity, holder))
     if event.task_type:
         scope = f"task_type:{event.task_type}"
-        costs.append(ScopeCost(scope, hex_id, time, cost, partition, offset))
+        costs.append(ScopeCost(scope, hex_id, time, cost, partition, offset, None, holder))
     return costs
 
 
@@ -237,6 +255,19 @@ def ensure_scopes_topic(settings: Settings, partitions: int, tables: tuple[str, 
             partitions,
             {"retention.ms": str(SCOPES_RETENTION_MS), "cleanup.policy": "delete"},
         )
+    ]
+    # The allowance topics too: a stack created before allowances existed lacks them.
+    specs += [
+        TopicSpec(
+            settings.topics.allowance_requests,
+            partitions,
+            {"retention.ms": str(24 * 3600 * 1000), "cleanup.policy": "delete"},
+        ),
+        TopicSpec(
+            settings.topics.allowances,
+            ALLOWANCE_PARTITIONS,
+            {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
+        ),
     ]
     specs += [
         TopicSpec(changelog_topic_name(settings, table), partitions, {"cleanup.policy": "compact"})

@@ -8,6 +8,7 @@ changelog write) cost ~10x more than this, and a state holds 128 recent event id
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import msgspec
@@ -38,7 +39,41 @@ def encode_state(state: SpendState) -> bytes:
         "agents": dict(state.agents),
         "retry_spend": dict(sorted(state.retry_spend.items())),
     }
+    if state.subtrees:
+        wire["subtrees"] = state.subtrees
+    if state.leases or state.holders:
+        wire["leases"] = {key: list(entry) for key, entry in state.leases.items()}
+        wire["holders"] = dict(state.holders)
     return _ENCODER.encode(wire)
+
+
+# Every field of the state must be written: one forgotten (subtrees was) is lost at the first
+# restart or rebalance, silently. Checked at import, so a new field cannot be missed.
+_ENCODED_FIELDS = frozenset(
+    {
+        "applied",
+        "periods",
+        "last_command",
+        "partition",
+        "recent",
+        "alerted",
+        "failures",
+        "slots",
+        "runs",
+        "intervals",
+        "agents",
+        "retry_spend",
+        "subtrees",
+        "leases",
+        "holders",
+    }
+)
+_STATE_FIELDS = frozenset(f.name for f in fields(SpendState))
+if _STATE_FIELDS != _ENCODED_FIELDS:
+    raise ImportError(
+        f"state_codec does not encode SpendState fields {sorted(_STATE_FIELDS - _ENCODED_FIELDS)}"
+        f" (or encodes gone ones {sorted(_ENCODED_FIELDS - _STATE_FIELDS)}): update encode_state"
+    )
 
 
 def decode_state(raw: bytes | str | dict[str, Any]) -> SpendState:

@@ -18,8 +18,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
+from agentledger.review.query import QueryClient, QueryError
 from agentledger.schemas import CallEvent
-from agentledger.sinks.query import QueryClient, QueryError
 from agentledger.stream_processors.periods import DAY_MS
 from agentledger.traces import load_trace
 from agentledger.workload import (

@@ -26,8 +26,8 @@ from agentledger.deploy import ensure_topics, topic_specs
 from agentledger.deploy.kafka_broker import BrokerError, KafkaCluster
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
+from agentledger.review.query import QueryClient
 from agentledger.schemas import BudgetPolicy, PolicyFile, usd_to_nano
-from agentledger.sinks.query import QueryClient
 from agentledger.stream_processors.client import fetch_state
 
 # About 1.5 minutes here (2.5 on a machine busy with other test runs): three JVMs start, one is

@@ -28,8 +28,8 @@ from agentledger.budgets import apply_policies
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
+from agentledger.review.query import QueryClient
 from agentledger.schemas import BudgetPolicy, ControlCommand, PolicyFile, verify_command
-from agentledger.sinks.query import QueryClient
 from tests.conftest import TEST_CONTROL_KEY
 
 pytestmark = pytest.mark.integration

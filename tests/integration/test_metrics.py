@@ -5,6 +5,7 @@ an operator command), and a scrape without the bearer token is refused."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -77,7 +78,9 @@ def test_every_service_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
 
     apply_policies(
         settings,
-        PolicyFile(budgets=[BudgetPolicy(scope="agent:m-runaway", limit_usd=Decimal("0.001"))]),
+        # On the OTLP-ingested agent (service.name): shim calls of a budgeted scope would need
+        # allowances, which a $0.001 budget cannot grant a gpt-4o reservation.
+        PolicyFile(budgets=[BudgetPolicy(scope="agent:research-svc", limit_usd=Decimal("0.001"))]),
     )
     ledger = Ledger(settings)
     try:
@@ -93,6 +96,9 @@ def test_every_service_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
     spans = [chat_span(1), chat_span(2)]
     for span in spans:
         span.attributes.add(key="gen_ai.conversation.id").value.string_value = "wf-metrics"
+        # Today, so the spend counts toward today's budget.
+        span.start_time_unix_nano = time.time_ns()
+        span.end_time_unix_nano = span.start_time_unix_nano + 250_000_000
     plain = chat_span(3)
     del plain.attributes[:]
     body = export_request([*spans, plain]).SerializeToString()
@@ -120,10 +126,18 @@ def test_every_service_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
         assert response.status == 200
 
     def settled(name: str, check: Callable[[Samples], bool]) -> Samples:
-        return wait_for(
-            f"the {name} metrics",
-            lambda: (lambda s: s if check(s) else None)(scrape(urls[name], token)),
-        )
+        last: list[Samples] = []
+
+        def probe() -> Samples | None:
+            samples = scrape(urls[name], token)
+            last[:] = [samples]
+            return samples if check(samples) else None
+
+        try:
+            return wait_for(f"the {name} metrics", probe)
+        except AssertionError as exc:
+            interesting = {k: v for k, v in last[0].items() if "bucket" not in k[0]}
+            raise AssertionError(f"{exc}; last scrape: {interesting}") from None
 
     processor = settled(
         "processor",

@@ -18,6 +18,7 @@ from genai_prices import Usage, calc_price
 from agentledger.budgets import apply_policies
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
+from agentledger.review.query import QueryClient
 from agentledger.schemas import (
     Alert,
     BudgetPolicy,
@@ -27,7 +28,6 @@ from agentledger.schemas import (
     PolicyFile,
     usd_to_nano,
 )
-from agentledger.sinks.query import QueryClient
 from agentledger.stream_processors.client import fetch_state
 from tests.integration.test_processor_worker import TopicReader
 

@@ -60,10 +60,13 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = DEADLINE_S)
 class Worker:
     """One processor subprocess; always killed in teardown."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
         env = dict(os.environ)
+        env.update(extra_env or {})
         env.update(
             {
                 "AGENTLEDGER_KAFKA": settings.kafka,

@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +20,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from agentledger.config import Settings
+from agentledger.review.query import QueryClient, QueryError
 from agentledger.schemas import (
     Alert,
     AlertKind,
@@ -29,10 +29,9 @@ from agentledger.schemas import (
     ControlAction,
     ControlCommand,
     InvalidMessage,
-    nano_to_usd,
+    format_usd,
     sign_command,
 )
-from agentledger.sinks.query import QueryClient, QueryError
 
 pytestmark = pytest.mark.integration
 
@@ -404,12 +403,13 @@ def test_review_cli_reads_the_sink_and_writes_the_html_report(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    total = nano_to_usd(expected_cost)
-    assert f"total: ${total} over 60 calls" in done.stdout
+    total = format_usd(expected_cost)
+    assert f"total: {total} over 60 calls" in done.stdout
     assert "top spenders by model" in done.stdout
     for model in ("gpt-4o", "gpt-4o-mini"):
         cost = sum(e.cost_nano_usd for e in events if e.used_model == model)
-        assert re.search(rf"^{re.escape(model)}\s+{Decimal(cost) / 10**9:.6f}\s", done.stdout, re.M)
+        amount = re.escape(format_usd(cost))
+        assert re.search(rf"^{re.escape(model)}\s+{amount}\s", done.stdout, re.M)
     html = report.read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "<script" not in html
-    assert f"Total ${total:.6f} over 60 calls" in html
+    assert f"Total {total} over 60 calls" in html

@@ -17,6 +17,7 @@ from agentledger.dashboard.forecast import HOUR_MS, SpendSamples, forecast
 from agentledger.dashboard.operator import operator_command
 from agentledger.dashboard.sources import fetch_history, processor_ports
 from agentledger.dashboard.view import RateTracker, build_snapshot, scope_row, sort_scopes
+from agentledger.review.query import QueryClient, QueryResult
 from agentledger.schemas import (
     Alert,
     AlertKind,
@@ -27,7 +28,6 @@ from agentledger.schemas import (
     verify_command,
 )
 from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.query import QueryClient, QueryResult
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream
@@ -326,7 +326,7 @@ def test_top_renders_scopes_in_the_chosen_order_with_standing_and_alerts() -> No
     console.print(render_top(snap, "spend"))
     text = console.export_text()
     assert text.index("agent:calm") < text.index("agent:runaway")
-    assert "120.00%" in text and "$1.2000" in text
+    assert "120.00%" in text and "$1.20 " in text
     assert "STOP operator:bob" in text
     assert "runaway at 100%" in text and "the sink is not running" in text
     console = Console(record=True, width=200)

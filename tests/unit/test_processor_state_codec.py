@@ -26,6 +26,14 @@ FULL = SpendState(
     intervals=((1, 5), (2, 9)),
     agents={"a": (None, 0, 1), "b": ("a", 1, 2)},
     retry_spend={"day:1767830400000": 2},
+    # subtrees were once dropped by encode_state: a standing subtree STOP then never got its
+    # RESUME after a restart.
+    subtrees=("subtree:wf|a",),
+    leases={
+        "day:1767830400000": (1767830400000, 1767916800000, {"h1": (500, 200, 99)}),
+        "rolling:3600000": (5, None, {"h2": (7, 0, 12)}),
+    },
+    holders={"h1": (3, 98, 1), "h2": (1, 11, 0)},
 )
 
 

@@ -417,7 +417,7 @@ def test_invalid_event_goes_to_the_dlq(h: Harness) -> None:
         pass
     ((topic, key, value),) = h.transport.messages
     assert topic == "unit.dlq"
-    assert key == b"unit.calls"
+    assert key == b"unit.calls:0"
     assert b"event_time_ms" in value and b'"component":"shim"' in value
     assert h.ledger.stats["dead_lettered"] == 1
 

@@ -47,6 +47,30 @@ def openai_completion(model: str) -> dict[str, Any]:
     }
 
 
+def openai_tool_completion(model: str, tool: str, n: int, args: str = "{}") -> dict[str, Any]:
+    """A chat completion asking for a call of ``tool`` with ``args`` (JSON)."""
+    call = {"id": f"call_{n}", "type": "function", "function": {"name": tool, "arguments": args}}
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+        "finish_reason": "tool_calls",
+    }
+    return openai_completion(model) | {"choices": [choice]}
+
+
+def openai_tool_response(model: str, tool: str, n: int, args: str = "{}") -> dict[str, Any]:
+    """A Responses API response asking for a call of ``tool`` with ``args`` (JSON)."""
+    item = {
+        "type": "function_call",
+        "id": f"fc_{n}",
+        "call_id": f"call_{n}",
+        "name": tool,
+        "arguments": args,
+        "status": "completed",
+    }
+    return openai_response(model) | {"output": [item]}
+
+
 def openai_chunks(model: str, with_usage: bool) -> list[dict[str, Any]]:
     base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
     chunks = [
@@ -193,6 +217,12 @@ class FakeApi:
         self.requests: list[dict[str, Any]] = []
         self.fail_with: int | None = None
         self.response_end = "completed"
+        # Framework tests: tool names to answer (non-streaming) requests with a call of, in
+        # turn ("" for a text answer); then ``loop_tool`` for every request, if set; then text.
+        self.tool_calls: list[str] = []
+        self.loop_tool: str | None = None
+        self.tool_args: dict[str, str] = {}  # a tool's JSON arguments, "{}" when not given
+        self._lock = threading.Lock()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -207,7 +237,14 @@ class FakeApi:
                     self._json(api.fail_with, {"error": {"type": kind, "message": "failed"}})
                     return
                 model = body.get("model", "gpt-4o-mini")  # a stored prompt names it
-                if self.path.endswith("/chat/completions"):
+                tool = None if body.get("stream") else api.next_tool() or None
+                args = api.tool_args.get(tool or "", "{}")
+                n = len(api.requests)
+                if tool is not None and self.path.endswith("/chat/completions"):
+                    self._json(200, openai_tool_completion(model, tool, n, args))
+                elif tool is not None and self.path.endswith("/responses"):
+                    self._json(200, openai_tool_response(model, tool, n, args))
+                elif self.path.endswith("/chat/completions"):
                     if body.get("stream"):
                         include = (body.get("stream_options") or {}).get("include_usage")
                         lines = [
@@ -256,6 +293,12 @@ class FakeApi:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
+
+    def next_tool(self) -> str | None:
+        with self._lock:
+            if self.tool_calls:
+                return self.tool_calls.pop(0)
+            return self.loop_tool
 
     def close(self) -> None:
         self.server.shutdown()

@@ -69,6 +69,53 @@ def test_a_dead_processes_spool_is_adopted_and_a_live_ones_is_not(tmp_path: Path
     heir.close()
 
 
+def test_orphans_are_found_without_writing_and_adopted_oldest_first(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    assert not Spool(root).has_orphans()
+    older, newer = Spool(root), Spool(root)
+    older.append("t.calls", b"a", b"old")
+    time.sleep(0.02)  # directory names (pid-random) say nothing of age; segment times do
+    newer.append("t.calls", b"b", b"new")
+    alive = Spool(root)
+    alive.append("t.calls", b"c", b"alive")
+    assert not Spool(root).has_orphans()  # both still held by their owners
+    newer.close()
+    older.close()
+    before = sorted(p.name for p in root.iterdir())
+    assert Spool(root).has_orphans()
+    assert sorted(p.name for p in root.iterdir()) == before  # looking wrote nothing
+    heir = Spool(root)
+    assert heir.adopt_orphans() == 2
+    assert drain(heir) == [("t.calls", b"a", b"old"), ("t.calls", b"b", b"new")]
+    assert not Spool(root).has_orphans()
+    alive.close()
+    heir.close()
+
+
+def test_a_transport_replays_an_orphaned_spool_before_any_send(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    dead = Spool(root)
+    dead.append("t.calls", b"a", b"1")
+    dead.close()
+    transport = KafkaTransport(f"127.0.0.1:{free_port()}", close_timeout_s=0.2, spool=Spool(root))
+    # Adopted at construction: the replayer runs, and a first send would queue behind it.
+    assert transport.spooling
+    transport.send("t.calls", b"a", b"2")
+    assert transport.stats.spooled == 1 and transport.stats.sent == 0
+    transport.close()
+    heir = Spool(root)
+    assert heir.adopt_orphans() == 2
+    assert drain(heir) == [("t.calls", b"a", b"1"), ("t.calls", b"a", b"2")]
+    heir.close()
+
+
+def test_a_transport_with_nothing_to_adopt_writes_nothing(tmp_path: Path) -> None:
+    transport = KafkaTransport(f"127.0.0.1:{free_port()}", spool=Spool(tmp_path / "spool"))
+    assert not transport.spooling
+    transport.close()
+    assert not (tmp_path / "spool").exists()
+
+
 def test_a_torn_last_line_is_skipped_and_counted(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.append("t.calls", b"a", b"whole")

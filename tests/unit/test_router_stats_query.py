@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 
+from agentledger.review.stats_query import routing_stats
 from agentledger.schemas import CallEvent, CallStatus, StatsSummary, TaskStats, summarize
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.rows import CALL_COLUMNS, SourcePosition, call_to_row
-from agentledger.sinks.stats_query import routing_stats
 from agentledger.stream_processors.stats import StatsAggregator
 
 T0 = 1_790_000_000_000

@@ -164,3 +164,22 @@ def test_invalid_message_keeps_payload() -> None:
 def test_budget_policy_schema_is_valid_json() -> None:
     schema = json.loads(render(BudgetPolicy))
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    ("nano", "text"),
+    [
+        (0, "$0.00"),
+        (1, "$0.000000001"),
+        (10_000_000, "$0.01"),
+        (100_000_000, "$0.10"),
+        (4_900_001, "$0.004900001"),
+        (5_000_000_000, "$5.00"),
+        (1_234_500_000_000, "$1,234.50"),
+        (-2_500_000_000, "-$2.50"),
+    ],
+)
+def test_money_for_people_has_one_format(nano: int, text: str) -> None:
+    from agentledger.schemas import format_usd
+
+    assert format_usd(nano) == text

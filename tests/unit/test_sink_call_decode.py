@@ -1,59 +1,124 @@
-"""The fast CallEvent decoder against the reference (pydantic CallEvent + call_to_row).
+"""The calls stream's check + JSONEachRow insert against the reference (pydantic CallEvent +
+call_to_row, the values the sink stored before ClickHouse parsed the records itself).
 
-The contract: for every input, `decode_call_fast` stores the same values as `decode_call`, or
-rejects with the same dlq reason. Checked on hand-picked edge cases and on generated records
-(valid events, and JSON mutations of them: fields dropped, retyped, out of range, extra).
+The contract: for every input, `decode_call_json` followed by the insert stores the same values
+as the reference row, or rejects with the same dlq reason. Checked on real chDB, on hand-picked
+edge cases and on generated records (valid events, and JSON mutations of them: fields dropped,
+retyped, out of range, extra).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import uuid
-from datetime import datetime
-from typing import Any
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
-from agentledger.sinks.call_decode import decode_call_fast, format_ms
-from agentledger.sinks.decoding import Decoded, DecodeError, decode_call
-from agentledger.sinks.rows import MAX_DATETIME64_MS, SourcePosition, ms_to_datetime
+from agentledger.config import Settings
+from agentledger.sinks.call_decode import decode_call_json
+from agentledger.sinks.database import ClickHouse
+from agentledger.sinks.decoding import DecodeError, decode_call
+from agentledger.sinks.migrations import apply_migrations
+from agentledger.sinks.rows import CALL_COLUMNS, MAX_DATETIME64_MS, SourcePosition
+from agentledger.sinks.store import SinkTables
+from agentledger.sinks.streams import SinkStream, calls_stream
 from tests.unit.test_sink_rows import make_event
 
-SOURCE = SourcePosition("p.calls", 3, 41)
 NOW = 1_700_000_100_000
 
 # The full event of the row tests, as its JSON object.
 BASE: dict[str, Any] = make_event().model_dump(mode="json")
 
 
-def canonical(value: object) -> object:
-    """The text the JSON insert sends for a value of a reference row."""
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}"
+@dataclasses.dataclass
+class Rig:
+    db: ClickHouse
+    stream: SinkStream
+    offsets: Iterator[int]
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """One chDB for the module (hypothesis runs hundreds of examples), inserting into a copy of
+    `calls` without the materialized views: the columns are what is compared here."""
+    path: Path = tmp_path_factory.mktemp("decode") / "ch"
+    database = ClickHouse.open(f"chdb://{path}")
+    try:
+        apply_migrations(database)
+        database.command("CREATE TABLE calls_plain AS calls")
+        stream = dataclasses.replace(
+            calls_stream(Settings(topic_prefix="p.", control_key=SecretStr("k" * 32))),
+            table="calls_plain",
+        )
+        yield Rig(database, stream, itertools.count())
+    finally:
+        database.close()
+
+
+def naive_utc(value: object) -> object:
+    """clickhouse-connect returns DateTime64(3, 'UTC') values as naive UTC datetimes."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 
-def outcome(decode: Any, raw: bytes) -> tuple[str, object]:
+def stored(rig: Rig, raw: bytes) -> tuple[str, object]:
+    """("row", the stored columns) or ("dlq", reason) through the sink's path."""
+    source = SourcePosition("p.calls", 3, next(rig.offsets))
     try:
-        decoded: Decoded = decode(raw, SOURCE, NOW)
+        decoded = decode_call_json(raw, source, NOW)
     except DecodeError as exc:
         return ("dlq", str(exc))
-    return ("row", ([canonical(v) for v in decoded.row], decoded.record_id, decoded.time_ms))
+    assert isinstance(decoded.row, bytes)
+    SinkTables(rig.db).insert(rig.stream, [decoded.row], f"t:{source.offset}")
+    rows = rig.db._writer.query(  # the typed values, as call_to_row builds them
+        f"SELECT {', '.join(CALL_COLUMNS)} FROM calls_plain WHERE _offset = {{o:UInt64}}",
+        parameters={"o": source.offset},
+    ).result_rows
+    assert len(rows) == 1
+    row = [naive_utc(v) for v in rows[0]]
+    row[1] = str(row[1])
+    assert decoded.record_id == row[1]
+    return ("row", (row, decoded.time_ms, source))
 
 
-def assert_same(raw: bytes) -> tuple[str, object]:
-    fast, reference = outcome(decode_call_fast, raw), outcome(decode_call, raw)
-    if "event_id" not in raw.decode("utf-8", "replace") and reference[0] == "row":
-        # Both assign a fresh uuid7 (CallEvent's default): compare everything else.
-        assert fast[0] == "row"
-        assert fast[1][0][2:] == reference[1][0][2:]  # type: ignore[index]
-        return fast
-    assert fast == reference
-    return fast
+def reference(raw: bytes, source: SourcePosition) -> tuple[str, object]:
+    try:
+        decoded = decode_call(raw, source, NOW)
+    except DecodeError as exc:
+        return ("dlq", str(exc))
+    assert isinstance(decoded.row, list)
+    row = [naive_utc(v) for v in decoded.row]
+    row[1] = str(row[1])
+    return ("row", (row, decoded.time_ms))
+
+
+def assert_same(rig: Rig, raw: bytes) -> tuple[str, object]:
+    got = stored(rig, raw)
+    if got[0] == "dlq":
+        # The same source for the reference: the reason never names it, but be exact.
+        assert got == reference(raw, SourcePosition("p.calls", 3, 0))
+        return got
+    row, time_ms, source = cast(tuple[list[object], int, SourcePosition], got[1])
+    expected = reference(raw, source)
+    assert expected[0] == "row"
+    expected_row, expected_ms = cast(tuple[list[object], int], expected[1])
+    if "event_id" not in raw.decode("utf-8", "replace"):
+        # Both assign a fresh uuid7 (CallEvent's default), in different calls.
+        row, expected_row = row[2:], expected_row[2:]
+    else:
+        assert time_ms == expected_ms
+    assert row == expected_row
+    return got
 
 
 def encode(overrides: dict[str, Any], drop: tuple[str, ...] = ()) -> bytes:
@@ -61,25 +126,36 @@ def encode(overrides: dict[str, Any], drop: tuple[str, ...] = ()) -> bytes:
     return json.dumps(values).encode()
 
 
-def test_format_ms_matches_datetime_across_the_storable_range() -> None:
-    for ms in (0, 1, 999, 951_782_400_000, 1_709_164_800_000, 4_107_542_399_999):
-        assert format_ms(ms) == canonical(ms_to_datetime(ms))
-    assert format_ms(MAX_DATETIME64_MS) == "2299-12-31 23:59:59.999"
-
-
-@given(st.integers(min_value=0, max_value=MAX_DATETIME64_MS))
-def test_format_ms_matches_datetime_for_any_time(ms: int) -> None:
-    assert format_ms(ms) == canonical(ms_to_datetime(ms))
-
-
-def test_a_typical_event_takes_the_fast_path_with_insert_ready_text() -> None:
-    decoded = decode_call_fast(encode({}), SOURCE, NOW)
-    assert decoded.row[1] == BASE["event_id"]
-    assert decoded.row[2] == "2023-11-14 22:13:20.123"
-    assert decoded.row[-4:] == ["p.calls", 3, 41, "2023-11-14 22:15:00.000"]
+def test_a_typical_event_is_sent_as_its_own_bytes_behind_the_source_columns() -> None:
+    raw = encode({})
+    decoded = decode_call_json(raw, SourcePosition("p.calls", 3, 41), NOW)
+    assert decoded.row == (
+        b'{"_topic":"p.calls","_partition":3,"ingested_at_ms":1700000100000,"_offset":41,' + raw[1:]
+    )
     assert decoded.record_id == BASE["event_id"]
     assert decoded.month == 202311
-    assert_same(encode({}))
+
+
+def test_a_typical_event_is_stored_exactly_as_the_reference_row(rig: Rig) -> None:
+    kind, _ = assert_same(rig, encode({}))
+    assert kind == "row"
+
+
+def test_whitespace_around_and_inside_the_record_is_parsed_alike(rig: Rig) -> None:
+    pretty = b"\n  " + json.dumps({**BASE, "event_id": str(uuid.uuid4())}, indent=2).encode()
+    assert assert_same(rig, pretty + b"\n")[0] == "row"
+
+
+def test_a_repeated_key_stores_the_value_the_check_read(rig: Rig) -> None:
+    """ClickHouse's reader would keep the first copy of a key, which the check never saw (here
+    an identifier with a space): the store re-sends the chunk re-encoded, the last copy wins,
+    as in msgspec and pydantic."""
+    event_id = str(uuid.uuid4())
+    raw = encode({"agent_id": "not an identifier", "event_id": event_id})
+    raw = raw[:-1] + b', "agent_id": "agent-2"}'
+    kind, value = assert_same(rig, raw)
+    assert kind == "row"
+    assert value[0][3] == "agent-2"  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
@@ -92,13 +168,15 @@ def test_a_typical_event_takes_the_fast_path_with_insert_ready_text() -> None:
         ({"latency_ms": 812.0}, ()),
         ({"priced": "true"}, ()),
         ({"pool": None, "task_type": None, "parent_agent_id": None}, ()),
-        ({}, ("pool", "workflow_id", "schema_version", "attempt", "status")),
+        ({}, ("pool", "workflow_id", "schema_version", "attempt", "status", "priced")),
+        ({"event_time_ms": MAX_DATETIME64_MS}, ()),
+        ({"event_time_ms": 0, "latency_ms": (1 << 32) - 1, "cost_nano_usd": (1 << 63) - 1}, ()),
     ],
 )
 def test_records_pydantic_accepts_are_stored_exactly_as_before(
-    overrides: dict[str, Any], drop: tuple[str, ...]
+    rig: Rig, overrides: dict[str, Any], drop: tuple[str, ...]
 ) -> None:
-    kind, _ = assert_same(encode(overrides, drop))
+    kind, _ = assert_same(rig, encode(overrides, drop))
     assert kind == "row"
 
 
@@ -120,20 +198,21 @@ def test_records_pydantic_accepts_are_stored_exactly_as_before(
         ({"event_time_ms": MAX_DATETIME64_MS + 1}, (), "event_time_ms"),
         ({"event_id": "not-a-uuid"}, (), "event_id"),
         ({"error_type": "e" * 201}, (), "error_type"),
+        ({"priced": None}, (), "priced"),
         ({}, ("agent_id",), "agent_id"),
     ],
 )
 def test_records_pydantic_rejects_go_to_the_dlq_with_its_reason(
-    overrides: dict[str, Any], drop: tuple[str, ...], field: str
+    rig: Rig, overrides: dict[str, Any], drop: tuple[str, ...], field: str
 ) -> None:
-    kind, reason = assert_same(encode(overrides, drop))
+    kind, reason = assert_same(rig, encode(overrides, drop))
     assert kind == "dlq"
     assert field in str(reason)
 
 
-def test_garbage_goes_to_the_dlq_with_the_reference_reason() -> None:
-    for raw in (b"", b"{", b"[]", b"null", b'{"agent_id": "a"', '{"é": 1}'.encode()):
-        kind, _ = assert_same(raw)
+def test_garbage_goes_to_the_dlq_with_the_reference_reason(rig: Rig) -> None:
+    for raw in (b"", b"{", b"[]", b"null", b'{"agent_id": "a"', '{"é": 1}'.encode(), b"{}"):
+        kind, _ = assert_same(rig, raw)
         assert kind == "dlq"
 
 
@@ -147,12 +226,16 @@ _scalars = st.one_of(
 )
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    deadline=None,
+)
 @given(
     changes=st.dictionaries(st.sampled_from([*sorted(BASE), "extra"]), _scalars, max_size=3),
     drops=st.sets(st.sampled_from(sorted(BASE)), max_size=2),
 )
-def test_generated_mutations_decode_exactly_like_the_reference(
-    changes: dict[str, Any], drops: set[str]
+def test_generated_mutations_are_stored_exactly_like_the_reference(
+    rig: Rig, changes: dict[str, Any], drops: set[str]
 ) -> None:
-    assert_same(encode(changes, tuple(drops)))
+    assert_same(rig, encode(changes, tuple(drops)))

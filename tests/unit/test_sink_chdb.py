@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from agentledger.config import Settings
+from agentledger.review.query import DirectQueryClient, QueryClient, QueryError, QueryResult
+from agentledger.review.spend import spend_by_agent_model
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse, ClickHouseError
 from agentledger.sinks.migrations import MIGRATIONS, Migration, apply_migrations
-from agentledger.sinks.query import DirectQueryClient, QueryClient, QueryError, QueryResult
-from agentledger.sinks.review import spend_by_agent_model
 from agentledger.sinks.rows import CALL_COLUMNS, SourcePosition, call_to_row, dedup_token
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream

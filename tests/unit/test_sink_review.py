@@ -12,12 +12,9 @@ from typing import Any
 from pydantic import SecretStr
 
 from agentledger.config import Settings
-from agentledger.review_report import render_review
-from agentledger.schemas import CallEvent, CallStatus
-from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.escalation import Escalations
-from agentledger.sinks.forecast import BudgetForecast
-from agentledger.sinks.insights import (
+from agentledger.review.escalation import Escalations
+from agentledger.review.forecast import BudgetForecast
+from agentledger.review.insights import (
     MIN_CALLS_FOR_REMAP,
     KeyModelStats,
     Remap,
@@ -31,8 +28,11 @@ from agentledger.sinks.insights import (
     source_for,
     spend_over_time,
 )
-from agentledger.sinks.query import QueryClient, QueryResult
-from agentledger.sinks.review_html import render_html
+from agentledger.review.query import QueryClient, QueryResult
+from agentledger.review.review_html import render_html
+from agentledger.review_report import render_review
+from agentledger.schemas import CallEvent, CallStatus
+from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream
@@ -245,7 +245,7 @@ def test_html_report_is_self_contained_and_matches_the_snapshot() -> None:
     assert html.count("<svg") == 3 and html.count("<rect") == 4 + 2 + 2 * 2
     assert "pool:&lt;p&gt;" in html and "<p>)" not in html
     assert '<span class="up">180%</span>' in html  # coder's day budget: forecast over
-    assert "<td>5 / 1</td><td>2 / 0</td><td>$0.400000</td>" in html
+    assert "<td>5 / 1</td><td>2 / 0</td><td>$0.40</td>" in html
     assert "<script" not in html and "http" not in html and "<link" not in html
     assert "writer &lt;b&gt;" in html and "writer <b>" not in html
     assert '<span class="up">+200%</span>' in html
@@ -268,3 +268,20 @@ def test_spend_over_time_is_exact_from_rollups_and_from_calls(db: ClickHouse) ->
     expected = [SpendPoint(b, c) for b, c in sorted(hourly.items())]
     assert spend_over_time(client, T0, T0 + DAY) == expected  # aligned: calls_by_hour
     assert spend_over_time(client, T0, T0 + DAY - 1) == expected  # not aligned: calls
+
+
+def test_an_empty_previous_period_prints_as_zero_dollars_like_every_other_amount(
+    db: ClickHouse,
+) -> None:
+    load(db, [e for e in workload() if e.event_time_ms >= T0])
+    review = build_review(LocalClient(db), T0, T0 + DAY, by="agent")
+    assert review.previous_total_nano_usd == 0
+    text = render_review(review)
+    assert "(previous period $0.00)" in text, text
+    assert "E-" not in text
+    amounts = re.findall(r"-?\$[0-9][0-9,.]*", text)
+    assert amounts
+    # Every amount is format_usd's: grouped dollars, then cents or more digits without
+    # trailing zeros beyond the cents.
+    for amount in amounts:
+        assert re.fullmatch(r"-?\$\d{1,3}(,\d{3})*\.\d{2}(\d*[1-9])?", amount), amount

@@ -13,12 +13,12 @@ import pytest
 from pydantic import SecretStr
 
 from agentledger.config import Settings
+from agentledger.review.escalation import Escalations, model_ranks
+from agentledger.review.forecast import BudgetLine, forecast_budgets
+from agentledger.review.insights import build_review
+from agentledger.review.query import QueryClient, QueryResult
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.escalation import Escalations, model_ranks
-from agentledger.sinks.forecast import BudgetLine, forecast_budgets
-from agentledger.sinks.insights import build_review
-from agentledger.sinks.query import QueryClient, QueryResult
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream

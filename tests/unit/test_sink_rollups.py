@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pytest
 from pydantic import SecretStr
 
 from agentledger.config import Settings
@@ -21,6 +23,7 @@ from agentledger.schemas import (
     ControlCommand,
     sign_command,
 )
+from agentledger.sinks.call_decode import decode_call_json
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.migrations import (
     LATENCY_BUCKET_SQL,
@@ -82,15 +85,28 @@ def base_totals(db: ClickHouse) -> list[object]:
     )[0]
 
 
+@pytest.mark.parametrize("form", ["json lines", "column lists"])
 def test_the_same_batch_twice_with_the_same_token_counts_once_in_every_rollup(
-    db: ClickHouse,
+    db: ClickHouse, form: str
 ) -> None:
+    """For the sink's JSON lines (INSERT ... SELECT, views in parallel, hours fed from minutes)
+    and for rows built by call_to_row (the JSONCompactColumns insert tests use)."""
     stream = default_streams(Settings(topic_prefix="x.", control_key=SecretStr(KEY)))[0]
     tables = SinkTables(db)
     events = [make_call(n) for n in range(20)]
-    rows = [call_to_row(e, SourcePosition("x.calls", 0, i), 0) for i, e in enumerate(events)]
+    sources = [SourcePosition("x.calls", 0, i) for i in range(len(events))]
+    rows: list[Any] = (
+        [
+            decode_call_json(e.model_dump_json().encode(), s, 0).row
+            for e, s in zip(events, sources, strict=True)
+        ]
+        if form == "json lines"
+        else [call_to_row(e, s, 0) for e, s in zip(events, sources, strict=True)]
+    )
     tables.insert(stream, rows, "x.calls:0:0-19")
     tables.insert(stream, rows, "x.calls:0:0-19")  # a retry of an acknowledged-but-lost insert
+    with_task = sum(e.task_id is not None for e in events)
+    assert value(db, "SELECT count() FROM task_calls") == [[with_task]]
     expected = [
         len(events),
         sum(e.status != CallStatus.OK for e in events),
@@ -142,7 +158,7 @@ def test_rollups_backfill_calls_stored_before_them(tmp_path: Path) -> None:
         stream = default_streams(Settings(topic_prefix="x.", control_key=SecretStr(KEY)))[0]
         rows = [call_to_row(make_call(n), SourcePosition("x.calls", 0, n), 0) for n in range(7)]
         SinkTables(database).insert(stream, rows, "x.calls:0:0-6")
-        assert apply_migrations(database) == [4, 5, 6, 7]
+        assert apply_migrations(database) == [4, 5, 6, 7, 8]
         assert rollup_totals(database, "hour") == base_totals(database)
         workflows = value(database, "SELECT sum(calls), sum(cost_nano_usd) FROM workflows_by_day")
         assert workflows == [base_totals(database)[:1] + base_totals(database)[5:6]]

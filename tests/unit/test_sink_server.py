@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from agentledger.config import Settings
+from agentledger.review.query import QueryClient, QueryError, SinkNotRunningError, SinkQueryClient
 from agentledger.schemas import CallEvent
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.migrations import apply_migrations
-from agentledger.sinks.query import QueryClient, QueryError, SinkNotRunningError, SinkQueryClient
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.server import QueryServer
 from agentledger.sinks.store import SinkTables

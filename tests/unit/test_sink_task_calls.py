@@ -12,12 +12,12 @@ from typing import Any
 from pydantic import SecretStr
 
 from agentledger.config import Settings
+from agentledger.review.escalation import Escalations, escalations
+from agentledger.review.insights import DIMENSIONS
+from agentledger.review.query import QueryClient, QueryResult
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.escalation import Escalations, escalations
-from agentledger.sinks.insights import DIMENSIONS
 from agentledger.sinks.migrations import MIGRATIONS, apply_migrations
-from agentledger.sinks.query import QueryClient, QueryResult
 from agentledger.sinks.rows import SourcePosition, call_to_row
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import calls_stream
@@ -179,7 +179,7 @@ def test_task_calls_are_backfilled_from_calls_stored_before_them(tmp_path: Path)
         rows = [call_to_row(e, SourcePosition("x.calls", 0, i), 0) for i, e in enumerate(events)]
         stream = calls_stream(Settings(topic_prefix="x.", control_key=SecretStr("k" * 32)))
         SinkTables(database).insert(stream, rows, "x.calls:0:0-199")
-        assert apply_migrations(database) == [7]
+        assert apply_migrations(database) == [7, 8]
         assert apply_migrations(database) == []
         with_task = sum(e.task_id is not None for e in events)
         assert database.writer_query("SELECT count() FROM task_calls").rows == [[with_task]]

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
+from agentledger.review.insights import build_review
 from agentledger.schemas import CallEvent, CallStatus
 from agentledger.sinks.database import ClickHouse
-from agentledger.sinks.insights import build_review
 from agentledger.traces import TraceCall, find_trace_dir, load_trace
 from tests.unit.test_sink_review import LocalClient
 from tests.unit.test_sink_worker import Msg, worker_on_chdb

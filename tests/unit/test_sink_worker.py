@@ -30,6 +30,7 @@ from agentledger.schemas import (
 )
 from agentledger.sinks.audit_rows import CONTROL_COLUMNS, command_to_row
 from agentledger.sinks.database import ClickHouse, ClickHouseError
+from agentledger.sinks.flood import DlqFlood, FloodGuard
 from agentledger.sinks.rows import SourcePosition
 from agentledger.sinks.store import SinkTables
 from agentledger.sinks.streams import SinkStream
@@ -172,8 +173,15 @@ class FakeStore:
             self.log.append("insert failed")
             raise ClickHouseError("Code: 241. MEMORY_LIMIT_EXCEEDED", code=241)
         self.log.append(f"insert {token}")
-        self.inserts.append((token, [int(str(r[-2])) for r in rows]))
-        self.stored_ids.update(str(r[1]) for r in rows)
+        # Calls arrive as JSON lines (decode_call_json), the other streams as column lists.
+        pairs = [
+            (int(d["_offset"]), str(d["event_id"]))
+            if isinstance(r, bytes) and (d := json.loads(r))
+            else (int(str(r[-2])), str(r[1]))
+            for r in rows
+        ]
+        self.inserts.append((token, [offset for offset, _ in pairs]))
+        self.stored_ids.update(record_id for _, record_id in pairs)
 
     def present_offsets(
         self, stream: SinkStream, topic: str, partition: int, from_offset: int
@@ -675,3 +683,49 @@ def test_run_retries_a_failed_background_insert_before_committing(rig: Rig) -> N
     rig.consumer.queued = [Msg(t, 0, 7, call(1))]
     run_until_committed(rig, 8)
     assert rig.log == ["insert failed", "insert failed", f"insert {t}:0:7-7", "commit"]
+
+
+def flooded_rig(rig: Rig, max_percent: int, window: int) -> Rig:
+    rig.worker.flood = FloodGuard(max_percent, window)
+    return rig
+
+
+def test_a_flood_of_garbage_stops_the_sink_before_anything_is_stored_or_dead_lettered(
+    rig: Rig,
+) -> None:
+    t = rig.topic
+    flooded_rig(rig, max_percent=50, window=10)
+    rig.consumer.queued = [Msg(t, 0, i, call(i)) for i in range(4)]
+    rig.worker.step()  # 4 good records: stored, committed
+    rig.consumer.queued = [Msg(t, 0, 4 + i, b"not a call") for i in range(7)]
+    with pytest.raises(DlqFlood, match=r"7 of the last 11 records on u\.calls are invalid") as exc:
+        rig.worker.step()
+    assert "limit 50% of 10" in str(exc.value) and "Invalid JSON" in str(exc.value)
+    # The flooded batch: not dead-lettered, not committed (a restart reads it again).
+    assert rig.producer.sent == []
+    assert rig.consumer.commits == [[(t, 0, 4)]]
+    assert rig.log == [f"insert {t}:0:0-3", "commit"]
+
+
+def test_scattered_invalid_records_below_the_limit_are_dead_lettered(rig: Rig) -> None:
+    t = rig.topic
+    flooded_rig(rig, max_percent=50, window=10)
+    for batch in range(3):
+        first = batch * 10
+        rig.consumer.queued = [
+            Msg(t, 0, first + i, b"garbage" if i < 5 else call(first + i)) for i in range(10)
+        ]
+        rig.worker.step()  # exactly 50%: not more than the limit
+    assert len(rig.producer.sent) == 15 and rig.worker.stats.invalid == 15
+    assert rig.consumer.commits[-1] == [(t, 0, 30)]
+
+
+def test_the_flood_window_spans_batches_and_forgets_the_oldest() -> None:
+    guard = FloodGuard(max_percent=50, window=100)
+    guard.check("t", 60, 60, "bad")  # fewer records than the window: not judged yet
+    guard.check("t", 500, 0, None)  # the window is now this batch alone: 0%
+    guard.check("other", 40, 40, "bad")
+    with pytest.raises(DlqFlood, match="60 of the last 110"):
+        guard.check("t", 110, 60, "bad")
+    with pytest.raises(ValueError, match="0 < max_percent <= 100"):
+        FloodGuard(max_percent=0)

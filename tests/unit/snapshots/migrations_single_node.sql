@@ -1139,3 +1139,39 @@ FROM calls
 WHERE calls.task_id IS NOT NULL AND (SELECT count() FROM task_calls) = 0
 ;
 
+DROP VIEW IF EXISTS calls_by_hour_mv
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_hour_mv TO calls_by_hour AS
+SELECT toStartOfHour(bucket, 'UTC') AS bucket, agent_id, used_model, pool, task_type, sum(calls) AS calls, sum(failures) AS failures, sum(retries) AS retries, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(cost_nano_usd) AS cost_nano_usd, sum(failed_cost_nano_usd) AS failed_cost_nano_usd, sum(retry_cost_nano_usd) AS retry_cost_nano_usd, sumMap(latency_hist) AS latency_hist
+FROM calls_by_minute
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+DROP VIEW IF EXISTS calls_by_day_mv
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS calls_by_day_mv TO calls_by_day AS
+SELECT toStartOfDay(bucket, 'UTC') AS bucket, agent_id, used_model, pool, task_type, sum(calls) AS calls, sum(failures) AS failures, sum(retries) AS retries, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(cost_nano_usd) AS cost_nano_usd, sum(failed_cost_nano_usd) AS failed_cost_nano_usd, sum(retry_cost_nano_usd) AS retry_cost_nano_usd, sumMap(latency_hist) AS latency_hist
+FROM calls_by_hour
+GROUP BY bucket, agent_id, used_model, pool, task_type
+;
+
+DROP VIEW IF EXISTS workflows_by_hour_mv
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_hour_mv TO workflows_by_hour AS
+SELECT toStartOfHour(bucket, 'UTC') AS bucket, workflow_id, used_model, sum(calls) AS calls, sum(failures) AS failures, sum(retries) AS retries, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(cost_nano_usd) AS cost_nano_usd, sum(failed_cost_nano_usd) AS failed_cost_nano_usd, sum(retry_cost_nano_usd) AS retry_cost_nano_usd, sumMap(latency_hist) AS latency_hist
+FROM workflows_by_minute
+GROUP BY bucket, workflow_id, used_model
+;
+
+DROP VIEW IF EXISTS workflows_by_day_mv
+;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS workflows_by_day_mv TO workflows_by_day AS
+SELECT toStartOfDay(bucket, 'UTC') AS bucket, workflow_id, used_model, sum(calls) AS calls, sum(failures) AS failures, sum(retries) AS retries, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(cost_nano_usd) AS cost_nano_usd, sum(failed_cost_nano_usd) AS failed_cost_nano_usd, sum(retry_cost_nano_usd) AS retry_cost_nano_usd, sumMap(latency_hist) AS latency_hist
+FROM workflows_by_hour
+GROUP BY bucket, workflow_id, used_model
+;
+

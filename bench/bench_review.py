@@ -1,4 +1,4 @@
-"""Benchmark the review queries: `python -m agentledger.sinks.bench_review --calls 10000000`.
+"""Benchmark the review queries: `python -m bench.bench_review --calls 10000000`.
 
 Generates the calls inside ClickHouse (INSERT ... SELECT FROM numbers(), through the rollups'
 materialized views like a sink insert) in a fresh chDB directory, then times the review parts
@@ -14,13 +14,13 @@ import tempfile
 import time
 from typing import Any
 
-from .database import ClickHouse
-from .escalation import ESCALATION_SOURCES, escalations, model_ranks
-from .insights import build_review, key_model_stats, spend_by_key
-from .migrations import apply_migrations
-from .query import QueryClient
-from .results import QueryResult
-from .review import spend_by_agent_model
+from agentledger.review.escalation import ESCALATION_SOURCES, escalations, model_ranks
+from agentledger.review.insights import build_review, key_model_stats, spend_by_key
+from agentledger.review.query import QueryClient
+from agentledger.review.spend import spend_by_agent_model
+from agentledger.sinks.database import ClickHouse
+from agentledger.sinks.migrations import apply_migrations
+from agentledger.sinks.results import QueryResult
 
 DAY = 86_400_000
 START = 1_735_689_600_000  # 2025-01-01T00:00:00Z

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from statistics import median_low
 
+from agentledger.sinks.migrations import LATENCY_BUCKET_SQL, LATENCY_P50_SQL, ROLLUP_GRAINS
+
 from .escalation import Escalations, escalations, model_ranks
 from .forecast import BudgetForecast, BudgetLine, forecast_budgets
-from .migrations import LATENCY_BUCKET_SQL, LATENCY_P50_SQL, ROLLUP_GRAINS
 from .query import QueryClient
 
 __all__ = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from html import escape
 
-from agentledger.schemas import nano_to_usd
+from agentledger.schemas import format_usd
 
 from .escalation import Escalations
 from .forecast import BudgetForecast
@@ -34,7 +34,7 @@ def _utc(ms: int) -> str:
 
 
 def _usd(nano: int | None) -> str:
-    return "-" if nano is None else f"${nano_to_usd(nano):.6f}"
+    return "-" if nano is None else format_usd(nano)
 
 
 def _pct(share: float | None) -> str:

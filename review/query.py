@@ -13,8 +13,7 @@ import urllib.request
 from typing import Any
 
 from agentledger.config import Settings
-
-from .results import QueryResult
+from agentledger.sinks.results import QueryResult
 
 __all__ = [
     "DirectQueryClient",
@@ -109,12 +108,12 @@ class DirectQueryClient(QueryClient):
     """A ClickHouse server through clickhouse-connect, in a read-only session."""
 
     def __init__(self, dsn: str) -> None:
-        from .database import ClickHouse
+        from agentledger.sinks.database import ClickHouse
 
         self._database = ClickHouse.open(dsn)
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
-        from .database import ClickHouseError
+        from agentledger.sinks.database import ClickHouseError
 
         try:
             return self._database.readonly_query(sql, parameters)

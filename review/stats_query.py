@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from agentledger.schemas import StatsSummary
 from agentledger.schemas.stats import LATENCY_GAMMA
-
-from .results import QueryResult
+from agentledger.sinks.results import QueryResult
 
 __all__ = ["ROUTING_STATS_SQL", "routing_stats"]
 

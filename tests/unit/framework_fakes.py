@@ -1,0 +1,41 @@
+"""What the framework integration tests share: the loopback provider fake and exact prices."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from genai_prices import Usage, calc_price
+
+from agentledger.schemas import CallEvent, usd_to_nano
+from tests.unit.test_producer_ledger import T0
+from tests.unit.test_producer_sdk import OPENAI_USAGE, RESPONSES_USAGE, FakeApi
+
+__all__ = ["OPENAI_USAGE", "RESPONSES_USAGE", "FakeApi", "assert_priced", "genai_nano", "until"]
+
+
+def genai_nano(provider: str, model: str, inp: int, out: int, cached: int) -> int:
+    """genai-prices' own price of a call at the harness clock's start, in nano-USD."""
+    usage = Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cached)
+    at = datetime.fromtimestamp(T0 / 1000, tz=UTC)
+    result = calc_price(usage, model_ref=model, provider_id=provider, genai_request_timestamp=at)
+    return usd_to_nano(result.total_price)
+
+
+def assert_priced(event: CallEvent, model: str) -> None:
+    """The fake's usage (1200 in, 1000 of them cached, 300 out, 100 reasoning) at ``model``."""
+    assert event.used_model == model
+    assert (event.input_tokens, event.output_tokens) == (1200, 300)
+    assert (event.cached_input_tokens, event.reasoning_tokens) == (1000, 100)
+    assert event.priced
+    assert event.cost_nano_usd == genai_nano("openai", model, 1200, 300, 1000)
+
+
+def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` (generous deadline: the machine is shared)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)

@@ -1,0 +1,157 @@
+"""The pydantic-ai model wrapper through the real package (OpenAIChatModel) against the loopback
+fake of the OpenAI chat completions API."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentledger.producers import AgentLedger, BudgetExceeded
+from agentledger.producers.framework import Pause, pause_stats
+from agentledger.schemas import ControlAction
+from tests.unit.framework_fakes import FakeApi, assert_priced, until
+from tests.unit.test_producer_ledger import Harness
+
+pytest.importorskip("pydantic_ai")
+import openai
+from pydantic_ai import Agent, RunContext
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.usage import UsageLimits
+
+from agentledger.producers.pydantic_ai import LedgerModel
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    fake = FakeApi()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+class Models:
+    """OpenAI chat models over one client, closed in the run's event loop."""
+
+    def __init__(self, api: FakeApi) -> None:
+        self.client = openai.AsyncOpenAI(api_key="test", base_url=f"{api.url}/v1", max_retries=0)
+
+    def __call__(self, agent: AgentLedger, model: str = "gpt-4o", **kwargs: Any) -> LedgerModel:
+        inner = OpenAIChatModel(model, provider=OpenAIProvider(openai_client=self.client))
+        return LedgerModel(inner, agent, **kwargs)
+
+    def run(self, bot: Agent[Any, Any], text: str = "hi", **kwargs: Any) -> Any:
+        async def main() -> Any:
+            try:
+                return await bot.run(text, **kwargs)
+            finally:
+                await self.client.close()
+
+        return asyncio.run(main())
+
+
+def test_usage_and_a_delegate_agent_as_a_spawn(api: FakeApi, h: Harness) -> None:
+    lead = h.ledger.agent("lead", pool="p", workflow="wf")
+    models = Models(api)
+    helper = Agent(models(lead.spawn("lead.helper")))
+    bot = Agent(models(lead))
+
+    @bot.tool
+    async def ask_helper(ctx: RunContext[None]) -> str:
+        """Ask the helper."""
+        result = await helper.run("help", usage=ctx.usage)
+        return str(result.output)
+
+    api.tool_calls = ["ask_helper"]
+    with lead.task("research", task_id="t-1"):
+        result = models.run(bot)
+    assert result.output == "hello"
+    events = h.events()
+    assert [(e.agent_id, e.parent_agent_id, e.spawn_depth) for e in events] == [
+        ("lead", None, 0),
+        ("lead.helper", "lead", 1),
+        ("lead", None, 0),
+    ]
+    assert {(e.task_type, e.task_id) for e in events} == {("research", "t-1")}
+    for event in events:
+        assert (event.provider, event.requested_model) == ("openai", "gpt-4o")
+        assert_priced(event, "gpt-4o")
+
+
+def test_streamed_run_records_usage(api: FakeApi, h: Harness) -> None:
+    models = Models(api)
+    bot = Agent(models(h.ledger.agent("a")))
+
+    async def main() -> str:
+        async with bot.run_stream("hi") as stream:
+            text = await stream.get_output()
+        await models.client.close()
+        return str(text)
+
+    assert asyncio.run(main()) == "hello"
+    (event,) = h.events()
+    assert api.requests[0]["stream"] is True
+    assert_priced(event, "gpt-4o")
+
+
+def test_route_sends_the_routed_model(api: FakeApi, h: Harness) -> None:
+    h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
+    models = Models(api)
+    models.run(Agent(models(h.ledger.agent("a", pool="p"))))
+    assert api.requests[0]["model"] == "gpt-4o-mini"
+    (event,) = h.events()
+    assert event.requested_model == "gpt-4o"
+    assert_priced(event, "gpt-4o-mini")
+
+
+def test_a_stop_mid_run_raises_out_of_run_and_usage_limits_stay_pydantic_ais(
+    api: FakeApi, h: Harness
+) -> None:
+    models = Models(api)
+    bot = Agent(models(h.ledger.agent("looper")))
+    runs = [0]
+
+    @bot.tool_plain
+    def search() -> str:
+        """Search for more."""
+        runs[0] += 1
+        if runs[0] == 3:
+            h.publish("agent:looper")
+        return "more"
+
+    api.loop_tool = "search"
+    with pytest.raises(BudgetExceeded, match="agent:looper"):
+        models.run(bot, usage_limits=UsageLimits(request_limit=50))
+    assert len(h.events()) == 3 and len(api.requests) == 3
+
+
+def test_pause_waits_for_a_resume(api: FakeApi, h: Harness) -> None:
+    models = Models(api)
+    h.publish("agent:a")
+    bot = Agent(models(h.ledger.agent("a"), pause=Pause(timeout_s=60, poll_s=0.01)))
+    thread = threading.Thread(target=models.run, args=(bot,))
+    thread.start()
+    stats = pause_stats(h.ledger)
+    until(lambda: stats.paused_now == {"agent:a": 1}, "the request to pause")
+    assert api.requests == []
+    h.publish("agent:a", ControlAction.RESUME)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(h.events()) == 1 and stats.resumed == 1
+
+
+def test_failed_request_is_recorded(api: FakeApi, h: Harness) -> None:
+    models = Models(api)
+    api.fail_with = 429
+    with pytest.raises(Exception, match="429"):
+        models.run(Agent(models(h.ledger.agent("a"))))
+    assert {(e.status, e.error_type) for e in h.events()} == {("rate_limited", "ModelHTTPError")}
