@@ -40,6 +40,40 @@ class Settings(BaseSettings):
     processor_port: int = Field(default=6066, ge=1, le=65535)
     sink_port: int = Field(default=6067, ge=1, le=65535)
     dashboard_port: int = Field(default=6068, ge=1, le=65535)
+    # -- OTLP receiver and Prometheus metrics (otlp/README.md, README "Metrics") ------------
+    otlp_port: int = Field(default=4318, ge=1, le=65535, description="OTLP/HTTP receiver port")
+    otlp_host: str = Field(
+        default="127.0.0.1",
+        description="address the OTLP receiver binds; anything but loopback requires the API "
+        "token as a bearer header on /v1/traces",
+    )
+    otlp_mapping: Path | None = Field(
+        default=None,
+        description="YAML file overriding the receiver's span-attribute mapping "
+        "(otlp/README.md has the defaults)",
+    )
+    otlp_flush_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="how long an export waits for its events to reach Kafka (or the spool) "
+        "before answering 503, which OTLP exporters retry",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="also serve GET /metrics on this port of metrics_host (for a scraper that "
+        "cannot reach loopback: another container or pod); default: only on the service's own "
+        "loopback API port",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address of the metrics_port listener"
+    )
+    metrics_open: bool = Field(
+        default=False,
+        description="serve /metrics without the bearer token (for a scraper on a trusted network)",
+    )
     alert_webhook_url: SecretStr | None = Field(
         default=None,
         description="http(s) URL the processor POSTs alerts to as Slack-compatible JSON "

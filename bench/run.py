@@ -5,7 +5,8 @@ running stack. Every figure records the command that reproduces it.
 
 AGENTLEDGER_BENCH_ONLY=P2,P3 runs only those figures and merges them into the existing
 results.json. Other knobs: AGENTLEDGER_BENCH_EVENTS (P1/P5), AGENTLEDGER_BENCH_P2_RATE and
-AGENTLEDGER_BENCH_P2_PROBES (P2), AGENTLEDGER_BENCH_REVIEW_CALLS (P6).
+AGENTLEDGER_BENCH_P2_PROBES (P2), AGENTLEDGER_BENCH_REVIEW_CALLS (P6), AGENTLEDGER_BENCH_OTLP_SPANS
+(P8).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> int:
         allowance_bench,
         enforcement,
         framework_overhead,
+        otlp_receiver,
         processor_bench,
         review_query,
         scaling,
@@ -88,6 +90,8 @@ def main() -> int:
                 figures += _p2_p3(enforcement, broker.bootstrap, Path(tmp))[:1]
             if run("P3"):
                 figures.append(_p3(allowance_bench, broker.bootstrap, Path(tmp)))
+            if run("P8"):
+                figures.append(_p8_otlp(otlp_receiver, broker.bootstrap, Path(tmp)))
             if run("P7"):
                 print("P7: processor scaling curve (1 and 2 workers) ...", flush=True)
                 figures.append(
@@ -254,6 +258,24 @@ def _p8(framework_overhead: Any) -> dict[str, object]:
         "details": p8,
         "seconds": round(time.monotonic() - started, 1),
         "command": ".venv/bin/python bench/framework_overhead.py",
+    }
+
+
+def _p8_otlp(otlp_receiver: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
+    spans = int(os.environ.get("AGENTLEDGER_BENCH_OTLP_SPANS", "50000"))
+    print(f"P8: {spans:,} GenAI spans through the OTLP receiver into Kafka ...", flush=True)
+    started = time.monotonic()
+    p8 = otlp_receiver.measure(bootstrap, tmp / "otlp", spans=spans, batch=512, clients=2)
+    return {
+        "id": "P8",
+        "name": "OTLP receiver spans/s (protobuf, 512-span exports, 2 clients) into Kafka, and "
+        "receiver CPU per span",
+        "value": f"{p8['spans_per_s']} spans/s, {p8['cpu_us_per_span']} us CPU/span",
+        "unit": "",
+        "target": "measured (issue #17)",
+        "details": p8,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": f".venv/bin/python -m bench.otlp_receiver --spans {spans} --batch 512",
     }
 
 

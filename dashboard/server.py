@@ -24,8 +24,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from agentledger.config import Settings
+from agentledger.metrics import CONTENT_TYPE, metrics_authorized, metrics_listener, render
 
 from .collector import Collector
+from .metrics import DashboardMetrics
 from .operator import operator_command, publish_command
 
 __all__ = ["COOKIE", "PUSH_EVERY_S", "build_app", "serve"]
@@ -39,6 +41,7 @@ CHECK_EVERY_S = 0.2  # how often a stream looks for a newer snapshot
 MAX_CONTROL_BODY = 16 * 1024
 _COLLECTOR = web.AppKey("collector", Collector)
 _SETTINGS = web.AppKey("settings", Settings)
+_METRICS = web.AppKey("metrics", DashboardMetrics)
 
 
 def _session_value(token: str) -> str:
@@ -113,6 +116,8 @@ async def _events(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     sent_version = -1
     sent_at = 0.0
+    streams = request.app[_METRICS].streams
+    streams.inc()
     try:
         while True:
             version, snapshot = collector.snapshot()
@@ -123,7 +128,16 @@ async def _events(request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(CHECK_EVERY_S)
     except (ConnectionResetError, asyncio.CancelledError):
         pass  # the page went away, or the server is stopping
+    finally:
+        streams.dec()
     return response
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    if not metrics_authorized(request.app[_SETTINGS], request.headers.get("Authorization")):
+        return _unauthorized()
+    body = render(request.app[_METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _control(request: web.Request) -> web.Response:
@@ -141,6 +155,9 @@ async def _control(request: web.Request) -> web.Response:
         )
     settings = request.app[_SETTINGS]
     collector = request.app[_COLLECTOR]
+    counted = request.app[_METRICS].commands
+    action = str(body.get("action", ""))
+    label = action if action in ("stop", "throttle", "resume") else "other"
     concurrency = body.get("concurrency")
     if concurrency is not None and (
         isinstance(concurrency, bool) or not isinstance(concurrency, int)
@@ -157,14 +174,18 @@ async def _control(request: web.Request) -> web.Response:
             concurrency=concurrency,
         )
     except ValidationError as exc:
+        counted.labels(label, "refused").inc()
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return web.json_response({"error": f"invalid command: {detail}"}, status=400)
     except ValueError as exc:
+        counted.labels(label, "refused").inc()
         return web.json_response({"error": str(exc)}, status=400)
     try:
         await asyncio.get_running_loop().run_in_executor(None, publish_command, settings, command)
     except RuntimeError as exc:
+        counted.labels(label, "failed").inc()
         return web.json_response({"error": str(exc)}, status=503)
+    counted.labels(label, "published").inc()
     log.info("operator %s: %s %s", command.issuer, command.action.value, command.scope)
     return web.json_response(json.loads(command.model_dump_json()))
 
@@ -173,7 +194,8 @@ def build_app(settings: Settings, collector: Collector | None = None) -> web.App
     """The aiohttp application; it starts and stops its collector with itself."""
     app = web.Application(client_max_size=MAX_CONTROL_BODY)
     app[_SETTINGS] = settings
-    app[_COLLECTOR] = collector or Collector(settings)
+    app[_COLLECTOR] = collector = collector or Collector(settings)
+    app[_METRICS] = DashboardMetrics(collector.snapshot, collector.clock)
 
     async def start_collector(app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, app[_COLLECTOR].start)
@@ -184,6 +206,7 @@ def build_app(settings: Settings, collector: Collector | None = None) -> web.App
     app.on_startup.append(start_collector)
     app.on_cleanup.append(stop_collector)
     app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/", _index)
     app.router.add_post("/login", _login)
     app.router.add_get("/api/snapshot", _snapshot)
@@ -196,6 +219,7 @@ def build_app(settings: Settings, collector: Collector | None = None) -> web.App
 def serve(settings: Settings) -> None:
     """Run the dashboard on 127.0.0.1:<dashboard_port> until SIGINT/SIGTERM."""
     app = build_app(settings)
+    metrics_listener(settings, app[_METRICS].registry)  # only with AGENTLEDGER_METRICS_PORT
     print(
         f"agentledger dashboard on http://127.0.0.1:{settings.dashboard_port}/ "
         "(log in with the API token)",

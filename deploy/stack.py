@@ -151,7 +151,9 @@ class Stack:
                     "agentledger.dashboard",
                     settings.dashboard_port,
                     "AGENTLEDGER_DASHBOARD_PORT",
-                )
+                ),
+                # One OTLP/HTTP receiver: GenAI spans of OpenTelemetry-instrumented apps.
+                _Service("otlp", "agentledger.otlp", settings.otlp_port, "AGENTLEDGER_OTLP_PORT"),
             ]
         )
 
@@ -218,6 +220,7 @@ class Stack:
                 "AGENTLEDGER_PROCESSOR_PORT": str(self.settings.processor_port),
                 "AGENTLEDGER_SINK_PORT": str(self.settings.sink_port),
                 "AGENTLEDGER_DASHBOARD_PORT": str(self.settings.dashboard_port),
+                "AGENTLEDGER_OTLP_PORT": str(self.settings.otlp_port),
                 "PYTHONUNBUFFERED": "1",
             }
         )

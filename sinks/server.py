@@ -38,8 +38,13 @@ class QueryServer:
         token: str,
         health_extra: Callable[[], dict[str, object]] = dict,
         host: str = "127.0.0.1",
+        metrics: Callable[[], bytes] | None = None,
+        metrics_open: bool = False,
     ) -> None:
         self.database = database
+        # GET /metrics: the Prometheus text (sinks/metrics.py), bearer token unless open.
+        self.metrics = metrics
+        self.metrics_open = metrics_open
         self._token = token.encode()
         self._health_extra = health_extra
         handler = _make_handler(self)
@@ -124,7 +129,22 @@ def _make_handler(server: QueryServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            if self.path.split("?")[0] == "/health":
+            if self.path.split("?")[0] == "/metrics" and server.metrics is not None:
+                if not (
+                    server.metrics_open or server.authorized(self.headers.get("Authorization"))
+                ):
+                    self._send(
+                        HTTPStatus.UNAUTHORIZED,
+                        {"error": "missing or wrong 'Authorization: Bearer <api token>'"},
+                    )
+                    return
+                data = server.metrics()
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif self.path.split("?")[0] == "/health":
                 self._send(*server.health())
             else:
                 self._send(HTTPStatus.NOT_FOUND, {"error": "GET /health or POST /query"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -11,9 +12,11 @@ from collections.abc import Callable
 from types import FrameType
 
 from agentledger.config import Settings
+from agentledger.metrics import metrics_listener, render
 
 from .database import ClickHouse, ClickHouseError
 from .flood import DlqFlood, FloodGuard
+from .metrics import sink_registry
 from .migrations import apply_migrations
 from .server import QueryServer
 from .store import SinkTables
@@ -76,13 +79,17 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
             batch_catch_up_rows=catch_up_rows,
             flood=flood,
         )
+        registry = sink_registry(worker.stats)
         server = QueryServer(
             database,
             settings.sink_port,
             settings.api_token_value(),
             health_extra=worker.stats.as_json,
+            metrics=functools.partial(render, registry),
+            metrics_open=settings.metrics_open,
         )
         server.start()
+        extra = metrics_listener(settings, registry)  # only with AGENTLEDGER_METRICS_PORT
         log.info(
             "sink consuming %s, API on 127.0.0.1:%d", settings.topics.calls, settings.sink_port
         )
@@ -100,6 +107,8 @@ def run_sink(settings: Settings, stop: threading.Event | None = None) -> int:
         finally:
             log.info("stopping: closing the consumer, the API and ClickHouse")
             server.stop()
+            if extra is not None:
+                extra.close()
             worker.close()
     finally:
         database.close()

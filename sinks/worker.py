@@ -55,6 +55,12 @@ TopicPartitionKey = tuple[str, int]
 T = TypeVar("T")
 
 
+def _insert_histogram() -> Any:
+    from .metrics import insert_histogram
+
+    return insert_histogram()
+
+
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -143,6 +149,10 @@ class SinkStats:
     lag: int | None = None
     assigned: list[str] = field(default_factory=list)
     lag_ms: LagHistogram = field(default_factory=LagHistogram)
+    lag_by_partition: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Built lazily by the field's factory so importing the worker needs no prometheus-client
+    # until a SinkStats exists; sinks/metrics.py exposes it on /metrics.
+    insert_seconds: Any = field(default_factory=lambda: _insert_histogram())
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -477,7 +487,9 @@ class SinkWorker:
     def _first_attempts(self, chunks: list[Chunk]) -> tuple[int, int]:
         for index, chunk in enumerate(chunks):
             try:
+                started = time.perf_counter()
                 self.store.insert(chunk.stream, chunk.rows, chunk.token)
+                self.stats.insert_seconds.observe(time.perf_counter() - started)
             except ClickHouseError as exc:
                 log.warning("insert of %d rows failed, retrying: %s", len(chunk.rows), exc)
                 return index, self.clock()
@@ -616,7 +628,9 @@ class SinkWorker:
                 return
             # A partial revocation changes the rows, and with them the token.
             part = chunk if mine == chunk.partitions else chunk.only(mine)
+            started = time.perf_counter()
             self.store.insert(part.stream, part.rows, part.token)
+            self.stats.insert_seconds.observe(time.perf_counter() - started)
 
         self._retry(attempt, f"inserting {len(chunk.rows)} rows ({chunk.token})")
 
@@ -735,16 +749,19 @@ class SinkWorker:
         try:
             positions = self.consumer.position(self.consumer.assignment())
             lag: int | None = None
+            by_partition: dict[tuple[str, int], int] = {}
             for tp in positions:
                 # cached: the high watermark of the last fetch response, no broker round trip.
                 marks = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=True)
                 if marks is None or tp.offset < 0 or marks[1] < 0:
                     continue
                 lag = (lag or 0) + max(0, marks[1] - tp.offset)
+                by_partition[(tp.topic, tp.partition)] = max(0, marks[1] - tp.offset)
         except _kafka_errors() as exc:
             log.debug("lag unavailable: %s", exc)
             return
         self.stats.lag = lag
+        self.stats.lag_by_partition = by_partition
 
     def close(self) -> None:
         self.consumer.close()

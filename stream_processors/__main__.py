@@ -8,6 +8,7 @@ import faust
 from confluent_kafka import KafkaException
 
 from agentledger.config import Settings
+from agentledger.metrics import metrics_listener
 
 from .app import build_app
 from .declare import TopicMissing
@@ -33,6 +34,8 @@ def main() -> None:
             flush=True,
         )
         sys.exit(EXIT_NO_KAFKA)
+    # Only when AGENTLEDGER_METRICS_PORT is set; a daemon thread, ended with the process.
+    metrics_listener(settings, app.processor.metrics.registry)  # type: ignore[attr-defined]
     # faust's Worker installs SIGTERM/SIGINT handlers that stop the app cleanly.
     worker = faust.Worker(app, loglevel=settings.log_level)
     worker.execute_from_commandline()

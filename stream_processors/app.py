@@ -35,6 +35,8 @@ from faust.web import Request, Response, View
 from pydantic import ValidationError
 
 from agentledger.config import Settings
+from agentledger.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agentledger.metrics import metrics_authorized, render
 from agentledger.schemas import (
     Alert,
     AllowanceGrant,
@@ -56,6 +58,7 @@ from .declare import TopicMissing
 from .dlq_rate import DlqRate
 from .flow import LedgerApp
 from .fold import SpendFold
+from .metrics import ProcessorMetrics, dlq_reason_class
 from .ordering import InOrder, Verdict
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .scopes import (
@@ -233,6 +236,10 @@ class Processor:
         self._governing_version: tuple[int, int] | None = None
         # Routing stats, fed by on_calls (see build_app); None when not registered.
         self.stats: StatsAggregator | None = None
+        # Prometheus metrics (GET /metrics); _cause_ms is the event time a settle is deciding
+        # on, for the enforcement latency of the commands it publishes.
+        self.metrics = ProcessorMetrics()
+        self._cause_ms: int | None = None
         topics = settings.topics
         self.calls = app.topic(topics.calls, key_serializer="raw", value_serializer="raw")
         self.control = app.topic(topics.control, key_serializer="raw", value_serializer="raw")
@@ -285,6 +292,7 @@ class Processor:
             key=key,
             payload=payload,
         )
+        self.metrics.dlq.labels(dlq_reason_class(reason)).inc()
         self._unconfirmed.append(await self.dlq.send(key=record.key, value=record.value))
         too_many = self.dlq_rate.record(self.clock(), reason)
         if too_many is not None:
@@ -296,6 +304,7 @@ class Processor:
             await self.alerts.send(key=alert.scope.encode(), value=alert.model_dump_json().encode())
         )
         log.warning("alert for %s: %s", alert.scope, alert.message)
+        self.metrics.alerts.labels(alert.kind.value).inc()
         if self.webhook is not None:
             self.webhook.offer(alert)
 
@@ -375,6 +384,9 @@ class Processor:
             )
         )
         log.info("published %s for %s: %s", command.action.value, command.scope, command.reason)
+        self.metrics.commands.labels(command.action.value).inc()
+        if self._cause_ms is not None:
+            self.metrics.enforcement.observe(max(self.clock() - self._cause_ms, 0) / 1000)
 
     # -- the stream -------------------------------------------------------------------------
 
@@ -472,7 +484,9 @@ class Processor:
                         forwards.setdefault(cost.scope, []).append(cost)
                 counted = fold.result()
                 if counted is not state:
+                    self._cause_ms = items[-1][0].event_time_ms
                     counted = await self.settle(f"agent:{agent_id}", counted)
+                    self._cause_ms = None
                     self._store(self.spend, agent_id, counted, items[-1][1])
                     self._track(SPEND_TABLE, agent_id, counted)
             for scope, costs in forwards.items():
@@ -489,6 +503,7 @@ class Processor:
                         )
                     )
             await self._confirm()
+        self.metrics.batch_done(self.calls.get_topic_name(), len(batch), self.clock())
 
     async def on_scope_costs(self, batch: list[Record]) -> None:
         """Count a batch of forwarded costs, once per scope per batch (see :meth:`on_calls`)."""
@@ -530,10 +545,13 @@ class Processor:
                 counted = fold.result()
                 if counted is state:
                     continue
+                self._cause_ms = max(c.event_time_ms for c, _ in items)
                 counted = await self.settle(scope, counted)
+                self._cause_ms = None
                 self._store(self.scope_spend, scope, counted, items[-1][1])
                 self._track(SCOPE_SPEND_TABLE, scope, counted)
             await self._confirm()
+        self.metrics.batch_done(self.scopes.get_topic_name(), len(batch), self.clock())
 
     # -- allowances -------------------------------------------------------------------------
 
@@ -747,6 +765,7 @@ class Processor:
         tps = [tp for tp in consumer.assignment() if tp.topic in inputs]
         if not tps:
             self.stalls.reset()
+            self.metrics.observe_lag({}, 0)
             return
         read = getattr(consumer, "_read_offset", {})
         committed = dict(getattr(consumer, "_committed_offset", {}))
@@ -764,6 +783,7 @@ class Processor:
                 committed[tp] = self._earliest.get(tp)
         views = {tp: PartitionView(read.get(tp), committed.get(tp), ends.get(tp)) for tp in tps}
         due = self.stalls.observe(views, now)
+        self.metrics.observe_lag(views, len(self.stalls.unhealthy))
         for tp in set_aside & set(due):
             # A seek does not lift a pause; the rejoin further up the ladder does.
             log.warning("partition %s:%s is paused or set aside by faust", tp.topic, tp.partition)
@@ -1146,6 +1166,15 @@ def build_app(
                 "partitions": partitions,
             },
             status=200 if status == "ok" else 503,
+        )
+
+    @app.page("/metrics")
+    async def metrics(web: View, request: Request) -> Response:
+        if not metrics_authorized(settings, request.headers.get("Authorization")):
+            return web.json({"error": "missing or wrong bearer token"}, status=401)
+        # aiohttp refuses parameters in content_type=, so the full type goes in the header.
+        return web.bytes(
+            render(proc.metrics.registry), headers={"Content-Type": METRICS_CONTENT_TYPE}
         )
 
     # Agent ids may contain "/", so the scope takes the rest of the path.

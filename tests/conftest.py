@@ -91,6 +91,7 @@ def settings_factory(tmp_path: Path) -> SettingsFactory:
             "processor_port": free_port(),
             "sink_port": free_port(),
             "dashboard_port": free_port(),
+            "otlp_port": free_port(),
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

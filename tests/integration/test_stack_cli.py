@@ -45,6 +45,7 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
             "AGENTLEDGER_PROCESSOR_PORT": str(free_port()),
             "AGENTLEDGER_SINK_PORT": str(free_port()),
             "AGENTLEDGER_DASHBOARD_PORT": str(free_port()),
+            "AGENTLEDGER_OTLP_PORT": str(free_port()),
             "AGENTLEDGER_TOPIC_PREFIX": "clitest.",
             "AGENTLEDGER_CONTROL_KEY": TEST_CONTROL_KEY,
         }
@@ -63,6 +64,7 @@ def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
             "processor": True,
             "sink": True,
             "dashboard": True,
+            "otlp": True,
         }
         pids = {name: row["pid"] for name, row in rows.items()}
         assert all(isinstance(pid, int) for pid in pids.values())
@@ -89,6 +91,7 @@ def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
         "processor",
         "sink",
         "dashboard",
+        "otlp",
         "kafka",
     }
     after = status(stack_env)

@@ -82,7 +82,8 @@ def test_stack_runs_n_processors_and_m_sinks_on_their_own_ports(tmp_path: Path) 
         sink_port=7001,
     )
     stack = Stack(settings, progress=lambda _m: None)
-    workers = [s for s in stack.services if s.module != "agentledger.dashboard"]
+    singles = {"agentledger.dashboard", "agentledger.otlp"}
+    workers = [s for s in stack.services if s.module not in singles]
     assert [(s.name, s.port, s.env_port) for s in workers] == [
         ("processor", 7000, "AGENTLEDGER_PROCESSOR_PORT"),
         ("processor-2", 7010, "AGENTLEDGER_PROCESSOR_PORT"),
@@ -102,8 +103,8 @@ def test_down_after_a_scaled_up_finds_every_node_and_worker(tmp_path: Path) -> N
     (tmp_path / "run" / "stack.json").write_text(json.dumps(shape))
     stack = Stack(Settings(home=tmp_path), progress=lambda _m: None)
     assert len(stack.cluster.brokers) == 3
-    names = [s.name for s in stack.services if s.module != "agentledger.dashboard"]
-    assert names == ["processor", "processor-2", "sink"]
+    names = [s.name for s in stack.services]
+    assert names == ["processor", "processor-2", "sink", "dashboard", "otlp"]
     assert stack.bootstrap.count(",") == 2
     # Flags given explicitly win over the recorded shape.
     explicit = Stack(Settings(home=tmp_path, kafka_brokers=1), progress=lambda _m: None)

@@ -183,7 +183,11 @@ def test_dockerfile_parses_and_runs_as_a_non_root_user() -> None:
     assert "'.[all]'" in by_cmd["RUN"].value[0]
     assert by_cmd["CMD"].json and by_cmd["CMD"].value[-1] == "agentledger.stream_processors"
     # Every service the compose file and the manifests run is a module of this one image.
-    modules = {s["command"][-1] for s in compose()["services"].values() if "command" in s}
+    modules = {
+        s["command"][-1]
+        for s in compose()["services"].values()
+        if "command" in s and s.get("image") == IMAGE
+    }
     for _, document in manifests():
         pod = document.get("spec", {}).get("template", {}).get("spec", {})
         modules |= {c["command"][-1] for c in pod.get("containers", []) if c["image"] == IMAGE}

@@ -24,6 +24,7 @@ def settings_for(tmp_path: Path) -> Settings:
         processor_port=free_port(),
         sink_port=free_port(),
         dashboard_port=free_port(),
+        otlp_port=free_port(),
     )
 
 
