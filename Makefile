@@ -12,11 +12,14 @@ STAMP := $(VENV)/.installed
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
-	@echo ">> creating $(VENV) and installing agentledger[dev] (editable)"
+# constraints.txt pins every dependency to a set known to install and pass together: without it
+# pip's resolver gave up ("resolution-too-deep") on a fresh venv once the framework and OTel
+# extras joined. Refresh it with `.venv/bin/pip freeze --exclude-editable > constraints.txt`.
+$(STAMP): pyproject.toml constraints.txt
+	@echo ">> creating $(VENV) and installing agentledger[dev] (editable, pinned by constraints.txt)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check --progress-bar off -q --upgrade pip
-	$(BIN)/pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check --progress-bar off -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv with everything, including .venv/bin/agentledger
