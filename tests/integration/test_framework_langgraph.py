@@ -14,8 +14,8 @@ from agentledger.budgets import apply_policies
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
+from agentledger.review.query import QueryClient
 from agentledger.schemas import BudgetPolicy, PolicyFile
-from agentledger.sinks.query import QueryClient
 from tests.integration.test_end_to_end import sink_totals
 from tests.unit.framework_fakes import FakeApi, genai_nano
 
