@@ -15,6 +15,7 @@ it above what it granted.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -58,15 +59,13 @@ MIN_ASK_GAP_S = 0.02
 def new_holder_id() -> str:
     """A holder id unique to this process: host, pid and a random tail."""
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:60]
-    import os
-
     return f"{host or 'host'}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class Lease:
     """This process's allowance in one budget instance of one scope."""
 
-    __slots__ = ("budget", "granted", "limit", "outstanding", "period", "spend", "until_ms", "used")
+    __slots__ = ("budget", "granted", "limit", "outstanding", "spend", "until_ms", "used")
 
     def __init__(self, budget: str) -> None:
         self.budget = budget
@@ -75,7 +74,6 @@ class Lease:
         self.limit = 0
         self.spend = 0
         self.outstanding = 0  # every holder's, this one's included, when last answered
-        self.period = ""
         self.until_ms: int | None = None
 
 
@@ -270,11 +268,6 @@ class Allowances:
                 self._answered.wait(min(left, 0.05))
         return True
 
-    def answered(self, scope: str) -> bool:
-        with self._lock:
-            book = self._books.get(scope)
-            return book is None or book.answered >= book.seq
-
     def silent_for(self, scope: str) -> float:
         """Seconds the processor has not answered requests for ``scope`` (0 when it has)."""
         with self._lock:
@@ -376,7 +369,6 @@ class Allowances:
                 lease.limit = budget.limit_nano_usd
                 lease.spend = budget.spend_nano_usd
                 lease.outstanding = budget.outstanding_nano_usd
-                lease.period = budget.period
                 lease.until_ms = budget.until_ms
                 leases[budget.budget] = lease
             book.leases = leases

@@ -35,6 +35,7 @@ from agentledger.schemas.partitioning import crc32_partition, state_key, state_p
 from .allowance import Allowances
 from .budget_directory import BudgetDirectory
 from .client_log import client_log
+from .control import note_reached
 
 __all__ = ["AllowanceListener", "KafkaRequestSender"]
 
@@ -228,9 +229,4 @@ class AllowanceListener:
     def _reached(
         self, targets: dict[int, int], partition: int | None, next_offset: int | None
     ) -> None:
-        if self._directory.loaded.is_set() or partition is None or partition not in targets:
-            return
-        if next_offset is None or next_offset >= targets[partition]:
-            del targets[partition]
-            if not targets:
-                self._directory.loaded.set()
+        note_reached(targets, partition, next_offset, self._directory.loaded)

@@ -347,12 +347,24 @@ class KafkaControlListener:
     def _reached(
         self, targets: dict[int, int], partition: int | None, next_offset: int | None
     ) -> None:
-        if self._caught_up.is_set() or partition is None or partition not in targets:
-            return
-        if next_offset is None or next_offset >= targets[partition]:
-            del targets[partition]
-            if not targets:
-                self._caught_up.set()
+        note_reached(targets, partition, next_offset, self._caught_up)
+
+
+def note_reached(
+    targets: dict[int, int],
+    partition: int | None,
+    next_offset: int | None,
+    caught_up: threading.Event,
+) -> None:
+    """Catching up a topic read from the beginning: ``targets`` holds each partition's end
+    offset at start. Drop ``partition`` once ``next_offset`` reaches it (None: end of
+    partition); set ``caught_up`` when none is left."""
+    if caught_up.is_set() or partition is None or partition not in targets:
+        return
+    if next_offset is None or next_offset >= targets[partition]:
+        del targets[partition]
+        if not targets:
+            caught_up.set()
 
 
 # What a topic created moments ago answers until its leader is known everywhere. librdkafka

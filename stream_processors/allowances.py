@@ -120,7 +120,6 @@ def grant_allowance(
     now_ms: int,
     *,
     ttl_ms: int,
-    request_partition: int,
 ) -> tuple[SpendState, AllowanceGrant]:
     """Apply ``request`` to the scope's ``state``; return the state and the (unsigned) answer.
 
@@ -173,7 +172,6 @@ def grant_allowance(
         # A budget instance whose period ended, or whose policy is gone, holds nothing now.
         leases = {k: v for k, v in leases.items() if k in current}
         state = replace(state, leases=leases, holders=holders)
-    del request_partition  # the state's partition is set by whoever counts into it
     answer = AllowanceGrant(
         holder=holder,
         seq=request.seq,

@@ -617,14 +617,13 @@ class Processor:
                 state = before = self._load(ledger.table, key)
                 scope = ledger.scope_of(key)
                 governing = self._governing(scope)
-                for request, partition in requests:
+                for request, _ in requests:
                     state, answer = grant_allowance(
                         state,
                         request,
                         governing,
                         now,
                         ttl_ms=self.allowance_ttl_ms,
-                        request_partition=partition,
                     )
                     answers.append((request.reply_partition, answer))
                 if state is not before:

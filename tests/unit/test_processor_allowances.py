@@ -56,7 +56,7 @@ def ask(
 
 
 def grant(state: SpendState, request: AllowanceRequest, now: int = NOW, policy=DAILY):  # type: ignore[no-untyped-def]
-    return grant_allowance(state, request, [policy], now, ttl_ms=TTL, request_partition=0)
+    return grant_allowance(state, request, [policy], now, ttl_ms=TTL)
 
 
 def spend(state: SpendState, holder: str | None, cost: int, offset: int) -> SpendState:

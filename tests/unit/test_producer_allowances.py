@@ -80,9 +80,7 @@ class Authority:
             for request in pending:
                 state = self.states.get(request.scope, SpendState())
                 governing = matching_policies(self.policies, request.scope)
-                state, grant = grant_allowance(
-                    state, request, governing, self.now(), ttl_ms=30_000, request_partition=0
-                )
+                state, grant = grant_allowance(state, request, governing, self.now(), ttl_ms=30_000)
                 self.states[request.scope] = state
                 assert self.allowances is not None
                 self.allowances.on_grant(grant)
