@@ -148,6 +148,10 @@ def grant_allowance(
                 # ``want`` it asks afresh from there (after a policy change).
                 granted = used
             if request.kind is AllowanceKind.ACQUIRE or request.want_nano_usd:
+                # Used beyond granted happens after a revocation cut the allowance to what
+                # was confirmed: those calls ended, their events are on their way, so they
+                # are spend already and the holder's share is sized on top of them.
+                granted = max(granted, used)
                 others = outstanding(held, now_ms, but=holder)
                 mine = max(granted - confirmed, 0)
                 left = max(budget.limit - budget.spend - others - mine, 0)

@@ -161,6 +161,26 @@ def test_a_lowered_policy_takes_allowances_back() -> None:
     assert same is state and none == []
 
 
+def test_a_holder_that_used_more_than_it_holds_after_a_revocation_still_gets_what_is_left() -> None:
+    # A revocation cuts the allowance to what the processor has confirmed; the holder's calls
+    # in flight (used, not yet counted) are real spend beyond it. Its next request must get
+    # its need on top of that used amount while the budget has room, not be refused.
+    call = 1_000
+    state, _ = grant(SpendState(), ask("h1", 1, want=100 * call))
+    for offset in range(10):
+        state = spend(state, "h1", call, offset=offset)
+    lower = BudgetPolicy(scope="agent:x", period=Period.DAY, limit_usd=Decimal("0.00005"))
+    state, _ = revoke_over_allocated(state, [lower], "agent:x", NOW, ttl_ms=TTL)
+    assert state.leases[DAY_KEY][2]["h1"][0] == 10 * call
+    used = 30 * call  # 20 calls ended whose events the processor has not counted yet
+    state, answer = grant(state, ask("h1", 2, want=256 * call, need=call, used=used), policy=lower)
+    assert answer.refused is None
+    (budget,) = answer.budgets
+    assert used + call <= budget.granted_nano_usd
+    # The invariant still holds once the calls in flight are counted.
+    assert budget.spend_nano_usd + (budget.granted_nano_usd - 10 * call) <= 50 * call
+
+
 def test_a_scope_without_a_budget_gets_an_empty_answer() -> None:
     detectors_only = BudgetPolicy(scope="agent:x", retry_loop={"max_failures": 3, "window_s": 60})
     state, answer = grant(SpendState(), ask("h1", 1, want=1000), policy=detectors_only)
