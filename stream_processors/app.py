@@ -42,18 +42,23 @@ from agentledger.schemas import (
     AllowanceGrant,
     AllowanceRequest,
     BudgetPolicy,
-    CallEvent,
     ControlAction,
-    ControlCommand,
     dead_letter,
-    sign_command,
     sign_grant,
 )
 from agentledger.schemas.partitioning import state_key, state_partition
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .allowances import grant_allowance, revoke_over_allocated
-from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_report
+from .batch_kafka import (
+    calls_consumer_config,
+    requests_consumer_config,
+    restore_consumer_config,
+    transactional_producer_config,
+)
+from .budgets import SpendState, spend_report
+from .data_plane import DataPlane, DataPlaneTopics
+from .decide import Decider, Outgoing
 from .declare import TopicMissing
 from .dlq_rate import DlqRate
 from .flow import LedgerApp
@@ -63,10 +68,9 @@ from .ordering import InOrder, Verdict
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .scopes import (
     ScopeCost,
+    changelog_topic_name,
     decode_scope_costs,
-    encode_scope_costs,
     ensure_scopes_topic,
-    forwarded_costs,
     scopes_topic_name,
 )
 from .stall import PartitionView, Remedy, StallWatch, recovery_views
@@ -231,9 +235,6 @@ class Processor:
         self._unconfirmed: list[Awaitable[Any]] = []
         # Input records dead-lettered by this worker, oldest first (see dead_letter_record).
         self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
-        # The policies governing each scope, for the policy book's version (see _governing).
-        self._governing_cache: dict[str, list[BudgetPolicy]] = {}
-        self._governing_version: tuple[int, int] | None = None
         # Routing stats, fed by on_calls (see build_app); None when not registered.
         self.stats: StatsAggregator | None = None
         # Prometheus metrics (GET /metrics); _cause_ms is the event time a settle is deciding
@@ -255,20 +256,19 @@ class Processor:
         self.allowance_ttl_ms = int(settings.allowance_ttl_s * 1000)
         self.partitions = partitions
         self.allowance_partitions = allowance_partitions
-        self.spend = app.Table(
-            SPEND_TABLE,
-            partitions=partitions,
-            # No key type: faust then uses plain JSON for keys (str), and recovery does not
-            # try to rebuild faust Records. Values are JSON bytes we encode ourselves
-            # (state_codec.py; value_type=bytes makes faust pass them as they are): its json
-            # codec was most of a changelog write.
-            value_type=bytes,
-        )
         self.scope_spend = app.Table(SCOPE_SPEND_TABLE, partitions=partitions, value_type=bytes)
-        self.ledgers = (
-            _Ledger(self.spend, topics.calls, agent_keys=True),
-            _Ledger(self.scope_spend, scopes_topic_name(settings), agent_keys=False),
+        # The agents' states live in the data plane (data_plane.py), not in faust.
+        self.ledgers = (_Ledger(self.scope_spend, scopes_topic_name(settings), agent_keys=False),)
+        self.decider = Decider(
+            self.book,
+            self._key,
+            control_topic=topics.control,
+            alerts_topic=topics.alerts,
+            metrics=self.metrics,
+            clock=clock,
         )
+        #: The batch data plane counting the calls topic (None in apps built without it).
+        self.plane: DataPlane | None = None
 
     # -- dead letters -----------------------------------------------------------------------
 
@@ -300,13 +300,7 @@ class Processor:
 
     async def raise_alert(self, alert: Alert) -> None:
         """Publish ``alert`` to the alerts topic, and hand it to the webhook (never waits)."""
-        self._unconfirmed.append(
-            await self.alerts.send(key=alert.scope.encode(), value=alert.model_dump_json().encode())
-        )
-        log.warning("alert for %s: %s", alert.scope, alert.message)
-        self.metrics.alerts.labels(alert.kind.value).inc()
-        if self.webhook is not None:
-            self.webhook.offer(alert)
+        await self._send(self.decider.alert(alert))
 
     async def dead_letter_record(self, record: Record, reason: str) -> None:
         """Dead-letter an input record once per worker: faust delivers records again around
@@ -345,65 +339,21 @@ class Processor:
     async def settle(self, scope: str, state: SpendState) -> SpendState:
         """Publish what the state calls for, if it differs from what stands; return the state
         with the published command recorded."""
-        if not self.book.ready.is_set():
-            return state  # a missing policy must not look like a lifted budget
-        decision = evaluate(state, self.book.policies, scope, self.clock(), self._governing(scope))
-        for alert in decision.alerts:
-            await self.raise_alert(alert)
-        if decision.alerted != state.alerted:
-            state = replace(state, alerted=decision.alerted)
-        for command in decision.subtree_commands:
-            await self.publish(sign_command(command, self._key))
-        if decision.subtrees != state.subtrees:
-            state = replace(state, subtrees=decision.subtrees)
-        if decision.command is None:
-            return state
-        signed = sign_command(decision.command, self._key)
-        await self.publish(signed)
-        return replace(state, last_command=signed)
+        state, out = self.decider.settle(scope, state, self._cause_ms)
+        for item in out:
+            await self._send(item)
+        return state
+
+    async def _send(self, item: Outgoing) -> None:
+        topic = self.control if item.command is not None else self.alerts
+        self._unconfirmed.append(await topic.send(key=item.key, value=item.value))
+        if item.alert is not None and self.webhook is not None:
+            self.webhook.offer(item.alert)
 
     def _governing(self, scope: str) -> list[BudgetPolicy]:
-        """``matching_policies`` for ``scope``, kept until the policies change: matching every
-        pattern against every key of every batch was a third of a decision."""
-        book = self.book
-        version = (id(book), book.version)
-        if self._governing_version != version:
-            self._governing_cache.clear()
-            self._governing_version = version
-        found = self._governing_cache.get(scope)
-        if found is None:
-            if len(self._governing_cache) >= GOVERNING_CACHE_SIZE:
-                self._governing_cache.clear()
-            found = self._governing_cache[scope] = matching_policies(book.policies.values(), scope)
-        return found
-
-    async def publish(self, command: ControlCommand) -> None:
-        self._unconfirmed.append(
-            await self.control.send(
-                key=command.scope.encode(), value=command.model_dump_json().encode()
-            )
-        )
-        log.info("published %s for %s: %s", command.action.value, command.scope, command.reason)
-        self.metrics.commands.labels(command.action.value).inc()
-        if self._cause_ms is not None:
-            self.metrics.enforcement.observe(max(self.clock() - self._cause_ms, 0) / 1000)
+        return self.decider.governing(scope)
 
     # -- the stream -------------------------------------------------------------------------
-
-    def _parse_call(self, value: bytes | None, now: int) -> CallEvent | str:
-        """The event to count, or why it goes to the dlq instead."""
-        if not value:
-            return "empty value; expected a CallEvent JSON object"
-        try:
-            event = CallEvent.model_validate_json(value)
-        except ValidationError as exc:
-            return f"not a valid CallEvent: {exc}"
-        if event.event_time_ms > now + self.future_tolerance_ms:
-            return (
-                f"event_time_ms {event.event_time_ms} is {event.event_time_ms - now} ms "
-                f"in the future; at most {self.future_tolerance_ms} ms is tolerated"
-            )
-        return event
 
     def _load(self, table: Any, key: str) -> SpendState:
         """The decoded state of ``key``. Decoding is most of the cost of a small update, so the
@@ -441,69 +391,6 @@ class Processor:
         pending, self._unconfirmed = self._unconfirmed, []
         if pending:
             await asyncio.gather(*pending)
-
-    async def on_calls(self, batch: list[Record]) -> None:
-        """Count a batch of calls records: each agent's state is read, updated with all its
-        events in offset order, settled and written once per batch. The routing stats count
-        the same parsed events (one parse per record for both)."""
-        batch = await self.in_order(batch)
-        now = self.clock()
-        stats = self.stats
-        by_agent: dict[str, list[tuple[CallEvent, int, int, str | None]]] = {}
-        for record in batch:
-            event = self._parse_call(record.value, now)
-            if isinstance(event, str):
-                await self.dead_letter_record(record, event)
-                continue
-            if stats is not None:
-                stats.count(event, record.partition, record.offset)
-            by_agent.setdefault(event.agent_id, []).append(
-                (event, record.partition, record.offset, record.holder)
-            )
-        forwards: dict[str, list[ScopeCost]] = {}
-        debug = log.isEnabledFor(logging.DEBUG)
-        async with self._lock:
-            plan = self.book.plan
-            for agent_id, items in by_agent.items():
-                state = self._load(self.spend, agent_id)
-                fold = SpendFold(state, now_ms=now, plan=plan)
-                for event, partition, offset, holder in items:
-                    event_id = event.event_id.hex
-                    delivery = fold.add_event(event, event_id, partition, offset, holder)
-                    if debug:
-                        log.debug("calls %s@%s agent %s: %s", partition, offset, agent_id, delivery)
-                    if delivery is Delivery.DUPLICATE:
-                        log.info(
-                            "event %s delivered again at %s; not counted", event.event_id, offset
-                        )
-                        continue
-                    # A replay forwards again: the first run may have written the agent's
-                    # state but crashed before the forward left; the scopes hop ignores what
-                    # it has seen.
-                    for cost in forwarded_costs(event, partition, offset, event_id, holder):
-                        forwards.setdefault(cost.scope, []).append(cost)
-                counted = fold.result()
-                if counted is not state:
-                    self._cause_ms = items[-1][0].event_time_ms
-                    counted = await self.settle(f"agent:{agent_id}", counted)
-                    self._cause_ms = None
-                    self._store(self.spend, agent_id, counted, items[-1][1])
-                    self._track(SPEND_TABLE, agent_id, counted)
-            for scope, costs in forwards.items():
-                # The scope's state skips a cost at or below the last applied offset of its
-                # source partition (replay), and costs were gathered agent by agent: two agents
-                # of one scope on one calls partition would interleave, and the lower offsets
-                # of the second would be dropped as replays.
-                costs.sort(key=lambda c: (c.partition, c.offset))
-                for start in range(0, len(costs), MAX_COSTS_PER_RECORD):
-                    chunk = costs[start : start + MAX_COSTS_PER_RECORD]
-                    self._unconfirmed.append(
-                        await self.scopes.send(
-                            key=scope.encode(), value=encode_scope_costs(scope, chunk)
-                        )
-                    )
-            await self._confirm()
-        self.metrics.batch_done(self.calls.get_topic_name(), len(batch), self.clock())
 
     async def on_scope_costs(self, batch: list[Record]) -> None:
         """Count a batch of forwarded costs, once per scope per batch (see :meth:`on_calls`)."""
@@ -591,11 +478,9 @@ class Processor:
                 continue
             kind = request.scope.partition(":")[0]
             if kind == "agent":
-                index = 0
-            elif kind in {"pool", "workflow", "task_type"}:
-                index = 1
-            else:
-                index = -1  # a scope kind without a spend state (subtree): no budget
+                continue  # the data plane, which holds the agents' states, answers it
+            # -1: a scope kind without a spend state (subtree): no budget
+            index = 0 if kind in {"pool", "workflow", "task_type"} else -1
             by_key.setdefault((index, state_key(request.scope).decode()), []).append(
                 (request, record.partition)
             )
@@ -913,9 +798,11 @@ class Processor:
         if not name:
             return None
         if kind == "agent":
-            ledger, key = self.ledgers[0], name
-        elif kind in {"pool", "workflow", "task_type"}:
-            ledger, key = self.ledgers[1], scope
+            plane = self.plane
+            found = plane.states.get(name) if plane is not None else None
+            return spend_report(found, self.book.policies, scope, self.clock())
+        if kind in {"pool", "workflow", "task_type"}:
+            ledger, key = self.ledgers[0], scope
         else:
             return None
         table = ledger.table
@@ -1090,16 +977,27 @@ def build_app(
     app.commit_bound = proc.order.commit_bound
     # Routing stats: counted by on_calls from its parsed events rather than by an agent of
     # their own, which cost a second faust stream and a second parse per calls record.
-    proc.stats = register_stats(app, settings, proc.clock, proc.dead_letter, own_agent=False)
+    proc.stats = register_stats(
+        app, settings, proc.clock, proc.dead_letter, own_agent=False, publish=False
+    )
+    proc.plane = plane = build_data_plane(
+        settings, proc, partitions, future_tolerance_ms, loop=app.loop
+    )
 
     # Batches: per-event overhead (a state decode, a changelog write and three forwards per
     # event) held the worker to ~500 events/s; per batch it is paid once per key. take_events
     # acks a batch's events only after the body returns, and the body waits for its writes.
-    @app.agent(proc.calls, concurrency=1)
-    async def process_calls(stream: Any) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            await proc.on_calls([Record.of(event) for event in events])
+    # The calls topic is counted by the batch data plane in a thread of its own (see
+    # data_plane.py); the stop flag ends it within a cycle when the worker stops.
+    @app.task  # type: ignore[untyped-decorator]
+    async def data_plane() -> None:
+        try:
+            await asyncio.to_thread(plane.run)
+        finally:
+            plane.stop()
 
+    # Batches: faust's per-event hand-over costs more than the counting; take_events acks a
+    # batch's events only after the body returns, and the body waits for its writes.
     @app.agent(proc.scopes, concurrency=1)
     async def process_scope_costs(stream: Any) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
@@ -1153,7 +1051,18 @@ def build_app(
             for tp in proc.stalls.unhealthy | proc.recovery_stalls.unhealthy
         )
         stuck = proc.stuck_rebalancing()
-        status = "stalled" if stalled else "stuck rebalancing" if stuck else "ok"
+        plane_health = plane.health()
+        status = (
+            "stalled"
+            if stalled
+            else "stuck rebalancing"
+            if stuck
+            else f"data plane failed: {plane.error}"
+            if plane.error
+            else "data plane stuck"
+            if plane_health["stuck"]
+            else "ok"
+        )
         return web.json(
             {
                 "status": status,
@@ -1163,6 +1072,7 @@ def build_app(
                 "rebalancing": bool(app.rebalancing),
                 "in_recovery": bool(app.in_recovery),
                 "partitions": partitions,
+                "data_plane": plane_health,
             },
             status=200 if status == "ok" else 503,
         )
@@ -1208,7 +1118,59 @@ def build_app(
                 report = spend_report(state, proc.book.policies, ledger.scope_of(key), now)
                 del report["buckets"], report["applied_offsets"]
                 reports.append(report)
+        for agent_id, state in list(plane.states.items()):
+            report = spend_report(state, proc.book.policies, f"agent:{agent_id}", now)
+            del report["buckets"], report["applied_offsets"]
+            reports.append(report)
         reports.sort(key=lambda r: str(r["scope"]))
         return web.json({"now_ms": now, "scopes": reports})
 
     return app
+
+
+def build_data_plane(
+    settings: Settings,
+    proc: Processor,
+    partitions: int,
+    future_tolerance_ms: int,
+    *,
+    loop: asyncio.AbstractEventLoop,
+) -> DataPlane:
+    """The data plane of ``proc``'s worker, on confluent-kafka clients."""
+    from confluent_kafka import Consumer, Producer
+
+    topics = settings.topics
+    webhook = proc.webhook
+
+    def on_alert(alert: Alert) -> None:
+        # From the data plane's thread: the webhook's queue belongs to the event loop.
+        if webhook is not None:
+            loop.call_soon_threadsafe(webhook.offer, alert)
+
+    return DataPlane(
+        settings,
+        topics=DataPlaneTopics(
+            calls=topics.calls,
+            requests=topics.allowance_requests,
+            changelog=changelog_topic_name(settings, SPEND_TABLE),
+            scopes=scopes_topic_name(settings),
+            control=topics.control,
+            alerts=topics.alerts,
+            allowances=topics.allowances,
+            dlq=topics.dlq,
+            stats=topics.stats,
+        ),
+        partitions=partitions,
+        book=proc.book,
+        clock=proc.clock,
+        metrics=proc.metrics,
+        new_consumer=lambda: Consumer(calls_consumer_config(settings)),
+        new_requests_consumer=lambda: Consumer(requests_consumer_config(settings)),
+        new_restore_consumer=lambda: Consumer(restore_consumer_config(settings)),
+        new_producer=lambda: Producer(transactional_producer_config(settings)),
+        stats=proc.stats,
+        on_alert=on_alert,
+        future_tolerance_ms=future_tolerance_ms,
+        allowance_ttl_ms=proc.allowance_ttl_ms,
+        allowance_partitions=proc.allowance_partitions,
+    )

@@ -27,8 +27,9 @@ table recovery, which places them itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
-from faust.transport.drivers.aiokafka import Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer
 from faust.types import TP
 
 __all__ = ["BoundedCommitConsumer", "CommitBound", "bounded"]
@@ -44,9 +45,26 @@ def bounded(proposed: int | None, bound: int | None) -> int | None:
     return min(proposed, bound)
 
 
+class ReadCommittedThread(AIOKafkaConsumerThread):
+    """faust's consumer thread, reading with read_committed: the data plane writes the scopes
+    topic in transactions, and faust reads committed data only with its (buggy) exactly_once
+    guarantee on."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # aiokafka keeps the constructor's value until start() builds its fetcher from it.
+        assert hasattr(consumer, "_isolation_level"), "aiokafka changed: isolation_level"
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+
 class BoundedCommitConsumer(Consumer):
     """faust's aiokafka consumer whose commit offsets never pass the app's ``commit_bound``
-    (an attribute of the app, set by the processor, None to commit as faust does)."""
+    (an attribute of the app, set by the processor, None to commit as faust does), reading
+    with read_committed."""
+
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return ReadCommittedThread(self, loop=self.loop, beacon=self.beacon)
 
     def _new_offset(self, tp: TP) -> int | None:
         # faust drops the acked offsets it proposes from its list either way; a lower commit

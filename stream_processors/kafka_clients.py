@@ -24,6 +24,9 @@ def follower_consumer(bootstrap: str, options: ClientOptions | None = None) -> A
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # The data plane writes stats (and faust nothing these read) in transactions: an
+        # aborted one must not be read.
+        isolation_level="read_committed",
         **dict(options or {}),
     )
 

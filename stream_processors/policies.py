@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ class PolicyBook:
 
     def __init__(self) -> None:
         self._policies: dict[str, BudgetPolicy] = {}
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, BudgetPolicy] = {}
+        self._snapshot_version = 0
         self.ready = asyncio.Event()
         #: Bumped on every change, so a consumer can tell that decisions may differ now.
         self.version = 0
@@ -50,14 +54,21 @@ class PolicyBook:
     @property
     def plan(self) -> BucketPlan:
         """What spend states must keep for the policies in force (see tracking.py)."""
-        if self._plan_version != self.version:
-            self._plan = plan_for(self._policies.values())
-            self._plan_version = self.version
+        version = self.version
+        if self._plan_version != version:
+            self._plan = plan_for(self.policies.values())
+            self._plan_version = version
         return self._plan
 
     @property
     def policies(self) -> Mapping[str, BudgetPolicy]:
-        return self._policies
+        """A snapshot that never changes under its reader: the data plane thread reads the
+        policies while faust's thread applies records."""
+        if self._snapshot_version != self.version:
+            with self._lock:
+                self._snapshot = dict(self._policies)
+                self._snapshot_version = self.version
+        return self._snapshot
 
     def __len__(self) -> int:
         return len(self._policies)
@@ -74,8 +85,9 @@ class PolicyBook:
         except UnicodeDecodeError:
             return "policies record key is not UTF-8; expected '<scope>|<period>'"
         if not value:
-            if self._policies.pop(name, None) is not None:
-                self.version += 1
+            with self._lock:
+                if self._policies.pop(name, None) is not None:
+                    self.version += 1
             return None
         try:
             policy = BudgetPolicy.model_validate_json(value)
@@ -87,8 +99,9 @@ class PolicyBook:
                 f"(scope|period = {policy.key!r}); publish it under {policy.key!r}"
             )
         if self._policies.get(name) != policy:
-            self._policies[name] = policy
-            self.version += 1
+            with self._lock:
+                self._policies[name] = policy
+                self.version += 1
         return None
 
 

@@ -200,6 +200,10 @@ class StatsAggregator:
         keys, self._dirty = self._dirty, set()
         return [self._partials[key].to_stats(now) for key in sorted(keys)]
 
+    def mark_dirty(self, keys: list[str]) -> None:
+        """Publish these partials again (their last publish was in an aborted transaction)."""
+        self._dirty.update(k for k in keys if k in self._partials)
+
     def stats(self, key: str) -> TaskStats | None:
         partial = self._partials.get(key)
         return None if partial is None else partial.to_stats(self.clock())
@@ -331,6 +335,7 @@ def register_stats(
     *,
     flush_interval_s: float = FLUSH_INTERVAL_S,
     own_agent: bool = True,
+    publish: bool = True,
 ) -> StatsAggregator:
     """Add the stats agent, the stats-topic follower and the publish timer to a faust app.
 
@@ -377,10 +382,12 @@ def register_stats(
             client_options=settings.aiokafka_options(),
         )
 
-    @app.timer(interval=flush_interval_s)  # type: ignore[untyped-decorator]
-    async def publish_stats() -> None:
-        for record in aggregator.take_dirty():
-            await out.send(key=record.key.encode(), value=record.model_dump_json().encode())
+    if publish:
+
+        @app.timer(interval=flush_interval_s)  # type: ignore[untyped-decorator]
+        async def publish_stats() -> None:
+            for record in aggregator.take_dirty():
+                await out.send(key=record.key.encode(), value=record.model_dump_json().encode())
 
     return aggregator
 
