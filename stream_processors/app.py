@@ -38,6 +38,7 @@ from agentledger.config import Settings
 from agentledger.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentledger.metrics import metrics_authorized, render
 from agentledger.schemas import (
+    HOLDER_HEADER,
     Alert,
     AllowanceGrant,
     AllowanceRequest,
@@ -53,7 +54,8 @@ from agentledger.schemas.partitioning import state_key, state_partition
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .allowances import grant_allowance, revoke_over_allocated
-from .budgets import Delivery, SpendState, evaluate, matching_policies, spend_report
+from .counting import FUTURE_TOLERANCE_MS
+from .decisions import evaluate
 from .declare import TopicMissing
 from .dlq_rate import DlqRate
 from .flow import LedgerApp
@@ -61,7 +63,10 @@ from .fold import SpendFold
 from .metrics import ProcessorMetrics, dlq_reason_class
 from .ordering import InOrder, Verdict
 from .policies import InvalidPolicy, PolicyBook, follow_policies
+from .precedence import matching_policies
+from .report import spend_report
 from .scopes import (
+    MAX_COSTS_PER_RECORD,
     ScopeCost,
     decode_scope_costs,
     encode_scope_costs,
@@ -70,13 +75,13 @@ from .scopes import (
     scopes_topic_name,
 )
 from .stall import PartitionView, Remedy, StallWatch, recovery_views
+from .state import Delivery, SpendState
 from .state_codec import decode_state, encode_state
 from .stats import StatsAggregator, register_stats
 from .webhook import WebhookDelivery
 
 __all__ = [
     "COMPONENT",
-    "FUTURE_TOLERANCE_MS",
     "Processor",
     "build_app",
     "calls_partition_count",
@@ -89,9 +94,6 @@ COMPONENT = "processor"
 SWEEP_INTERVAL_S = 1.0
 POLICY_CHECK_EVERY_S = 0.05
 FULL_SWEEP_EVERY_S = 60.0
-# Events stamped further than this into the future are dead-lettered: a skewed or forged clock
-# must not pre-spend a budget period that has not started.
-FUTURE_TOLERANCE_MS = 5 * 60 * 1000
 Clock = Callable[[], int]
 # A batch closes at this many events, or this long after its first one: the wait adds at
 # most BATCH_WITHIN_S to enforcement latency.
@@ -99,8 +101,6 @@ BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
 # Requests are few and a caller may be waiting on one: answer them sooner.
 ALLOWANCE_BATCH_WITHIN_S = 0.005
-# Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
-MAX_COSTS_PER_RECORD = 2000
 # An input partition whose records wait this long without one being delivered gets the
 # stall watch's remedies (see stall.py); its offsets are checked this often.
 STALL_AFTER_S = 10.0
@@ -117,7 +117,6 @@ REBALANCE_STUCK_S = 180.0
 GOVERNING_CACHE_SIZE = 100_000
 DEAD_LETTERS_REMEMBERED = 100_000
 SPEND_TABLE = "spend"  # per agent id
-HOLDER_HEADER = "agentledger-holder"
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
 
@@ -192,7 +191,8 @@ def calls_partition_count(settings: Settings, timeout_s: float = 30.0) -> int:
 
 
 class Processor:
-    """The work done per event and per timer tick, around the pure core in budgets.py."""
+    """The work done per event and per timer tick, around the pure core (state, counting,
+    fold, decisions, report)."""
 
     def __init__(
         self,
