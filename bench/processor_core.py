@@ -17,14 +17,16 @@ import time
 from typing import Any
 
 from agentledger.schemas import BudgetPolicy, CallEvent
-from agentledger.stream_processors.budgets import SpendState, evaluate, matching_policies
+from agentledger.stream_processors.decisions import evaluate
 from agentledger.stream_processors.fold import SpendFold
 from agentledger.stream_processors.policies import PolicyBook
+from agentledger.stream_processors.precedence import matching_policies
 from agentledger.stream_processors.scopes import (
     ScopeCost,
     encode_scope_costs,
     forwarded_costs,
 )
+from agentledger.stream_processors.state import SpendState
 from agentledger.stream_processors.state_codec import encode_state
 from agentledger.stream_processors.stats import StatsAggregator
 

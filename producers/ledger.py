@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from agentledger.config import Settings
 from agentledger.schemas import (
+    HOLDER_HEADER,
     CallEvent,
     CallStatus,
     ControlAction,
@@ -74,8 +75,6 @@ _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 _MAX_TOKENS = 100_000_000
 # A call waiting for an allowance answer re-checks this often.
 _WAIT_SLICE_S = 0.05
-# Names the allowance holder on call events (read by the processor: stream_processors/app.py).
-HOLDER_HEADER = "agentledger-holder"
 
 
 STAT_NAMES = (

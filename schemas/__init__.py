@@ -3,6 +3,7 @@
 from .alerts import ALERT_VERSION, Alert, AlertKind, Severity
 from .allowance import (
     ALLOWANCE_VERSION,
+    HOLDER_HEADER,
     AllowanceGrant,
     AllowanceKind,
     AllowanceRequest,
@@ -45,6 +46,7 @@ __all__ = [
     "CALL_EVENT_VERSION",
     "CONTROL_COMMAND_VERSION",
     "DEAD_LETTER_VERSION",
+    "HOLDER_HEADER",
     "NANO_PER_USD",
     "STATS_VERSION",
     "Alert",

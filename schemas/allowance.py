@@ -22,6 +22,7 @@ from .events import Identifier
 
 __all__ = [
     "ALLOWANCE_VERSION",
+    "HOLDER_HEADER",
     "AllowanceGrant",
     "AllowanceKind",
     "AllowanceRequest",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 ALLOWANCE_VERSION: Literal[1] = 1
+# The record header naming the holder whose allowance a call event spent: the shim sets it, the
+# processor moves the cost out of that holder's allowance when it counts the event.
+HOLDER_HEADER = "agentledger-holder"
 
 
 class AllowanceKind(StrEnum):

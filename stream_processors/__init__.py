@@ -1,6 +1,7 @@
 """Stream processors (faust): spend per budget scope and period, STOP/RESUME commands.
 
-The pure core (periods, budgets, policies) imports no faust; ``build_app`` loads faust on
+The pure core (state, counting, crossings, detectors, decisions, report, periods, policies)
+imports no faust; ``build_app`` loads faust on
 first use, so importing this package has no side effects and stays cheap.
 """
 
@@ -8,20 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .budgets import (
-    Delivery,
-    SpendState,
-    apply_cost,
-    apply_event,
-    decide,
-    format_usd,
-    matching_policies,
-    policy_specificity,
-    spend_report,
-)
+from agentledger.schemas import format_usd
+
+from .counting import apply_cost, apply_event
+from .decisions import decide
 from .periods import DAY_MS, WEEK_MS, PeriodWindow, parse_period_key, period_window
 from .policies import InvalidPolicy, PolicyBook, follow_policies
+from .precedence import matching_policies, policy_specificity
+from .report import spend_report
 from .scopes import ScopeCost, forwarded_costs, scopes_topic_name
+from .state import Delivery, SpendState
 
 if TYPE_CHECKING:
     from .app import build_app

@@ -32,7 +32,8 @@ from agentledger.schemas import (
     format_usd,
 )
 
-from .budgets import SpendState, policy_window
+from .crossings import policy_window
+from .state import SpendState
 
 __all__ = [
     "HOLDERS_KEPT_MS",

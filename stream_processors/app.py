@@ -56,8 +56,8 @@ from .batch_kafka import (
     restore_consumer_config,
     transactional_producer_config,
 )
-from .budgets import SpendState, spend_report
-from .data_plane import DataPlane, DataPlaneTopics
+from .counting import FUTURE_TOLERANCE_MS
+from .data_plane import DataPlane, DataPlaneTopics, holder_of
 from .decide import Decider, Outgoing
 from .declare import TopicMissing
 from .dlq_rate import DlqRate
@@ -66,6 +66,7 @@ from .fold import SpendFold
 from .metrics import ProcessorMetrics, dlq_reason_class
 from .ordering import InOrder, Verdict
 from .policies import InvalidPolicy, PolicyBook, follow_policies
+from .report import spend_report
 from .scopes import (
     ScopeCost,
     changelog_topic_name,
@@ -74,13 +75,13 @@ from .scopes import (
     scopes_topic_name,
 )
 from .stall import PartitionView, Remedy, StallWatch, recovery_views
+from .state import SpendState
 from .state_codec import decode_state, encode_state
 from .stats import StatsAggregator, register_stats
 from .webhook import WebhookDelivery
 
 __all__ = [
     "COMPONENT",
-    "FUTURE_TOLERANCE_MS",
     "Processor",
     "build_app",
     "calls_partition_count",
@@ -93,9 +94,6 @@ COMPONENT = "processor"
 SWEEP_INTERVAL_S = 1.0
 POLICY_CHECK_EVERY_S = 0.05
 FULL_SWEEP_EVERY_S = 60.0
-# Events stamped further than this into the future are dead-lettered: a skewed or forged clock
-# must not pre-spend a budget period that has not started.
-FUTURE_TOLERANCE_MS = 5 * 60 * 1000
 Clock = Callable[[], int]
 # A batch closes at this many events, or this long after its first one: the wait adds at
 # most BATCH_WITHIN_S to enforcement latency.
@@ -103,8 +101,6 @@ BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
 # Requests are few and a caller may be waiting on one: answer them sooner.
 ALLOWANCE_BATCH_WITHIN_S = 0.005
-# Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
-MAX_COSTS_PER_RECORD = 2000
 # An input partition whose records wait this long without one being delivered gets the
 # stall watch's remedies (see stall.py); its offsets are checked this often.
 STALL_AFTER_S = 10.0
@@ -121,7 +117,6 @@ REBALANCE_STUCK_S = 180.0
 GOVERNING_CACHE_SIZE = 100_000
 DEAD_LETTERS_REMEMBERED = 100_000
 SPEND_TABLE = "spend"  # per agent id
-HOLDER_HEADER = "agentledger-holder"
 SCOPE_SPEND_TABLE = "scope-spend"  # per pool / workflow / task type scope
 
 
@@ -162,20 +157,6 @@ class Record(NamedTuple):
         )
 
 
-def holder_of(headers: Any) -> str | None:
-    """The allowance holder named in a record's headers (a list of pairs or a mapping)."""
-    if not headers:
-        return None
-    items = headers.items() if isinstance(headers, dict) else headers
-    for name, value in items:
-        if name == HOLDER_HEADER and value:
-            try:
-                return bytes(value).decode()
-            except UnicodeDecodeError:
-                return None
-    return None
-
-
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -196,7 +177,8 @@ def calls_partition_count(settings: Settings, timeout_s: float = 30.0) -> int:
 
 
 class Processor:
-    """The work done per event and per timer tick, around the pure core in budgets.py."""
+    """The work done per event and per timer tick, around the pure core (state, counting,
+    fold, decisions, report)."""
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from agentledger.config import Settings
 from agentledger.schemas import (
+    HOLDER_HEADER,
     Alert,
     AllowanceGrant,
     AllowanceRequest,
@@ -47,20 +48,19 @@ from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .allowances import grant_allowance, revoke_over_allocated
 from .batch_kafka import BatchConsumer, TransactionalProducer
-from .budgets import Delivery, SpendState
 from .decide import Decider, Outgoing
 from .dlq_rate import DlqRate
 from .fold import SpendFold
 from .metrics import ProcessorMetrics, dlq_reason_class
 from .policies import PolicyBook
 from .recovery import encode_key, restore_states
-from .scopes import ScopeCost, encode_scope_costs, forwarded_costs
+from .scopes import MAX_COSTS_PER_RECORD, ScopeCost, encode_scope_costs, forwarded_costs
+from .state import Delivery, SpendState
 from .state_codec import encode_state
 from .stats import StatsAggregator
 
 __all__ = [
     "CYCLE_S",
-    "HOLDER_HEADER",
     "DataPlane",
     "DataPlaneTopics",
     "holder_of",
@@ -69,14 +69,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COMPONENT = "processor"
-HOLDER_HEADER = "agentledger-holder"
 # A cycle closes this long after it starts reading (or at BATCH_MAX records): the wait adds at
 # most this much to enforcement latency, and each cycle costs one transaction commit.
 CYCLE_S = 0.05
 BATCH_MAX = 20_000
 REQUESTS_MAX = 5_000
-# Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
-MAX_COSTS_PER_RECORD = 2000
 SWEEP_EVERY_S = 1.0
 FULL_SWEEP_EVERY_S = 60.0
 STATS_EVERY_S = 1.0

@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 
 from agentledger.schemas import Alert, BudgetPolicy, ControlCommand, sign_command
 
-from .budgets import SpendState, evaluate, matching_policies
+from .decisions import evaluate
 from .metrics import ProcessorMetrics
 from .policies import PolicyBook
+from .precedence import matching_policies
+from .state import SpendState
 
 __all__ = ["GOVERNING_CACHE_SIZE", "Decider", "Outgoing"]
 

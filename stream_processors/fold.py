@@ -1,6 +1,6 @@
 """A batch of events folded into one key's spend state, with one copy of the state per batch.
 
-:func:`budgets.apply_event` and :func:`budgets.apply_cost` return a new immutable state per
+:func:`counting.apply_event` and :func:`counting.apply_cost` return a new immutable state per
 event, copying the period buckets, applied offsets and the recent event ids every time; at
 batch rates those copies were most of the counting cost. :class:`SpendFold` copies the state's
 containers once, updates them in place event by event with the same rules, and builds one
@@ -19,17 +19,16 @@ from agentledger.schemas import CallEvent, CallStatus
 from agentledger.schemas.policy import CALENDAR_PERIODS
 
 from .allowances import apply_lease_costs
-from .budgets import (
+from .counting import (
     FAILING_TASKS,
     FAILURES_PER_TASK,
     KEEP_PERIODS_MS,
     RECENT_IDS,
-    Delivery,
-    SpendState,
-    _run_with,
-    _slot_alive,
+    run_with,
+    slot_alive,
 )
 from .periods import parse_period_key, period_window, slot_start
+from .state import Delivery, SpendState
 from .tracking import (
     CONCURRENCY_HOLD_MS,
     EMPTY_PLAN,
@@ -87,7 +86,7 @@ class SpendFold:
         offset: int,
         holder: str | None = None,
     ) -> Delivery:
-        """Count ``event`` (``event_id`` is its id as hex) as :func:`budgets.apply_event` does;
+        """Count ``event`` (``event_id`` is its id as hex) as :func:`counting.apply_event` does;
         return what the record was (only NEW ones are counted). ``holder`` is the shim
         process whose allowance the call spent, if any."""
         delivery = self.add_cost(
@@ -129,7 +128,7 @@ class SpendFold:
         activity: Activity | None = None,
         holder: str | None = None,
     ) -> Delivery:
-        """Count one cost as :func:`budgets.apply_cost` does; return what the record was."""
+        """Count one cost as :func:`counting.apply_cost` does; return what the record was."""
         delivery = self.delivery(event_id, partition, offset)
         if delivery is not Delivery.NEW:
             return delivery
@@ -183,7 +182,7 @@ class SpendFold:
             if self._runs is None:
                 self._runs = dict(self.state.runs)
             for idle in plan.run_idles:
-                self._runs[idle] = _run_with(self._runs.get(idle), idle, event_time_ms, cost)
+                self._runs[idle] = run_with(self._runs.get(idle), idle, event_time_ms, cost)
         if plan.concurrency and activity is not None and activity.latency_ms is not None:
             if self._intervals is None:
                 self._intervals = list(self.state.intervals)
@@ -223,7 +222,7 @@ class SpendFold:
             slots = self._slots
             if self._slots_grew:
                 keeps = dict(self.plan.slots)
-                slots = {k: v for k, v in slots.items() if _slot_alive(k, keeps, self.now_ms)}
+                slots = {k: v for k, v in slots.items() if slot_alive(k, keeps, self.now_ms)}
             changed["slots"] = slots
         if self._runs is not None:
             changed["runs"] = self._runs

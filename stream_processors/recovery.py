@@ -18,7 +18,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from .budgets import SpendState
+from .state import SpendState
 from .state_codec import decode_state
 
 __all__ = ["RestoreStalled", "decode_key", "encode_key", "restore_states"]

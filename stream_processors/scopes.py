@@ -24,6 +24,7 @@ from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 from .tracking import Activity
 
 __all__ = [
+    "MAX_COSTS_PER_RECORD",
     "SCOPES_RETENTION_MS",
     "ScopeCost",
     "changelog_topic_name",
@@ -34,6 +35,8 @@ __all__ = [
     "scopes_topic_name",
 ]
 
+# Costs per forwarded scopes record, to stay far below Kafka's 1 MB message limit.
+MAX_COSTS_PER_RECORD = 2000
 # Only unprocessed records matter here (a replay of the first hop re-sends them), so the
 # retention just has to outlast a long outage of the second hop.
 SCOPES_RETENTION_MS = 7 * 24 * 3600 * 1000

@@ -30,6 +30,7 @@ from agentledger.config import Settings
 from agentledger.schemas import CallEvent, CallStatus, TaskStats
 from agentledger.schemas.stats import latency_bucket
 
+from .counting import FUTURE_TOLERANCE_MS
 from .declare import TopicMissing
 from .kafka_clients import ClientOptions, follower_consumer
 
@@ -45,8 +46,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0
-# As the spend path's default (app.FUTURE_TOLERANCE_MS, not imported: that module loads faust).
-FUTURE_TOLERANCE_MS = 5 * 60 * 1000
 BATCH_MAX = 5000
 BATCH_WITHIN_S = 0.05
 Clock = Callable[[], int]

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 import tests.integration.test_processor_worker as base
 from agentledger.config import Settings
 from agentledger.schemas import BudgetPolicy, CallEvent, ControlAction, verify_command
-from agentledger.stream_processors.app import FUTURE_TOLERANCE_MS
+from agentledger.stream_processors.counting import FUTURE_TOLERANCE_MS
 from agentledger.stream_processors.periods import DAY_MS
 from agentledger.stream_processors.scopes import scopes_topic_name
 from tests.conftest import free_port

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from agentledger.schemas import CallEvent
 from agentledger.sinks.rows import SourcePosition
 from agentledger.sinks.streams import Decoded, DecodeError, decode_call
-from agentledger.stream_processors.app import FUTURE_TOLERANCE_MS, Processor
+from agentledger.stream_processors.app import Processor
+from agentledger.stream_processors.counting import FUTURE_TOLERANCE_MS
 
 NOW_MS = 1_795_478_400_000  # 2026-11-24T00:00:00Z
 SOURCE = SourcePosition("unit.calls", 3, 42)

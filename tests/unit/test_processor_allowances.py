@@ -22,8 +22,8 @@ from agentledger.stream_processors.allowances import (
     outstanding,
     revoke_over_allocated,
 )
-from agentledger.stream_processors.budgets import SpendState
 from agentledger.stream_processors.fold import SpendFold
+from agentledger.stream_processors.state import SpendState
 
 NOW = 1_767_830_400_000 + 3_600_000  # 2026-01-08 01:00 UTC
 DAY_KEY = "day:1767830400000"

@@ -16,18 +16,16 @@ from agentledger.schemas import (
     ControlAction,
     ControlCommand,
     Period,
+    format_usd,
     sign_command,
     verify_command,
 )
-from agentledger.stream_processors.budgets import (
-    KEEP_PERIODS_MS,
-    SpendState,
-    apply_event,
-    decide,
-    format_usd,
-    spend_report,
-)
+from agentledger.stream_processors.counting import KEEP_PERIODS_MS, apply_event
+from agentledger.stream_processors.decisions import decide
 from agentledger.stream_processors.periods import DAY_MS, period_window
+from agentledger.stream_processors.report import spend_report
+from agentledger.stream_processors.state import SpendState
+from agentledger.stream_processors.state_codec import state_from_json, state_to_json
 
 KEY = b"unit-test-control-key-0123456789"
 
@@ -239,8 +237,8 @@ def test_state_round_trips_through_json() -> None:
     clock = FakeClock(WED_NOON)
     state = feed(SpendState(), [LIMIT], WED_NOON, clock)
     state = publish(state, decide(state, policies(DAILY_5), "agent:x", clock()))
-    wire = json.loads(json.dumps(state.to_json()))
-    again = SpendState.from_json(wire)
+    wire = json.loads(json.dumps(state_to_json(state)))
+    again = state_from_json(wire)
     assert again == state
     assert again.last_command is not None
     verify_command(again.last_command, KEY)
@@ -259,7 +257,7 @@ def test_state_round_trips_through_json() -> None:
 )
 def test_malformed_state_is_named(data: object, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        SpendState.from_json(data)
+        state_from_json(data)
 
 
 @given(st.lists(st.tuples(st.integers(0, 10**12), st.integers(0, 6 * DAY_MS)), max_size=40))

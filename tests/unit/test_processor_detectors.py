@@ -19,15 +19,13 @@ from agentledger.schemas import (
     Period,
     parse_policy_file,
 )
-from agentledger.stream_processors.budgets import (
-    Decision,
-    SpendState,
-    apply_cost,
-    evaluate,
-    policy_window,
-    spend_report,
-)
+from agentledger.stream_processors.counting import apply_cost
+from agentledger.stream_processors.crossings import policy_window
+from agentledger.stream_processors.decisions import Decision, evaluate
 from agentledger.stream_processors.periods import period_window, rolling_window
+from agentledger.stream_processors.report import spend_report
+from agentledger.stream_processors.state import SpendState
+from agentledger.stream_processors.state_codec import state_from_json, state_to_json
 from agentledger.stream_processors.tracking import (
     CONCURRENCY_HOLD_MS,
     Activity,
@@ -252,7 +250,7 @@ def test_rolling_slots_stay_bounded() -> None:
     for minute in range(0, 24 * 60, 7):
         feed.spend(1, t0 + minute * MIN)
     assert len(feed.state.slots) <= 62
-    assert SpendState.from_json(feed.state.to_json()) == feed.state
+    assert state_from_json(state_to_json(feed.state)) == feed.state
 
 
 # -- workflow runs ------------------------------------------------------------------------
@@ -460,7 +458,7 @@ def test_spawn_explosion_stops_the_offending_subtree_until_lifted() -> None:
     # Idempotent: stands, not re-published, until the policy changes.
     later = feed.settle(t0 + 10 * HOUR)
     assert later.subtree_commands == () and later.subtrees == ("subtree:w|lead-1",)
-    assert SpendState.from_json(feed.state.to_json()) == feed.state
+    assert state_from_json(state_to_json(feed.state)) == feed.state
     # A second parent over the limit gets its own STOP; the first is not sent again.
     feed.spend(1, t0 + 30, activity=Activity("d3", "lead-2", 2))
     second = feed.settle(t0 + 30)
@@ -501,9 +499,9 @@ def test_tracked_state_round_trips_through_json() -> None:
     feed.spend(5, t0 + 50, activity=Activity("b", "a", 1, 100))
     state = feed.state
     assert state.runs and state.slots and len(state.intervals) == 2 and len(state.agents) == 2
-    assert SpendState.from_json(state.to_json()) == state
+    assert state_from_json(state_to_json(state)) == state
     with pytest.raises(ValueError, match="'agents'"):
-        SpendState.from_json({**state.to_json(), "agents": {"a": [1, 2]}})
+        state_from_json({**state_to_json(state), "agents": {"a": [1, 2]}})
 
 
 # -- retry cost share ---------------------------------------------------------------------
@@ -511,7 +509,7 @@ def test_tracked_state_round_trips_through_json() -> None:
 
 def test_retry_cost_share_above_the_limit_alerts_and_acts_for_the_day() -> None:
     from agentledger.schemas import CallEvent
-    from agentledger.stream_processors.budgets import apply_event
+    from agentledger.stream_processors.counting import apply_event
 
     rule = policy(
         scope="agent:*",
@@ -543,7 +541,7 @@ def test_retry_cost_share_above_the_limit_alerts_and_acts_for_the_day() -> None:
     assert decision.command.until_ms == ms("2026-03-05T00:00:00")
     assert "retries cost $0.075 of $0.135" in decision.command.reason
     assert [a.kind for a in decision.alerts] == [AlertKind.RETRY_LOOP]
-    assert SpendState.from_json(state.to_json()) == state
+    assert state_from_json(state_to_json(state)) == state
     with pytest.raises(ValidationError, match="max_failures, max_retry_cost_percent"):
         policy(scope="agent:a", retry_loop={"window_s": 60})
 

@@ -11,15 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentledger.schemas import CallEvent, CallStatus
-from agentledger.stream_processors.budgets import (
-    RECENT_IDS,
-    Delivery,
-    SpendState,
-    apply_cost,
-    apply_event,
-)
+from agentledger.stream_processors.counting import RECENT_IDS, apply_cost, apply_event
 from agentledger.stream_processors.fold import SpendFold
 from agentledger.stream_processors.periods import DAY_MS
+from agentledger.stream_processors.state import Delivery, SpendState
+from agentledger.stream_processors.state_codec import state_to_json
 from agentledger.stream_processors.tracking import Activity, BucketPlan
 
 NOW = int(datetime(2026, 3, 4, 12, tzinfo=UTC).timestamp() * 1000)
@@ -85,7 +81,7 @@ def build(rows: list[Row]) -> list[tuple[CallEvent, int, int]]:
 
 def stored(state: SpendState) -> str:
     # The changelog value, order included (recent ids and failures forget the oldest first).
-    return json.dumps(state.to_json())
+    return json.dumps(state_to_json(state))
 
 
 @settings(max_examples=100, deadline=None)

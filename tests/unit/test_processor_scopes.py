@@ -13,22 +13,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentledger.schemas import BudgetPolicy, CallEvent, ControlAction, Period
-from agentledger.stream_processors.budgets import (
-    RECENT_IDS,
-    Delivery,
-    SpendState,
-    apply_cost,
-    apply_event,
-    decide,
-    matching_policies,
-)
+from agentledger.stream_processors.counting import RECENT_IDS, apply_cost, apply_event
+from agentledger.stream_processors.decisions import decide
 from agentledger.stream_processors.periods import period_window
+from agentledger.stream_processors.precedence import matching_policies
 from agentledger.stream_processors.scopes import (
     ScopeCost,
     decode_scope_costs,
     encode_scope_costs,
     forwarded_costs,
 )
+from agentledger.stream_processors.state import Delivery, SpendState
+from agentledger.stream_processors.state_codec import state_from_json, state_to_json
 from agentledger.stream_processors.tracking import Activity
 
 
@@ -109,13 +105,13 @@ def test_recent_ids_are_bounded_oldest_first() -> None:
     assert len(state.recent) == RECENT_IDS
     assert events[0].event_id.hex not in state.recent
     assert list(state.recent)[-1] == events[-1].event_id.hex
-    assert SpendState.from_json(state.to_json()) == state
-    assert list(SpendState.from_json(state.to_json()).recent) == list(state.recent)
+    assert state_from_json(state_to_json(state)) == state
+    assert list(state_from_json(state_to_json(state)).recent) == list(state.recent)
 
 
 def test_malformed_recent_is_named() -> None:
     with pytest.raises(ValueError, match="'recent'"):
-        SpendState.from_json({"recent": {"a": 1}})
+        state_from_json({"recent": {"a": 1}})
 
 
 def test_forwarded_costs_name_every_non_agent_scope() -> None:

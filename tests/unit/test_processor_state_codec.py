@@ -1,4 +1,4 @@
-"""Spend states as table bytes: the same JSON as SpendState.to_json, so changelogs written
+"""Spend states as table bytes: the same JSON as state_to_json, so changelogs written
 through faust's json codec (before the tables held bytes) read back unchanged."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from agentledger.schemas import ControlAction, ControlCommand
-from agentledger.stream_processors.budgets import SpendState
-from agentledger.stream_processors.state_codec import decode_state, encode_state
+from agentledger.stream_processors.state import SpendState
+from agentledger.stream_processors.state_codec import decode_state, encode_state, state_to_json
 
 FULL = SpendState(
     applied={2: 40, 0: 7},
@@ -40,7 +40,7 @@ FULL = SpendState(
 @pytest.mark.parametrize("state", [SpendState(), FULL])
 def test_bytes_are_the_to_json_document_and_read_back_equal(state: SpendState) -> None:
     raw = encode_state(state)
-    assert json.loads(raw) == json.loads(json.dumps(state.to_json()))
+    assert json.loads(raw) == json.loads(json.dumps(state_to_json(state)))
     back = decode_state(raw)
     assert back == state
     assert list(back.recent) == list(state.recent)  # oldest first, as stored
@@ -48,8 +48,8 @@ def test_bytes_are_the_to_json_document_and_read_back_equal(state: SpendState) -
 
 
 def test_values_written_by_faust_json_codec_still_read() -> None:
-    assert decode_state(json.dumps(FULL.to_json()).encode()) == FULL
-    assert decode_state(FULL.to_json()) == FULL
+    assert decode_state(json.dumps(state_to_json(FULL)).encode()) == FULL
+    assert decode_state(state_to_json(FULL)) == FULL
 
 
 @pytest.mark.parametrize(

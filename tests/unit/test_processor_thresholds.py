@@ -20,13 +20,10 @@ from agentledger.schemas import (
     Severity,
     parse_policy_file,
 )
-from agentledger.stream_processors.budgets import (
-    SpendState,
-    apply_cost,
-    apply_event,
-    evaluate,
-)
+from agentledger.stream_processors.counting import apply_cost, apply_event
+from agentledger.stream_processors.decisions import evaluate
 from agentledger.stream_processors.periods import DAY_MS, period_window
+from agentledger.stream_processors.state import SpendState
 
 
 def ms(text: str) -> int:

@@ -34,8 +34,9 @@ from agentledger.schemas import (
     usd_to_nano,
 )
 from agentledger.stream_processors.allowances import grant_allowance
-from agentledger.stream_processors.budgets import SpendState, matching_policies
 from agentledger.stream_processors.fold import SpendFold
+from agentledger.stream_processors.precedence import matching_policies
+from agentledger.stream_processors.state import SpendState
 from tests.conftest import TEST_CONTROL_KEY
 
 HEADER = "agentledger-holder"

@@ -11,7 +11,9 @@ import pytest
 from agentledger.cli import main
 from agentledger.schemas import BudgetPolicy
 from agentledger.spend_cli import PeriodChoice, period_arg, spend_lines
-from agentledger.stream_processors.budgets import SpendState, apply_cost, spend_report
+from agentledger.stream_processors.counting import apply_cost
+from agentledger.stream_processors.report import spend_report
+from agentledger.stream_processors.state import SpendState
 from agentledger.stream_processors.tracking import plan_for
 
 MIN = 60_000
