@@ -64,6 +64,7 @@ __all__ = [
     "DataPlane",
     "DataPlaneTopics",
     "holder_of",
+    "parse_call",
 ]
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ class DataPlane:
         by_agent: dict[str, list[tuple[CallEvent, int, int, str | None]]] = {}
         for message in messages:
             value = message.value()
-            event = self._parse_call(value, now)
+            event = parse_call(value, now, self.future_tolerance_ms)
             partition, offset = message.partition(), message.offset()
             if isinstance(event, str):
                 self._dead_letter(
@@ -393,21 +394,6 @@ class DataPlane:
                     (self.topics.scopes, scope.encode(), encode_scope_costs(scope, chunk), None)
                 )
         self.metrics.batch_done(self.topics.calls, len(messages), now)
-
-    def _parse_call(self, value: bytes | None, now: int) -> CallEvent | str:
-        """The event to count, or why it goes to the dlq instead."""
-        if not value:
-            return "empty value; expected a CallEvent JSON object"
-        try:
-            event = CallEvent.model_validate_json(value)
-        except ValidationError as exc:
-            return f"not a valid CallEvent: {exc}"
-        if event.event_time_ms > now + self.future_tolerance_ms:
-            return (
-                f"event_time_ms {event.event_time_ms} is {event.event_time_ms - now} ms "
-                f"in the future; at most {self.future_tolerance_ms} ms is tolerated"
-            )
-        return event
 
     def _state(self, cycle: _Cycle, agent_id: str) -> SpendState | None:
         return cycle.states.get(agent_id) or self.states.get(agent_id)
@@ -660,6 +646,22 @@ class DataPlane:
             "partitions": sorted(self.owned),
             "agents": len(self.states),
         }
+
+
+def parse_call(value: bytes | None, now: int, future_tolerance_ms: int) -> CallEvent | str:
+    """The event to count, or why it goes to the dlq instead."""
+    if not value:
+        return "empty value; expected a CallEvent JSON object"
+    try:
+        event = CallEvent.model_validate_json(value)
+    except ValidationError as exc:
+        return f"not a valid CallEvent: {exc}"
+    if event.event_time_ms > now + future_tolerance_ms:
+        return (
+            f"event_time_ms {event.event_time_ms} is {event.event_time_ms - now} ms "
+            f"in the future; at most {future_tolerance_ms} ms is tolerated"
+        )
+    return event
 
 
 def _stands(state: SpendState) -> bool:

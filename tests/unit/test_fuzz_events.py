@@ -6,7 +6,6 @@ agree on what is a valid event."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -15,8 +14,8 @@ from hypothesis import strategies as st
 from agentledger.schemas import CallEvent
 from agentledger.sinks.rows import SourcePosition
 from agentledger.sinks.streams import Decoded, DecodeError, decode_call
-from agentledger.stream_processors.app import Processor
 from agentledger.stream_processors.counting import FUTURE_TOLERANCE_MS
+from agentledger.stream_processors.data_plane import parse_call
 
 NOW_MS = 1_795_478_400_000  # 2026-11-24T00:00:00Z
 SOURCE = SourcePosition("unit.calls", 3, 42)
@@ -41,13 +40,8 @@ VALID: dict[str, Any] = json.loads(
     ).model_dump_json()
 )
 
-# The processor's parse step reads nothing of the app but its future tolerance.
-_PROCESSOR = SimpleNamespace(future_tolerance_ms=FUTURE_TOLERANCE_MS)
-
-
 def processor_parse(value: bytes) -> CallEvent | str:
-    result: CallEvent | str = Processor._parse_call(_PROCESSOR, value, NOW_MS)  # type: ignore[arg-type]
-    return result
+    return parse_call(value, NOW_MS, FUTURE_TOLERANCE_MS)
 
 
 def sink_parse(value: bytes) -> Decoded | str:
