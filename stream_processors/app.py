@@ -52,6 +52,7 @@ from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 from .allowances import grant_allowance, revoke_over_allocated
 from .batch_kafka import (
     calls_consumer_config,
+    forwards_producer_config,
     requests_consumer_config,
     restore_consumer_config,
     transactional_producer_config,
@@ -1150,6 +1151,7 @@ def build_data_plane(
         new_requests_consumer=lambda: Consumer(requests_consumer_config(settings)),
         new_restore_consumer=lambda: Consumer(restore_consumer_config(settings)),
         new_producer=lambda: Producer(transactional_producer_config(settings)),
+        new_forwards_producer=lambda: Producer(forwards_producer_config(settings)),
         stats=proc.stats,
         on_alert=on_alert,
         future_tolerance_ms=future_tolerance_ms,

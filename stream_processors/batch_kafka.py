@@ -16,9 +16,11 @@ from agentledger.config import Settings
 __all__ = [
     "TRANSACTION_TIMEOUT_MS",
     "BatchConsumer",
+    "ForwardsProducer",
     "TransactionalProducer",
     "calls_consumer_config",
     "data_plane_group",
+    "forwards_producer_config",
     "requests_consumer_config",
     "restore_consumer_config",
     "transactional_producer_config",
@@ -50,6 +52,19 @@ class BatchConsumer(Protocol):
     def incremental_unassign(self, partitions: list[Any]) -> None: ...
     def consumer_group_metadata(self) -> Any: ...
     def close(self) -> None: ...
+
+
+class ForwardsProducer(Protocol):
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None = ...,
+        key: bytes | None = ...,
+        *,
+        on_delivery: Callable[[Any, Any], None] | None = ...,
+    ) -> None: ...
+    def poll(self, timeout: float = ...) -> int: ...
+    def flush(self, timeout: float = ...) -> int: ...
 
 
 class TransactionalProducer(Protocol):
@@ -138,4 +153,18 @@ def transactional_producer_config(settings: Settings) -> dict[str, Any]:
         # scopes topic is read by the scope's owner, so a key must land where faust put it.
         "partitioner": "murmur2_random",
         "linger.ms": 5,
+    }
+
+
+def forwards_producer_config(settings: Settings) -> dict[str, Any]:
+    """The second hop's input is written outside the transactions, by an idempotent producer,
+    and acknowledged before the transaction that commits its calls offsets: faust's consumer
+    of the scopes topic needs offsets without transaction markers (see data_plane.py)."""
+    return {
+        **_base(settings),
+        "enable.idempotence": True,
+        "acks": "all",
+        "message.timeout.ms": MESSAGE_TIMEOUT_MS,
+        "partitioner": "murmur2_random",
+        "linger.ms": 2,
     }

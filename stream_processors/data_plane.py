@@ -47,7 +47,7 @@ from agentledger.schemas.partitioning import crc32_partition
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .allowances import grant_allowance, revoke_over_allocated
-from .batch_kafka import BatchConsumer, TransactionalProducer
+from .batch_kafka import BatchConsumer, ForwardsProducer, TransactionalProducer
 from .decide import Decider, Outgoing
 from .dlq_rate import DlqRate
 from .fold import SpendFold
@@ -120,10 +120,12 @@ class _Cycle:
     out: list[tuple[str, bytes | None, bytes | None, int | None]] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     stats_keys: list[str] = field(default_factory=list)
+    #: (scope, record) for the second hop: sent outside the transaction (see _commit).
+    forwards: list[tuple[bytes, bytes]] = field(default_factory=list)
     counted: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.states or self.out)
+        return bool(self.states or self.out or self.forwards)
 
 
 class DataPlane:
@@ -143,6 +145,7 @@ class DataPlane:
         new_requests_consumer: Callable[[], BatchConsumer],
         new_restore_consumer: Callable[[], Any],
         new_producer: Callable[[], TransactionalProducer],
+        new_forwards_producer: Callable[[], ForwardsProducer],
         stats: StatsAggregator | None = None,
         on_alert: Callable[[Alert], None] | None = None,
         future_tolerance_ms: int,
@@ -168,6 +171,8 @@ class DataPlane:
         self._new_requests_consumer = new_requests_consumer
         self._new_restore_consumer = new_restore_consumer
         self._new_producer = new_producer
+        self._forwards: ForwardsProducer = new_forwards_producer()
+        self._forward_errors: list[str] = []
         self._key = settings.control_key_bytes()
         self.decider = Decider(
             book,
@@ -390,9 +395,7 @@ class DataPlane:
             costs.sort(key=lambda c: (c.partition, c.offset))
             for start in range(0, len(costs), MAX_COSTS_PER_RECORD):
                 chunk = costs[start : start + MAX_COSTS_PER_RECORD]
-                cycle.out.append(
-                    (self.topics.scopes, scope.encode(), encode_scope_costs(scope, chunk), None)
-                )
+                cycle.forwards.append((scope.encode(), encode_scope_costs(scope, chunk)))
         self.metrics.batch_done(self.topics.calls, len(messages), now)
 
     def _state(self, cycle: _Cycle, agent_id: str) -> SpendState | None:
@@ -533,6 +536,13 @@ class DataPlane:
         producer = self._producer
         consumer = self._consumer
         assert producer is not None and consumer is not None
+        if cycle.forwards and not self._send_forwards(cycle.forwards):
+            # Not all acknowledged: the transaction is not committed, the cycle is read again
+            # and forwards again (the scopes' states skip the costs they counted already).
+            if self.stats is not None and cycle.stats_keys:
+                self.stats.mark_dirty(cycle.stats_keys)
+            self._rewind()
+            return
         try:
             producer.begin_transaction()
             for agent_id, state in cycle.states.items():
@@ -565,6 +575,39 @@ class DataPlane:
         if self.on_alert is not None:
             for alert in cycle.alerts:
                 self.on_alert(alert)
+
+    def _send_forwards(self, forwards: list[tuple[bytes, bytes]]) -> bool:
+        """Send the second hop's records and wait until Kafka has them all; False if any
+        failed. Outside the transaction on purpose: a transaction leaves a marker at the next
+        offset, and faust's consumer of the scopes topic tells records it dropped around a
+        rebalance by gaps in the offsets (ordering.py). The scope states skip a cost at or
+        below the last calls offset they applied, so the forwards of an aborted cycle, sent
+        again when it is read again, are not counted twice."""
+        errors = self._forward_errors
+        errors.clear()
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                errors.append(str(error))
+
+        producer = self._forwards
+        for key, value in forwards:
+            while True:
+                try:
+                    producer.produce(self.topics.scopes, value, key, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        left = producer.flush(COMMIT_TIMEOUT_S)
+        if left or errors:
+            log.warning(
+                "forwards to %s not acknowledged (%d left, errors %s); the cycle is read again",
+                self.topics.scopes,
+                left,
+                errors[:3],
+            )
+            return False
+        return True
 
     def _produce(
         self,

@@ -94,16 +94,18 @@ def day_buckets(worker: Worker, scope: str) -> dict[int, int]:
     return {int(k[4:]): int(v) for k, v in buckets.items() if k.startswith("day:")}
 
 
-def rewind(admin: AdminClient, settings: Settings, group: str) -> None:
-    """Commit offset 0 on every partition of both hops' source topics."""
-    starts = [
-        TopicPartition(topic, p, 0)
-        for topic in (settings.topics.calls, scopes_topic_name(settings))
-        for p in range(6)
-    ]
-    admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, starts)])[group].result(
-        timeout=10
-    )
+def rewind(admin: AdminClient, settings: Settings) -> None:
+    """Commit offset 0 on every partition of both hops' source topics: the calls in the data
+    plane's group, the scopes topic in faust's."""
+    groups = {
+        f"{settings.topic_prefix}processor-calls": settings.topics.calls,
+        f"{settings.topic_prefix}processor": scopes_topic_name(settings),
+    }
+    for group, topic in groups.items():
+        starts = [TopicPartition(topic, p, 0) for p in range(6)]
+        admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, starts)])[
+            group
+        ].result(timeout=10)
 
 
 def test_pool_workflow_and_task_type_are_exact_through_duplicates_kill_9_and_replay(
@@ -179,10 +181,12 @@ def test_pool_workflow_and_task_type_are_exact_through_duplicates_kill_9_and_rep
 
     # kill -9, then replay both hops from offset 0.
     worker.kill()
-    group = f"{settings.topic_prefix}processor"
     admin = AdminClient({"bootstrap.servers": settings.kafka})
-    base.wait_for("the dead worker to leave the group", lambda: base.group_is_empty(admin, group))
-    rewind(admin, settings, group)
+    for group in (f"{settings.topic_prefix}processor", f"{settings.topic_prefix}processor-calls"):
+        base.wait_for(
+            f"the dead worker to leave {group}", lambda g=group: base.group_is_empty(admin, g)
+        )
+    rewind(admin, settings)
     restarted = workers()
     restarted.wait_ready()
     extra = event("researcher-2", 777, base.now_ms(), **research)

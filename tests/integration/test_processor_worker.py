@@ -235,6 +235,11 @@ def avoid_midnight() -> None:
         time.sleep(left / 1000 + 1)
 
 
+def calls_group(settings: Settings) -> str:
+    """The consumer group of the data plane, which counts the calls topic."""
+    return f"{settings.topic_prefix}processor-calls"
+
+
 def group_is_empty(admin: AdminClient, group: str) -> bool:
     description = admin.describe_consumer_groups([group])[group].result(timeout=10)
     return description.state.name in {"EMPTY", "DEAD"}
@@ -294,7 +299,7 @@ def test_stop_is_signed_exact_and_survives_kill_9_and_full_replay(
 
     # Crash hard, then make the next worker replay every call from offset 0.
     worker.kill()
-    group = f"{settings.topic_prefix}processor"
+    group = calls_group(settings)
     admin = AdminClient({"bootstrap.servers": settings.kafka})
     wait_for("the dead worker to leave the group", lambda: group_is_empty(admin, group), 30)
     rewind_group(admin, settings, group, partitions=6)
