@@ -38,7 +38,7 @@ from agentledger.schemas.policy import PolicyFile
 
 from .pipeline import _end_offsets, _payloads, _produce, _settings, raw_consume_seconds
 
-__all__ = ["BENCH_POLICIES", "main", "measure"]
+__all__ = ["BENCH_POLICIES", "cpu_seconds", "main", "measure", "wait_processed"]
 
 # One of each kind the processor evaluates per event or per batch: thresholds with every
 # action, a spike rule, the retry-loop detector, and pool/workflow/task-type budgets (the
@@ -75,7 +75,7 @@ BENCH_POLICIES: dict[str, Any] = {
 }
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -97,11 +97,42 @@ def _committed(settings: Settings, group: str, topic: str, ends: dict[int, int])
         consumer.close()
 
 
-def _caught_up(committed: dict[int, int], ends: dict[int, int], transactional: bool) -> bool:
-    # A transactional topic ends with a commit marker after the last record: a consumer
-    # commits the offset after that record, one short of the end.
-    slack = 1 if transactional else 0
-    return all(committed.get(p, 0) >= end - slack for p, end in ends.items() if end > 0)
+def _caught_up(committed: dict[int, int], ends: dict[int, int]) -> bool:
+    return all(committed.get(p, 0) >= end for p, end in ends.items() if end > 0)
+
+
+def wait_processed(
+    settings: Settings, started: float, timeout_s: float = 900.0
+) -> tuple[float | None, float | None]:
+    """Seconds from ``started`` until the data plane committed every calls record, and until
+    faust's second hop committed everything those forwarded (None: not within the timeout).
+    Call it once the load is produced."""
+    ends = _end_offsets(settings.kafka, settings.topics.calls)
+    calls_group = f"{settings.topic_prefix}processor-calls"
+    scopes_group = f"{settings.topic_prefix}processor"
+    scopes_topic = f"{settings.topic_prefix}processor-scopes"
+    calls_s: float | None = None
+    scope_ends: dict[int, int] = {}
+    last_report = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        now = time.monotonic()
+        if calls_s is None:
+            committed = _committed(settings, calls_group, settings.topics.calls, ends)
+            if _caught_up(committed, ends):
+                calls_s = now - started
+                # Everything the calls forwarded to the second hop is written by now: the
+                # forwards are acknowledged before the transaction that commits the calls.
+                scope_ends = _end_offsets(settings.kafka, scopes_topic)
+        if calls_s is not None:
+            hop = _committed(settings, scopes_group, scopes_topic, scope_ends)
+            if _caught_up(hop, scope_ends):
+                return calls_s, time.monotonic() - started
+        if now - last_report >= 10:
+            where = "second hop" if calls_s is not None else "calls"
+            print(f"   processor: waiting for the {where} to commit", flush=True)
+            last_report = now
+        time.sleep(0.1)
+    return calls_s, None
 
 
 def _healthy(settings: Settings) -> bool:
@@ -111,7 +142,8 @@ def _healthy(settings: Settings) -> bool:
             body: dict[str, Any] = json.load(response)
     except (urllib.error.URLError, OSError, ValueError):
         return False
-    return bool(body.get("policies_loaded"))
+    plane = body.get("data_plane") or {}
+    return bool(body.get("policies_loaded")) and bool(plane.get("partitions"))
 
 
 def measure(
@@ -151,38 +183,11 @@ def measure(
                 raise RuntimeError(f"processor did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.2)
         time.sleep(2)  # let the group settle its assignment before the clock starts
-        cpu_before = _cpu_seconds(proc.pid)
+        cpu_before = cpu_seconds(proc.pid)
         started = time.monotonic()
         produce_s = _produce(bootstrap, settings.topics.calls, payloads)
-        ends = _end_offsets(bootstrap, settings.topics.calls)
-        total = sum(ends.values())
-        calls_group = f"{settings.topic_prefix}processor-calls"
-        scopes_group = f"{settings.topic_prefix}processor"
-        scopes_topic = f"{settings.topic_prefix}processor-scopes"
-        done_s: float | None = None
-        calls_s: float | None = None
-        scope_ends: dict[int, int] = {}
-        last_report = 0.0
-        while time.monotonic() - started < 900:
-            now = time.monotonic()
-            if calls_s is None:
-                committed = _committed(settings, calls_group, settings.topics.calls, ends)
-                if _caught_up(committed, ends, transactional=False):
-                    calls_s = now - started
-                    # Everything the calls produced for the second hop is written by now
-                    # (in the transactions that committed those offsets).
-                    scope_ends = _end_offsets(bootstrap, scopes_topic)
-            if calls_s is not None:
-                hop = _committed(settings, scopes_group, scopes_topic, scope_ends)
-                if _caught_up(hop, scope_ends, transactional=True):
-                    done_s = time.monotonic() - started
-                    break
-            if now - last_report >= 10:
-                where = "second hop" if calls_s is not None else "calls"
-                print(f"   processor: waiting for the {where} to commit", flush=True)
-                last_report = now
-            time.sleep(0.1)
-        cpu_s = _cpu_seconds(proc.pid) - cpu_before
+        calls_s, done_s = wait_processed(settings, started)
+        cpu_s = cpu_seconds(proc.pid) - cpu_before
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

@@ -1,9 +1,10 @@
 """P7: processor throughput with 1, 2, ... workers in one consumer group (the scaling curve).
 
 For each worker count the same number of trace events goes through fresh topics (6 calls
-partitions): the workers are started as the real processes (`python -m
+partitions by default): the workers are started as the real processes (`python -m
 agentledger.stream_processors`, each on its own web port) and are healthy before the load is
-produced; a run is done when the group has committed the end offset of every calls partition.
+produced; a run is done when the data plane's group has committed every calls record and faust's
+second hop everything they forwarded; CPU is the workers' utime + stime over the run.
 Only processors run (no sink), so the curve shows the processor alone; the broker and the
 producer share the same cores, as they would on one machine.
 
@@ -31,7 +32,7 @@ COMMAND = "python bench/scaling.py"
 def _run(bootstrap: str, home: Path, port: int, workers: int, count: int) -> dict[str, Any]:
     from agentledger.deploy import ensure_topics, topic_specs
     from agentledger.deploy.stack import Stack
-    from bench import pipeline
+    from bench import pipeline, processor_bench
 
     settings = pipeline._settings(
         bootstrap, home / f"w{workers}", f"bs{uuid.uuid4().hex[:6]}.", (port, port + 1)
@@ -43,17 +44,13 @@ def _run(bootstrap: str, home: Path, port: int, workers: int, count: int) -> dic
     try:
         for name in names:
             stack.start_service(name, timeout_s=180)
-        _wait_stable(bootstrap, f"{settings.topic_prefix}processor", workers)
+        _wait_stable(bootstrap, f"{settings.topic_prefix}processor-calls", workers)
+        pids = [pid for name in names if (pid := stack.pid_of(name)) is not None]
+        cpu_before = sum(processor_bench.cpu_seconds(pid) for pid in pids)
+        started = time.monotonic()
         produce_s = pipeline._produce(bootstrap, settings.topics.calls, payloads)
-        produced_at = time.monotonic()
-        ends = pipeline._end_offsets(bootstrap, settings.topics.calls)
-        group = f"{settings.topic_prefix}processor"
-        seconds = None
-        while time.monotonic() < produced_at + 900:
-            if pipeline._group_done(bootstrap, group, settings.topics.calls, ends):
-                seconds = time.monotonic() - produced_at + produce_s
-                break
-            time.sleep(0.2)
+        _calls_s, seconds = processor_bench.wait_processed(settings, started)
+        cpu_s = sum(processor_bench.cpu_seconds(pid) for pid in pids) - cpu_before
     finally:
         for name in names:
             stack.stop_service(name)
@@ -61,6 +58,7 @@ def _run(bootstrap: str, home: Path, port: int, workers: int, count: int) -> dic
     if seconds is not None:
         row["seconds"] = round(seconds, 2)
         row["events_per_s"] = round(count / seconds)
+    row["cpu_us_per_event"] = round(1e6 * cpu_s / count, 1)
     return row
 
 

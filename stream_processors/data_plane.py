@@ -50,6 +50,7 @@ from .allowances import grant_allowance, revoke_over_allocated
 from .batch_kafka import BatchConsumer, ForwardsProducer, TransactionalProducer
 from .decide import Decider, Outgoing
 from .dlq_rate import DlqRate
+from .failpoints import Failpoints
 from .fold import SpendFold
 from .metrics import ProcessorMetrics, dlq_reason_class
 from .policies import PolicyBook
@@ -173,6 +174,7 @@ class DataPlane:
         self._new_producer = new_producer
         self._forwards: ForwardsProducer = new_forwards_producer()
         self._forward_errors: list[str] = []
+        self.failpoints = Failpoints()
         self._key = settings.control_key_bytes()
         self.decider = Decider(
             book,
@@ -561,6 +563,10 @@ class DataPlane:
                     consumer.consumer_group_metadata(),
                     COMMIT_TIMEOUT_S,
                 )
+            if self.failpoints.armed:
+                # The records on the broker, the transaction open: the crash under test.
+                producer.flush(COMMIT_TIMEOUT_S)
+                self.failpoints.hit("before_commit")
             producer.commit_transaction(COMMIT_TIMEOUT_S)
         except KafkaException as exc:
             self._failed(exc, cycle)
