@@ -84,6 +84,7 @@ COMMIT_TIMEOUT_S = 30.0
 # worker, which fences this one's transactional id and restores from the changelog): a
 # commit can hang when the transaction coordinator's broker goes away (librdkafka #5511).
 STUCK_AFTER_S = 90.0
+TIMINGS_EVERY_S = 10.0
 
 
 def holder_of(headers: Any) -> str | None:
@@ -202,6 +203,9 @@ class DataPlane:
         #: monotonic time the current cycle began (None between cycles), for /health.
         self.cycle_started: float | None = None
         self.cycles = 0
+        self.timings = dict.fromkeys(("consume", "count", "forwards", "commit", "records"), 0.0)
+        self._noted_at = time.monotonic()
+        self._noted_cycles = 0
         self.restoring = False
         self.error: str | None = None
         self.running = False
@@ -328,8 +332,11 @@ class DataPlane:
         consumer = self._consumer
         requests = self._requests
         assert consumer is not None and requests is not None
+        began = time.monotonic()
         messages = consumer.consume(num_messages=self.batch_max, timeout=self.cycle_s)
         self.cycle_started = time.monotonic()
+        self.timings["consume"] += self.cycle_started - began
+        self.timings["records"] += len(messages)
         try:
             asked = (
                 requests.consume(num_messages=REQUESTS_MAX, timeout=0)
@@ -342,11 +349,34 @@ class DataPlane:
             self._grant(cycle, _good(asked, positions), self.clock())
             self._sweep_if_due(cycle)
             self._stats_if_due(cycle)
+            counted = time.monotonic()
+            self.timings["count"] += counted - self.cycle_started
             if cycle or positions:
                 self._commit(cycle, positions)
+                self.timings["commit"] += time.monotonic() - counted
         finally:
             self.cycle_started = None
         self.cycles += 1
+        if began - self._noted_at >= TIMINGS_EVERY_S:
+            self._note_timings(began)
+
+    def _note_timings(self, now: float) -> None:
+        """Where the cycles' time went since the last note: the first thing to read when the
+        data plane falls behind (waiting in consume means it keeps up)."""
+        spent = {k: round(v, 2) for k, v in self.timings.items()}
+        log.info(
+            "data plane, last %.0f s: %d cycles, %d records; seconds consuming %s, counting %s, "
+            "forwarding %s, committing %s",
+            now - self._noted_at,
+            self.cycles - self._noted_cycles,
+            int(spent["records"]),
+            spent["consume"],
+            spent["count"],
+            spent["forwards"],
+            spent["commit"],
+        )
+        self._noted_at, self._noted_cycles = now, self.cycles
+        self.timings = dict.fromkeys(self.timings, 0.0)
 
     def _count(self, cycle: _Cycle, messages: list[Any], now: int) -> None:
         stats = self.stats
@@ -604,7 +634,9 @@ class DataPlane:
                     break
                 except BufferError:
                     producer.poll(0.05)
+        began = time.monotonic()
         left = producer.flush(COMMIT_TIMEOUT_S)
+        self.timings["forwards"] += time.monotonic() - began
         if left or errors:
             log.warning(
                 "forwards to %s not acknowledged (%d left, errors %s); the cycle is read again",
