@@ -17,11 +17,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from agentledger.config import Settings
 from agentledger.schemas import CallEvent
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .tracking import Activity
+
+_ENCODE = msgspec.json.Encoder().encode
+_DECODE = msgspec.json.Decoder().decode
 
 __all__ = [
     "MAX_COSTS_PER_RECORD",
@@ -111,7 +116,9 @@ def encode_scope_costs(scope: str, costs: list[ScopeCost]) -> bytes:
     """
     if any(cost.scope != scope for cost in costs):
         raise ValueError(f"every cost in a scope batch must belong to {scope!r}")
-    return json.dumps(
+    # msgspec writes the same compact JSON as json.dumps, several times faster: this and the
+    # decode below were a third of the second hop's time (py-spy, P1).
+    return _ENCODE(
         {
             "scope": scope,
             "costs": [
@@ -126,9 +133,8 @@ def encode_scope_costs(scope: str, costs: list[ScopeCost]) -> bytes:
                 ]
                 for c in costs
             ],
-        },
-        separators=(",", ":"),
-    ).encode()
+        }
+    )
 
 
 def decode_scope_costs(value: bytes | None) -> list[ScopeCost]:
@@ -137,8 +143,8 @@ def decode_scope_costs(value: bytes | None) -> list[ScopeCost]:
     if not value:
         raise ValueError("scope cost record is empty")
     try:
-        data: Any = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data: Any = _DECODE(value)
+    except msgspec.DecodeError as exc:
         raise ValueError(f"scope cost record is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError("scope cost record must be a JSON object")
