@@ -254,8 +254,8 @@ class FaultStack:
         health = self.health()
         if health is None or not health.get("policies_loaded"):
             return False
-        calls = f"{self.settings.topics.calls}:"
-        return any(tp.startswith(calls) for tp in health["partitions"]["assigned"])
+        # The calls are the data plane's; faust holds the second hop's partitions.
+        return bool(health.get("data_plane", {}).get("partitions"))
 
     def kill(self, name: str) -> None:
         """kill -9 of the processor or the sink."""
