@@ -85,6 +85,7 @@ COMMIT_TIMEOUT_S = 30.0
 # commit can hang when the transaction coordinator's broker goes away (librdkafka #5511).
 STUCK_AFTER_S = 90.0
 TIMINGS_EVERY_S = 10.0
+LAG_EVERY_S = 2.0
 
 
 def holder_of(headers: Any) -> str | None:
@@ -206,6 +207,7 @@ class DataPlane:
         self.timings = dict.fromkeys(("consume", "count", "forwards", "commit", "records"), 0.0)
         self._noted_at = time.monotonic()
         self._noted_cycles = 0
+        self._lag_at = 0.0
         self.restoring = False
         self.error: str | None = None
         self.running = False
@@ -359,6 +361,24 @@ class DataPlane:
         self.cycles += 1
         if began - self._noted_at >= TIMINGS_EVERY_S:
             self._note_timings(began)
+        if began - self._lag_at >= LAG_EVERY_S:
+            self._lag_at = began
+            self._observe_lag()
+
+    def _observe_lag(self) -> None:
+        """Lag per owned calls partition for /metrics, from the end offsets librdkafka caches
+        from its fetches (no request to the broker)."""
+        consumer = self._consumer
+        assert consumer is not None
+        tps = [TopicPartition(self.topics.calls, p) for p in sorted(self.owned)]
+        lags: dict[tuple[str, int], int] = {}
+        for tp in consumer.position(tps) if tps else []:
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            where = (tp.topic, tp.partition)
+            position = tp.offset if tp.offset >= 0 else self._committed.get(where)
+            if high >= 0 and position is not None:
+                lags[where] = max(high - position, 0)
+        self.metrics.observe_plane_lag(lags)
 
     def _note_timings(self, now: float) -> None:
         """Where the cycles' time went since the last note: the first thing to read when the

@@ -42,7 +42,8 @@ class _Lag(Collector):
     """The latest lag snapshot per (topic, partition); revoked partitions leave the snapshot."""
 
     def __init__(self) -> None:
-        self.snapshot: dict[tuple[str, int], int] = {}
+        self.snapshot: dict[tuple[str, int], int] = {}  # faust's input partitions
+        self.plane: dict[tuple[str, int], int] = {}  # the data plane's (calls)
 
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily(
@@ -51,7 +52,7 @@ class _Lag(Collector):
             "next offset to process), per input topic and partition",
             labels=["topic", "partition"],
         )
-        for (topic, partition), lag in sorted(self.snapshot.items()):
+        for (topic, partition), lag in sorted({**self.snapshot, **self.plane}.items()):
             family.add_metric([topic, str(partition)], lag)
         yield family
 
@@ -105,6 +106,10 @@ class ProcessorMetrics:
         if counted:
             self.events.labels(topic).inc(counted)
         self.last_batch.set(now_ms / 1000)
+
+    def observe_plane_lag(self, lags: dict[tuple[str, int], int]) -> None:
+        """The data plane's lag per calls partition (replaced whole: revoked ones leave)."""
+        self._lag.plane = lags
 
     def observe_lag(self, views: Mapping[Any, PartitionView], stalled: int) -> None:
         """From the stall watch's offsets of each assigned input partition (``tp.topic``,
