@@ -24,6 +24,7 @@ from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
 from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
 from .ids import uuid7
 from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
+from .pause import PAUSE_VERSION, PauseRecord, pause_key
 from .policy import (
     BUDGET_POLICY_VERSION,
     BudgetPolicy,
@@ -46,6 +47,7 @@ __all__ = [
     "CONTROL_COMMAND_VERSION",
     "DEAD_LETTER_VERSION",
     "NANO_PER_USD",
+    "PAUSE_VERSION",
     "STATS_VERSION",
     "Alert",
     "AlertKind",
@@ -61,6 +63,7 @@ __all__ = [
     "ControlCommand",
     "DeadLetter",
     "InvalidMessage",
+    "PauseRecord",
     "Period",
     "PolicyFile",
     "PolicyFileError",
@@ -76,6 +79,7 @@ __all__ = [
     "format_usd",
     "nano_to_usd",
     "parse_policy_file",
+    "pause_key",
     "sign_command",
     "sign_grant",
     "subtree_scope",
