@@ -20,6 +20,8 @@ from tests.unit.test_producer_ledger import Harness
 pytest.importorskip("langgraph")
 langchain_openai = pytest.importorskip("langchain_openai")
 from langchain_core.messages import AIMessage  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
+from langchain_core.runnables import RunnableLambda  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
 
@@ -114,7 +116,7 @@ def test_usage_task_and_spawn_structure(api: FakeApi, h: Harness) -> None:
     graph = StateGraph(MessagesState)
     graph.add_node("plan", one_node(llm))
     graph.add_node("research", inner)  # a sub-graph as a node
-    graph.add_node("tools", via_tool)  # a graph invoked by a tool
+    graph.add_node("tools", via_tool)  # a graph invoked by a tool, named after the tool
     graph.add_edge(START, "plan")
     graph.add_edge("plan", "research")
     graph.add_edge("research", "tools")
@@ -125,7 +127,7 @@ def test_usage_task_and_spawn_structure(api: FakeApi, h: Harness) -> None:
     assert [(e.agent_id, e.parent_agent_id, e.spawn_depth) for e in events] == [
         ("lead", None, 0),
         ("lead.research", "lead", 1),
-        ("lead.tools", "lead", 1),
+        ("lead.delegate", "lead", 1),
     ]
     assert {e.workflow_id for e in events} == {"wf"}
     assert {e.pool for e in events} == {"p"}
@@ -136,6 +138,51 @@ def test_usage_task_and_spawn_structure(api: FakeApi, h: Harness) -> None:
         assert (event.provider, event.requested_model) == ("openai", "gpt-4o")
         assert_priced(event, "gpt-4o")
         assert event.status == "ok"
+
+
+def test_agents_invoked_from_tools_are_spawns_without_langgraph(api: FakeApi, h: Harness) -> None:
+    agent = h.ledger.agent("lead", workflow="wf")
+    handler = LedgerCallbackHandler(agent)
+    llm = chat(api)
+    writer = ChatPromptTemplate.from_messages([("user", "{q}")]) | llm
+
+    @tool
+    def write(q: str) -> str:
+        """Ask the writer agent."""
+        return str(writer.invoke({"q": q}).content)
+
+    # An agent with a tool of its own: it asks the writer, then its model.
+    researcher = RunnableLambda(lambda q: write.invoke({"q": q})) | RunnableLambda(llm.invoke)
+
+    @tool
+    def research(q: str) -> str:
+        """Ask the researcher agent."""
+        return str(researcher.invoke(q).content)
+
+    @tool
+    def quick(q: str) -> str:
+        """A tool that calls the model itself: no agent of its own."""
+        return str(llm.invoke(q).content)
+
+    def lead_agent(text: str) -> str:
+        llm.invoke(text)
+        quick.invoke({"q": text})
+        return research.invoke({"q": text})
+
+    RunnableLambda(lead_agent).invoke("hi", config={"callbacks": [handler]})
+    events = h.events()
+    assert [(e.agent_id, e.parent_agent_id, e.spawn_depth) for e in events] == [
+        ("lead", None, 0),
+        ("lead", None, 0),
+        ("lead.research.write", "lead.research", 2),
+        ("lead.research", "lead", 1),
+    ]
+    # One top-level run: one task, carried by the spawns too.
+    assert len({(e.task_type, e.task_id) for e in events}) == 1
+    assert events[0].task_id is not None
+    assert {e.workflow_id for e in events} == {"wf"}
+    for event in events:
+        assert_priced(event, "gpt-4o")
 
 
 def test_user_task_wins_and_plain_chat_model_calls_are_recorded(api: FakeApi, h: Harness) -> None:
