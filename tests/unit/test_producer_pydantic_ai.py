@@ -59,7 +59,7 @@ class Models:
         return asyncio.run(main())
 
 
-def test_usage_and_a_delegate_agent_as_a_spawn(api: FakeApi, h: Harness) -> None:
+def test_usage_and_an_explicitly_spawned_delegate(api: FakeApi, h: Harness) -> None:
     lead = h.ledger.agent("lead", pool="p", workflow="wf")
     models = Models(api)
     helper = Agent(models(lead.spawn("lead.helper")))
@@ -84,6 +84,47 @@ def test_usage_and_a_delegate_agent_as_a_spawn(api: FakeApi, h: Harness) -> None
     assert {(e.task_type, e.task_id) for e in events} == {("research", "t-1")}
     for event in events:
         assert (event.provider, event.requested_model) == ("openai", "gpt-4o")
+        assert_priced(event, "gpt-4o")
+
+
+def test_delegates_are_spawns_of_the_agent_they_work_for(api: FakeApi, h: Harness) -> None:
+    lead = h.ledger.agent("lead", workflow="wf")
+    models = Models(api)  # every model wrapped for the same ledger agent
+    bot = Agent(models(lead), name="lead")
+    helper = Agent(models(lead), name="helper")
+    digger = Agent(models(lead), name="digger")
+    writer = Agent(models(lead), name="writer")
+    loner = Agent(models(lead), name="loner")
+
+    @bot.tool
+    async def ask_team(ctx: RunContext[None]) -> str:
+        """Ask the helper, then the writer (pydantic-ai's agent delegation)."""
+        found = await helper.run("find", usage=ctx.usage)
+        written = await writer.run("write", usage=ctx.usage)
+        await loner.run("no usage passed: not known as a delegate")
+        return f"{found.output} {written.output}"
+
+    @helper.tool
+    async def dig(ctx: RunContext[None]) -> str:
+        """The helper delegates in turn."""
+        return str((await digger.run("dig", usage=ctx.usage)).output)
+
+    # lead asks for ask_team; helper asks for dig; everyone else answers.
+    api.tool_calls = ["ask_team", "dig"]
+    with lead.task("research", task_id="t-2"):
+        assert models.run(bot).output == "hello"
+    events = h.events()
+    assert [(e.agent_id, e.parent_agent_id, e.spawn_depth) for e in events] == [
+        ("lead", None, 0),
+        ("lead.helper", "lead", 1),
+        ("lead.helper.digger", "lead.helper", 2),
+        ("lead.helper", "lead", 1),
+        ("lead.writer", "lead", 1),
+        ("lead", None, 0),  # the loner
+        ("lead", None, 0),
+    ]
+    assert {(e.task_type, e.task_id) for e in events} == {("research", "t-2")}
+    for event in events:
         assert_priced(event, "gpt-4o")
 
 
