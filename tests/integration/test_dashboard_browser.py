@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +51,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> An
             return value
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-@pytest.fixture
-def stack(stack_settings: Settings) -> Iterator[Stack]:
-    stack = Stack(stack_settings, progress=lambda _m: None, manage_kafka=False)
-    try:
-        stack.up(timeout_s=180)
-        yield stack
-    finally:
-        stack.down()
 
 
 class Workload:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -30,23 +29,6 @@ langchain_openai = pytest.importorskip("langchain_openai")
 pytest.importorskip("langgraph")
 from agentledger.producers.langchain import LedgerCallbackHandler  # noqa: E402
 from tests.unit.test_producer_langchain import HI, looping, single  # noqa: E402
-
-
-@pytest.fixture
-def stack(stack_settings: Settings) -> Iterator[Stack]:
-    stack = Stack(stack_settings, progress=lambda _m: None, manage_kafka=False)
-    stack.up(timeout_s=120)
-    try:
-        yield stack
-    finally:
-        stack.down()
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    fake = FakeApi()
-    yield fake
-    fake.close()
 
 
 def test_a_looping_langgraph_agent_is_stopped_by_its_budget(stack: Stack, api: FakeApi) -> None:
