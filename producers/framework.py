@@ -254,6 +254,13 @@ class _Wait:
         self.resumed = False
         self.stats._begin(self, agent.agent_id, first, pause.timeout_s)
 
+    @classmethod
+    def after(cls, first: BudgetExceeded, agent: AgentLedger, pause: Pause | None) -> _Wait:
+        """The wait for ``first``; ``first`` itself, raised, when it is not to be waited out."""
+        if pause is None or not _pausable(first):
+            raise first
+        return cls(first, agent, pause)
+
     def __enter__(self) -> Self:
         return self
 
@@ -282,9 +289,7 @@ def _retry(once: Callable[[], _T], agent: AgentLedger, pause: Pause | None) -> _
     try:
         return once()
     except BudgetExceeded as exc:
-        if pause is None or not _pausable(exc):
-            raise
-        wait = _Wait(exc, agent, pause)
+        wait = _Wait.after(exc, agent, pause)
     with wait:
         while True:
             time.sleep(wait.next_s())
@@ -319,9 +324,7 @@ async def admit_async(
     try:
         return await make()._enter_async()
     except BudgetExceeded as exc:
-        if pause is None or not _pausable(exc):
-            raise
-        wait = _Wait(exc, agent, pause)
+        wait = _Wait.after(exc, agent, pause)
     with wait:
         while True:
             await asyncio.sleep(wait.next_s())

@@ -53,7 +53,7 @@ def test_a_looping_langgraph_agent_is_stopped_by_its_budget(stack: Stack, api: F
         config: Any = {"callbacks": [LedgerCallbackHandler(agent)], "recursion_limit": 100_000}
         started = time.monotonic()
         with pytest.raises(BudgetExceeded) as stop:
-            looping(llm, lambda _: None).invoke(HI, config=config)
+            looping(llm, lambda: None).invoke(HI, config=config)
         print(
             f"the graph made {len(api.requests)} calls in {time.monotonic() - started:.1f}s "
             "before its budget refused the next"

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from agentledger.producers import BudgetExceeded, Ledger, NewWorkRefused, ThrottleTimeout
+from agentledger.producers import BudgetExceeded, NewWorkRefused, ThrottleTimeout
 from agentledger.producers.framework import Pause, pause_stats
 from agentledger.schemas import ControlAction
-from tests.unit.framework_fakes import FakeApi, assert_priced, until
+from tests.unit.framework_fakes import FakeApi, StopAt, assert_priced, until
+from tests.unit.test_producer_enforcement import throttled_harness as throttled
 from tests.unit.test_producer_ledger import Harness
 
 pytest.importorskip("langgraph")
@@ -49,15 +50,13 @@ def single(llm: Any, name: str = "call") -> Any:
     return graph.compile()
 
 
-def looping(llm: Any, on_tool: Callable[[int], None]) -> Any:
+def looping(llm: Any, on_tool: Callable[[], object]) -> Any:
     """An agent that calls its model, runs the tool the model asks for, and loops."""
-    runs = [0]
 
     @tool
     def search() -> str:
         """Search for more."""
-        runs[0] += 1
-        on_tool(runs[0])
+        on_tool()
         return "more"
 
     bound = llm.bind_tools([search])
@@ -208,14 +207,6 @@ def test_failed_call_is_recorded_with_its_status(api: FakeApi, h: Harness) -> No
     assert (event.status, event.error_type) == ("rate_limited", "OpenAIRateLimitError")
 
 
-def stop_at(h: Harness, n: int, scope: str) -> Callable[[int], None]:
-    def on_tool(run: int) -> None:
-        if run == n:
-            h.publish(scope)
-
-    return on_tool
-
-
 ENTRY_POINTS = ["invoke", "ainvoke", "stream", "astream"]
 
 
@@ -240,7 +231,7 @@ def run_entry(app: Any, entry: str, config: dict[str, Any]) -> None:
 def test_a_stop_mid_run_raises_out_of_the_entry_point(api: FakeApi, h: Harness, entry: str) -> None:
     api.loop_tool = "search"
     agent = h.ledger.agent("looper", pool="p")
-    app = looping(chat(api), stop_at(h, 3, "agent:looper"))
+    app = looping(chat(api), StopAt(h, 3, "agent:looper"))
     with pytest.raises(BudgetExceeded) as info:
         run_entry(app, entry, {"callbacks": [LedgerCallbackHandler(agent)]})
     assert type(info.value) is BudgetExceeded
@@ -271,7 +262,7 @@ def test_route_is_applied_through_routable_and_recorded(api: FakeApi, h: Harness
     handler = LedgerCallbackHandler(agent)
     h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
     api.tool_calls = ["search"]
-    app = looping(handler.routable(chat(api)), lambda _: None)
+    app = looping(handler.routable(chat(api)), lambda: None)
     app.invoke(HI, config={"callbacks": [handler]})
     assert [r["model"] for r in api.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
     assert api.requests[0]["tools"][0]["function"]["name"] == "search"  # bind_tools kept
@@ -283,19 +274,6 @@ def test_route_is_applied_through_routable_and_recorded(api: FakeApi, h: Harness
     assert api.requests[-1]["model"] == "gpt-4o"
     assert_priced(h.events()[-1], "gpt-4o")
     assert handler.unrouted == 1
-
-
-def throttled(tmp_path: Path, max_wait_s: float | None) -> Harness:
-    h = Harness(tmp_path)
-    h.ledger = Ledger(
-        h.settings,
-        transport=h.transport,
-        control=h.state,
-        clock=h.clock,
-        start_control_listener=False,
-        throttle_max_wait_s=max_wait_s,
-    )
-    return h
 
 
 def test_throttle_waits_for_a_slot(api: FakeApi, tmp_path: Path) -> None:
@@ -335,7 +313,7 @@ def test_pause_waits_for_a_resume(api: FakeApi, h: Harness) -> None:
     agent = h.ledger.agent("a", pool="p")
     api.tool_calls = ["search"]
     handler = LedgerCallbackHandler(agent, pause=Pause(timeout_s=60, poll_s=0.01))
-    app = looping(chat(api), stop_at(h, 1, "pool:p"))
+    app = looping(chat(api), StopAt(h, 1, "pool:p"))
     done = threading.Event()
 
     def run() -> None:

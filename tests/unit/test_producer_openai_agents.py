@@ -13,7 +13,7 @@ import pytest
 from agentledger.producers import BudgetExceeded
 from agentledger.producers.framework import Pause, pause_stats
 from agentledger.schemas import ControlAction
-from tests.unit.framework_fakes import FakeApi, assert_priced, until
+from tests.unit.framework_fakes import FakeApi, StopAt, assert_priced, until
 from tests.unit.test_producer_ledger import Harness
 
 agents = pytest.importorskip("agents")
@@ -121,15 +121,12 @@ def test_route_asks_the_wrapped_provider_for_the_routed_model(api: FakeApi, h: H
 
 
 def test_a_stop_mid_run_raises_out_of_runner_run(api: FakeApi, h: Harness) -> None:
-    runs = [0]
+    stop = StopAt(h, 3, "agent:lead")
 
     @function_tool
     def search() -> str:
         """Search for more."""
-        runs[0] += 1
-        if runs[0] == 3:
-            h.publish("agent:lead")
-        return "more"
+        return stop()
 
     api.loop_tool = "search"
     bot = Agent(name="lead", model="gpt-4o", tools=[search])

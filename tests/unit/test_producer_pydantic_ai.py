@@ -12,7 +12,7 @@ import pytest
 from agentledger.producers import AgentLedger, BudgetExceeded
 from agentledger.producers.framework import Pause, pause_stats
 from agentledger.schemas import ControlAction
-from tests.unit.framework_fakes import FakeApi, assert_priced, until
+from tests.unit.framework_fakes import FakeApi, StopAt, assert_priced, until
 from tests.unit.test_producer_ledger import Harness
 
 pytest.importorskip("pydantic_ai")
@@ -145,15 +145,12 @@ def test_a_stop_mid_run_raises_out_of_run_and_usage_limits_stay_pydantic_ais(
 ) -> None:
     models = Models(api)
     bot = Agent(models(h.ledger.agent("looper")))
-    runs = [0]
+    stop = StopAt(h, 3, "agent:looper")
 
     @bot.tool_plain
     def search() -> str:
         """Search for more."""
-        runs[0] += 1
-        if runs[0] == 3:
-            h.publish("agent:looper")
-        return "more"
+        return stop()
 
     api.loop_tool = "search"
     with pytest.raises(BudgetExceeded, match="agent:looper"):
