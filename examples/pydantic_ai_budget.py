@@ -16,15 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from budget_demo import (
-    LATENCY_S,
-    OFFLINE_MODEL,
-    OFFLINE_USAGE,
-    TOOL_ARGS,
-    Demo,
-    parse,
-    search_result,
-)
+import budget_demo as shared
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -37,31 +29,31 @@ AGENT = "pa-example"
 
 async def offline(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Always asks for the search tool, with gpt-4o-mini usage as OpenAI would report it."""
-    await asyncio.sleep(LATENCY_S)
-    inp, out = OFFLINE_USAGE
+    await asyncio.sleep(shared.LATENCY_S)
+    inp, out = shared.OFFLINE_USAGE
     return ModelResponse(
-        parts=[ToolCallPart("search", dict(TOOL_ARGS))],
+        parts=[ToolCallPart("search", dict(shared.TOOL_ARGS))],
         usage=RequestUsage(input_tokens=inp, output_tokens=out),
     )
 
 
 def main() -> int:
-    args = parse(__doc__, "requests", "pydantic-ai's request limit")
+    args = shared.parse(__doc__, "requests", "pydantic-ai's request limit")
     model: Any
     if args.offline:
         # Priced as gpt-4o-mini: the shim prices what the wrapped model says it is.
-        model = FunctionModel(offline, model_name=OFFLINE_MODEL)
+        model = FunctionModel(offline, model_name=shared.OFFLINE_MODEL)
         provider: str | None = "openai"
     else:
         model, provider = "openai:gpt-4o-mini", None
-    with Demo.start(AGENT, args) as demo:
+    with shared.Demo.start(AGENT, args) as demo:
         wrapped = LedgerModel(model, demo.agent, pause=demo.pause, provider=provider)
         bot: Agent[None, str] = Agent(wrapped)
 
         @bot.tool_plain
         def search(query: str) -> str:
             """Search the web for ``query``."""
-            return search_result(query)
+            return shared.search_result(query)
 
         limits = UsageLimits(request_limit=args.requests)
         return demo.run(lambda: bot.run_sync("find everything about budgets", usage_limits=limits))

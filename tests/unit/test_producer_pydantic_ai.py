@@ -4,15 +4,14 @@ fake of the OpenAI chat completions API."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
 
 from agentledger.producers import AgentLedger, BudgetExceeded
-from agentledger.producers.framework import Pause, pause_stats
+from agentledger.producers.framework import Pause
 from agentledger.schemas import ControlAction
-from tests.unit.framework_fakes import FakeApi, StopAt, assert_priced, until
+from tests.unit.framework_fakes import FakeApi, StopAt, assert_paused_then_resumed, assert_priced
 from tests.unit.test_producer_ledger import Harness
 
 pytest.importorskip("pydantic_ai")
@@ -160,17 +159,8 @@ def test_a_stop_mid_run_raises_out_of_run_and_usage_limits_stay_pydantic_ais(
 
 def test_pause_waits_for_a_resume(api: FakeApi, h: Harness) -> None:
     models = Models(api)
-    h.publish("agent:a")
     bot = Agent(models(h.ledger.agent("a"), pause=Pause(timeout_s=60, poll_s=0.01)))
-    thread = threading.Thread(target=models.run, args=(bot,))
-    thread.start()
-    stats = pause_stats(h.ledger)
-    until(lambda: stats.paused_now == {"agent:a": 1}, "the request to pause")
-    assert api.requests == []
-    h.publish("agent:a", ControlAction.RESUME)
-    thread.join(30)
-    assert not thread.is_alive()
-    assert len(h.events()) == 1 and stats.resumed == 1
+    assert_paused_then_resumed(h, api, "agent:a", lambda: models.run(bot))
 
 
 def test_failed_request_is_recorded(api: FakeApi, h: Harness) -> None:
