@@ -14,7 +14,7 @@ shim sends to an in-memory transport (P4 measures the Kafka send: about 2 us mor
   milliseconds of SDK work that would hide a difference of microseconds.
 - pydantic-ai: ``LedgerModel(...).request(...)`` against the wrapped model's.
 
-``.venv/bin/python bench/framework_overhead.py [iterations]``
+``.venv/bin/python -m bench.framework_overhead [iterations]``
 """
 
 from __future__ import annotations
@@ -35,19 +35,11 @@ from pydantic import SecretStr
 from agentledger.config import Settings
 from agentledger.producers import AgentLedger, Ledger
 from agentledger.producers.transport import InMemoryTransport
-
-WARMUP = 300
+from bench.shim_overhead import WARMUP, _median_ns
 
 
 def _median_us(step: Callable[[], object], iterations: int) -> float:
-    for _ in range(WARMUP):
-        step()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter_ns()
-        step()
-        samples.append(time.perf_counter_ns() - start)
-    return statistics.median(samples) / 1000
+    return _median_ns(step, iterations) / 1000
 
 
 def _amedian_us(step: Callable[[], Awaitable[object]], iterations: int) -> float:

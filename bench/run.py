@@ -257,7 +257,7 @@ def _p8(framework_overhead: Any) -> dict[str, object]:
         "target": "reported (issue #18)",
         "details": p8,
         "seconds": round(time.monotonic() - started, 1),
-        "command": ".venv/bin/python bench/framework_overhead.py",
+        "command": ".venv/bin/python -m bench.framework_overhead",
     }
 
 

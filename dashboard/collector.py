@@ -1,4 +1,4 @@
-"""Collector: polls the processor and ClickHouse, follows the control and alerts topics, and
+"""Collector: polls the processor and ClickHouse, follows the control, alerts and pauses topics, and
 keeps the latest snapshot with a version number that changes when its content does.
 
 A source that fails is reported in the snapshot's ``health`` and retried on the next tick; the
@@ -17,7 +17,7 @@ from typing import Any
 from agentledger.config import Settings
 from agentledger.review.query import QueryClient, QueryError
 
-from .feeds import AlertLog, CommandBoard, TopicFeed
+from .feeds import AlertLog, CommandBoard, PauseBoard, TopicFeed
 from .sources import History, fetch_history, fetch_scopes
 from .view import RateTracker, build_snapshot
 
@@ -48,12 +48,16 @@ class Collector:
         self._query = query_client
         self.board = CommandBoard(settings.control_key_bytes())
         self.alerts = AlertLog(keep=ALERTS_TAIL)
+        self.pauses = PauseBoard()
         topics = settings.topics
         security = settings.kafka_client_config()  # TLS / SASL, as every other client
         self.feeds = [
             TopicFeed(settings.kafka, topics.control, self.board.apply, config=security),
             TopicFeed(
                 settings.kafka, topics.alerts, self.alerts.apply, tail=ALERTS_TAIL, config=security
+            ),
+            TopicFeed(
+                settings.kafka, topics.pauses, None, on_message=self.pauses.apply, config=security
             ),
         ]
         self.rates = RateTracker()
@@ -132,6 +136,7 @@ class Collector:
             scopes_body=scopes,
             standing=self.board.standing(now),
             alerts=self.alerts.latest(),
+            paused=self.pauses.live(now),
             history=self._history,
             rates=self.rates,
             health=health,

@@ -1,5 +1,6 @@
 """What the dashboard reads from Kafka: the standing command per scope (control topic, read from
-the beginning) and the latest alerts (the tail of the alerts topic).
+the beginning), the latest alerts (the tail of the alerts topic) and the calls shims hold
+paused (pauses topic, read from the beginning).
 
 Each feed is a daemon thread with its own consumer, assigned every partition (no consumer group
 membership, nothing committed), so many dashboards cost the cluster no rebalances.
@@ -22,15 +23,17 @@ from agentledger.schemas import (
     Alert,
     ControlAction,
     ControlCommand,
+    PauseRecord,
     SignatureError,
     verify_command,
 )
 
-__all__ = ["AlertLog", "CommandBoard", "TopicFeed"]
+__all__ = ["AlertLog", "CommandBoard", "PauseBoard", "TopicFeed"]
 
 log = logging.getLogger(__name__)
 
 OnRecord = Callable[[bytes], None]
+OnMessage = Callable[[bytes | None, bytes | None], None]
 
 
 class CommandBoard:
@@ -92,9 +95,57 @@ class AlertLog:
         return sorted(alerts, key=lambda a: a.issued_at_ms, reverse=True)
 
 
+class PauseBoard:
+    """The pauses shims publish, one per (process, scope), newest record per key; a tombstone
+    removes one, and ``live`` leaves out (and forgets) those gone stale."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[bytes, PauseRecord] = {}
+        self.rejected = 0
+        self.last_rejection: str | None = None
+
+    def _reject(self, why: str) -> None:
+        with self._lock:
+            self.rejected += 1
+            self.last_rejection = why[:300]
+        log.warning("dashboard: ignoring a pause record: %s", why[:300])
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            self._reject("a record without a key (expected '<process>|<scope>')")
+            return
+        if value is None:  # the pause ended
+            with self._lock:
+                self._records.pop(key, None)
+            return
+        try:
+            record = PauseRecord.model_validate_json(value)
+        except ValidationError as exc:
+            self._reject(str(exc))
+            return
+        if record.key() != key:
+            self._reject(
+                f"key {key[:200]!r} does not match the record's process and scope "
+                f"({record.key()!r})"
+            )
+            return
+        with self._lock:
+            self._records[key] = record
+
+    def live(self, now_ms: int) -> list[PauseRecord]:
+        """Pauses still waiting, oldest first."""
+        with self._lock:
+            for key in [k for k, r in self._records.items() if not r.live(now_ms)]:
+                del self._records[key]
+            records = list(self._records.values())
+        return sorted(records, key=lambda r: (r.since_ms, r.scope, r.process))
+
+
 class TopicFeed:
     """Follow one topic on a daemon thread: every partition from the beginning, or only its last
-    ``tail`` records per partition."""
+    ``tail`` records per partition. ``on_message`` (instead of ``on_record``) is given every
+    record's key and value, tombstones (value None) included."""
 
     POLL_TIMEOUT_S = 0.1
     RETRY_S = 1.0
@@ -103,13 +154,17 @@ class TopicFeed:
         self,
         bootstrap: str,
         topic: str,
-        on_record: OnRecord,
+        on_record: OnRecord | None,
         *,
+        on_message: OnMessage | None = None,
         tail: int | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
+        if (on_record is None) == (on_message is None):
+            raise ValueError("TopicFeed takes exactly one of on_record and on_message")
         self.topic = topic
         self._on_record = on_record
+        self._on_message = on_message
         self._tail = tail
         self._config: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
@@ -162,8 +217,10 @@ class TopicFeed:
                     continue
                 self.last_ok_monotonic = time.monotonic()
                 value = msg.value()
-                if value is not None:  # tombstones carry nothing to show
-                    self._on_record(value)
+                if self._on_message is not None:
+                    self._on_message(msg.key(), value)
+                elif value is not None and self._on_record is not None:
+                    self._on_record(value)  # tombstones carry nothing to show
                 offset = msg.offset()
                 self._reached(msg.partition(), None if offset is None else offset + 1)
         except KafkaException as exc:

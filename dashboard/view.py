@@ -6,10 +6,10 @@ snapshot. Money is carried as integer nano-USD plus an exact decimal USD string.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agentledger.schemas import Alert, ControlCommand, nano_to_usd
+from agentledger.schemas import Alert, ControlCommand, PauseRecord, nano_to_usd
 
 from .forecast import SpendSamples, forecast
 from .sources import History
@@ -20,6 +20,7 @@ __all__ = [
     "alert_json",
     "build_snapshot",
     "command_json",
+    "pause_json",
     "scope_row",
     "sort_scopes",
 ]
@@ -151,17 +152,38 @@ def alert_json(alert: Alert) -> dict[str, Any]:
     }
 
 
+def pause_json(record: PauseRecord) -> dict[str, Any]:
+    return {
+        "scope": record.scope,
+        "process": record.process,
+        "host": record.host,
+        "pid": record.pid,
+        "agents": list(record.agents),
+        "calls": record.calls,
+        "reason": record.reason,
+        "since_ms": record.since_ms,
+        "waits_until_ms": record.waits_until_ms,
+        "resets_at_ms": record.resets_at_ms,
+        "updated_at_ms": record.updated_at_ms,
+    }
+
+
 def build_snapshot(
     *,
     now_ms: int,
     scopes_body: Mapping[str, Any] | None,
     standing: Mapping[str, ControlCommand],
     alerts: list[Alert],
+    paused: Sequence[PauseRecord] = (),
     history: History | None,
     rates: RateTracker,
     health: Mapping[str, str | None],
 ) -> dict[str, Any]:
-    """The whole view. ``health`` maps a source name to its last error (None when fine)."""
+    """The whole view. ``health`` maps a source name to its last error (None when fine);
+    ``paused`` are the live pause records (calls shims hold waiting on a scope)."""
+    paused_calls: dict[str, int] = {}
+    for record in paused:
+        paused_calls[record.scope] = paused_calls.get(record.scope, 0) + record.calls
     rows: list[dict[str, Any]] = []
     errors = dict(health)
     seen: set[str] = set()
@@ -171,6 +193,7 @@ def build_snapshot(
         except (KeyError, TypeError, ValueError) as exc:
             errors["processor"] = f"a scope report was malformed: {exc!r}"[:300]
             continue
+        row["paused_calls"] = paused_calls.get(row["scope"], 0)
         rows.append(row)
         seen.add(row["scope"])
     # A command can stand for a scope the processor holds no spend for (an operator STOP on an
@@ -182,6 +205,7 @@ def build_snapshot(
         "standing": [command_json(c) for _, c in sorted(standing.items())],
         "standing_without_spend": orphans,
         "alerts": [alert_json(a) for a in alerts],
+        "paused": [pause_json(r) for r in paused],
         "series": [
             {"t": t, "nano": n, "usd": _usd(n)} for t, n in (history.series if history else [])
         ],

@@ -92,6 +92,20 @@ def topic_specs(topics: Topics, calls_partitions: int = 6) -> list[TopicSpec]:
                 "segment.ms": str(3600 * 1000),
             },
         ),
+        # Keyed by (shim process, scope), one partition (every shim writes partition 0, so a
+        # key's records stay in order); compaction keeps the latest per key and drops a
+        # key after its tombstone, and records older than a day go anyway.
+        TopicSpec(
+            topics.pauses,
+            1,
+            {
+                "cleanup.policy": "compact,delete",
+                "retention.ms": str(DAY_MS),
+                "min.cleanable.dirty.ratio": "0.1",
+                "segment.ms": str(3600 * 1000),
+                "delete.retention.ms": str(3600 * 1000),
+            },
+        ),
     ]
 
 

@@ -13,25 +13,26 @@ Needs ``pip install 'agentledger[langchain]'`` (and ``langchain-openai`` without
 
 from __future__ import annotations
 
-import argparse
 import time
-from decimal import Decimal
 from typing import Any
 
+from budget_demo import (
+    LATENCY_S,
+    OFFLINE_MODEL,
+    OFFLINE_USAGE,
+    TOOL_ARGS,
+    Demo,
+    parse,
+    search_result,
+)
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 
-from agentledger.budgets import apply_policies
-from agentledger.config import Settings
-from agentledger.producers import BudgetExceeded, Ledger
-from agentledger.producers.framework import Pause
 from agentledger.producers.langchain import LedgerCallbackHandler
-from agentledger.schemas import BudgetPolicy, PolicyFile
 
-LATENCY_S = 0.05
 AGENT = "lg-example"
 
 
@@ -43,14 +44,15 @@ class OfflineModel(BaseChatModel):
         return "offline"
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
-        return {"ls_provider": "openai", "ls_model_name": "gpt-4o-mini", "ls_max_tokens": 500}
+        return {"ls_provider": "openai", "ls_model_name": OFFLINE_MODEL, "ls_max_tokens": 500}
 
     def _generate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **_: Any
     ) -> ChatResult:
-        time.sleep(LATENCY_S)  # a model takes time to answer
-        call = {"name": "search", "args": {"query": "more"}, "id": f"call_{len(messages)}"}
-        usage = {"input_tokens": 20_000, "output_tokens": 500, "total_tokens": 20_500}
+        time.sleep(LATENCY_S)
+        call = {"name": "search", "args": TOOL_ARGS, "id": f"call_{len(messages)}"}
+        inp, out = OFFLINE_USAGE
+        usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
         message = AIMessage(content="", tool_calls=[call], usage_metadata=usage)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -61,7 +63,7 @@ class OfflineModel(BaseChatModel):
 @tool
 def search(query: str) -> str:
     """Search the web for ``query``."""
-    return f"nothing new about {query}; search again"
+    return search_result(query)
 
 
 def build(model: Any) -> Any:
@@ -89,37 +91,22 @@ def build(model: Any) -> Any:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--offline", action="store_true", help="use an in-process fake model")
-    parser.add_argument("--pause", type=float, help="wait up to this many seconds for a resume")
-    parser.add_argument("--steps", type=int, default=400, help="the graph's recursion limit")
-    args = parser.parse_args()
-    settings = Settings()
-    apply_policies(
-        settings,
-        PolicyFile(budgets=[BudgetPolicy(scope=f"agent:{AGENT}", limit_usd=Decimal("0.02"))]),
-    )
+    args = parse(__doc__, "steps", "the graph's recursion limit")
     if args.offline:
         model: Any = OfflineModel()
     else:
         from langchain_openai import ChatOpenAI
 
         model = ChatOpenAI(model="gpt-4o-mini")
-    with Ledger(settings) as ledger:
-        ledger.wait_for_control(10)
-        agent = ledger.agent(AGENT, workflow="wf-example", pool="examples")
-        pause = Pause(timeout_s=args.pause) if args.pause else None
-        handler = LedgerCallbackHandler(agent, pause=pause)
+    with Demo.start(AGENT, args) as demo:
+        handler = LedgerCallbackHandler(demo.agent, pause=demo.pause)
         graph = build(handler.routable(model))
-        try:
-            graph.invoke(
+        return demo.run(
+            lambda: graph.invoke(
                 {"messages": [("user", "find everything about budgets")]},
                 config={"callbacks": [handler], "recursion_limit": args.steps},
             )
-            print("the graph finished within its step limit")
-        except BudgetExceeded as stop:
-            print(f"stopped after {ledger.stats['events']} calls: {stop}")
-    return 0
+        )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ Needs ``pip install 'agentledger[openai-agents]'``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-from decimal import Decimal
+import json
 from typing import Any
 
 from agents import (
@@ -27,16 +26,11 @@ from agents import (
     set_tracing_disabled,
 )
 from agents.models.interface import Model, ModelProvider
+from budget_demo import LATENCY_S, OFFLINE_USAGE, TOOL_ARGS, Demo, parse, search_result
 from openai.types.responses import ResponseFunctionToolCall
 
-from agentledger.budgets import apply_policies
-from agentledger.config import Settings
-from agentledger.producers import BudgetExceeded, Ledger
-from agentledger.producers.framework import Pause
 from agentledger.producers.openai_agents import LedgerModelProvider
-from agentledger.schemas import BudgetPolicy, PolicyFile
 
-LATENCY_S = 0.05
 AGENT = "oa-example"
 
 
@@ -48,14 +42,15 @@ class OfflineModel(Model):
 
     async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
         self.calls += 1
-        await asyncio.sleep(LATENCY_S)  # a model takes time to answer
+        await asyncio.sleep(LATENCY_S)
         call = ResponseFunctionToolCall(
             type="function_call",
             call_id=f"call_{self.calls}",
             name="search",
-            arguments='{"query": "more"}',
+            arguments=json.dumps(TOOL_ARGS),
         )
-        usage = Usage(requests=1, input_tokens=20_000, output_tokens=500, total_tokens=20_500)
+        inp, out = OFFLINE_USAGE
+        usage = Usage(requests=1, input_tokens=inp, output_tokens=out, total_tokens=inp + out)
         return ModelResponse(output=[call], usage=usage, response_id=None)
 
     def stream_response(self, *args: Any, **kwargs: Any) -> Any:
@@ -73,7 +68,7 @@ class OfflineProvider(ModelProvider):
 @function_tool
 def search(query: str) -> str:
     """Search the web for ``query``."""
-    return f"nothing new about {query}; search again"
+    return search_result(query)
 
 
 async def run(provider: LedgerModelProvider, turns: int) -> None:
@@ -87,28 +82,13 @@ async def run(provider: LedgerModelProvider, turns: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--offline", action="store_true", help="use an in-process fake model")
-    parser.add_argument("--pause", type=float, help="wait up to this many seconds for a resume")
-    parser.add_argument("--turns", type=int, default=400, help="the run's max_turns")
-    args = parser.parse_args()
-    settings = Settings()
-    budget = BudgetPolicy(scope=f"agent:{AGENT}", limit_usd=Decimal("0.02"))
-    apply_policies(settings, PolicyFile(budgets=[budget]))
+    args = parse(__doc__, "turns", "the run's max_turns")
     if args.offline:
         set_tracing_disabled(True)  # nothing to export traces to
-    with Ledger(settings) as ledger:
-        ledger.wait_for_control(10)
-        agent = ledger.agent(AGENT, workflow="wf-example", pool="examples")
-        pause = Pause(timeout_s=args.pause) if args.pause else None
+    with Demo.start(AGENT, args) as demo:
         inner = OfflineProvider() if args.offline else None
-        provider = LedgerModelProvider(agent, inner, pause=pause)
-        try:
-            asyncio.run(run(provider, args.turns))
-            print("the run finished")
-        except BudgetExceeded as stop:
-            print(f"stopped after {ledger.stats['events']} calls: {stop}")
-    return 0
+        provider = LedgerModelProvider(demo.agent, inner, pause=demo.pause)
+        return demo.run(lambda: asyncio.run(run(provider, args.turns)))
 
 
 if __name__ == "__main__":

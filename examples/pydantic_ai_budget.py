@@ -13,72 +13,50 @@ Needs ``pip install 'agentledger[pydantic-ai]'`` (and ``pydantic-ai-slim[openai]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-from decimal import Decimal
 from typing import Any
 
+import budget_demo as shared
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage, UsageLimits
 
-from agentledger.budgets import apply_policies
-from agentledger.config import Settings
-from agentledger.producers import BudgetExceeded, Ledger
-from agentledger.producers.framework import Pause
 from agentledger.producers.pydantic_ai import LedgerModel
-from agentledger.schemas import BudgetPolicy, PolicyFile
 
-LATENCY_S = 0.05
 AGENT = "pa-example"
 
 
 async def offline(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Always asks for the search tool, with gpt-4o-mini usage as OpenAI would report it."""
-    await asyncio.sleep(LATENCY_S)  # a model takes time to answer
+    await asyncio.sleep(shared.LATENCY_S)
+    inp, out = shared.OFFLINE_USAGE
     return ModelResponse(
-        parts=[ToolCallPart("search", {"query": "more"})],
-        usage=RequestUsage(input_tokens=20_000, output_tokens=500),
+        parts=[ToolCallPart("search", dict(shared.TOOL_ARGS))],
+        usage=RequestUsage(input_tokens=inp, output_tokens=out),
     )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--offline", action="store_true", help="use an in-process fake model")
-    parser.add_argument("--pause", type=float, help="wait up to this many seconds for a resume")
-    parser.add_argument("--requests", type=int, default=400, help="pydantic-ai's request limit")
-    args = parser.parse_args()
-    settings = Settings()
-    budget = BudgetPolicy(scope=f"agent:{AGENT}", limit_usd=Decimal("0.02"))
-    apply_policies(settings, PolicyFile(budgets=[budget]))
+    args = shared.parse(__doc__, "requests", "pydantic-ai's request limit")
     model: Any
     if args.offline:
         # Priced as gpt-4o-mini: the shim prices what the wrapped model says it is.
-        model = FunctionModel(offline, model_name="gpt-4o-mini")
+        model = FunctionModel(offline, model_name=shared.OFFLINE_MODEL)
         provider: str | None = "openai"
     else:
         model, provider = "openai:gpt-4o-mini", None
-    with Ledger(settings) as ledger:
-        ledger.wait_for_control(10)
-        agent = ledger.agent(AGENT, workflow="wf-example", pool="examples")
-        pause = Pause(timeout_s=args.pause) if args.pause else None
-        bot: Agent[None, str] = Agent(LedgerModel(model, agent, pause=pause, provider=provider))
+    with shared.Demo.start(AGENT, args) as demo:
+        wrapped = LedgerModel(model, demo.agent, pause=demo.pause, provider=provider)
+        bot: Agent[None, str] = Agent(wrapped)
 
         @bot.tool_plain
         def search(query: str) -> str:
             """Search the web for ``query``."""
-            return f"nothing new about {query}; search again"
+            return shared.search_result(query)
 
-        try:
-            bot.run_sync(
-                "find everything about budgets",
-                usage_limits=UsageLimits(request_limit=args.requests),
-            )
-            print("the run finished")
-        except BudgetExceeded as stop:
-            print(f"stopped after {ledger.stats['events']} calls: {stop}")
-    return 0
+        limits = UsageLimits(request_limit=args.requests)
+        return demo.run(lambda: bot.run_sync("find everything about budgets", usage_limits=limits))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,41 @@ __all__ = ["LedgerCallbackHandler"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Run:
     root: UUID
     task_type: str | None
+    path: tuple[str, ...] = ()
+    """the spawn path of the agent this run works for (empty: the handler's own agent)"""
+    base: int = 0
+    """how many parts of LangGraph's checkpoint namespace ``path`` already accounts for"""
+    tool: str | None = None
+    """a tool run's name: a chain started under it is an agent the tool invoked"""
+
+
+def _namespace(metadata: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The node names of LangGraph's checkpoint namespace ``outer:<id>|inner:<id>``."""
+    namespace = (metadata or {}).get("langgraph_checkpoint_ns")
+    if not isinstance(namespace, str) or not namespace:
+        return ()
+    return tuple(identifier(part.partition(":")[0], "node") for part in namespace.split("|"))
+
+
+def _path(run: _Run | None, namespace: tuple[str, ...]) -> tuple[str, ...]:
+    """The spawn path of work under ``run`` at ``namespace``: the run's own, then one level per
+    sub-graph below it (every namespace part but the last, the node doing the work)."""
+    if run is None:
+        return namespace[:-1]
+    return run.path + namespace[run.base : len(namespace) - 1]
+
+
+def _child(run_id: UUID, parent: _Run, namespace: tuple[str, ...], tool: str | None) -> _Run:
+    """A run started under ``parent`` (or the first run, under a stand-in for itself)."""
+    if tool is not None:  # a tool run: what it invokes is named after it
+        return _Run(parent.root, parent.task_type, _path(parent, namespace), len(namespace), tool)
+    if parent.tool is not None:  # a chain or agent a tool invoked: a sub-agent
+        return _Run(parent.root, parent.task_type, (*parent.path, parent.tool), parent.base)
+    return _Run(parent.root, parent.task_type, parent.path, parent.base)
 
 
 class LedgerCallbackHandler(BaseCallbackHandler):
@@ -89,23 +120,27 @@ class LedgerCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None,
         name: object,
         metadata: Mapping[str, Any] | None,
+        *,
+        tool: bool,
     ) -> None:
+        namespace = _namespace(metadata)
+        tool_name = identifier(name, "tool") if tool else None
         with self._lock:
             parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
             if parent is not None:
-                self._runs[run_id] = _Run(parent.root, parent.task_type)
+                self._runs[run_id] = _child(run_id, parent, namespace, tool_name)
                 return
         if parent_run_id is not None or not self.tasks:
             # A run whose parent this handler never saw (it was passed below the top).
             with self._lock:
-                self._runs[run_id] = _Run(run_id, None)
+                self._runs[run_id] = _child(run_id, _Run(run_id, None), namespace, tool_name)
             return
         task_type = self.task_type or identifier(name, "langchain")
         if self.agent.current_task() is None:
             # A top-level run is a new unit of work: refused under a STOP or REFUSE_NEW_WORK.
             check_task(self.agent, task_type, str(run_id), self.pause)
         with self._lock:
-            self._runs[run_id] = _Run(run_id, task_type)
+            self._runs[run_id] = _child(run_id, _Run(run_id, task_type), namespace, tool_name)
 
     def _end_run(self, run_id: UUID) -> None:
         with self._lock:
@@ -122,7 +157,7 @@ class LedgerCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = kwargs.get("name") or (serialized or {}).get("name")
-        self._start_run(run_id, parent_run_id, name, metadata)
+        self._start_run(run_id, parent_run_id, name, metadata, tool=False)
 
     def on_tool_start(
         self,
@@ -135,7 +170,7 @@ class LedgerCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = kwargs.get("name") or (serialized or {}).get("name")
-        self._start_run(run_id, parent_run_id, name, metadata)
+        self._start_run(run_id, parent_run_id, name, metadata, tool=True)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._end_run(run_id)
@@ -149,14 +184,10 @@ class LedgerCallbackHandler(BaseCallbackHandler):
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._end_run(run_id)
 
-    def _agent_for(self, metadata: Mapping[str, Any]) -> AgentLedger:
-        """The handler's agent, or a spawn of it per LangGraph sub-graph level: the checkpoint
-        namespace ``outer:<id>|inner:<id>`` of a call names the nodes it is nested in."""
-        namespace = metadata.get("langgraph_checkpoint_ns")
-        if not isinstance(namespace, str) or "|" not in namespace:
+    def _agent_for(self, path: tuple[str, ...]) -> AgentLedger:
+        """The handler's agent, or its spawn (one per level) for the agent at ``path``."""
+        if not path:
             return self.agent
-        path = tuple(identifier(part.partition(":")[0], "node") for part in namespace.split("|"))
-        path = path[:-1]  # the last part is the node making the call
         with self._lock:
             found = self._spawned.get(path)
         if found is not None:
@@ -198,7 +229,7 @@ class LedgerCallbackHandler(BaseCallbackHandler):
         limit = limit or params.get("max_completion_tokens")
         with self._lock:
             run = self._runs.get(parent_run_id) if parent_run_id is not None else None
-        agent = self._agent_for(metadata)
+        agent = self._agent_for(_path(run, _namespace(metadata)))
         task_type = run.task_type if run is not None else None
         task_id = str(run.root) if run is not None and run.task_type is not None else None
         user_task = inherited_task(self.agent)

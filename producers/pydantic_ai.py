@@ -13,19 +13,25 @@ sends the request through a copy of the wrapped model set to the routed model (m
 keep their name in ``_model_name``, as pydantic-ai's own do; others are sent unrouted and the
 event says so). Usage comes from the response's ``RequestUsage``. pydantic-ai's own
 ``UsageLimits`` are untouched: they stay the caller's per-run limits, ours are the fleet's
-budgets. A sub-agent (delegation from a tool) is recorded as a spawn by wrapping its model with
-``lead.spawn(...)``; its calls carry the task its parent runs in. pydantic-ai is imported only
-when this module is.
+budgets. A delegate (an agent run from another agent's tool with ``usage=ctx.usage``, as
+pydantic-ai's agent delegation does) whose model is wrapped for the same ledger agent is recorded
+as a spawn of the agent it works for, ``<agent>.<delegate name>``; its calls carry the task its
+parent runs in. pydantic-ai is imported only when this module is.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic_ai.messages import ModelMessage, ModelResponse
+from pydantic_ai import _run_context
+from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.models import KnownModelName, Model, ModelRequestParameters, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
@@ -35,6 +41,53 @@ from .ledger import AgentLedger, CallRecorder
 from .sdk_usage import fail, token_count
 
 __all__ = ["LedgerModel"]
+
+
+@dataclass(slots=True)
+class _Run:
+    configured: AgentLedger
+    """the agent the run's ``LedgerModel`` was given"""
+    recorded: AgentLedger
+    """the agent its calls are recorded by: ``configured``, or a spawn for a delegate"""
+    order: int
+    in_tools: bool = False
+    """its last response asked for tools, so a run starting now may be its delegate"""
+
+
+@dataclass(slots=True)
+class _Family:
+    """The runs sharing one ``RunUsage``: a run and the delegates it handed its usage to."""
+
+    runs: dict[str, _Run] = field(default_factory=dict)
+
+
+_FAMILIES: dict[int, _Family] = {}
+_FAMILIES_LOCK = threading.Lock()
+_ORDER = itertools.count()
+
+
+def _family(usage: object) -> _Family:
+    """The family of ``usage``, kept while the usage object lives."""
+    key = id(usage)
+    with _FAMILIES_LOCK:
+        found = _FAMILIES.get(key)
+        if found is None:
+            found = _FAMILIES[key] = _Family()
+            weakref.finalize(usage, _forget, key, found)
+        return found
+
+
+def _forget(key: int, family: _Family) -> None:
+    with _FAMILIES_LOCK:
+        if _FAMILIES.get(key) is family:
+            del _FAMILIES[key]
+
+
+def _current_context() -> Any:
+    """pydantic-ai's current ``RunContext`` (set around each model request). Its accessor is
+    private: without it, delegates are recorded by their own model's agent, nothing fails."""
+    getter = getattr(_run_context, "get_current_run_context", None)
+    return getter() if callable(getter) else None
 
 
 class LedgerModel(WrapperModel):
@@ -53,11 +106,39 @@ class LedgerModel(WrapperModel):
         self.pause = pause
         self._provider_name = provider
         self._copies: dict[str, Model] = {}
+        self._spawns: dict[tuple[str, str], AgentLedger] = {}
 
-    def _begin(self, model_settings: ModelSettings | None) -> Any:
+    def _run(self) -> _Run | None:
+        """The pydantic-ai run this request belongs to, registered on its first request: a run
+        that shares the usage of a run in its tool phase is that run's delegate."""
+        context = _current_context()
+        run_id = getattr(context, "run_id", None)
+        if context is None or not isinstance(run_id, str):
+            return None
+        family = _family(context.usage)
+        with _FAMILIES_LOCK:
+            found = family.runs.get(run_id)
+            if found is not None:
+                return found
+            waiting = [r for r in family.runs.values() if r.in_tools]
+            parent = max(waiting, key=lambda r: r.order) if waiting else None
+            recorded = self.agent
+            if parent is not None and parent.configured is self.agent:
+                # Bound to another agent (say an explicit spawn): the caller's choice stands.
+                name = identifier(getattr(context.agent, "name", None), "delegate")
+                key = (parent.recorded.agent_id, name)
+                spawned = self._spawns.get(key)
+                if spawned is None:
+                    child_id = identifier(f"{key[0]}.{name}", "delegate")
+                    spawned = self._spawns[key] = parent.recorded.spawn(child_id)
+                recorded = spawned
+            found = family.runs[run_id] = _Run(self.agent, recorded, next(_ORDER))
+            return found
+
+    def _begin(self, model_settings: ModelSettings | None, run: _Run | None) -> Any:
         merged: dict[str, Any] = {**(self.wrapped.settings or {}), **(model_settings or {})}
         limit = merged.get("max_tokens")
-        agent = self.agent
+        agent = run.recorded if run is not None else self.agent
         provider = identifier(self._provider_name or self.wrapped.system, "unknown")
         model = identifier(self.wrapped.model_name, "unknown")
 
@@ -97,7 +178,8 @@ class LedgerModel(WrapperModel):
         model_settings: ModelSettings | None,
         model_request_parameters: ModelRequestParameters,
     ) -> ModelResponse:
-        call = await self._begin(model_settings)
+        run = self._run()
+        call = await self._begin(model_settings, run)
         try:
             response = await self._target(call).request(
                 messages, model_settings, model_request_parameters
@@ -109,6 +191,7 @@ class LedgerModel(WrapperModel):
             _record(call, response.usage)
         finally:
             call.__exit__(None, None, None)
+        _answered(run, response)
         return response
 
     @asynccontextmanager
@@ -119,7 +202,8 @@ class LedgerModel(WrapperModel):
         model_request_parameters: ModelRequestParameters,
         run_context: Any = None,
     ) -> AsyncIterator[StreamedResponse]:
-        call = await self._begin(model_settings)
+        run = self._run()
+        call = await self._begin(model_settings, run)
         stream: StreamedResponse | None = None
         try:
             async with self._target(call).request_stream(
@@ -135,6 +219,13 @@ class LedgerModel(WrapperModel):
             _record(call, stream.usage)
         finally:
             call.__exit__(None, None, None)
+        _answered(run, stream.get())
+
+
+def _answered(run: _Run | None, response: ModelResponse) -> None:
+    if run is not None:
+        with _FAMILIES_LOCK:
+            run.in_tools = any(isinstance(part, ToolCallPart) for part in response.parts)
 
 
 def _record(call: CallRecorder, usage: Any) -> None:

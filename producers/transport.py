@@ -382,9 +382,9 @@ class KafkaTransport:
             self.stats.sent += 1
         producer.poll(0)
 
-    def produce_now(self, topic: str, key: bytes, value: bytes, partition: int) -> bool:
-        """Queue one message for ``partition``, never spooled, never blocking; False when it
-        could not be queued (closed, queue full, refused)."""
+    def produce_now(self, topic: str, key: bytes, value: bytes | None, partition: int) -> bool:
+        """Queue one message for ``partition`` (``value`` None: a tombstone), never spooled,
+        never blocking; False when it could not be queued (closed, queue full, refused)."""
         if self._closed:
             return False
         try:

@@ -25,6 +25,7 @@ from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
 from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
 from .ids import uuid7
 from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
+from .pause import PAUSE_VERSION, PauseRecord, pause_key
 from .policy import (
     BUDGET_POLICY_VERSION,
     BudgetPolicy,
@@ -48,6 +49,7 @@ __all__ = [
     "DEAD_LETTER_VERSION",
     "HOLDER_HEADER",
     "NANO_PER_USD",
+    "PAUSE_VERSION",
     "STATS_VERSION",
     "Alert",
     "AlertKind",
@@ -63,6 +65,7 @@ __all__ = [
     "ControlCommand",
     "DeadLetter",
     "InvalidMessage",
+    "PauseRecord",
     "Period",
     "PolicyFile",
     "PolicyFileError",
@@ -78,6 +81,7 @@ __all__ = [
     "format_usd",
     "nano_to_usd",
     "parse_policy_file",
+    "pause_key",
     "sign_command",
     "sign_grant",
     "subtree_scope",

@@ -13,6 +13,7 @@ from .allowance import ALLOWANCE_VERSION, AllowanceGrant, AllowanceRequest
 from .control import CONTROL_COMMAND_VERSION, ControlCommand
 from .dlq import DEAD_LETTER_VERSION, InvalidMessage
 from .events import CALL_EVENT_VERSION, CallEvent
+from .pause import PAUSE_VERSION, PauseRecord
 from .policy import BUDGET_POLICY_VERSION, BudgetPolicy
 from .stats import STATS_VERSION, TaskStats
 
@@ -29,6 +30,7 @@ PUBLISHED: dict[str, tuple[type[BaseModel], int]] = {
     "task_stats": (TaskStats, STATS_VERSION),
     "allowance_request": (AllowanceRequest, ALLOWANCE_VERSION),
     "allowance_grant": (AllowanceGrant, ALLOWANCE_VERSION),
+    "pause_record": (PauseRecord, PAUSE_VERSION),
 }
 
 

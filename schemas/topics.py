@@ -49,6 +49,12 @@ class Topics:
         """Signed grants, each on the partition its holder follows."""
         return f"{self.prefix}allowances"
 
+    @property
+    def pauses(self) -> str:
+        """Calls waiting out a refusal, per (shim process, scope); compacted, tombstone at the
+        end (see pause.py)."""
+        return f"{self.prefix}pauses"
+
     def all(self) -> tuple[str, ...]:
         return (
             self.calls,
@@ -59,4 +65,5 @@ class Topics:
             self.stats,
             self.allowance_requests,
             self.allowances,
+            self.pauses,
         )

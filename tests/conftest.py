@@ -10,6 +10,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -17,6 +18,9 @@ from pydantic import SecretStr
 
 from agentledger.config import Settings
 from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+
+if TYPE_CHECKING:
+    from tests.unit.test_producer_sdk import FakeApi
 
 TEST_CONTROL_KEY = "test-control-key-0123456789abcdef"
 
@@ -105,3 +109,14 @@ def stack_settings(kafka_bootstrap: str, settings_factory: SettingsFactory) -> S
     settings = settings_factory(kafka=kafka_bootstrap)
     ensure_topics(kafka_bootstrap, topic_specs(settings.topics))
     return settings
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApi]:
+    """The loopback fake of the OpenAI HTTP API (chat completions and responses)."""
+    # Imported here: it pulls in the SDKs, which most tests do not need.
+    from tests.unit.test_producer_sdk import FakeApi
+
+    fake = FakeApi()
+    yield fake
+    fake.close()

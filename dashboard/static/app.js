@@ -156,7 +156,9 @@ function updateRow(entry, row) {
   cells.forecast.textContent = f;
   cells.forecast.className = "num forecast" + (row.forecast_pct_hundredths >= 10000 ? " over" : "");
   const badge = standingBadge(row.standing);
-  cells.standing.replaceChildren(...(badge ? [badge] : []));
+  const parts = badge ? [badge] : [];
+  if (row.paused_calls) parts.push(el("span", { class: "badge paused" }, `PAUSED ${row.paused_calls}`));
+  cells.standing.replaceChildren(...parts);
 }
 
 const SORT_FIELDS = {
@@ -207,6 +209,22 @@ function renderStanding(snap) {
     li.appendChild(el("span", { class: `badge ${c.action}` }, c.action.toUpperCase()));
     li.appendChild(document.createTextNode(` ${c.scope}: ${c.reason} `));
     li.appendChild(el("span", { class: "muted" }, `(${c.issuer}${c.until_ms ? ", until " + utcDay(c.until_ms) : ""})`));
+    return li;
+  });
+}
+
+function renderPaused(snap) {
+  renderList("paused", snap.paused, (p) => {
+    const li = el("li", { "data-scope": p.scope, "data-process": p.process });
+    li.appendChild(el("span", { class: "when" }, `since ${utcDay(p.since_ms)}`));
+    li.appendChild(el("span", { class: "badge paused" }, `PAUSED ${p.calls}`));
+    li.appendChild(document.createTextNode(` ${p.scope} (${p.agents.join(", ")}): ${p.reason} `));
+    const until = p.resets_at_ms ? `resets ${utcDay(p.resets_at_ms)}, ` : "";
+    li.appendChild(el("span", { class: "muted" },
+      `(${until}gives up ${utcDay(p.waits_until_ms)}; ${p.host} pid ${p.pid}) `));
+    const resume = el("button", { "data-action": "resume", type: "button" }, "Resume");
+    resume.addEventListener("click", () => sendCommand(p.scope, "resume"));
+    li.appendChild(resume);
     return li;
   });
 }
@@ -291,6 +309,7 @@ function render(snap) {
   $("health").textContent = problems.join(" | ");
   renderScopes(snap);
   renderStanding(snap);
+  renderPaused(snap);
   renderAlerts(snap);
   renderAudit(snap);
   renderSeries(snap);

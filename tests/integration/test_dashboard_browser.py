@@ -2,7 +2,8 @@
 real stack (broker, processor, sink, dashboard as processes) while a workload runs.
 
 It checks that the page updates live, that STOP pressed on the page reaches the control topic
-signed by the operator and the running agent refuses, that the sink audits it in ClickHouse,
+signed by the operator and the running agent refuses, that a framework call paused by that STOP
+is listed in the Paused panel, that the sink audits it in ClickHouse,
 that `agentledger top` and `agentledger control resume` work on the same stack, and that the
 API refuses missing tokens and cross-site POSTs. A screenshot is saved to tests/artifacts/.
 """
@@ -17,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from agentledger.budgets import apply_policies
 from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
+from agentledger.producers.framework import Pause, admit, pause_stats
 from agentledger.review.query import QueryClient
 from agentledger.schemas import BudgetPolicy, ControlCommand, PolicyFile, verify_command
 from tests.conftest import TEST_CONTROL_KEY
@@ -49,16 +51,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> An
             return value
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-@pytest.fixture
-def stack(stack_settings: Settings) -> Iterator[Stack]:
-    stack = Stack(stack_settings, progress=lambda _m: None, manage_kafka=False)
-    try:
-        stack.up(timeout_s=180)
-        yield stack
-    finally:
-        stack.down()
 
 
 class Workload:
@@ -179,6 +171,17 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
     ledger = Ledger(settings)
     try:
         assert ledger.wait_for_control(30)
+        pausing = ledger.agent("dash-runaway", pool="dash-pool", workflow="wf-dash")
+
+        def wait_paused() -> None:
+            call = admit(
+                lambda: pausing.call(provider="openai", model="gpt-4o"),
+                pausing,
+                Pause(timeout_s=300),
+            )
+            call.__exit__(None, None, None)
+
+        paused = threading.Thread(target=wait_paused, daemon=True)
         with Workload(ledger) as work, sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
                 str(tmp_path / "chromium-profile"),  # a fresh --user-data-dir
@@ -277,6 +280,13 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
                 refused_s = time.monotonic() - clicked
                 row.locator(".standing", has_text="STOP").wait_for(timeout=30_000)
                 shown_s = time.monotonic() - clicked
+                # A framework call in pause mode waits out the STOP: the page lists it (until
+                # the CLI's resume below lets it go).
+                paused.start()
+                page.locator(f'#paused li[data-scope="{RUNAWAY}"]', has_text="PAUSED 1").wait_for(
+                    timeout=30_000
+                )
+                row.locator(".standing .badge.paused", has_text="PAUSED 1").wait_for()
                 mine = wait_for(
                     "the operator's STOP on the control topic",
                     lambda: [
@@ -327,6 +337,8 @@ def test_dashboard_live_in_chromium_with_operator_stop(stack: Stack, tmp_path: P
             assert resumed.returncode == 0, resumed.stderr
             assert "RESUME for agent:dash-runaway" in resumed.stdout
             wait_for("the shim to allow the runaway again", lambda: not refused(), timeout_s=30)
+            paused.join(60)
+            assert not paused.is_alive() and pause_stats(ledger).resumed == 1
             calls_before = work.calls
             wait_for("the runaway to call again", lambda: work.calls > calls_before)
             rows = wait_for("the CLI's audit row", lambda: audited(settings, "operator:alice"))

@@ -8,14 +8,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 from genai_prices import Usage, calc_price
 
 from agentledger.budgets import apply_policies
-from agentledger.config import Settings
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.review.query import QueryClient
@@ -25,16 +23,6 @@ pytestmark = pytest.mark.integration
 
 # Real call sizes from the Azure conversation trace (first rows of azure_llm_trace_2023_conv.csv).
 SIZES = [(374, 44), (396, 109), (879, 55), (91, 16), (91, 16), (2738, 232), (733, 178)]
-
-
-@pytest.fixture
-def stack(stack_settings: Settings) -> Iterator[Stack]:
-    stack = Stack(stack_settings, progress=lambda _m: None, manage_kafka=False)
-    stack.up(timeout_s=120)
-    try:
-        yield stack
-    finally:
-        stack.down()
 
 
 def genai_price_nano(model: str, input_tokens: int, output_tokens: int) -> int:

@@ -24,7 +24,6 @@ from tests.unit.test_otlp_receiver import chat_span, export_request
 
 pytestmark = pytest.mark.integration
 
-stack = pipeline.stack
 wait_for = pipeline.wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -47,16 +47,6 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 # Real call sizes from the Azure conversation trace (first rows of azure_llm_trace_2023_conv.csv).
 SIZES = [(374, 44), (396, 109), (879, 55), (91, 16), (91, 16), (2738, 232), (733, 178)]
-
-
-@pytest.fixture
-def stack(stack_settings: Settings) -> Iterator[Stack]:
-    stack = Stack(stack_settings, progress=lambda _m: None, manage_kafka=False)
-    stack.up(timeout_s=180)
-    try:
-        yield stack
-    finally:
-        stack.down()
 
 
 def price_nano(model: str, inp: int, out: int) -> int:

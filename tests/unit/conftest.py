@@ -1,4 +1,4 @@
-"""Fixtures for unit tests that need a real (embedded) ClickHouse."""
+"""Unit-test fixtures: a real (embedded) ClickHouse, and the shim's in-memory harness."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.migrations import apply_migrations
+from tests.unit.test_producer_ledger import Harness
 
 
 @pytest.fixture
@@ -20,3 +21,9 @@ def db(tmp_path: Path) -> Iterator[ClickHouse]:
         yield database
     finally:
         database.close()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    """A ledger on an in-memory transport, a fake clock and locally applied commands."""
+    return Harness(tmp_path)

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from genai_prices import Usage, calc_price
 
-from agentledger.schemas import CallEvent, usd_to_nano
-from tests.unit.test_producer_ledger import T0
+from agentledger.producers.framework import pause_stats
+from agentledger.schemas import CallEvent, ControlAction, usd_to_nano
+from tests.unit.test_producer_ledger import T0, Harness
 from tests.unit.test_producer_sdk import OPENAI_USAGE, RESPONSES_USAGE, FakeApi
 
-__all__ = ["OPENAI_USAGE", "RESPONSES_USAGE", "FakeApi", "assert_priced", "genai_nano", "until"]
+__all__ = [
+    "OPENAI_USAGE",
+    "RESPONSES_USAGE",
+    "FakeApi",
+    "StopAt",
+    "assert_paused_then_resumed",
+    "assert_priced",
+    "genai_nano",
+    "until",
+]
 
 
 def genai_nano(provider: str, model: str, inp: int, out: int, cached: int) -> int:
@@ -39,3 +50,35 @@ def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+class StopAt:
+    """A looping agent's tool body: on its ``n``-th run it publishes a STOP for ``scope`` (as
+    the processor would mid-run); it always answers "more"."""
+
+    def __init__(self, h: Harness, n: int, scope: str) -> None:
+        self.h, self.n, self.scope = h, n, scope
+        self.runs = 0
+
+    def __call__(self) -> str:
+        self.runs += 1
+        if self.runs == self.n:
+            self.h.publish(self.scope)
+        return "more"
+
+
+def assert_paused_then_resumed(
+    h: Harness, api: FakeApi, scope: str, run: Callable[[], object]
+) -> None:
+    """Under a standing STOP on ``scope``, ``run`` (a one-call run in pause mode) waits before
+    its request; a RESUME, as `agentledger control resume` publishes, lets it finish."""
+    h.publish(scope)
+    thread = threading.Thread(target=run)
+    thread.start()
+    stats = pause_stats(h.ledger)
+    until(lambda: stats.paused_now == {scope: 1}, "the call to pause")
+    assert api.requests == []
+    h.publish(scope, ControlAction.RESUME)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(h.events()) == 1 and stats.resumed == 1

@@ -32,11 +32,6 @@ from tests.unit.test_producer_ledger import Harness
 GPT: dict[str, Any] = {"provider": "openai", "model": "gpt-4o"}
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
 def throttled_harness(tmp_path: Path, max_wait_s: float | None) -> Harness:
     h = Harness(tmp_path)
     h.ledger = Ledger(

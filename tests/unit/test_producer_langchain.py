@@ -5,37 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agentledger.producers import BudgetExceeded, Ledger, NewWorkRefused, ThrottleTimeout
+from agentledger.producers import BudgetExceeded, NewWorkRefused, ThrottleTimeout
 from agentledger.producers.framework import Pause, pause_stats
 from agentledger.schemas import ControlAction
-from tests.unit.framework_fakes import FakeApi, assert_priced, until
+from tests.unit.framework_fakes import FakeApi, StopAt, assert_priced, until
+from tests.unit.test_producer_enforcement import throttled_harness as throttled
 from tests.unit.test_producer_ledger import Harness
 
 pytest.importorskip("langgraph")
 langchain_openai = pytest.importorskip("langchain_openai")
 from langchain_core.messages import AIMessage  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
+from langchain_core.runnables import RunnableLambda  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
 
 from agentledger.producers.langchain import LedgerCallbackHandler  # noqa: E402
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    fake = FakeApi()
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
 
 
 def chat(api: FakeApi, model: str = "gpt-4o") -> Any:
@@ -59,15 +50,13 @@ def single(llm: Any, name: str = "call") -> Any:
     return graph.compile()
 
 
-def looping(llm: Any, on_tool: Callable[[int], None]) -> Any:
+def looping(llm: Any, on_tool: Callable[[], object]) -> Any:
     """An agent that calls its model, runs the tool the model asks for, and loops."""
-    runs = [0]
 
     @tool
     def search() -> str:
         """Search for more."""
-        runs[0] += 1
-        on_tool(runs[0])
+        on_tool()
         return "more"
 
     bound = llm.bind_tools([search])
@@ -114,7 +103,7 @@ def test_usage_task_and_spawn_structure(api: FakeApi, h: Harness) -> None:
     graph = StateGraph(MessagesState)
     graph.add_node("plan", one_node(llm))
     graph.add_node("research", inner)  # a sub-graph as a node
-    graph.add_node("tools", via_tool)  # a graph invoked by a tool
+    graph.add_node("tools", via_tool)  # a graph invoked by a tool, named after the tool
     graph.add_edge(START, "plan")
     graph.add_edge("plan", "research")
     graph.add_edge("research", "tools")
@@ -125,7 +114,7 @@ def test_usage_task_and_spawn_structure(api: FakeApi, h: Harness) -> None:
     assert [(e.agent_id, e.parent_agent_id, e.spawn_depth) for e in events] == [
         ("lead", None, 0),
         ("lead.research", "lead", 1),
-        ("lead.tools", "lead", 1),
+        ("lead.delegate", "lead", 1),
     ]
     assert {e.workflow_id for e in events} == {"wf"}
     assert {e.pool for e in events} == {"p"}
@@ -136,6 +125,51 @@ def test_usage_task_and_spawn_structure(api: FakeApi, h: Harness) -> None:
         assert (event.provider, event.requested_model) == ("openai", "gpt-4o")
         assert_priced(event, "gpt-4o")
         assert event.status == "ok"
+
+
+def test_agents_invoked_from_tools_are_spawns_without_langgraph(api: FakeApi, h: Harness) -> None:
+    agent = h.ledger.agent("lead", workflow="wf")
+    handler = LedgerCallbackHandler(agent)
+    llm = chat(api)
+    writer = ChatPromptTemplate.from_messages([("user", "{q}")]) | llm
+
+    @tool
+    def write(q: str) -> str:
+        """Ask the writer agent."""
+        return str(writer.invoke({"q": q}).content)
+
+    # An agent with a tool of its own: it asks the writer, then its model.
+    researcher = RunnableLambda(lambda q: write.invoke({"q": q})) | RunnableLambda(llm.invoke)
+
+    @tool
+    def research(q: str) -> str:
+        """Ask the researcher agent."""
+        return str(researcher.invoke(q).content)
+
+    @tool
+    def quick(q: str) -> str:
+        """A tool that calls the model itself: no agent of its own."""
+        return str(llm.invoke(q).content)
+
+    def lead_agent(text: str) -> str:
+        llm.invoke(text)
+        quick.invoke({"q": text})
+        return research.invoke({"q": text})
+
+    RunnableLambda(lead_agent).invoke("hi", config={"callbacks": [handler]})
+    events = h.events()
+    assert [(e.agent_id, e.parent_agent_id, e.spawn_depth) for e in events] == [
+        ("lead", None, 0),
+        ("lead", None, 0),
+        ("lead.research.write", "lead.research", 2),
+        ("lead.research", "lead", 1),
+    ]
+    # One top-level run: one task, carried by the spawns too.
+    assert len({(e.task_type, e.task_id) for e in events}) == 1
+    assert events[0].task_id is not None
+    assert {e.workflow_id for e in events} == {"wf"}
+    for event in events:
+        assert_priced(event, "gpt-4o")
 
 
 def test_user_task_wins_and_plain_chat_model_calls_are_recorded(api: FakeApi, h: Harness) -> None:
@@ -173,14 +207,6 @@ def test_failed_call_is_recorded_with_its_status(api: FakeApi, h: Harness) -> No
     assert (event.status, event.error_type) == ("rate_limited", "OpenAIRateLimitError")
 
 
-def stop_at(h: Harness, n: int, scope: str) -> Callable[[int], None]:
-    def on_tool(run: int) -> None:
-        if run == n:
-            h.publish(scope)
-
-    return on_tool
-
-
 ENTRY_POINTS = ["invoke", "ainvoke", "stream", "astream"]
 
 
@@ -205,7 +231,7 @@ def run_entry(app: Any, entry: str, config: dict[str, Any]) -> None:
 def test_a_stop_mid_run_raises_out_of_the_entry_point(api: FakeApi, h: Harness, entry: str) -> None:
     api.loop_tool = "search"
     agent = h.ledger.agent("looper", pool="p")
-    app = looping(chat(api), stop_at(h, 3, "agent:looper"))
+    app = looping(chat(api), StopAt(h, 3, "agent:looper"))
     with pytest.raises(BudgetExceeded) as info:
         run_entry(app, entry, {"callbacks": [LedgerCallbackHandler(agent)]})
     assert type(info.value) is BudgetExceeded
@@ -236,7 +262,7 @@ def test_route_is_applied_through_routable_and_recorded(api: FakeApi, h: Harness
     handler = LedgerCallbackHandler(agent)
     h.publish("pool:p", ControlAction.ROUTE, params={"from": "gpt-4o", "to": "gpt-4o-mini"})
     api.tool_calls = ["search"]
-    app = looping(handler.routable(chat(api)), lambda _: None)
+    app = looping(handler.routable(chat(api)), lambda: None)
     app.invoke(HI, config={"callbacks": [handler]})
     assert [r["model"] for r in api.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
     assert api.requests[0]["tools"][0]["function"]["name"] == "search"  # bind_tools kept
@@ -248,19 +274,6 @@ def test_route_is_applied_through_routable_and_recorded(api: FakeApi, h: Harness
     assert api.requests[-1]["model"] == "gpt-4o"
     assert_priced(h.events()[-1], "gpt-4o")
     assert handler.unrouted == 1
-
-
-def throttled(tmp_path: Path, max_wait_s: float | None) -> Harness:
-    h = Harness(tmp_path)
-    h.ledger = Ledger(
-        h.settings,
-        transport=h.transport,
-        control=h.state,
-        clock=h.clock,
-        start_control_listener=False,
-        throttle_max_wait_s=max_wait_s,
-    )
-    return h
 
 
 def test_throttle_waits_for_a_slot(api: FakeApi, tmp_path: Path) -> None:
@@ -300,7 +313,7 @@ def test_pause_waits_for_a_resume(api: FakeApi, h: Harness) -> None:
     agent = h.ledger.agent("a", pool="p")
     api.tool_calls = ["search"]
     handler = LedgerCallbackHandler(agent, pause=Pause(timeout_s=60, poll_s=0.01))
-    app = looping(chat(api), stop_at(h, 1, "pool:p"))
+    app = looping(chat(api), StopAt(h, 1, "pool:p"))
     done = threading.Event()
 
     def run() -> None:

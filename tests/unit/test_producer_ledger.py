@@ -80,11 +80,6 @@ class Harness:
         return cmd
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
 def test_event_fields(h: Harness) -> None:
     agent = h.ledger.agent("researcher-1", workflow="wf-1", pool="research", task_type="search")
     with agent.call(provider="openai", model="gpt-4o-mini", attempt=3) as call:

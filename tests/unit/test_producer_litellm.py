@@ -8,7 +8,6 @@ import asyncio
 import datetime as dt
 import os
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,15 +16,10 @@ import pytest
 from agentledger.producers.litellm_callback import LedgerCallback, litellm_callback
 from agentledger.schemas import CallEvent, CallStatus
 from tests.unit.test_producer_ledger import T0, Harness
-from tests.unit.test_producer_sdk import MSGS, FakeApi, api  # noqa: F401 (fixture)
+from tests.unit.test_producer_sdk import MSGS, FakeApi
 
 START = dt.datetime.fromtimestamp(T0 / 1000, tz=dt.UTC)
 END = START + dt.timedelta(milliseconds=1234)
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
 
 
 def payload(**extra: Any) -> dict[str, Any]:
@@ -175,7 +169,7 @@ def llm(h: Harness) -> Any:
 
 
 @third_party_warnings
-def test_litellm_completion_sync_and_streaming(llm: Any, api: FakeApi, h: Harness) -> None:  # noqa: F811
+def test_litellm_completion_sync_and_streaming(llm: Any, api: FakeApi, h: Harness) -> None:
     h.clock.now = int(time.time() * 1000)
     common = {"api_base": f"{api.url}/v1", "api_key": "test", "messages": MSGS}
     response = llm.completion(model="openai/gpt-4o", **common)
@@ -193,7 +187,7 @@ def test_litellm_completion_sync_and_streaming(llm: Any, api: FakeApi, h: Harnes
 
 
 @third_party_warnings
-def test_litellm_acompletion_and_failure(llm: Any, api: FakeApi, h: Harness) -> None:  # noqa: F811
+def test_litellm_acompletion_and_failure(llm: Any, api: FakeApi, h: Harness) -> None:
     common = {"api_base": f"{api.url}/v1", "api_key": "test", "messages": MSGS}
 
     async def settled(n: int) -> None:

@@ -4,17 +4,15 @@ the OpenAI Responses API."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentledger.producers import BudgetExceeded
-from agentledger.producers.framework import Pause, pause_stats
+from agentledger.producers.framework import Pause
 from agentledger.schemas import ControlAction
-from tests.unit.framework_fakes import FakeApi, assert_priced, until
+from tests.unit.framework_fakes import FakeApi, StopAt, assert_paused_then_resumed, assert_priced
 from tests.unit.test_producer_ledger import Harness
 
 agents = pytest.importorskip("agents")
@@ -31,18 +29,6 @@ def no_trace_export() -> Iterator[None]:
     # processor exports them anywhere.
     set_trace_processors([])
     yield
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    fake = FakeApi()
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
 
 
 class Run:
@@ -134,15 +120,12 @@ def test_route_asks_the_wrapped_provider_for_the_routed_model(api: FakeApi, h: H
 
 
 def test_a_stop_mid_run_raises_out_of_runner_run(api: FakeApi, h: Harness) -> None:
-    runs = [0]
+    stop = StopAt(h, 3, "agent:lead")
 
     @function_tool
     def search() -> str:
         """Search for more."""
-        runs[0] += 1
-        if runs[0] == 3:
-            h.publish("agent:lead")
-        return "more"
+        return stop()
 
     api.loop_tool = "search"
     bot = Agent(name="lead", model="gpt-4o", tools=[search])
@@ -160,14 +143,5 @@ def test_failed_request_is_recorded(api: FakeApi, h: Harness) -> None:
 
 
 def test_pause_waits_for_a_resume(api: FakeApi, h: Harness) -> None:
-    h.publish("agent:lead")
     run = Run(api, h, pause=Pause(timeout_s=60, poll_s=0.01))
-    thread = threading.Thread(target=run, args=(Agent(name="a", model="gpt-4o"),))
-    thread.start()
-    stats = pause_stats(h.ledger)
-    until(lambda: stats.paused_now == {"agent:lead": 1}, "the call to pause")
-    assert api.requests == []
-    h.publish("agent:lead", ControlAction.RESUME)
-    thread.join(30)
-    assert not thread.is_alive()
-    assert len(h.events()) == 1 and stats.resumed == 1
+    assert_paused_then_resumed(h, api, "agent:lead", lambda: run(Agent(name="a", model="gpt-4o")))

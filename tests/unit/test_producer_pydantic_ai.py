@@ -4,17 +4,14 @@ fake of the OpenAI chat completions API."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentledger.producers import AgentLedger, BudgetExceeded
-from agentledger.producers.framework import Pause, pause_stats
+from agentledger.producers.framework import Pause
 from agentledger.schemas import ControlAction
-from tests.unit.framework_fakes import FakeApi, assert_priced, until
+from tests.unit.framework_fakes import FakeApi, StopAt, assert_paused_then_resumed, assert_priced
 from tests.unit.test_producer_ledger import Harness
 
 pytest.importorskip("pydantic_ai")
@@ -25,18 +22,6 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.usage import UsageLimits
 
 from agentledger.producers.pydantic_ai import LedgerModel
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    fake = FakeApi()
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
 
 
 class Models:
@@ -59,7 +44,7 @@ class Models:
         return asyncio.run(main())
 
 
-def test_usage_and_a_delegate_agent_as_a_spawn(api: FakeApi, h: Harness) -> None:
+def test_usage_and_an_explicitly_spawned_delegate(api: FakeApi, h: Harness) -> None:
     lead = h.ledger.agent("lead", pool="p", workflow="wf")
     models = Models(api)
     helper = Agent(models(lead.spawn("lead.helper")))
@@ -84,6 +69,47 @@ def test_usage_and_a_delegate_agent_as_a_spawn(api: FakeApi, h: Harness) -> None
     assert {(e.task_type, e.task_id) for e in events} == {("research", "t-1")}
     for event in events:
         assert (event.provider, event.requested_model) == ("openai", "gpt-4o")
+        assert_priced(event, "gpt-4o")
+
+
+def test_delegates_are_spawns_of_the_agent_they_work_for(api: FakeApi, h: Harness) -> None:
+    lead = h.ledger.agent("lead", workflow="wf")
+    models = Models(api)  # every model wrapped for the same ledger agent
+    bot = Agent(models(lead), name="lead")
+    helper = Agent(models(lead), name="helper")
+    digger = Agent(models(lead), name="digger")
+    writer = Agent(models(lead), name="writer")
+    loner = Agent(models(lead), name="loner")
+
+    @bot.tool
+    async def ask_team(ctx: RunContext[None]) -> str:
+        """Ask the helper, then the writer (pydantic-ai's agent delegation)."""
+        found = await helper.run("find", usage=ctx.usage)
+        written = await writer.run("write", usage=ctx.usage)
+        await loner.run("no usage passed: not known as a delegate")
+        return f"{found.output} {written.output}"
+
+    @helper.tool
+    async def dig(ctx: RunContext[None]) -> str:
+        """The helper delegates in turn."""
+        return str((await digger.run("dig", usage=ctx.usage)).output)
+
+    # lead asks for ask_team; helper asks for dig; everyone else answers.
+    api.tool_calls = ["ask_team", "dig"]
+    with lead.task("research", task_id="t-2"):
+        assert models.run(bot).output == "hello"
+    events = h.events()
+    assert [(e.agent_id, e.parent_agent_id, e.spawn_depth) for e in events] == [
+        ("lead", None, 0),
+        ("lead.helper", "lead", 1),
+        ("lead.helper.digger", "lead.helper", 2),
+        ("lead.helper", "lead", 1),
+        ("lead.writer", "lead", 1),
+        ("lead", None, 0),  # the loner
+        ("lead", None, 0),
+    ]
+    assert {(e.task_type, e.task_id) for e in events} == {("research", "t-2")}
+    for event in events:
         assert_priced(event, "gpt-4o")
 
 
@@ -118,15 +144,12 @@ def test_a_stop_mid_run_raises_out_of_run_and_usage_limits_stay_pydantic_ais(
 ) -> None:
     models = Models(api)
     bot = Agent(models(h.ledger.agent("looper")))
-    runs = [0]
+    stop = StopAt(h, 3, "agent:looper")
 
     @bot.tool_plain
     def search() -> str:
         """Search for more."""
-        runs[0] += 1
-        if runs[0] == 3:
-            h.publish("agent:looper")
-        return "more"
+        return stop()
 
     api.loop_tool = "search"
     with pytest.raises(BudgetExceeded, match="agent:looper"):
@@ -136,17 +159,8 @@ def test_a_stop_mid_run_raises_out_of_run_and_usage_limits_stay_pydantic_ais(
 
 def test_pause_waits_for_a_resume(api: FakeApi, h: Harness) -> None:
     models = Models(api)
-    h.publish("agent:a")
     bot = Agent(models(h.ledger.agent("a"), pause=Pause(timeout_s=60, poll_s=0.01)))
-    thread = threading.Thread(target=models.run, args=(bot,))
-    thread.start()
-    stats = pause_stats(h.ledger)
-    until(lambda: stats.paused_now == {"agent:a": 1}, "the request to pause")
-    assert api.requests == []
-    h.publish("agent:a", ControlAction.RESUME)
-    thread.join(30)
-    assert not thread.is_alive()
-    assert len(h.events()) == 1 and stats.resumed == 1
+    assert_paused_then_resumed(h, api, "agent:a", lambda: models.run(bot))
 
 
 def test_failed_request_is_recorded(api: FakeApi, h: Harness) -> None:

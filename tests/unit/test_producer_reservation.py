@@ -19,11 +19,6 @@ MINI = {"provider": "openai", "model": "gpt-4o-mini"}
 OUT_1K = 600_000  # nano-USD of 1,000 output tokens of gpt-4o-mini
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
 def report(h: Harness, scope: str, spend: int, limit: int) -> None:
     # A warn-threshold command is how the processor states spend below the limit.
     h.publish(scope, ControlAction.REFUSE_NEW_WORK, spend_nano_usd=spend, limit_nano_usd=limit)
