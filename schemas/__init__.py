@@ -21,7 +21,7 @@ from .control import (
     verify_command,
 )
 from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
-from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
+from .events import CALL_EVENT_VERSION, CallEvent, CallFields, CallStatus
 from .ids import uuid7
 from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
 from .policy import (
@@ -56,6 +56,7 @@ __all__ = [
     "BudgetGrant",
     "BudgetPolicy",
     "CallEvent",
+    "CallFields",
     "CallStatus",
     "ControlAction",
     "ControlCommand",

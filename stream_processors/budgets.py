@@ -29,7 +29,7 @@ from agentledger.schemas import (
     Alert,
     AlertKind,
     BudgetPolicy,
-    CallEvent,
+    CallFields,
     CallStatus,
     ControlAction,
     ControlCommand,
@@ -499,7 +499,7 @@ def _run_with(
 
 def apply_event(
     state: SpendState,
-    event: CallEvent,
+    event: CallFields,
     partition: int,
     offset: int,
     *,

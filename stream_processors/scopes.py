@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent
+from agentledger.schemas import CallFields
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .tracking import Activity
@@ -201,7 +201,7 @@ def _activity_of(tail: list[Any], index: int) -> Activity:
 
 
 def forwarded_costs(
-    event: CallEvent,
+    event: CallFields,
     partition: int,
     offset: int,
     event_id: str | None = None,

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent, CallStatus, TaskStats
+from agentledger.schemas import CallFields, CallStatus, TaskStats
+from agentledger.schemas.call_decode import decode_call
 from agentledger.schemas.stats import latency_bucket
 
 from .declare import TopicMissing
@@ -97,7 +98,7 @@ class _Partial:
             last_ms=stats.last_event_time_ms,
         )
 
-    def add(self, event: CallEvent, offset: int) -> None:
+    def add(self, event: CallFields, offset: int) -> None:
         self.offset = offset
         self.calls += 1
         if event.status is CallStatus.OK:
@@ -130,7 +131,7 @@ class _Partial:
         )
 
 
-def _subjects(event: CallEvent) -> tuple[str, str]:
+def _subjects(event: CallFields) -> tuple[str, str]:
     return f"agent:{event.agent_id}", f"model:{event.used_model}"
 
 
@@ -154,7 +155,7 @@ class StatsAggregator:
             self.metrics["unreadable"] += 1
             return False
         try:
-            event = CallEvent.model_validate_json(value)
+            event = decode_call(value)
         except ValidationError:
             self.metrics["unreadable"] += 1
             return False
@@ -164,7 +165,7 @@ class StatsAggregator:
             return False
         return self.count(event, partition, offset)
 
-    def count(self, event: CallEvent, partition: int, offset: int) -> bool:
+    def count(self, event: CallFields, partition: int, offset: int) -> bool:
         counted = False
         task_type = event.task_type
         for subject in _subjects(event):
