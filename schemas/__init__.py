@@ -36,6 +36,7 @@ from .policy import (
     parse_policy_file,
 )
 from .stats import STATS_VERSION, StatsSummary, TaskStats, summarize
+from .topic_specs import TopicSpec, replication_for, topic_specs
 from .topics import Topics
 
 __all__ = [
@@ -72,15 +73,18 @@ __all__ = [
     "StatsSummary",
     "TaskStats",
     "Threshold",
+    "TopicSpec",
     "Topics",
     "dead_letter",
     "format_usd",
     "nano_to_usd",
     "parse_policy_file",
+    "replication_for",
     "sign_command",
     "sign_grant",
     "subtree_scope",
     "summarize",
+    "topic_specs",
     "usd_to_nano",
     "uuid7",
     "verify_command",

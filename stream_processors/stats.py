@@ -30,6 +30,8 @@ from agentledger.config import Settings
 from agentledger.schemas import CallFields, CallStatus, TaskStats
 from agentledger.schemas.call_decode import decode_call
 from agentledger.schemas.stats import latency_bucket
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 
 from .declare import TopicMissing
 from .kafka_clients import ClientOptions, follower_consumer
@@ -241,7 +243,7 @@ def rebuild_stats(
         if meta is None or meta.error is not None or not meta.partitions:
             raise TopicMissing(
                 f"stats topic {topic!r} is missing on {settings.kafka}; create the stack's "
-                "topics first (agentledger up, or deploy.ensure_topics)"
+                "topics first (agentledger up, or agentledger.topic_admin.ensure_topics)"
             )
         ends: dict[int, int] = {}
         pending: set[int] = set()
@@ -340,8 +342,6 @@ def register_stats(
     the calls topic: the caller feeds :meth:`StatsAggregator.count` with the events it parsed
     anyway (the processor's spend agent does; a second agent on the same topic cost a second
     faust stream and a second validation per record)."""
-    from agentledger.deploy.topics import ensure_topics, topic_specs
-
     topics = settings.topics
     ensure_topics(
         settings.kafka,
