@@ -36,7 +36,7 @@ from .policy import (
     parse_policy_file,
 )
 from .stats import STATS_VERSION, StatsSummary, TaskStats, summarize
-from .topic_specs import TopicSpec, replication_for, topic_specs
+from .topic_specs import DEFAULT_CALLS_PARTITIONS, TopicSpec, replication_for, topic_specs
 from .topics import Topics
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "CALL_EVENT_VERSION",
     "CONTROL_COMMAND_VERSION",
     "DEAD_LETTER_VERSION",
+    "DEFAULT_CALLS_PARTITIONS",
     "NANO_PER_USD",
     "STATS_VERSION",
     "Alert",

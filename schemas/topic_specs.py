@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 
 from .topics import ALLOWANCE_PARTITIONS, Topics
 
-__all__ = ["TopicSpec", "replication_for", "topic_specs"]
+__all__ = ["DEFAULT_CALLS_PARTITIONS", "TopicSpec", "replication_for", "topic_specs"]
 
 DAY_MS = 24 * 3600 * 1000
+# Partitions bound the workers that share the calls topic (one busy worker per partition) and
+# growing a topic later moves keys, so a new stack starts with room for 12 workers.
+DEFAULT_CALLS_PARTITIONS = 12
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,9 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def topic_specs(topics: Topics, calls_partitions: int = 6) -> list[TopicSpec]:
+def topic_specs(
+    topics: Topics, calls_partitions: int = DEFAULT_CALLS_PARTITIONS
+) -> list[TopicSpec]:
     return [
         # Keyed by agent id. LogAppendTime: retention runs on arrival time, so a backdated
         # event time in the payload never makes the broker delete it early.

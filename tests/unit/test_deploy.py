@@ -16,7 +16,7 @@ from agentledger.cli import _parser
 from agentledger.config import Settings
 from agentledger.deploy.kafka_broker import KafkaCluster
 from agentledger.deploy.stack import Stack, StackError, worker_ports
-from agentledger.schemas.topic_specs import replication_for
+from agentledger.schemas.topic_specs import DEFAULT_CALLS_PARTITIONS, replication_for, topic_specs
 
 
 def props(text: str) -> dict[str, str]:
@@ -267,3 +267,12 @@ def test_the_processor_and_the_sink_import_no_deploy_module() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_new_calls_topic_has_room_for_twelve_workers_and_requests_follow_it() -> None:
+    settings = Settings()
+    assert settings.calls_partitions == DEFAULT_CALLS_PARTITIONS >= 12
+    for specs in (topic_specs(settings.topics), topic_specs(settings.topics, 24)):
+        sizes = {spec.name: spec.partitions for spec in specs}
+        assert sizes[settings.topics.calls] >= 12
+        assert sizes[settings.topics.allowance_requests] == sizes[settings.topics.calls]
