@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentledger.schemas import Topics
+from agentledger.schemas.topic_specs import DEFAULT_CALLS_PARTITIONS
 
 __all__ = ["Settings"]
 
@@ -130,7 +131,9 @@ class Settings(BaseSettings):
         description="brokers of the local KRaft cluster `up` runs (each broker also a "
         "controller); broker i listens on kafka_port+2i, its controller on +1",
     )
-    calls_partitions: int = Field(default=6, ge=1, le=1024, description="partitions of calls")
+    calls_partitions: int = Field(
+        default=DEFAULT_CALLS_PARTITIONS, ge=1, le=1024, description="partitions of calls"
+    )
     processors: int = Field(default=1, ge=1, le=64, description="processor workers `up` runs")
     sinks: int = Field(default=1, ge=1, le=64, description="sink workers `up` runs")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

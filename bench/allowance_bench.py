@@ -27,10 +27,11 @@ from typing import Any
 from pydantic import SecretStr
 
 from agentledger.config import Settings
-from agentledger.deploy import ensure_topics, topic_specs
 from agentledger.deploy.stack import Stack
 from agentledger.producers.ledger import Ledger
 from agentledger.schemas import BudgetPolicy
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 
 __all__ = ["measure"]
 

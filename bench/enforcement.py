@@ -32,10 +32,11 @@ from pydantic import SecretStr
 
 from agentledger.budgets import apply_policies
 from agentledger.config import Settings
-from agentledger.deploy import ensure_topics, topic_specs
 from agentledger.deploy.stack import Stack
 from agentledger.producers import AgentLedger, BudgetExceeded, Ledger
 from agentledger.schemas import BudgetPolicy, PolicyFile, Threshold
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 from agentledger.traces import load_trace
 from agentledger.workload import plan_to_events, replay_trace
 

@@ -185,8 +185,10 @@ def measure(
 
 
 def main() -> int:
-    from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+    from agentledger.deploy import KafkaBroker
     from agentledger.schemas import Topics
+    from agentledger.schemas.topic_specs import topic_specs
+    from agentledger.topic_admin import ensure_topics
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spans", type=int, default=50_000)

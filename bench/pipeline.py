@@ -18,8 +18,9 @@ from typing import Any
 from pydantic import SecretStr
 
 from agentledger.config import Settings
-from agentledger.deploy import ensure_topics, topic_specs
 from agentledger.deploy.stack import Stack
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 from agentledger.traces import load_trace
 from agentledger.workload import plan_to_events, replay_trace
 

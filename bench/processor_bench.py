@@ -33,8 +33,9 @@ from typing import Any
 
 from agentledger.budgets import apply_policies
 from agentledger.config import Settings
-from agentledger.deploy import ensure_topics, topic_specs
 from agentledger.schemas.policy import PolicyFile
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 
 from .pipeline import _end_offsets, _payloads, _produce, _settings, raw_consume_seconds
 

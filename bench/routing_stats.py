@@ -25,8 +25,10 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+from agentledger.deploy import KafkaBroker
+from agentledger.schemas.topic_specs import topic_specs
 from agentledger.stream_processors.stats import StatsAggregator
+from agentledger.topic_admin import ensure_topics
 from bench.pipeline import _end_offsets, _group_done, _payloads, _produce, _settings
 from bench.run import _free_port
 

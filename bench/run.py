@@ -22,9 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+from agentledger.deploy import KafkaBroker
 from agentledger.schemas import Topics
+from agentledger.schemas.topic_specs import topic_specs
 from agentledger.tables import render_table
+from agentledger.topic_admin import ensure_topics
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results.json"

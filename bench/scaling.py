@@ -30,8 +30,9 @@ COMMAND = "python bench/scaling.py"
 
 
 def _run(bootstrap: str, home: Path, port: int, workers: int, count: int) -> dict[str, Any]:
-    from agentledger.deploy import ensure_topics, topic_specs
     from agentledger.deploy.stack import Stack
+    from agentledger.schemas.topic_specs import topic_specs
+    from agentledger.topic_admin import ensure_topics
     from bench import pipeline, processor_bench
 
     settings = pipeline._settings(

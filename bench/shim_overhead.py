@@ -198,8 +198,10 @@ def _free_port() -> int:
 def main() -> int:
     """P4 alone: ``.venv/bin/python bench/shim_overhead.py [iterations] [--bootstrap host:port]``
     (without --bootstrap, against a private broker it starts and stops)."""
-    from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+    from agentledger.deploy import KafkaBroker
     from agentledger.schemas import Topics
+    from agentledger.schemas.topic_specs import topic_specs
+    from agentledger.topic_admin import ensure_topics
 
     args = sys.argv[1:]
     bootstrap = None

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from agentledger.config import Settings
-from agentledger.deploy import ensure_topics, topic_specs
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 
 from .chdb_ceiling import measure_inserts
 from .pipeline import _payloads, _produce, _settings, raw_consume_seconds

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentledger.config import Settings
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 
 from .kafka_broker import (
     KafkaBroker,
@@ -34,7 +36,6 @@ from .kafka_broker import (
     kafka_ready,
     pid_alive,
 )
-from .topics import ensure_topics, topic_specs
 
 __all__ = [
     "SUPERVISOR",

@@ -22,7 +22,7 @@ from .control import (
     verify_command,
 )
 from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
-from .events import CALL_EVENT_VERSION, CallEvent, CallStatus
+from .events import CALL_EVENT_VERSION, CallEvent, CallFields, CallStatus
 from .ids import uuid7
 from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
 from .pause import PAUSE_VERSION, PauseRecord, pause_key
@@ -38,6 +38,7 @@ from .policy import (
     parse_policy_file,
 )
 from .stats import STATS_VERSION, StatsSummary, TaskStats, summarize
+from .topic_specs import DEFAULT_CALLS_PARTITIONS, TopicSpec, replication_for, topic_specs
 from .topics import Topics
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "CALL_EVENT_VERSION",
     "CONTROL_COMMAND_VERSION",
     "DEAD_LETTER_VERSION",
+    "DEFAULT_CALLS_PARTITIONS",
     "HOLDER_HEADER",
     "NANO_PER_USD",
     "PAUSE_VERSION",
@@ -60,6 +62,7 @@ __all__ = [
     "BudgetGrant",
     "BudgetPolicy",
     "CallEvent",
+    "CallFields",
     "CallStatus",
     "ControlAction",
     "ControlCommand",
@@ -76,16 +79,19 @@ __all__ = [
     "StatsSummary",
     "TaskStats",
     "Threshold",
+    "TopicSpec",
     "Topics",
     "dead_letter",
     "format_usd",
     "nano_to_usd",
     "parse_policy_file",
     "pause_key",
+    "replication_for",
     "sign_command",
     "sign_grant",
     "subtree_scope",
     "summarize",
+    "topic_specs",
     "usd_to_nano",
     "uuid7",
     "verify_command",

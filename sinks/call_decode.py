@@ -1,20 +1,22 @@
 """The sink's CallEvent check: records go to ClickHouse as the bytes they arrived in.
 
 ClickHouse parses JSONEachRow far faster than Python builds rows (measured: see README "Insert
-path"), so a valid record is not decoded into a row here: one msgspec pass checks the same rules
-as the pydantic schema (constraints, then one regex over every identifier, then the two
-token-subset checks) and the record's own bytes become its line of the insert, with the Kafka
-source columns and the ingestion time spliced in front of its first field:
+path"), so a valid record is not decoded into a row here: the check shared with the processor
+(`agentledger.schemas.call_decode.decode_call_fast`: msgspec with the pydantic schema's rules),
+then the columns' ranges, and the record's own bytes become its line of the insert, with the
+Kafka source columns and the ingestion time spliced in front of its first field:
 `{"_topic":"<topic>","_partition":P,"ingested_at_ms":T,"_offset":O,` + the record after its `{`.
 The insert maps the JSON fields to the columns (`CALL_INPUT_STRUCTURE`, `CALL_INPUT_SELECT`).
+An event_id in upper case or without hyphens (msgspec takes both) is sent as it came:
+ClickHouse's UUID reader takes both too, to the same value.
 
 The pydantic schema stays the authority: a record the fast path does not accept *for certain*
-(anything unusual: a missing event_id, an upper-case or unhyphenated UUID, a number sent as a
-string, a value out of a column's range, any constraint failure) is decoded by pydantic, which
-either gives the dlq reason (the same as before) or the event, whose canonical JSON
-(`model_dump_json`) becomes the line instead of the original bytes. So the fast path may only
-be stricter than pydantic, never looser; tests/unit/test_sink_call_decode.py checks that the
-stored rows equal the reference rows, on hand-picked and generated records.
+(anything unusual: a missing event_id, a number sent as a string, a value out of a column's
+range, any constraint failure) is decoded by pydantic, which either gives the dlq reason (the
+same as before) or the event, whose canonical JSON (`model_dump_json`) becomes the line
+instead of the original bytes. So the fast path may only be stricter than pydantic, never
+looser; tests/unit/test_sink_call_decode.py checks that the stored rows equal the reference
+rows, on hand-picked and generated records.
 
 Where ClickHouse and msgspec could read the same bytes differently (a key repeated in one
 object: msgspec keeps the last, ClickHouse's reader the first) the insert refuses the bytes
@@ -24,10 +26,9 @@ object: msgspec keeps the last, ClickHouse's reader the first) the insert refuse
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
-
 import msgspec
+
+from agentledger.schemas.call_decode import CallRecord, decode_call_fast
 
 from .decoding import Decoded, parse_call
 from .rows import CALL_COLUMNS, MAX_DATETIME64_MS, SourcePosition, new_tuple
@@ -41,41 +42,6 @@ __all__ = [
 
 _UINT32_MAX = (1 << 32) - 1
 _INT64_MAX = (1 << 63) - 1
-
-_TokenCount = Annotated[int, msgspec.Meta(ge=0, le=100_000_000)]
-_Text100 = Annotated[str, msgspec.Meta(max_length=100)]
-_Text200 = Annotated[str, msgspec.Meta(max_length=200)]
-
-
-class _Call(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """CallEvent's fields in CALL_COLUMNS order. Identifiers are plain str here: their pattern
-    is checked for all of a record's identifiers with one regex (see _IDENTIFIERS)."""
-
-    schema_version: Literal[1] = 1
-    event_id: str
-    event_time_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DATETIME64_MS)]
-    agent_id: str
-    pool: str | None = None
-    workflow_id: str | None = None
-    parent_agent_id: str | None = None
-    spawn_depth: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
-    task_type: str | None = None
-    task_id: str | None = None
-    provider: str
-    requested_model: str
-    used_model: str
-    input_tokens: _TokenCount = 0
-    output_tokens: _TokenCount = 0
-    cached_input_tokens: _TokenCount = 0
-    reasoning_tokens: _TokenCount = 0
-    cost_nano_usd: Annotated[int, msgspec.Meta(ge=0, le=_INT64_MAX)]
-    priced: bool = True
-    pricing_version: _Text100 | None = None
-    latency_ms: Annotated[int, msgspec.Meta(ge=0, le=_UINT32_MAX)]
-    status: Literal["ok", "error", "timeout", "rate_limited", "refused"] = "ok"
-    attempt: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
-    error_type: _Text200 | None = None
-
 
 _SOURCE_FIELDS = ("_topic", "_partition", "_offset", "ingested_at_ms")
 # The JSON fields of a line and the types ClickHouse reads them as. A field CallEvent may omit
@@ -126,8 +92,10 @@ CALL_INPUT_SELECT = ", ".join(_INPUT_EXPRESSIONS.get(name, name) for name in CAL
 
 # The struct, the line's fields and the table's columns are checked against each other at
 # import, so they can never drift apart.
-if (*_Call.__struct_fields__, *_SOURCE_FIELDS) != tuple(_INPUT_TYPES):
-    raise RuntimeError(f"_Call fields {_Call.__struct_fields__} do not match {_INPUT_TYPES}")
+if (*CallRecord.__struct_fields__, *_SOURCE_FIELDS) != tuple(_INPUT_TYPES):
+    raise RuntimeError(
+        f"CallRecord fields {CallRecord.__struct_fields__} do not match {_INPUT_TYPES}"
+    )
 if (
     tuple(
         {"event_time_ms": "event_time", "ingested_at_ms": "ingested_at"}.get(name, name)
@@ -137,19 +105,6 @@ if (
 ):
     raise RuntimeError(f"the line's fields {tuple(_INPUT_TYPES)} do not match {CALL_COLUMNS}")
 
-_DECODER = msgspec.json.Decoder(_Call)
-_ASTUPLE = msgspec.structs.astuple
-# Canonical lower-case hyphenated UUID, then every identifier present, newline-separated: one
-# regex per record. CallEvent's Identifier is 1-200 of these characters; "\n" is not one of
-# them, so it cannot be smuggled into a value.
-_IDENT = r"[A-Za-z0-9._:/@+\-]{1,200}"
-_IDENTIFIERS = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}" rf"(?:\n{_IDENT})+"
-)
-# Indexes into the struct tuple.
-_EVENT_ID, _TIME, _AGENT, _POOL, _WORKFLOW, _PARENT = 1, 2, 3, 4, 5, 6
-_TASK_TYPE, _TASK_ID, _PROVIDER, _REQUESTED, _USED = 8, 9, 10, 11, 12
-_INPUT, _OUTPUT, _CACHED, _REASONING = 13, 14, 15, 16
 _JSON_SPACE = b" \t\r\n"
 
 # The head of a line up to the offset, per (topic, partition, ingestion time): a batch has one
@@ -174,22 +129,17 @@ def _head(source: SourcePosition, now_ms: int) -> bytes:
 
 
 def _checked(value: bytes) -> tuple[str, int] | None:
-    """(event id, event time) if the record is certainly a storable CallEvent, else None."""
-    try:
-        fields = _ASTUPLE(_DECODER.decode(value))
-    except msgspec.DecodeError:
-        # ValidationError is a DecodeError: both mean "let pydantic decide and explain".
+    """(event id, event time) if the record is certainly a CallEvent that fits its columns,
+    else None."""
+    record = decode_call_fast(value)
+    if (
+        record is None
+        or record.event_time_ms > MAX_DATETIME64_MS
+        or record.cost_nano_usd > _INT64_MAX
+        or record.latency_ms > _UINT32_MAX
+    ):
         return None
-    if fields[_CACHED] > fields[_INPUT] or fields[_REASONING] > fields[_OUTPUT]:
-        return None
-    ids = [fields[_EVENT_ID], fields[_AGENT], fields[_PROVIDER], fields[_REQUESTED]]
-    ids.append(fields[_USED])
-    for index in (_POOL, _WORKFLOW, _PARENT, _TASK_TYPE, _TASK_ID):
-        if fields[index] is not None:
-            ids.append(fields[index])
-    if _IDENTIFIERS.fullmatch("\n".join(ids)) is None:
-        return None
-    return fields[_EVENT_ID], fields[_TIME]
+    return str(record.event_id), record.event_time_ms
 
 
 def decode_call_json(value: bytes, source: SourcePosition, now_ms: int) -> Decoded:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from agentledger.schemas import CallEvent, CallStatus
+from agentledger.schemas import CallFields, CallStatus
 from agentledger.schemas.policy import CALENDAR_PERIODS
 
 from .periods import DAY_MS, parse_period_key, period_window, slot_start
@@ -187,7 +187,7 @@ def run_with(
 
 def apply_event(
     state: SpendState,
-    event: CallEvent,
+    event: CallFields,
     partition: int,
     offset: int,
     *,

@@ -38,11 +38,11 @@ from agentledger.schemas import (
     Alert,
     AllowanceGrant,
     AllowanceRequest,
-    CallEvent,
     ControlAction,
     dead_letter,
     sign_grant,
 )
+from agentledger.schemas.call_decode import CallRecord, decode_call
 from agentledger.schemas.partitioning import crc32_partition
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
@@ -400,7 +400,7 @@ class DataPlane:
 
     def _count(self, cycle: _Cycle, messages: list[Any], now: int) -> None:
         stats = self.stats
-        by_agent: dict[str, list[tuple[CallEvent, int, int, str | None]]] = {}
+        by_agent: dict[str, list[tuple[CallRecord, int, int, str | None]]] = {}
         for message in messages:
             value = message.value()
             event = parse_call(value, now, self.future_tolerance_ms)
@@ -749,12 +749,13 @@ class DataPlane:
         }
 
 
-def parse_call(value: bytes | None, now: int, future_tolerance_ms: int) -> CallEvent | str:
-    """The event to count, or why it goes to the dlq instead."""
+def parse_call(value: bytes | None, now: int, future_tolerance_ms: int) -> CallRecord | str:
+    """The event to count, or why it goes to the dlq instead (pydantic's reason: the msgspec
+    decode falls back to it for anything it does not accept for certain)."""
     if not value:
         return "empty value; expected a CallEvent JSON object"
     try:
-        event = CallEvent.model_validate_json(value)
+        event = decode_call(value)
     except ValidationError as exc:
         return f"not a valid CallEvent: {exc}"
     if event.event_time_ms > now + future_tolerance_ms:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from agentledger.schemas import CallEvent, CallStatus
+from agentledger.schemas import CallFields, CallStatus
 from agentledger.schemas.policy import CALENDAR_PERIODS
 
 from .allowances import apply_lease_costs
@@ -80,15 +80,15 @@ class SpendFold:
 
     def add_event(
         self,
-        event: CallEvent,
+        event: CallFields,
         event_id: str,
         partition: int,
         offset: int,
         holder: str | None = None,
     ) -> Delivery:
-        """Count ``event`` (``event_id`` is its id as hex) as :func:`counting.apply_event` does;
-        return what the record was (only NEW ones are counted). ``holder`` is the shim
-        process whose allowance the call spent, if any."""
+        """Count ``event`` (a CallEvent or a CallRecord; ``event_id`` is its id as hex) as
+        :func:`counting.apply_event` does; return what the record was (only NEW ones are
+        counted). ``holder`` is the shim process whose allowance the call spent, if any."""
         delivery = self.add_cost(
             event_id=event_id,
             event_time_ms=event.event_time_ms,

@@ -119,7 +119,7 @@ async def _partitions_of(
     except KafkaTimeoutError:
         raise TopicMissing(
             f"policies topic {topic!r} not found on {bootstrap}; create the stack's topics "
-            "first (agentledger up, or deploy.ensure_topics)"
+            "first (agentledger up, or agentledger.topic_admin.ensure_topics)"
         ) from None
     finally:
         await producer.stop()

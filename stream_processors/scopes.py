@@ -20,8 +20,9 @@ from typing import Any
 import msgspec
 
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent
-from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
+from agentledger.schemas import CallFields
+from agentledger.schemas.topic_specs import TopicSpec, topic_specs
+from agentledger.topic_admin import ensure_topics
 
 from .tracking import Activity
 
@@ -210,7 +211,7 @@ def _activity_of(tail: list[Any], index: int) -> Activity:
 
 
 def forwarded_costs(
-    event: CallEvent,
+    event: CallFields,
     partition: int,
     offset: int,
     event_id: str | None = None,
@@ -256,8 +257,6 @@ def ensure_scopes_topic(settings: Settings, partitions: int, tables: tuple[str, 
     faust would create the changelogs itself, but an agent that starts before the new topic
     shows in its metadata fails with PartitionsMismatch (0 partitions) and never recovers.
     """
-    from agentledger.deploy import TopicSpec, ensure_topics
-
     specs = [
         TopicSpec(
             scopes_topic_name(settings),
@@ -266,18 +265,8 @@ def ensure_scopes_topic(settings: Settings, partitions: int, tables: tuple[str, 
         )
     ]
     # The allowance topics too: a stack created before allowances existed lacks them.
-    specs += [
-        TopicSpec(
-            settings.topics.allowance_requests,
-            partitions,
-            {"retention.ms": str(24 * 3600 * 1000), "cleanup.policy": "delete"},
-        ),
-        TopicSpec(
-            settings.topics.allowances,
-            ALLOWANCE_PARTITIONS,
-            {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"},
-        ),
-    ]
+    allowance_topics = (settings.topics.allowance_requests, settings.topics.allowances)
+    specs += [s for s in topic_specs(settings.topics, partitions) if s.name in allowance_topics]
     specs += [
         TopicSpec(changelog_topic_name(settings, table), partitions, {"cleanup.policy": "compact"})
         for table in tables

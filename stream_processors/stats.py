@@ -27,8 +27,11 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from agentledger.config import Settings
-from agentledger.schemas import CallEvent, CallStatus, TaskStats
+from agentledger.schemas import CallFields, CallStatus, TaskStats
+from agentledger.schemas.call_decode import decode_call
 from agentledger.schemas.stats import latency_bucket
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 
 from .counting import FUTURE_TOLERANCE_MS
 from .declare import TopicMissing
@@ -96,7 +99,7 @@ class _Partial:
             last_ms=stats.last_event_time_ms,
         )
 
-    def add(self, event: CallEvent, offset: int) -> None:
+    def add(self, event: CallFields, offset: int) -> None:
         self.offset = offset
         self.calls += 1
         if event.status is CallStatus.OK:
@@ -129,7 +132,7 @@ class _Partial:
         )
 
 
-def _subjects(event: CallEvent) -> tuple[str, str]:
+def _subjects(event: CallFields) -> tuple[str, str]:
     return f"agent:{event.agent_id}", f"model:{event.used_model}"
 
 
@@ -153,7 +156,7 @@ class StatsAggregator:
             self.metrics["unreadable"] += 1
             return False
         try:
-            event = CallEvent.model_validate_json(value)
+            event = decode_call(value)
         except ValidationError:
             self.metrics["unreadable"] += 1
             return False
@@ -163,7 +166,7 @@ class StatsAggregator:
             return False
         return self.count(event, partition, offset)
 
-    def count(self, event: CallEvent, partition: int, offset: int) -> bool:
+    def count(self, event: CallFields, partition: int, offset: int) -> bool:
         counted = False
         task_type = event.task_type
         for subject in _subjects(event):
@@ -243,7 +246,7 @@ def rebuild_stats(
         if meta is None or meta.error is not None or not meta.partitions:
             raise TopicMissing(
                 f"stats topic {topic!r} is missing on {settings.kafka}; create the stack's "
-                "topics first (agentledger up, or deploy.ensure_topics)"
+                "topics first (agentledger up, or agentledger.topic_admin.ensure_topics)"
             )
         ends: dict[int, int] = {}
         pending: set[int] = set()
@@ -343,8 +346,6 @@ def register_stats(
     the calls topic: the caller feeds :meth:`StatsAggregator.count` with the events it parsed
     anyway (the processor's spend agent does; a second agent on the same topic cost a second
     faust stream and a second validation per record)."""
-    from agentledger.deploy.topics import ensure_topics, topic_specs
-
     topics = settings.topics
     ensure_topics(
         settings.kafka,

@@ -17,7 +17,9 @@ from hypothesis import settings as hypothesis_settings
 from pydantic import SecretStr
 
 from agentledger.config import Settings
-from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+from agentledger.deploy import KafkaBroker
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 
 if TYPE_CHECKING:
     from tests.unit.test_producer_sdk import FakeApi

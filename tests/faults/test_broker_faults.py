@@ -10,9 +10,11 @@ from decimal import Decimal
 import pytest
 
 from agentledger.budgets import apply_policies
-from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+from agentledger.deploy import KafkaBroker
 from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.schemas import BudgetPolicy, CallEvent, PolicyFile
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 from tests.conftest import SettingsFactory
 from tests.faults.harness import (
     FaultStack,

@@ -22,13 +22,14 @@ from genai_prices import Usage, calc_price
 
 from agentledger.budgets import apply_policies
 from agentledger.config import Settings
-from agentledger.deploy import ensure_topics, topic_specs
 from agentledger.deploy.kafka_broker import BrokerError, KafkaCluster
 from agentledger.deploy.stack import Stack
 from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.review.query import QueryClient
 from agentledger.schemas import BudgetPolicy, PolicyFile, usd_to_nano
+from agentledger.schemas.topic_specs import topic_specs
 from agentledger.stream_processors.client import fetch_state
+from agentledger.topic_admin import ensure_topics
 
 # About 1.5 minutes here (2.5 on a machine busy with other test runs): three JVMs start, one is
 # killed and restarted. `make test-cluster` also runs the `agentledger up --brokers 3` test.

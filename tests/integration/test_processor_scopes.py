@@ -57,15 +57,15 @@ def ground_truth(settings: Settings, now_ms: int) -> dict[str, dict[int, int]]:
     )
     topic = settings.topics.calls
     try:
-        parts = [TopicPartition(topic, p, 0) for p in range(6)]
+        parts = [TopicPartition(topic, p, 0) for p in range(settings.calls_partitions)]
         ends = {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in range(6)
+            for p in range(settings.calls_partitions)
         }
         consumer.assign(parts)
         seen: set[str] = set()
         totals: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        done = {p: ends[p] == 0 for p in range(6)}
+        done = {p: ends[p] == 0 for p in range(settings.calls_partitions)}
         deadline = time.monotonic() + 30
         while not all(done.values()):
             assert time.monotonic() < deadline, "ground truth: calls topic not read in 30 s"
@@ -102,7 +102,7 @@ def rewind(admin: AdminClient, settings: Settings) -> None:
         f"{settings.topic_prefix}processor": scopes_topic_name(settings),
     }
     for group, topic in groups.items():
-        starts = [TopicPartition(topic, p, 0) for p in range(6)]
+        starts = [TopicPartition(topic, p, 0) for p in range(settings.calls_partitions)]
         admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, starts)])[
             group
         ].result(timeout=10)

@@ -302,7 +302,7 @@ def test_stop_is_signed_exact_and_survives_kill_9_and_full_replay(
     group = calls_group(settings)
     admin = AdminClient({"bootstrap.servers": settings.kafka})
     wait_for("the dead worker to leave the group", lambda: group_is_empty(admin, group), 30)
-    rewind_group(admin, settings, group, partitions=6)
+    rewind_group(admin, settings, group, partitions=settings.calls_partitions)
 
     restarted = workers()
     restarted.wait_ready()

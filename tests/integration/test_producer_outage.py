@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 from agentledger.config import Settings
-from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+from agentledger.deploy import KafkaBroker
 from agentledger.producers import KafkaTransport, Ledger, Spool
 from agentledger.schemas import CallEvent
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 from tests.conftest import TEST_CONTROL_KEY, SettingsFactory
 from tests.integration.test_producer_spool import private_broker, read_event_ids
 

@@ -13,9 +13,11 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from agentledger.config import Settings
-from agentledger.deploy import KafkaBroker, ensure_topics, topic_specs
+from agentledger.deploy import KafkaBroker
 from agentledger.producers import KafkaTransport, Ledger, Spool
 from agentledger.schemas import CallEvent
+from agentledger.schemas.topic_specs import topic_specs
+from agentledger.topic_admin import ensure_topics
 from tests.conftest import SettingsFactory, free_port
 
 pytestmark = pytest.mark.integration

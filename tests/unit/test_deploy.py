@@ -4,6 +4,8 @@ replication, the workers `up` would start, and the Kafka/ClickHouse security set
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,7 +16,7 @@ from agentledger.cli import _parser
 from agentledger.config import Settings
 from agentledger.deploy.kafka_broker import KafkaCluster
 from agentledger.deploy.stack import Stack, StackError, worker_ports
-from agentledger.deploy.topics import replication_for
+from agentledger.schemas.topic_specs import DEFAULT_CALLS_PARTITIONS, replication_for, topic_specs
 
 
 def props(text: str) -> dict[str, str]:
@@ -252,3 +254,25 @@ def test_only_a_bootstrap_matching_our_cluster_is_ours_to_run(tmp_path: Path) ->
     # Two loopback brokers the user runs, or any remote host: not ours.
     assert not manages(kafka="127.0.0.1:9092,127.0.0.1:9094")
     assert not manages(kafka="kafka-1:9092", kafka_brokers=3)
+
+
+def test_the_processor_and_the_sink_import_no_deploy_module() -> None:
+    """The topic contracts live outside deploy/ so the services do not depend on it."""
+    probe = (
+        "import sys, agentledger.stream_processors.app, agentledger.sinks.service, "
+        "agentledger.topic_admin; "
+        "print(sorted(m for m in sys.modules if m.startswith('agentledger.deploy')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_new_calls_topic_has_room_for_twelve_workers_and_requests_follow_it() -> None:
+    settings = Settings()
+    assert settings.calls_partitions == DEFAULT_CALLS_PARTITIONS >= 12
+    for specs in (topic_specs(settings.topics), topic_specs(settings.topics, 24)):
+        sizes = {spec.name: spec.partitions for spec in specs}
+        assert sizes[settings.topics.calls] >= 12
+        assert sizes[settings.topics.allowance_requests] == sizes[settings.topics.calls]

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentledger.schemas import CallEvent
+from agentledger.schemas.call_decode import CallRecord
 from agentledger.sinks.rows import SourcePosition
 from agentledger.sinks.streams import Decoded, DecodeError, decode_call
 from agentledger.stream_processors.counting import FUTURE_TOLERANCE_MS
@@ -40,7 +41,8 @@ VALID: dict[str, Any] = json.loads(
     ).model_dump_json()
 )
 
-def processor_parse(value: bytes) -> CallEvent | str:
+
+def processor_parse(value: bytes) -> CallRecord | str:
     return parse_call(value, NOW_MS, FUTURE_TOLERANCE_MS)
 
 
@@ -64,7 +66,7 @@ json_values = st.recursive(
 )
 
 
-def check_outcome(value: bytes) -> tuple[CallEvent | str, Decoded | str]:
+def check_outcome(value: bytes) -> tuple[CallRecord | str, Decoded | str]:
     """Both parse steps return (never raise); a rejection carries a non-empty reason."""
     processed = processor_parse(value)
     decoded = sink_parse(value)
@@ -135,7 +137,7 @@ def test_missing_and_unknown_fields(dropped: set[str], extra: dict[str, object])
         for name in sorted(missing) + sorted(unknown):
             assert name in processed and name in decoded, (name, processed)
     else:
-        assert isinstance(processed, CallEvent) and isinstance(decoded, Decoded)
+        assert isinstance(processed, CallRecord) and isinstance(decoded, Decoded)
 
 
 def test_empty_and_non_object_json() -> None:

@@ -7,10 +7,12 @@ import json
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentledger.schemas import CallEvent, CallStatus
+from agentledger.schemas import CallEvent, CallFields, CallStatus
+from agentledger.schemas.call_decode import record_of
 from agentledger.stream_processors.counting import RECENT_IDS, apply_cost, apply_event
 from agentledger.stream_processors.fold import SpendFold
 from agentledger.stream_processors.periods import DAY_MS
@@ -84,13 +86,17 @@ def stored(state: SpendState) -> str:
     return json.dumps(state_to_json(state))
 
 
+@pytest.mark.parametrize("as_record", [False, True], ids=["CallEvent", "CallRecord"])
 @settings(max_examples=100, deadline=None)
 @given(records, records, st.sampled_from(PLANS))
 def test_folding_a_batch_equals_applying_each_event(
+    as_record: bool,
     before: list[Row],
     batch: list[Row],
     plan: BucketPlan,
 ) -> None:
+    """The fold counts the msgspec records (the batch path's) exactly as the reference counts
+    the pydantic events."""
     events = build(before + batch)
     state = SpendState()
     for event, partition, offset in events[: len(before)]:
@@ -100,9 +106,13 @@ def test_folding_a_batch_equals_applying_each_event(
         expected_deliveries.append(expected.delivery(event.event_id.hex, partition, offset))
         expected = apply_event(expected, event, partition, offset, now_ms=NOW, plan=plan)
     fold = SpendFold(state, now_ms=NOW, plan=plan)
+    folded_events: list[tuple[CallFields, int, int]] = [
+        (record_of(event) if as_record else event, partition, offset)
+        for event, partition, offset in events[len(before) :]
+    ]
     deliveries = [
         fold.add_event(event, event.event_id.hex, partition, offset)
-        for event, partition, offset in events[len(before) :]
+        for event, partition, offset in folded_events
     ]
     folded = fold.result()
     assert deliveries == expected_deliveries

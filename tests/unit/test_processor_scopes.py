@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentledger.schemas import BudgetPolicy, CallEvent, ControlAction, Period
+from agentledger.schemas.call_decode import record_of
 from agentledger.stream_processors.counting import RECENT_IDS, apply_cost, apply_event
 from agentledger.stream_processors.decisions import decide
 from agentledger.stream_processors.periods import period_window
@@ -133,6 +134,19 @@ def test_forwarded_costs_name_every_non_agent_scope() -> None:
         event = call(1, **extra)
         expected = [s for s in event.scopes() if not s.startswith("agent:")]
         assert [c.scope for c in forwarded_costs(event, 0, 0)] == expected
+
+
+def test_a_call_record_forwards_exactly_what_its_call_event_does() -> None:
+    for extra in (
+        {},
+        {"pool": "p", "workflow_id": "w", "task_type": "t", "parent_agent_id": "root"},
+        {"task_type": "t"},
+        {"workflow_id": "w"},
+    ):
+        event = call(7, **extra)
+        record = record_of(event)
+        assert forwarded_costs(record, 2, 9, holder="h") == forwarded_costs(event, 2, 9, holder="h")
+        assert forwarded_costs(record, 2, 9, event.event_id.hex) == forwarded_costs(event, 2, 9)
 
 
 def test_bad_activity_in_a_batch_is_named() -> None:

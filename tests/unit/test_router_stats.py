@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from agentledger.producers import StatsBook
 from agentledger.schemas import CallEvent, CallStatus, TaskStats, summarize
+from agentledger.schemas.call_decode import record_of
 from agentledger.schemas.stats import (
     LATENCY_RELATIVE_ERROR,
     bucket_value,
@@ -124,6 +125,29 @@ def test_replayed_offsets_are_not_counted_twice_and_dirty_keys_publish_once() ->
     assert agg.metrics["replayed"] == 5
     stats = agg.stats("agent:a|summarize|0")
     assert stats is not None and stats.calls == 5
+
+
+def test_counting_call_records_equals_counting_call_events() -> None:
+    rng = random.Random(3)
+    events = [
+        call(
+            n,
+            cost=rng.randrange(10**9),
+            latency=rng.randrange(1, 5_000),
+            status=rng.choice(list(CallStatus)),
+            priced=rng.random() < 0.9,
+            agent=f"a{n % 3}",
+            task_type=rng.choice([None, "t1", "t2"]),
+        )
+        for n in range(200)
+    ]
+    by_event, by_record = StatsAggregator(lambda: T0), StatsAggregator(lambda: T0)
+    for offset, event in enumerate(events):
+        partition = offset % 2
+        assert by_event.count(event, partition, offset // 2)
+        assert by_record.count(record_of(event), partition, offset // 2)
+    assert not by_record.count(record_of(events[0]), 0, 0)  # a replay
+    assert by_record.take_dirty() == by_event.take_dirty() != []
 
 
 def test_unreadable_and_future_calls_are_skipped_not_counted() -> None:
