@@ -1044,6 +1044,8 @@ def build_app(
             if plane.error
             else "data plane stuck"
             if plane_health["stuck"]
+            else "data plane starting"
+            if not plane_health["joined"]
             else "ok"
         )
         return web.json(

@@ -209,6 +209,9 @@ class DataPlane:
         self._noted_cycles = 0
         self._lag_at = 0.0
         self.restoring = False
+        #: True once the group has given this worker its first assignment (maybe empty) and
+        #: the states of it are restored: before that, calls sent are not counted yet.
+        self.joined = False
         self.error: str | None = None
         self.running = False
 
@@ -267,6 +270,7 @@ class DataPlane:
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         mine = sorted(tp.partition for tp in partitions if tp.topic == self.topics.calls)
         if not mine:
+            self.joined = True
             return
         self.restoring = True
         try:
@@ -297,6 +301,7 @@ class DataPlane:
                 self._committed[(tp.topic, tp.partition)] = tp.offset
         assert self._requests is not None
         self._requests.incremental_assign(starts)
+        self.joined = True
         log.info("data plane assigned calls partitions %s", mine)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -373,9 +378,12 @@ class DataPlane:
         tps = [TopicPartition(self.topics.calls, p) for p in sorted(self.owned)]
         lags: dict[tuple[str, int], int] = {}
         for tp in consumer.position(tps) if tps else []:
-            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
             where = (tp.topic, tp.partition)
             position = tp.offset if tp.offset >= 0 else self._committed.get(where)
+            if position is None and low >= 0:
+                # Nothing read or committed yet: the group starts at the earliest offset.
+                position = low
             if high >= 0 and position is not None:
                 lags[where] = max(high - position, 0)
         self.metrics.observe_plane_lag(lags)
@@ -740,6 +748,7 @@ class DataPlane:
     def health(self) -> dict[str, Any]:
         return {
             "running": self.running,
+            "joined": self.joined,
             "restoring": self.restoring,
             "stuck": self.stuck(),
             "error": self.error,

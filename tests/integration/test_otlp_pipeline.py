@@ -181,6 +181,11 @@ def test_sdk_spans_are_priced_stored_once_and_count_against_budgets(stack: Stack
             lambda: day_spend(settings, "agent:otel-runaway") >= expected or None,
         )
         assert day_spend(settings, "agent:otel-runaway") == expected
+        # Pools count in the processor's second hop, a moment after the agent.
+        wait_for(
+            "the pool's spend",
+            lambda: day_spend(settings, "pool:otel-svc") >= expected or None,
+        )
         assert day_spend(settings, "pool:otel-svc") == expected
 
         def crossing_alerts() -> list[Alert]:
@@ -273,6 +278,10 @@ def test_openai_instrumentation_calls_are_recorded_and_alert(stack: Stack) -> No
             return [a for a in found if a.scope == "pool:chat-app"]
 
         assert wait_for("the pool's budget alert", pool_alerts)
+        wait_for(
+            "the pool's spend",
+            lambda: day_spend(settings, "pool:chat-app") >= calls * per_call or None,
+        )
         assert day_spend(settings, "pool:chat-app") == calls * per_call
     finally:
         instrumentor.uninstrument()
