@@ -27,6 +27,7 @@ from .counting import (
     run_with,
     slot_alive,
 )
+from .deltas import ScopeDelta
 from .periods import parse_period_key, period_window, slot_start
 from .state import Delivery, SpendState
 from .tracking import (
@@ -147,6 +148,68 @@ class SpendFold:
             if len(recent) > RECENT_IDS:
                 del recent[next(iter(recent))]
         return delivery
+
+    def add_delta(self, delta: ScopeDelta, state_partition: int) -> Delivery:
+        """Count a cycle's sum for this scope (deltas.py): what :meth:`add_cost` would leave
+        after each of the delta's events, except the recent event ids (the agent's state
+        already told duplicates apart). REPLAY when every offset it covers was applied."""
+        applied = self._applied
+        if all(offset <= applied.get(p, -1) for p, offset in delta.sources.items()):
+            return Delivery.REPLAY
+        self._counted = True
+        for p, offset in delta.sources.items():
+            if offset > applied.get(p, -1):
+                applied[p] = offset
+        self._partition = state_partition
+        periods = self._periods
+        for key, nano in delta.periods.items():
+            had = periods.get(key)
+            if had is None:
+                self._periods_grew = True
+                periods[key] = nano
+            else:
+                periods[key] = had + nano
+        if delta.holders and self.state.leases:
+            if self._lease_costs is None:
+                self._lease_costs = {}
+            for holder, items in delta.holders.items():
+                self._lease_costs.setdefault(holder, []).extend(items)
+        plan = self.plan
+        if plan.slots and delta.slots:
+            if self._slots is None:
+                self._slots = dict(self.state.slots)
+            slots = self._slots
+            for key, nano in delta.slots.items():
+                had = slots.get(key)
+                if had is None:
+                    self._slots_grew = True
+                    slots[key] = nano
+                else:
+                    slots[key] = had + nano
+        if plan.run_idles and delta.times:
+            if self._runs is None:
+                self._runs = dict(self.state.runs)
+            for idle in plan.run_idles:
+                run = self._runs.get(idle)
+                for time, cost in delta.times:
+                    run = run_with(run, idle, time, cost)
+                if run is not None:
+                    self._runs[idle] = run
+        if plan.concurrency and delta.intervals:
+            if self._intervals is None:
+                self._intervals = list(self.state.intervals)
+            self._intervals.extend(delta.intervals)
+        if plan.spawn and delta.agents:
+            if self._agents is None:
+                self._agents = dict(self.state.agents)
+            agents = self._agents
+            for agent_id, (parent, depth, time) in delta.agents.items():
+                seen = agents.get(agent_id)
+                if seen is None or time < seen[2]:
+                    agents[agent_id] = (parent, depth, time)
+            while len(agents) > SPAWN_AGENTS_KEPT:
+                del agents[min(agents, key=lambda a: agents[a][2])]
+        return Delivery.NEW
 
     def _add_to_periods(self, buckets: dict[str, int], event_time_ms: int, cost: int) -> bool:
         """Add ``cost`` to each calendar period of its time; True when a bucket was new."""
