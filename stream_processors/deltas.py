@@ -144,6 +144,36 @@ class ScopeDelta:
                 while len(agents) > SPAWN_AGENTS_KEPT:
                     del agents[min(agents, key=lambda a: agents[a][2])]
 
+    def merge(self, other: ScopeDelta, *, with_activity: bool = True) -> None:
+        """Add ``other`` (summed for another scope set) to this one; ``with_activity=False``
+        leaves out who made the calls (task types track no concurrency or spawns)."""
+        self.events += other.events
+        sources = self.sources
+        for partition, offset in other.sources.items():
+            if offset > sources.get(partition, -1):
+                sources[partition] = offset
+        if other.last_ms > self.last_ms:
+            self.last_ms = other.last_ms
+        for into, add in ((self.periods, other.periods), (self.slots, other.slots)):
+            for key, nano in add.items():
+                into[key] = into.get(key, 0) + nano
+        if other.times is not None:
+            if self.times is None:
+                self.times = []
+            self.times.extend(other.times)
+        for holder, items in other.holders.items():
+            self.holders.setdefault(holder, []).extend(items)
+        if not with_activity:
+            return
+        self.intervals.extend(other.intervals)
+        agents = self.agents
+        for agent_id, seen in other.agents.items():
+            had = agents.get(agent_id)
+            if had is None or seen[2] < had[2]:
+                agents[agent_id] = seen
+        while len(agents) > SPAWN_AGENTS_KEPT:
+            del agents[min(agents, key=lambda a: agents[a][2])]
+
 
 def period_keys(event_time_ms: int, zones: tuple[str, ...]) -> list[str]:
     """The calendar buckets an event counts in: each period kind in each zone."""

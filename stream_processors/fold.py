@@ -50,7 +50,8 @@ class SpendFold:
         self.state = state
         self.now_ms = now_ms
         self.plan = plan
-        self._zones = ("UTC", *sorted(plan.zones))
+        #: The zones of the calendar buckets, UTC first (deltas.period_keys takes the same).
+        self.zones = ("UTC", *sorted(plan.zones))
         self._counted = False
         self._applied = dict(state.applied)
         self._recent = dict(state.recent)
@@ -86,10 +87,13 @@ class SpendFold:
         partition: int,
         offset: int,
         holder: str | None = None,
+        period_keys: list[str] | None = None,
     ) -> Delivery:
         """Count ``event`` (a CallEvent or a CallRecord; ``event_id`` is its id as hex) as
         :func:`counting.apply_event` does; return what the record was (only NEW ones are
-        counted). ``holder`` is the shim process whose allowance the call spent, if any."""
+        counted). ``holder`` is the shim process whose allowance the call spent, if any;
+        ``period_keys`` the event's calendar buckets when the caller has them
+        (:func:`deltas.period_keys` with this fold's zones)."""
         delivery = self.add_cost(
             event_id=event_id,
             event_time_ms=event.event_time_ms,
@@ -97,6 +101,7 @@ class SpendFold:
             partition=partition,
             offset=offset,
             holder=holder,
+            period_keys=period_keys,
         )
         if delivery is not Delivery.NEW:
             return delivery
@@ -104,7 +109,7 @@ class SpendFold:
             if self._retry is None:
                 self._retry = dict(self.state.retry_spend)
             self._retry_grew |= self._add_to_periods(
-                self._retry, event.event_time_ms, event.cost_nano_usd
+                self._retry, event.event_time_ms, event.cost_nano_usd, period_keys
             )
         if event.status is not CallStatus.OK and event.task_id is not None:
             if self._failures is None:
@@ -128,6 +133,7 @@ class SpendFold:
         state_partition: int | None = None,
         activity: Activity | None = None,
         holder: str | None = None,
+        period_keys: list[str] | None = None,
     ) -> Delivery:
         """Count one cost as :func:`counting.apply_cost` does; return what the record was."""
         delivery = self.delivery(event_id, partition, offset)
@@ -138,7 +144,9 @@ class SpendFold:
             if self._lease_costs is None:
                 self._lease_costs = {}
             self._lease_costs.setdefault(holder, []).append((event_time_ms, cost_nano_usd))
-        self._periods_grew |= self._add_to_periods(self._periods, event_time_ms, cost_nano_usd)
+        self._periods_grew |= self._add_to_periods(
+            self._periods, event_time_ms, cost_nano_usd, period_keys
+        )
         self._track_more(activity, event_time_ms, cost_nano_usd)
         self._applied[partition] = offset
         self._partition = partition if state_partition is None else state_partition
@@ -211,18 +219,25 @@ class SpendFold:
                 del agents[min(agents, key=lambda a: agents[a][2])]
         return Delivery.NEW
 
-    def _add_to_periods(self, buckets: dict[str, int], event_time_ms: int, cost: int) -> bool:
-        """Add ``cost`` to each calendar period of its time; True when a bucket was new."""
+    def _add_to_periods(
+        self, buckets: dict[str, int], event_time_ms: int, cost: int, keys: list[str] | None
+    ) -> bool:
+        """Add ``cost`` to each calendar period of its time (``keys``, when known); True when a
+        bucket was new."""
+        if keys is None:
+            keys = [
+                period_window(period, event_time_ms, tz).key
+                for tz in self.zones
+                for period in CALENDAR_PERIODS
+            ]
         grew = False
-        for tz in self._zones:
-            for period in CALENDAR_PERIODS:
-                key = period_window(period, event_time_ms, tz).key
-                nano = buckets.get(key)
-                if nano is None:
-                    grew = True
-                    buckets[key] = cost
-                else:
-                    buckets[key] = nano + cost
+        for key in keys:
+            nano = buckets.get(key)
+            if nano is None:
+                grew = True
+                buckets[key] = cost
+            else:
+                buckets[key] = nano + cost
         return grew
 
     def _track_more(self, activity: Activity | None, event_time_ms: int, cost: int) -> None:
