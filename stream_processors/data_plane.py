@@ -38,7 +38,6 @@ from pydantic import ValidationError
 from agentledger.config import Settings
 from agentledger.schemas import (
     HOLDER_HEADER,
-    Alert,
     AllowanceGrant,
     AllowanceRequest,
     ControlAction,
@@ -133,7 +132,6 @@ class _Cycle:
     #: scope ("pool:p") -> its new state, the second hop's.
     scope_states: dict[str, SpendState] = field(default_factory=dict)
     out: list[tuple[str, bytes | None, bytes | None, int | None]] = field(default_factory=list)
-    alerts: list[Alert] = field(default_factory=list)
     stats_keys: list[str] = field(default_factory=list)
     #: scope -> what this cycle counted for it, written to the scopes topic in the transaction.
     deltas: dict[str, ScopeDelta] = field(default_factory=dict)
@@ -161,7 +159,6 @@ class DataPlane:
         new_restore_consumer: Callable[[], Any],
         new_producer: Callable[[], TransactionalProducer],
         stats: StatsAggregator | None = None,
-        on_alert: Callable[[Alert], None] | None = None,
         future_tolerance_ms: int,
         allowance_ttl_ms: int,
         allowance_partitions: int = ALLOWANCE_PARTITIONS,
@@ -175,7 +172,6 @@ class DataPlane:
         self.clock = clock
         self.metrics = metrics
         self.stats = stats
-        self.on_alert = on_alert
         self.future_tolerance_ms = future_tolerance_ms
         self.allowance_ttl_ms = allowance_ttl_ms
         self.allowance_partitions = allowance_partitions
@@ -717,8 +713,6 @@ class DataPlane:
     def _emit(self, cycle: _Cycle, out: Sequence[Outgoing]) -> None:
         for item in out:
             cycle.out.append((item.topic, item.key, item.value, None))
-            if item.alert is not None:
-                cycle.alerts.append(item.alert)
 
     def _dead_letter(
         self,
@@ -796,9 +790,6 @@ class DataPlane:
                 else:
                     standing.discard(key)
         self._committed.update(positions)
-        if self.on_alert is not None:
-            for alert in cycle.alerts:
-                self.on_alert(alert)
 
     def _produce(
         self,
