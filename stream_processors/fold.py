@@ -52,6 +52,7 @@ class SpendFold:
         self.plan = plan
         #: The zones of the calendar buckets, UTC first (deltas.period_keys takes the same).
         self.zones = ("UTC", *sorted(plan.zones))
+        self._tracks = bool(plan.slots or plan.run_idles or plan.concurrency or plan.spawn)
         self._counted = False
         self._applied = dict(state.applied)
         self._recent = dict(state.recent)
@@ -147,7 +148,8 @@ class SpendFold:
         self._periods_grew |= self._add_to_periods(
             self._periods, event_time_ms, cost_nano_usd, period_keys
         )
-        self._track_more(activity, event_time_ms, cost_nano_usd)
+        if self._tracks:
+            self._track_more(activity, event_time_ms, cost_nano_usd)
         self._applied[partition] = offset
         self._partition = partition if state_partition is None else state_partition
         if event_id is not None:
