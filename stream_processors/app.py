@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ from .batch_kafka import (
     transactional_producer_config,
 )
 from .counting import FUTURE_TOLERANCE_MS
-from .data_plane import DataPlane, DataPlaneTopics
+from .data_plane import REPLACE_AFTER_S, DataPlane, DataPlaneTopics
 from .decide import Decider, Outgoing
 from .declare import TopicMissing
 from .dlq_rate import DlqRate
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "processor"
 Clock = Callable[[], int]
+# How often the watchdog looks at the data plane, and how long it waits between replacements.
+WATCHDOG_EVERY_S = 5.0
+REPLACE_BACKOFF_S = 30.0
 # How often the producer refreshes topic metadata.
 METADATA_MAX_AGE_MS = 15_000
 # The changelog topics keep faust's names (``<app id>-<table>-changelog``) so a stack that
@@ -283,16 +287,17 @@ def build_app(
     proc.stats = register_stats(
         app, settings, proc.clock, proc.dead_letter, own_agent=False, publish=False
     )
-    proc.plane = plane = build_data_plane(settings, proc, partitions, future_tolerance_ms)
+    proc.plane = build_data_plane(settings, proc, partitions, future_tolerance_ms)
 
-    # Both hops are counted by the batch data plane in a thread of its own (data_plane.py);
-    # the stop flag ends it within a cycle when the worker stops.
+    # Both hops are counted by the batch data plane in a daemon thread of its own
+    # (data_plane.py); the stop flag ends it within a cycle when the worker stops.
     @app.task  # type: ignore[untyped-decorator]
     async def data_plane() -> None:
         try:
-            await asyncio.to_thread(plane.run)
+            await keep_data_plane(proc, settings, partitions, future_tolerance_ms)
         finally:
-            plane.stop()
+            if proc.plane is not None:
+                proc.plane.stop()
 
     # Webhooks post the committed alerts of every worker (read_committed), each once per
     # group: whichever worker holds the alert's partition posts it.
@@ -318,6 +323,8 @@ def build_app(
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:
+        plane = proc.plane
+        assert plane is not None
         plane_health = plane.health()
         status = (
             f"data plane failed: {plane.error}"
@@ -372,6 +379,41 @@ def build_app(
         return web.json({"now_ms": proc.clock(), "scopes": proc.reports()})
 
     return app
+
+
+async def keep_data_plane(
+    proc: Processor, settings: Settings, partitions: int, future_tolerance_ms: int
+) -> None:
+    """Run ``proc.plane`` in a thread and replace it when it hangs or fails.
+
+    librdkafka can block in ``send_offsets_to_transaction`` past its timeout (#5456) or for
+    good when the coordinator's broker goes away (#5511), and a blocked C call cannot be
+    interrupted. So a cycle older than REPLACE_AFTER_S, or a data plane that stopped with an
+    error, is given up: a new one (new clients, same transactional id and group instance id)
+    fences the old producer, aborting its open transaction, takes the group membership over,
+    restores the states from the changelogs and goes on from the committed offsets. The old
+    thread is a daemon; if its call ever returns, its stop flag makes it exit unretried.
+    """
+    plane = proc.plane
+    assert plane is not None
+    threading.Thread(target=plane.run, name="data-plane", daemon=True).start()
+    replaced_at = 0.0
+    while True:
+        await asyncio.sleep(WATCHDOG_EVERY_S)
+        plane = proc.plane
+        assert plane is not None
+        hung = plane.stuck(REPLACE_AFTER_S)
+        if not (hung or plane.error) or time.monotonic() - replaced_at < REPLACE_BACKOFF_S:
+            continue
+        log.error(
+            "data plane %s; starting a new one in its place",
+            f"cycle hung for over {REPLACE_AFTER_S:.0f} s" if hung else f"failed: {plane.error}",
+        )
+        plane.stop()
+        proc.metrics.plane_replaced.inc()
+        proc.plane = plane = build_data_plane(settings, proc, partitions, future_tolerance_ms)
+        threading.Thread(target=plane.run, name="data-plane", daemon=True).start()
+        replaced_at = time.monotonic()
 
 
 def build_data_plane(

@@ -65,6 +65,7 @@ from .tracking import Activity
 
 __all__ = [
     "CYCLE_S",
+    "REPLACE_AFTER_S",
     "DataPlane",
     "DataPlaneTopics",
     "holder_of",
@@ -92,6 +93,10 @@ COMMIT_TIMEOUT_S = 30.0
 # worker, which fences this one's transactional id and restores from the changelog): a
 # commit can hang when the transaction coordinator's broker goes away (librdkafka #5511).
 STUCK_AFTER_S = 90.0
+# A cycle this old is given up by the worker's watchdog (app.py): a new data plane takes the
+# transactional id and the group membership over, and restores from what was committed.
+# Longer than a commit retrying through a broker restart takes (message timeout 15 s).
+REPLACE_AFTER_S = 45.0
 TIMINGS_EVERY_S = 10.0
 LAG_EVERY_S = 2.0
 
@@ -231,9 +236,10 @@ class DataPlane:
     def stop(self) -> None:
         self._stop.set()
 
-    def stuck(self) -> bool:
+    def stuck(self, after_s: float = STUCK_AFTER_S) -> bool:
+        """Whether the current cycle has lasted longer than ``after_s``."""
         started = self.cycle_started
-        return started is not None and time.monotonic() - started > STUCK_AFTER_S
+        return started is not None and time.monotonic() - started > after_s
 
     def run(self) -> None:
         """Consume, count and commit until :meth:`stop`. A fatal error is kept in ``error``
@@ -814,6 +820,11 @@ class DataPlane:
         """A transaction that did not commit: nothing of it is visible (read_committed), the
         states in memory are the committed ones; rewind the input to where they stand."""
         error: KafkaError = exc.args[0]
+        if self._stop.is_set():
+            # Given up (a replacement holds the transactional id now): a rebuilt producer
+            # would fence the replacement's.
+            log.info("transaction of a stopped data plane failed (%s); not retried", error)
+            return
         producer = self._producer
         assert producer is not None
         if self.stats is not None and cycle.stats_keys:

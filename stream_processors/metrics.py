@@ -68,6 +68,11 @@ class ProcessorMetrics:
             ["topic"],
             registry=r,
         )
+        self.plane_replaced = Counter(
+            "agentledger_data_plane_replaced",
+            "data planes given up by the watchdog (a hung Kafka call, or a failure) and replaced",
+            registry=r,
+        )
         self.dlq = Counter(
             "agentledger_dlq_records",
             "records dead-lettered by this worker, by reason class",
