@@ -56,6 +56,7 @@ __all__ = [
     "build_app",
     "build_data_plane",
     "calls_partition_count",
+    "keep_data_plane",
     "wall_clock_ms",
 ]
 
@@ -294,7 +295,9 @@ def build_app(
     @app.task  # type: ignore[untyped-decorator]
     async def data_plane() -> None:
         try:
-            await keep_data_plane(proc, settings, partitions, future_tolerance_ms)
+            await keep_data_plane(
+                proc, lambda: build_data_plane(settings, proc, partitions, future_tolerance_ms)
+            )
         finally:
             if proc.plane is not None:
                 proc.plane.stop()
@@ -382,9 +385,9 @@ def build_app(
 
 
 async def keep_data_plane(
-    proc: Processor, settings: Settings, partitions: int, future_tolerance_ms: int
+    proc: Processor, build: Callable[[], DataPlane], *, every_s: float = WATCHDOG_EVERY_S
 ) -> None:
-    """Run ``proc.plane`` in a thread and replace it when it hangs or fails.
+    """Run ``proc.plane`` in a thread and replace it (with ``build()``) when it hangs or fails.
 
     librdkafka can block in ``send_offsets_to_transaction`` past its timeout (#5456) or for
     good when the coordinator's broker goes away (#5511), and a blocked C call cannot be
@@ -399,7 +402,7 @@ async def keep_data_plane(
     threading.Thread(target=plane.run, name="data-plane", daemon=True).start()
     replaced_at = 0.0
     while True:
-        await asyncio.sleep(WATCHDOG_EVERY_S)
+        await asyncio.sleep(every_s)
         plane = proc.plane
         assert plane is not None
         hung = plane.stuck(REPLACE_AFTER_S)
@@ -411,7 +414,7 @@ async def keep_data_plane(
         )
         plane.stop()
         proc.metrics.plane_replaced.inc()
-        proc.plane = plane = build_data_plane(settings, proc, partitions, future_tolerance_ms)
+        proc.plane = plane = build()
         threading.Thread(target=plane.run, name="data-plane", daemon=True).start()
         replaced_at = time.monotonic()
 
