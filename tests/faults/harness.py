@@ -247,14 +247,19 @@ class FaultStack:
         has read the policies: /health answers before the worker has joined its group, and a
         fault injected during faust's startup tests the start, not the running pipeline (a
         broker stopped then crashed the worker creating its changelog topics)."""
-        self.stack.up(timeout_s=180)
-        wait_until("the processor to hold its partitions", self.processor_ready, 180)
+        try:
+            self.stack.up(timeout_s=180)
+            wait_until("the processor to hold its partitions", self.processor_ready, 180)
+        except BaseException:
+            # The caller never gets the stack to tear down: leave no service running.
+            self.stack.down()
+            raise
 
     def processor_ready(self) -> bool:
         health = self.health()
         if health is None or not health.get("policies_loaded"):
             return False
-        # The calls are the data plane's; faust holds the second hop's partitions.
+        # Both hops are the data plane's.
         return bool(health.get("data_plane", {}).get("partitions"))
 
     def kill(self, name: str) -> None:
