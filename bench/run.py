@@ -95,7 +95,7 @@ def main() -> int:
             if run("P5"):
                 figures.append(_p5(sink_bench, broker.bootstrap, Path(tmp)))
             if run("P2"):
-                figures += _p2_p3(enforcement, broker.bootstrap, Path(tmp))[:1]
+                figures.append(_p2(enforcement, broker.bootstrap, Path(tmp)))
             if run("P3"):
                 figures.append(_p3(allowance_bench, broker.bootstrap, Path(tmp)))
             if run("P8"):
@@ -189,48 +189,34 @@ def _p5(sink_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
     }
 
 
-def _p2_p3(enforcement: Any, bootstrap: str, tmp: Path) -> list[dict[str, object]]:
+def _p2(enforcement: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
     # The issue's load: 10,000 background events/s (AGENTLEDGER_BENCH_P2_RATE to change it);
     # the figure reports the rate the generator achieved beside it.
     rate = int(os.environ.get("AGENTLEDGER_BENCH_P2_RATE", "10000"))
     probes = int(os.environ.get("AGENTLEDGER_BENCH_P2_PROBES", "40"))
-    print(f"P2/P3: {probes} enforcement probes under {rate} events/s, then 16 callers ...")
+    print(f"P2: {probes} enforcement probes under {rate} events/s ...", flush=True)
     started = time.monotonic()
     found = enforcement.measure(
-        bootstrap, tmp / "enforce", (_free_port(), _free_port()), probes=probes, rate=rate
+        bootstrap,
+        tmp / "enforce",
+        (_free_port(), _free_port()),
+        probes=probes,
+        rate=rate,
+        with_p3=False,
     )
-    seconds = round(time.monotonic() - started, 1)
-    p2, p3 = found["P2"], found["P3"]
-    command = (
-        f"AGENTLEDGER_BENCH_ONLY=P2,P3 AGENTLEDGER_BENCH_P2_RATE={rate} "
-        f"AGENTLEDGER_BENCH_P2_PROBES={probes} {COMMAND}  (bench/enforcement.py)"
-    )
-    return [
-        {
-            "id": "P2",
-            "name": f"enforcement latency, event emitted -> STOP applied in the shim, "
-            f"under {rate} events/s",
-            "value": f"p50 {p2.get('p50_ms')} / p99 {p2.get('p99_ms')}",
-            "unit": "ms",
-            "target": "p99 <= 200 ms at 10,000 events/s of background load (issue #15)",
-            "details": p2,
-            "seconds": seconds,
-            "command": command,
-        },
-        {
-            "id": "P3",
-            "name": "runaway overshoot, 16 parallel callers, % of the ceiling",
-            "value": (
-                f"{p3['p3-stoponly']['overshoot_percent']} STOP only / "
-                f"{p3['p3-reserved']['overshoot_percent']} with local reservation"
-            ),
-            "unit": "%",
-            "target": "bounded; 0 with a spend report and max_tokens (producers/README.md)",
-            "details": p3,
-            "seconds": seconds,
-            "command": command,
-        },
-    ]
+    p2 = found["P2"]
+    return {
+        "id": "P2",
+        "name": f"enforcement latency, event emitted -> STOP applied in the shim, "
+        f"under {rate} events/s",
+        "value": f"p50 {p2.get('p50_ms')} / p99 {p2.get('p99_ms')}",
+        "unit": "ms",
+        "target": "p99 <= 200 ms at 10,000 events/s of background load (issue #15)",
+        "details": p2,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": f"AGENTLEDGER_BENCH_ONLY=P2 AGENTLEDGER_BENCH_P2_RATE={rate} "
+        f"AGENTLEDGER_BENCH_P2_PROBES={probes} {COMMAND}  (bench/enforcement.py)",
+    }
 
 
 def _p3(allowance_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
