@@ -223,7 +223,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     spend.add_argument("scope", help="agent:<id>, pool:<id>, workflow:<id> or task_type:<id>")
     spend.add_argument("--period", type=period_arg, help=PERIOD_HELP)
-    spend.add_argument("--json", action="store_true", help="the processor's raw report")
+    spend.add_argument(
+        "--json",
+        action="store_true",
+        help="the processor's report as JSON (with --period: only that period and its buckets)",
+    )
     spend.set_defaults(run=run_spend)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query against the call history")
