@@ -86,6 +86,7 @@ __all__ = [
     "Processor",
     "build_app",
     "calls_partition_count",
+    "data_plane_topics",
     "wall_clock_ms",
 ]
 
@@ -1113,6 +1114,23 @@ def build_app(
     return app
 
 
+def data_plane_topics(settings: Settings) -> DataPlaneTopics:
+    """What the data plane reads and writes. The agents' changelog keeps the name faust gave
+    the spend table's, so a worker upgraded from the faust hop restores from it."""
+    topics = settings.topics
+    return DataPlaneTopics(
+        calls=topics.calls,
+        requests=topics.allowance_requests,
+        changelog=changelog_topic_name(settings, SPEND_TABLE),
+        scopes=scopes_topic_name(settings),
+        control=topics.control,
+        alerts=topics.alerts,
+        allowances=topics.allowances,
+        dlq=topics.dlq,
+        stats=topics.stats,
+    )
+
+
 def build_data_plane(
     settings: Settings,
     proc: Processor,
@@ -1124,7 +1142,6 @@ def build_data_plane(
     """The data plane of ``proc``'s worker, on confluent-kafka clients."""
     from confluent_kafka import Consumer, Producer
 
-    topics = settings.topics
     webhook = proc.webhook
 
     def on_alert(alert: Alert) -> None:
@@ -1134,17 +1151,7 @@ def build_data_plane(
 
     return DataPlane(
         settings,
-        topics=DataPlaneTopics(
-            calls=topics.calls,
-            requests=topics.allowance_requests,
-            changelog=changelog_topic_name(settings, SPEND_TABLE),
-            scopes=scopes_topic_name(settings),
-            control=topics.control,
-            alerts=topics.alerts,
-            allowances=topics.allowances,
-            dlq=topics.dlq,
-            stats=topics.stats,
-        ),
+        topics=data_plane_topics(settings),
         partitions=partitions,
         book=proc.book,
         clock=proc.clock,
