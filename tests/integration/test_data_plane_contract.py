@@ -552,6 +552,29 @@ def test_an_aborted_transaction_is_read_again_and_counts_nothing_twice(backend: 
     assert len(backend.read(changelog, committed=False)) > len(backend.read(changelog))
 
 
+def test_an_aborted_first_transaction_is_read_again_from_the_beginning(backend: Backend) -> None:
+    """No offsets committed yet: the rewind goes back to where the group starts (earliest),
+    not on from where the aborted cycle read to."""
+    events = fleet(100, seed=8)
+    send_calls(backend, events)
+    wrappers: list[AbortAt] = []
+
+    def abort_first(producer: Any) -> AbortAt:
+        wrapper = AbortAt(producer, at=1)
+        wrappers.append(wrapper)
+        return wrapper
+
+    plane = start_plane(backend, wrap=abort_first)
+    try:
+        wait_for("every calls record committed", lambda: caught_up(backend), [plane], SETTLE_S)
+        held = dict(plane.plane.states)
+    finally:
+        plane.stop()
+    plane.check()
+    assert [w.fired for w in wrappers] == [1]
+    assert_exact(backend, events, held)
+
+
 def test_a_bad_record_is_dead_lettered_with_its_reason_and_the_rest_counted(
     backend: Backend,
 ) -> None:
