@@ -82,26 +82,39 @@ class _Background:
         self.plan = replay_trace(
             trace, agents=64, pools=4, workflows=8, prefix="bg", speedup=1_000_000
         )
+        self.elapsed_s = 0.0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        # Serialised once; each send swaps in a fresh event id (the plan repeats, the events
+        # must not). Building events per send held the generator to a few thousand per second.
+        now_ms = time.time_ns() // 1_000_000
+        templates = [
+            (event.model_dump_json().encode(), str(event.event_id).encode(), event.agent_id)
+            for event in plan_to_events(self.plan, start_ms=now_ms - 60_000)
+        ]
+        produce, poll = self.producer.produce, self.producer.poll
         started = time.monotonic()
         n = 0
         while not self.stop.is_set():
-            chunk = self.plan[n % len(self.plan) : n % len(self.plan) + 100]
-            now_ms = time.time_ns() // 1_000_000
-            for event in plan_to_events(chunk, start_ms=now_ms - 60_000):
-                # Fresh ids: the plan repeats, the events must not.
-                fresh = event.model_copy(update={"event_id": uuid.uuid4()})
-                self.producer.produce(self.topic, fresh.model_dump_json(), fresh.agent_id)
+            for _ in range(100):
+                value, old_id, key = templates[n % len(templates)]
+                value = value.replace(old_id, str(uuid.uuid4()).encode(), 1)
+                while True:
+                    try:
+                        produce(self.topic, value, key)
+                        break
+                    except BufferError:
+                        poll(0.05)
                 n += 1
-            self.producer.poll(0)
+            poll(0)
             ahead = started + n / self.rate - time.monotonic()
             if ahead > 0:
                 self.stop.wait(ahead)
         self.producer.flush(30)
         self.sent = n
+        self.elapsed_s = time.monotonic() - started
 
     def __enter__(self) -> _Background:
         self.thread.start()
@@ -145,6 +158,9 @@ def _p2(settings: Settings, ledger: Ledger, probes: int, rate: int) -> dict[str,
         "refused": len(samples),
         "background_events_per_s": rate,
         "background_events_sent": background.sent,
+        "background_events_per_s_achieved": round(background.sent / background.elapsed_s)
+        if background.elapsed_s
+        else 0,
     }
     if samples:
         result |= {

@@ -98,19 +98,21 @@ def _committed(settings: Settings, group: str, topic: str, ends: dict[int, int])
         consumer.close()
 
 
-def _caught_up(committed: dict[int, int], ends: dict[int, int]) -> bool:
-    return all(committed.get(p, 0) >= end for p, end in ends.items() if end > 0)
+def _caught_up(committed: dict[int, int], ends: dict[int, int], markers: int = 0) -> bool:
+    """Every record below the end offsets committed; ``markers``: how many offsets at the end
+    may be transaction markers (never delivered, so never committed past)."""
+    return all(committed.get(p, 0) >= end - markers for p, end in ends.items() if end > 0)
 
 
 def wait_processed(
     settings: Settings, started: float, timeout_s: float = 900.0
 ) -> tuple[float | None, float | None]:
     """Seconds from ``started`` until the data plane committed every calls record, and until
-    faust's second hop committed everything those forwarded (None: not within the timeout).
-    Call it once the load is produced."""
+    its second hop committed every delta those wrote (None: not within the timeout). Call it
+    once the load is produced."""
     ends = _end_offsets(settings.kafka, settings.topics.calls)
     calls_group = f"{settings.topic_prefix}processor-calls"
-    scopes_group = f"{settings.topic_prefix}processor"
+    scopes_group = calls_group
     scopes_topic = f"{settings.topic_prefix}processor-scopes"
     calls_s: float | None = None
     scope_ends: dict[int, int] = {}
@@ -121,12 +123,12 @@ def wait_processed(
             committed = _committed(settings, calls_group, settings.topics.calls, ends)
             if _caught_up(committed, ends):
                 calls_s = now - started
-                # Everything the calls forwarded to the second hop is written by now: the
-                # forwards are acknowledged before the transaction that commits the calls.
+                # Every delta of those calls is committed by now: in the same transactions.
                 scope_ends = _end_offsets(settings.kafka, scopes_topic)
         if calls_s is not None:
             hop = _committed(settings, scopes_group, scopes_topic, scope_ends)
-            if _caught_up(hop, scope_ends):
+            # The last offset of a partition the deltas went to is its transaction's marker.
+            if _caught_up(hop, scope_ends, markers=1):
                 return calls_s, time.monotonic() - started
         if now - last_report >= 10:
             where = "second hop" if calls_s is not None else "calls"

@@ -1,33 +1,29 @@
-"""The processor's own work per calls event, without faust or Kafka: CPU time per stage.
+"""The data plane's own work per calls event, without Kafka: CPU time of one cycle's counting.
 
-The bench events and policies of `bench.processor_bench` go through what `Processor.on_calls`
-does per batch (parse, routing stats, counting folded per agent, the agent's decision, its
-table value, the forwarded costs per scope), timed with `time.process_time`. Sends and
-changelog writes are left out: this is the part our code controls, next to faust's own
-per-message cost measured by `bench.processor_bench`.
+The bench events and policies of `bench.processor_bench` go through `DataPlane._count` (parse,
+routing stats, counting folded per agent, the agent's decision, the per-scope deltas) and
+`DataPlane._apply_deltas` (the second hop), in cycles of `--batch` records, timed with
+`time.process_time`. Kafka's share (consume, produce, commit) is what `bench.processor_bench`
+adds on top. `--profile` prints cProfile's top functions.
 
-    AGENTLEDGER_TRACES=../shared/data .venv/bin/python -m bench.processor_core --batch 200
+    AGENTLEDGER_TRACES=../shared/data .venv/bin/python -m bench.processor_core --batch 2500
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from typing import Any
 
-from agentledger.schemas import BudgetPolicy, CallEvent
-from agentledger.stream_processors.decisions import evaluate
-from agentledger.stream_processors.fold import SpendFold
+from agentledger.config import Settings
+from agentledger.schemas import BudgetPolicy
+from agentledger.stream_processors.data_plane import DataPlane, DataPlaneTopics, _Cycle
+from agentledger.stream_processors.deltas import encode_delta
+from agentledger.stream_processors.metrics import ProcessorMetrics
 from agentledger.stream_processors.policies import PolicyBook
-from agentledger.stream_processors.precedence import matching_policies
-from agentledger.stream_processors.scopes import (
-    ScopeCost,
-    encode_scope_costs,
-    forwarded_costs,
-)
-from agentledger.stream_processors.state import SpendState
-from agentledger.stream_processors.state_codec import encode_state
 from agentledger.stream_processors.stats import StatsAggregator
 
 from .pipeline import _payloads
@@ -35,7 +31,43 @@ from .processor_bench import BENCH_POLICIES
 
 __all__ = ["main", "measure"]
 
-STAGES = ("parse", "stats", "count", "decide", "encode", "forward")
+
+class _Message:
+    """What the data plane reads of a confluent-kafka Message."""
+
+    __slots__ = ("_key", "_offset", "_partition", "_topic", "_value")
+
+    def __init__(self, topic: str, key: bytes, value: bytes, partition: int, offset: int) -> None:
+        self._topic, self._key, self._value = topic, key, value
+        self._partition, self._offset = partition, offset
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes:
+        return self._key
+
+    def value(self) -> bytes:
+        return self._value
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def headers(self) -> None:
+        return None
+
+    def error(self) -> None:
+        return None
+
+
+class _NoKafka:
+    """Stands in for the clients the measured steps never call."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the measured steps must not use Kafka ({name})")
 
 
 def _book() -> PolicyBook:
@@ -45,70 +77,88 @@ def _book() -> PolicyBook:
         reason = book.apply(policy.key.encode(), policy.model_dump_json().encode())
         if reason is not None:
             raise RuntimeError(reason)
+    book.ready.set()
     return book
 
 
-def measure(count: int, batch: int) -> dict[str, Any]:
+def measure(count: int, batch: int, profile: bool = False) -> dict[str, Any]:
     payloads = _payloads(count)
-    book = _book()
     now = time.time_ns() // 1_000_000
-    stats = StatsAggregator(lambda: now)
-    states: dict[str, SpendState] = {}
-    governing: dict[str, list[BudgetPolicy]] = {}
-    spent = dict.fromkeys(STAGES, 0.0)
+    topics = DataPlaneTopics(
+        calls="calls",
+        requests="requests",
+        changelog="changelog",
+        scopes="scopes",
+        scope_changelog="scope-changelog",
+        control="control",
+        alerts="alerts",
+        allowances="allowances",
+        dlq="dlq",
+        stats="stats",
+    )
+    plane = DataPlane(
+        Settings(),
+        topics=topics,
+        partitions=1,
+        book=_book(),
+        clock=lambda: now,
+        metrics=ProcessorMetrics(),
+        new_consumer=_NoKafka,
+        new_requests_consumer=_NoKafka,
+        new_restore_consumer=_NoKafka,
+        new_producer=_NoKafka,
+        stats=StatsAggregator(lambda: now),
+        future_tolerance_ms=60_000,
+        allowance_ttl_ms=60_000,
+    )
+    messages = [_Message("calls", k, v, 0, i) for i, (k, v) in enumerate(payloads)]
+    spent = {"count": 0.0, "encode_deltas": 0.0, "second_hop": 0.0}
+    deltas = 0
+    profiler = cProfile.Profile() if profile else None
     clock = time.process_time
+    if profiler is not None:
+        profiler.enable()
     for start in range(0, count, batch):
+        cycle = _Cycle()
         t0 = clock()
-        by_agent: dict[str, list[tuple[CallEvent, int]]] = {}
-        for offset, (_key, value) in enumerate(payloads[start : start + batch], start=start):
-            event = CallEvent.model_validate_json(value)
-            by_agent.setdefault(event.agent_id, []).append((event, offset))
+        plane._count(cycle, messages[start : start + batch], now)
         t1 = clock()
-        for items in by_agent.values():
-            for event, offset in items:
-                stats.count(event, 0, offset)
+        records = [
+            _Message("scopes", scope.encode(), encode_delta(delta), 0, start + i)
+            for i, (scope, delta) in enumerate(cycle.deltas.items())
+        ]
         t2 = clock()
-        forwards: dict[str, list[ScopeCost]] = {}
-        for agent, items in by_agent.items():
-            c0 = clock()
-            fold = SpendFold(states.get(agent, SpendState()), now_ms=now, plan=book.plan)
-            for event, offset in items:
-                event_id = event.event_id.hex
-                fold.add_event(event, event_id, 0, offset)
-                for cost in forwarded_costs(event, 0, offset, event_id):
-                    forwards.setdefault(cost.scope, []).append(cost)
-            state = fold.result()
-            c1 = clock()
-            scope = f"agent:{agent}"
-            if scope not in governing:
-                governing[scope] = matching_policies(book.policies.values(), scope)
-            evaluate(state, book.policies, scope, now, governing[scope])
-            c2 = clock()
-            encode_state(state)
-            states[agent] = state
-            c3 = clock()
-            spent["count"] += c1 - c0
-            spent["decide"] += c2 - c1
-            spent["encode"] += c3 - c2
+        plane.states.update(cycle.states)
+        hop = _Cycle()
+        plane._apply_deltas(hop, records, now)
+        plane.scope_states.update(hop.scope_states)
         t3 = clock()
-        for scope, costs in forwards.items():
-            costs.sort(key=lambda c: (c.partition, c.offset))
-            encode_scope_costs(scope, costs)
-        spent["parse"] += t1 - t0
-        spent["stats"] += t2 - t1
-        spent["forward"] += clock() - t3
-    result: dict[str, Any] = {"events": count, "batch": batch, "agents": len(states)}
-    result.update({f"{k}_us_per_event": round(1e6 * v / count, 1) for k, v in spent.items()})
-    result["total_us_per_event"] = round(1e6 * sum(spent.values()) / count, 1)
+        deltas += len(records)
+        spent["count"] += t1 - t0
+        spent["encode_deltas"] += t2 - t1
+        spent["second_hop"] += t3 - t2
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    result: dict[str, Any] = {
+        "events": count,
+        "batch": batch,
+        "agents": len(plane.states),
+        "scopes": len(plane.scope_states),
+        "deltas": deltas,
+    }
+    result.update({f"{k}_us_per_event": round(1e6 * v / count, 2) for k, v in spent.items()})
+    result["total_us_per_event"] = round(1e6 * sum(spent.values()) / count, 2)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=2_500)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.events, args.batch), indent=2))
+    print(json.dumps(measure(args.events, args.batch, args.profile), indent=2))
     return 0
 
 

@@ -70,8 +70,14 @@ def main() -> int:
 
     wanted = _wanted()
 
+    load_before: dict[str, float] = {}
+
     def run(figure: str) -> bool:
-        return wanted is None or figure in wanted
+        if wanted is not None and figure not in wanted:
+            return False
+        # The load other work puts on this shared machine as the figure starts.
+        load_before[figure] = round(os.getloadavg()[0], 2)
+        return True
 
     figures: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="agentledger-bench-") as tmp:
@@ -95,7 +101,7 @@ def main() -> int:
             if run("P8"):
                 figures.append(_p8_otlp(otlp_receiver, broker.bootstrap, Path(tmp)))
             if run("P7"):
-                print("P7: processor scaling curve (1 and 2 workers) ...", flush=True)
+                print("P7: processor scaling curve (1, 2 and 4 workers) ...", flush=True)
                 figures.append(
                     scaling.figure(broker.bootstrap, Path(tmp) / "scaling", _free_port())
                 )
@@ -113,7 +119,9 @@ def main() -> int:
             "cpus": _cpus(),
             "platform": platform.platform(),
         },
-        "figures": _merged(figures),
+        "figures": _merged(
+            [{**f, "load_average_1m_before": load_before.get(str(f["id"]))} for f in figures]
+        ),
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(
@@ -148,7 +156,7 @@ def _p4(shim_overhead: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
 
 
 def _p1(processor_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
-    count = int(os.environ.get("AGENTLEDGER_BENCH_EVENTS", "50000"))
+    count = int(os.environ.get("AGENTLEDGER_BENCH_EVENTS", "200000"))
     print(f"P1: {count:,} trace events through the processor, every policy kind on ...")
     started = time.monotonic()
     p1 = processor_bench.measure(bootstrap, tmp / "processor", (_free_port(), _free_port()), count)
@@ -157,7 +165,7 @@ def _p1(processor_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
         "name": "events/s through the processor (produce to committed), alone, with policies",
         "value": p1.get("processor_events_per_s", "did not finish"),
         "unit": "events/s",
-        "target": ">= 50,000 events/s (issue #4)",
+        "target": ">= 50,000 events/s, >= 0.25 of the raw consume in the same run (issue #15)",
         "details": p1,
         "seconds": round(time.monotonic() - started, 1),
         "command": f".venv/bin/python -m bench.processor_bench --events {count}",
@@ -182,10 +190,9 @@ def _p5(sink_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
 
 
 def _p2_p3(enforcement: Any, bootstrap: str, tmp: Path) -> list[dict[str, object]]:
-    # The processor sustains a few hundred events/s here (P1), far below 10k/s: a background
-    # load above that only measures a growing backlog, so P2 runs under a load it can keep up
-    # with (set AGENTLEDGER_BENCH_P2_RATE to try more).
-    rate = int(os.environ.get("AGENTLEDGER_BENCH_P2_RATE", "200"))
+    # The issue's load: 10,000 background events/s (AGENTLEDGER_BENCH_P2_RATE to change it);
+    # the figure reports the rate the generator achieved beside it.
+    rate = int(os.environ.get("AGENTLEDGER_BENCH_P2_RATE", "10000"))
     probes = int(os.environ.get("AGENTLEDGER_BENCH_P2_PROBES", "40"))
     print(f"P2/P3: {probes} enforcement probes under {rate} events/s, then 16 callers ...")
     started = time.monotonic()
@@ -205,7 +212,7 @@ def _p2_p3(enforcement: Any, bootstrap: str, tmp: Path) -> list[dict[str, object
             f"under {rate} events/s",
             "value": f"p50 {p2.get('p50_ms')} / p99 {p2.get('p99_ms')}",
             "unit": "ms",
-            "target": "crossing -> refusal <= 2 s (issue #1)",
+            "target": "p99 <= 200 ms at 10,000 events/s of background load (issue #15)",
             "details": p2,
             "seconds": seconds,
             "command": command,

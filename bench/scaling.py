@@ -1,10 +1,10 @@
 """P7: processor throughput with 1, 2, ... workers in one consumer group (the scaling curve).
 
-For each worker count the same number of trace events goes through fresh topics (6 calls
+For each worker count the same number of trace events goes through fresh topics (12 calls
 partitions by default): the workers are started as the real processes (`python -m
 agentledger.stream_processors`, each on its own web port) and are healthy before the load is
-produced; a run is done when the data plane's group has committed every calls record and faust's
-second hop everything they forwarded; CPU is the workers' utime + stime over the run.
+produced; a run is done when the data plane's group has committed every calls record and every
+second-hop delta they wrote; CPU is the workers' utime + stime over the run.
 Only processors run (no sink), so the curve shows the processor alone; the broker and the
 producer share the same cores, as they would on one machine.
 
@@ -108,9 +108,9 @@ def measure(
 
 def figure(bootstrap: str, home: Path, port: int) -> dict[str, Any]:
     """The P7 entry for bench/results.json."""
-    count = int(os.environ.get("AGENTLEDGER_BENCH_SCALING_EVENTS", "10000"))
+    count = int(os.environ.get("AGENTLEDGER_BENCH_SCALING_EVENTS", "100000"))
     workers = tuple(
-        int(n) for n in os.environ.get("AGENTLEDGER_BENCH_SCALING_WORKERS", "1,2").split(",")
+        int(n) for n in os.environ.get("AGENTLEDGER_BENCH_SCALING_WORKERS", "1,2,4").split(",")
     )
     started = time.monotonic()
     result = measure(bootstrap, home, port, count, workers)
@@ -120,7 +120,7 @@ def figure(bootstrap: str, home: Path, port: int) -> dict[str, Any]:
         "name": "processor events/s by workers in one group (scaling curve)",
         "value": " / ".join(f"{r['workers']}w {r.get('events_per_s', '-')}" for r in curve),
         "unit": "events/s",
-        "target": "grows with workers until the cores are saturated (issue #9)",
+        "target": "1, 2 and 4 workers: events/s and CPU per event for each (issue #15)",
         "details": result,
         "seconds": round(time.monotonic() - started, 1),
         "command": f"{COMMAND}  (AGENTLEDGER_BENCH_SCALING_EVENTS={count}, "

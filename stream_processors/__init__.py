@@ -1,4 +1,5 @@
-"""Stream processors (faust): spend per budget scope and period, STOP/RESUME commands.
+"""Stream processors: spend per budget scope and period, STOP/RESUME commands (a batch data
+plane on confluent-kafka, hosted by a faust worker).
 
 The pure core (state, counting, crossings, detectors, decisions, report, periods, policies)
 imports no faust; ``build_app`` loads faust on
@@ -17,7 +18,7 @@ from .periods import DAY_MS, WEEK_MS, PeriodWindow, parse_period_key, period_win
 from .policies import InvalidPolicy, PolicyBook, follow_policies
 from .precedence import matching_policies, policy_specificity
 from .report import spend_report
-from .scopes import ScopeCost, forwarded_costs, scopes_topic_name
+from .scopes import scopes_topic_name
 from .state import Delivery, SpendState
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ __all__ = [
     "InvalidPolicy",
     "PeriodWindow",
     "PolicyBook",
-    "ScopeCost",
     "SpendState",
     "apply_cost",
     "apply_event",
@@ -38,7 +38,6 @@ __all__ = [
     "decide",
     "follow_policies",
     "format_usd",
-    "forwarded_costs",
     "matching_policies",
     "parse_period_key",
     "period_window",

@@ -16,11 +16,9 @@ from agentledger.config import Settings
 __all__ = [
     "TRANSACTION_TIMEOUT_MS",
     "BatchConsumer",
-    "ForwardsProducer",
     "TransactionalProducer",
     "calls_consumer_config",
     "data_plane_group",
-    "forwards_producer_config",
     "requests_consumer_config",
     "restore_consumer_config",
     "transactional_producer_config",
@@ -55,19 +53,6 @@ class BatchConsumer(Protocol):
         self, partition: Any, timeout: float = ..., cached: bool = ...
     ) -> tuple[int, int]: ...
     def close(self) -> None: ...
-
-
-class ForwardsProducer(Protocol):
-    def produce(
-        self,
-        topic: str,
-        value: bytes | None = ...,
-        key: bytes | None = ...,
-        *,
-        on_delivery: Callable[[Any, Any], None] | None = ...,
-    ) -> None: ...
-    def poll(self, timeout: float = ...) -> int: ...
-    def flush(self, timeout: float = ...) -> int: ...
 
 
 class TransactionalProducer(Protocol):
@@ -124,8 +109,9 @@ def calls_consumer_config(settings: Settings) -> dict[str, Any]:
 
 
 def requests_consumer_config(settings: Settings) -> dict[str, Any]:
-    """The allowance requests follow the calls partitions by manual assignment; their offsets
-    go in the same transactions, under the calls consumer's group."""
+    """The allowance requests and the second hop's deltas follow the calls partitions by manual
+    assignment (partition p of each with calls partition p: all are keyed to the same state
+    partition); their offsets go in the same transactions, under the calls consumer's group."""
     return {
         **_base(settings),
         "group.id": data_plane_group(settings),
@@ -157,18 +143,4 @@ def transactional_producer_config(settings: Settings) -> dict[str, Any]:
         # scopes topic is read by the scope's owner, so a key must land where faust put it.
         "partitioner": "murmur2_random",
         "linger.ms": 5,
-    }
-
-
-def forwards_producer_config(settings: Settings) -> dict[str, Any]:
-    """The second hop's input is written outside the transactions, by an idempotent producer,
-    and acknowledged before the transaction that commits its calls offsets: faust's consumer
-    of the scopes topic needs offsets without transaction markers (see data_plane.py)."""
-    return {
-        **_base(settings),
-        "enable.idempotence": True,
-        "acks": "all",
-        "message.timeout.ms": MESSAGE_TIMEOUT_MS,
-        "partitioner": "murmur2_random",
-        "linger.ms": 2,
     }

@@ -1,23 +1,26 @@
-"""The agent hop at Kafka speed: calls read in batches, counted per agent, committed with one
-Kafka transaction per cycle.
+"""Both hops at Kafka speed: calls read in batches, counted per agent, summed per pool,
+workflow and task type, and committed with one Kafka transaction per cycle.
 
 faust's per-message path costs ~150 us per event here, more than all our counting; so the
-high-rate calls topic is read by a plain confluent-kafka consumer, in a thread of the faust
-worker that hosts the rest (the second hop, policies, timers, web). Each cycle:
+calls topic and the second hop's deltas are read by plain confluent-kafka consumers, in a
+thread of the faust worker that hosts the low-rate rest (policies, webhooks, web views).
+Each cycle:
 
-1. consume a batch of calls (and the allowance requests of the agents this worker owns);
-2. parse each record (bad ones become dead letters), fold each agent's events into its state
-   (the pure core: ``SpendFold``), settle the state (commands, alerts), forward the costs to
-   the scopes topic, grant allowances;
-3. write everything (the changed states to their changelog, forwards, commands, alerts, grants,
-   dead letters, routing stats) and the input offsets in ONE transaction
-   (KIP-447: ``send_offsets_to_transaction`` with the consumer's group metadata).
+1. consume a batch of calls, and for the partitions this worker owns, the second hop's deltas
+   and the allowance requests (partition p of both is assigned with calls partition p);
+2. fold the deltas into the scopes' states; parse each call (bad ones become dead letters),
+   fold each agent's events into its state (the pure core: ``SpendFold``) and sum them per
+   scope into this cycle's deltas (deltas.py); settle the changed states (commands, alerts);
+   answer the allowance requests;
+3. write everything (the changed states to their changelogs, the deltas, commands, alerts,
+   grants, dead letters, routing stats) and the input offsets in ONE transaction (KIP-447:
+   ``send_offsets_to_transaction`` with the consumer's group metadata).
 
 The in-memory states are replaced only once the transaction commits, so an aborted cycle
-leaves them as the committed offsets stand; the consumer is rewound to those and the cycle is
-read again. A new assignment is restored from the changelog before its first record counts.
-Readers of these outputs use read_committed (librdkafka's default; the faust hop and the
-stats follower are configured for it).
+leaves them as the committed offsets stand; the consumers are rewound to those and the cycle
+is read again. A new assignment is restored from the changelogs before its first record
+counts. Readers of these outputs use read_committed (librdkafka's default; the stats follower
+is configured for it).
 """
 
 from __future__ import annotations
@@ -29,13 +32,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
 from agentledger.config import Settings
 from agentledger.schemas import (
     HOLDER_HEADER,
-    Alert,
     AllowanceGrant,
     AllowanceRequest,
     ControlAction,
@@ -43,22 +45,23 @@ from agentledger.schemas import (
     sign_grant,
 )
 from agentledger.schemas.call_decode import CallRecord, decode_call
-from agentledger.schemas.partitioning import crc32_partition
+from agentledger.schemas.partitioning import state_partition
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .allowances import grant_allowance, revoke_over_allocated
-from .batch_kafka import BatchConsumer, ForwardsProducer, TransactionalProducer
+from .batch_kafka import BatchConsumer, TransactionalProducer
 from .decide import Decider, Outgoing
+from .deltas import DeltaError, ScopeDelta, decode_delta, encode_delta, period_keys
 from .dlq_rate import DlqRate
 from .failpoints import Failpoints
 from .fold import SpendFold
 from .metrics import ProcessorMetrics, dlq_reason_class
 from .policies import PolicyBook
 from .recovery import encode_key, restore_states
-from .scopes import MAX_COSTS_PER_RECORD, ScopeCost, encode_scope_costs, forwarded_costs
 from .state import Delivery, SpendState
 from .state_codec import encode_state
 from .stats import StatsAggregator
+from .tracking import Activity
 
 __all__ = [
     "CYCLE_S",
@@ -66,7 +69,12 @@ __all__ = [
     "DataPlaneTopics",
     "holder_of",
     "parse_call",
+    "unbudgeted_grant",
 ]
+
+_NO_SCOPES = (None, None, None)
+#: The scope kinds with a spend state in the second hop (subtrees have none: no budget).
+SCOPE_KINDS = frozenset({"pool", "workflow", "task_type"})
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,7 @@ class DataPlaneTopics:
     requests: str
     changelog: str
     scopes: str
+    scope_changelog: str
     control: str
     alerts: str
     allowances: str
@@ -120,15 +129,16 @@ class _Cycle:
     """What one cycle changes; applied to memory only once its transaction commits."""
 
     states: dict[str, SpendState] = field(default_factory=dict)
+    #: scope ("pool:p") -> its new state, the second hop's.
+    scope_states: dict[str, SpendState] = field(default_factory=dict)
     out: list[tuple[str, bytes | None, bytes | None, int | None]] = field(default_factory=list)
-    alerts: list[Alert] = field(default_factory=list)
     stats_keys: list[str] = field(default_factory=list)
-    #: (scope, record) for the second hop: sent outside the transaction (see _commit).
-    forwards: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: scope -> what this cycle counted for it, written to the scopes topic in the transaction.
+    deltas: dict[str, ScopeDelta] = field(default_factory=dict)
     counted: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.states or self.out or self.forwards)
+        return bool(self.states or self.scope_states or self.out or self.deltas)
 
 
 class DataPlane:
@@ -148,9 +158,7 @@ class DataPlane:
         new_requests_consumer: Callable[[], BatchConsumer],
         new_restore_consumer: Callable[[], Any],
         new_producer: Callable[[], TransactionalProducer],
-        new_forwards_producer: Callable[[], ForwardsProducer],
         stats: StatsAggregator | None = None,
-        on_alert: Callable[[Alert], None] | None = None,
         future_tolerance_ms: int,
         allowance_ttl_ms: int,
         allowance_partitions: int = ALLOWANCE_PARTITIONS,
@@ -164,7 +172,6 @@ class DataPlane:
         self.clock = clock
         self.metrics = metrics
         self.stats = stats
-        self.on_alert = on_alert
         self.future_tolerance_ms = future_tolerance_ms
         self.allowance_ttl_ms = allowance_ttl_ms
         self.allowance_partitions = allowance_partitions
@@ -174,8 +181,6 @@ class DataPlane:
         self._new_requests_consumer = new_requests_consumer
         self._new_restore_consumer = new_restore_consumer
         self._new_producer = new_producer
-        self._forwards: ForwardsProducer = new_forwards_producer()
-        self._forward_errors: list[str] = []
         self.failpoints = Failpoints()
         self._key = settings.control_key_bytes()
         self.decider = Decider(
@@ -189,11 +194,17 @@ class DataPlane:
         self.dlq_rate = DlqRate.from_settings(settings)
         #: agent id -> its committed state, for the agents of the partitions this worker owns.
         self.states: dict[str, SpendState] = {}
+        #: scope -> its committed state (pools, workflows, task types of the owned partitions).
+        self.scope_states: dict[str, SpendState] = {}
         self.owned: set[int] = set()
+        # Keys with a standing command (re-decided every sweep): agent ids and scopes.
         self._standing: set[str] = set()
+        self._standing_scopes: set[str] = set()
         self._stop = threading.Event()
         self._consumer: BatchConsumer | None = None
-        self._requests: BatchConsumer | None = None
+        # The owned partitions' allowance requests and second-hop deltas (assigned by hand:
+        # partition p of both follows calls partition p, see _on_assign).
+        self._side: BatchConsumer | None = None
         self._producer: TransactionalProducer | None = None
         # The offsets the last committed transaction stood for: where an abort rewinds to.
         self._committed: dict[tuple[str, int], int] = {}
@@ -204,7 +215,7 @@ class DataPlane:
         #: monotonic time the current cycle began (None between cycles), for /health.
         self.cycle_started: float | None = None
         self.cycles = 0
-        self.timings = dict.fromkeys(("consume", "count", "forwards", "commit", "records"), 0.0)
+        self.timings = dict.fromkeys(("consume", "count", "commit", "records"), 0.0)
         self._noted_at = time.monotonic()
         self._noted_cycles = 0
         self._lag_at = 0.0
@@ -230,7 +241,7 @@ class DataPlane:
         self.running = True
         try:
             self._producer = self._start_producer()
-            self._requests = self._new_requests_consumer()
+            self._side = self._new_requests_consumer()
             consumer = self._consumer = self._new_consumer()
             consumer.subscribe(
                 [self.topics.calls],
@@ -257,13 +268,13 @@ class DataPlane:
         return producer
 
     def _close(self) -> None:
-        for consumer in (self._consumer, self._requests):
+        for consumer in (self._consumer, self._side):
             if consumer is not None:
                 try:
                     consumer.close()
                 except (KafkaException, RuntimeError) as exc:
                     log.info("closing a data plane consumer: %s", exc)
-        self._consumer = self._requests = None
+        self._consumer = self._side = None
 
     # -- rebalances (called inside consume, between transactions) ------------------------
 
@@ -274,35 +285,49 @@ class DataPlane:
             return
         self.restoring = True
         try:
-            restored = restore_states(
-                self._new_restore_consumer, self.topics.changelog, mine, on_invalid=self._bad_state
-            )
+            self._restore(mine)
         finally:
             self.restoring = False
-        for states in restored.values():
-            self.states.update(states)
-            self._standing.update(k for k, s in states.items() if _stands(s))
         self.owned.update(mine)
         self._swept_version = None  # a full sweep: the restored states may need decisions
-        requests = [TopicPartition(self.topics.requests, p) for p in mine]
-        committed = consumer.committed(requests, timeout=COMMIT_TIMEOUT_S)
+        side = [
+            TopicPartition(t, p) for t in (self.topics.requests, self.topics.scopes) for p in mine
+        ]
         starts = []
-        for tp in committed:
-            # A request never answered by this group is older than any waiting caller (they
-            # ask again after a second): start from the end rather than answer stale ones.
-            offset = tp.offset if tp.offset >= 0 else OFFSET_END
-            starts.append(TopicPartition(tp.topic, tp.partition, offset))
+        for tp in consumer.committed(side, timeout=COMMIT_TIMEOUT_S):
             if tp.offset >= 0:
+                offset = tp.offset
                 self._committed[(tp.topic, tp.partition)] = tp.offset
+            elif tp.topic == self.topics.requests:
+                # A request never answered by this group is older than any waiting caller
+                # (they ask again after a second): start from the end, not answer stale ones.
+                offset = OFFSET_END
+            else:
+                # Deltas never applied by this group are spend: all of them count.
+                offset = OFFSET_BEGINNING
+            starts.append(TopicPartition(tp.topic, tp.partition, offset))
         for tp in consumer.committed(
             [TopicPartition(self.topics.calls, p) for p in mine], timeout=COMMIT_TIMEOUT_S
         ):
             if tp.offset >= 0:
                 self._committed[(tp.topic, tp.partition)] = tp.offset
-        assert self._requests is not None
-        self._requests.incremental_assign(starts)
+        assert self._side is not None
+        self._side.incremental_assign(starts)
         self.joined = True
         log.info("data plane assigned calls partitions %s", mine)
+
+    def _restore(self, partitions: list[int]) -> None:
+        """Both hops' states of ``partitions`` from their changelogs."""
+        for topic, into, standing in (
+            (self.topics.changelog, self.states, self._standing),
+            (self.topics.scope_changelog, self.scope_states, self._standing_scopes),
+        ):
+            restored = restore_states(
+                self._new_restore_consumer, topic, partitions, on_invalid=self._bad_state
+            )
+            for states in restored.values():
+                into.update(states)
+                standing.update(k for k, st in states.items() if _stands(st))
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self._drop(sorted(tp.partition for tp in partitions if tp.topic == self.topics.calls))
@@ -316,15 +341,20 @@ class DataPlane:
             return
         dropped = set(gone)
         self.owned -= dropped
-        for agent_id in [a for a, s in self.states.items() if s.partition in dropped]:
-            del self.states[agent_id]
-            self._standing.discard(agent_id)
+        for states, standing in (
+            (self.states, self._standing),
+            (self.scope_states, self._standing_scopes),
+        ):
+            for key in [k for k, st in states.items() if st.partition in dropped]:
+                del states[key]
+                standing.discard(key)
+        side_topics = (self.topics.requests, self.topics.scopes)
         for p in gone:
-            self._committed.pop((self.topics.calls, p), None)
-            self._committed.pop((self.topics.requests, p), None)
-        if self._requests is not None:
-            self._requests.incremental_unassign(
-                [TopicPartition(self.topics.requests, p) for p in gone]
+            for topic in (self.topics.calls, *side_topics):
+                self._committed.pop((topic, p), None)
+        if self._side is not None:
+            self._side.incremental_unassign(
+                [TopicPartition(t, p) for t in side_topics for p in gone]
             )
         log.info("data plane gave up calls partitions %s", gone)
 
@@ -337,23 +367,29 @@ class DataPlane:
 
     def _cycle(self) -> None:
         consumer = self._consumer
-        requests = self._requests
-        assert consumer is not None and requests is not None
+        side = self._side
+        assert consumer is not None and side is not None
         began = time.monotonic()
         messages = consumer.consume(num_messages=self.batch_max, timeout=self.cycle_s)
         self.cycle_started = time.monotonic()
         self.timings["consume"] += self.cycle_started - began
         self.timings["records"] += len(messages)
         try:
-            asked = (
-                requests.consume(num_messages=REQUESTS_MAX, timeout=0)
+            # Both wait for the policies: a delta counted or a request answered before them
+            # would be decided against no budget.
+            positions: dict[tuple[str, int], int] = {}
+            beside = (
+                _good(side.consume(num_messages=REQUESTS_MAX, timeout=0), positions)
                 if self.owned and self.book.ready.is_set()
                 else []
             )
             cycle = _Cycle()
-            positions: dict[tuple[str, int], int] = {}
-            self._count(cycle, _good(messages, positions), self.clock())
-            self._grant(cycle, _good(asked, positions), self.clock())
+            deltas = [m for m in beside if m.topic() == self.topics.scopes]
+            asked = [m for m in beside if m.topic() != self.topics.scopes] if deltas else beside
+            now = self.clock()
+            self._apply_deltas(cycle, deltas, now)
+            self._count(cycle, _good(messages, positions), now)
+            self._grant(cycle, asked, now)
             self._sweep_if_due(cycle)
             self._stats_if_due(cycle)
             counted = time.monotonic()
@@ -394,13 +430,12 @@ class DataPlane:
         spent = {k: round(v, 2) for k, v in self.timings.items()}
         log.info(
             "data plane, last %.0f s: %d cycles, %d records; seconds consuming %s, counting %s, "
-            "forwarding %s, committing %s",
+            "committing %s",
             now - self._noted_at,
             self.cycles - self._noted_cycles,
             int(spent["records"]),
             spent["consume"],
             spent["count"],
-            spent["forwards"],
             spent["commit"],
         )
         self._noted_at, self._noted_cycles = now, self.cycles
@@ -423,24 +458,50 @@ class DataPlane:
             by_agent.setdefault(event.agent_id, []).append(
                 (event, partition, offset, holder_of(message.headers()))
             )
-        forwards: dict[str, list[ScopeCost]] = {}
         plan = self.book.plan
+        zones = ("UTC", *sorted(plan.zones))
+        with_activity = plan.concurrency or plan.spawn
+        # Summed per (pool, workflow, task type) first, one add per event, then into each
+        # scope's delta once per cycle: three adds per event were the biggest line here.
+        combos: dict[tuple[str | None, str | None, str | None], ScopeDelta] = {}
         for agent_id, items in by_agent.items():
             state = self.states.get(agent_id) or SpendState()
             fold = SpendFold(state, now_ms=now, plan=plan)
             for event, partition, offset, holder in items:
-                event_id = event.event_id.hex
-                delivery = fold.add_event(event, event_id, partition, offset, holder)
+                time_ms = event.event_time_ms
+                keys = period_keys(time_ms, zones)
+                delivery = fold.add_event(
+                    event, event.event_id.hex, partition, offset, holder, period_keys=keys
+                )
                 if delivery is Delivery.DUPLICATE:
                     log.info("event %s delivered again at %s; not counted", event.event_id, offset)
                     continue
                 if delivery is Delivery.REPLAY:
-                    # Counted under committed offsets already: its forwards were committed
+                    # Counted under committed offsets already: its deltas were committed
                     # with them (one transaction), so they are not sent again.
                     continue
                 cycle.counted += 1
-                for cost in forwarded_costs(event, partition, offset, event_id, holder):
-                    forwards.setdefault(cost.scope, []).append(cost)
+                combo = (event.pool, event.workflow_id, event.task_type)
+                if combo == _NO_SCOPES:
+                    continue
+                summed = combos.get(combo)
+                if summed is None:
+                    summed = combos[combo] = ScopeDelta("")
+                summed.add(
+                    keys,
+                    time_ms,
+                    event.cost_nano_usd,
+                    partition,
+                    offset,
+                    now_ms=now,
+                    plan=plan,
+                    activity=Activity(
+                        agent_id, event.parent_agent_id, event.spawn_depth, event.latency_ms
+                    )
+                    if with_activity
+                    else None,
+                    holder=holder,
+                )
             counted = fold.result()
             if counted is not state:
                 counted, out = self.decider.settle(
@@ -448,52 +509,132 @@ class DataPlane:
                 )
                 self._emit(cycle, out)
                 cycle.states[agent_id] = counted
-        for scope, costs in forwards.items():
-            # The scope's state skips a cost at or below the last applied offset of its source
-            # partition (replay): two agents of one scope on one calls partition would
-            # otherwise interleave and the second's lower offsets look like replays.
-            costs.sort(key=lambda c: (c.partition, c.offset))
-            for start in range(0, len(costs), MAX_COSTS_PER_RECORD):
-                chunk = costs[start : start + MAX_COSTS_PER_RECORD]
-                cycle.forwards.append((scope.encode(), encode_scope_costs(scope, chunk)))
+        deltas = cycle.deltas
+        for (pool, workflow, task_type), summed in combos.items():
+            for scope, activity in (
+                (f"pool:{pool}" if pool else None, True),
+                (f"workflow:{workflow}" if workflow else None, True),
+                (f"task_type:{task_type}" if task_type else None, False),
+            ):
+                if scope is None:
+                    continue
+                delta = deltas.get(scope)
+                if delta is None:
+                    delta = deltas[scope] = ScopeDelta(scope)
+                delta.merge(summed, with_activity=activity)
         self.metrics.batch_done(self.topics.calls, len(messages), now)
+
+    def _apply_deltas(self, cycle: _Cycle, messages: list[Any], now: int) -> None:
+        """The second hop: fold the deltas other cycles (of any worker) wrote for the scopes
+        of the partitions this worker owns, one fold per scope."""
+        if not messages:
+            return
+        by_scope: dict[str, list[tuple[ScopeDelta, int]]] = {}
+        for message in messages:
+            try:
+                delta = decode_delta(message.value())
+            except DeltaError as exc:
+                self._dead_letter(
+                    cycle,
+                    self.topics.scopes,
+                    message.partition(),
+                    message.offset(),
+                    message.key(),
+                    message.value(),
+                    str(exc),
+                )
+                continue
+            by_scope.setdefault(delta.scope, []).append((delta, message.partition()))
+        plan = self.book.plan
+        for scope, items in by_scope.items():
+            state = self._scope_state(cycle, scope) or SpendState()
+            fold = SpendFold(state, now_ms=now, plan=plan)
+            for delta, partition in items:
+                fold.add_delta(delta, partition)
+            counted = fold.result()
+            if counted is state:
+                continue
+            cause = max(delta.last_ms for delta, _ in items)
+            counted, out = self.decider.settle(scope, counted, cause)
+            self._emit(cycle, out)
+            cycle.scope_states[scope] = counted
+        self.metrics.batch_done(self.topics.scopes, len(messages), now)
 
     def _state(self, cycle: _Cycle, agent_id: str) -> SpendState | None:
         return cycle.states.get(agent_id) or self.states.get(agent_id)
 
+    def _scope_state(self, cycle: _Cycle, scope: str) -> SpendState | None:
+        return cycle.scope_states.get(scope) or self.scope_states.get(scope)
+
     # -- allowances -----------------------------------------------------------------------
 
     def _grant(self, cycle: _Cycle, messages: list[Any], now: int) -> None:
-        """Answer the agents' allowance requests from their states (the faust hop answers
-        pools, workflows and task types, and dead-letters malformed requests)."""
+        """Answer allowance requests from the states of the scopes this worker owns; each
+        answer commits in the transaction that writes the state it changed, so a replayed
+        request is answered from the state (its seq applied already), never granted twice."""
         for message in messages:
-            value = message.value()
-            if not value:
+            request = self._parse_request(message)
+            if isinstance(request, str):
+                self._dead_letter(
+                    cycle,
+                    self.topics.requests,
+                    message.partition(),
+                    message.offset(),
+                    message.key(),
+                    message.value(),
+                    request,
+                )
                 continue
-            try:
-                request = AllowanceRequest.model_validate_json(value)
-            except ValidationError:
-                continue  # the faust hop dead-letters it
-            if not request.scope.startswith("agent:"):
+            scope = request.scope
+            kind, _, name = scope.partition(":")
+            if kind == "agent":
+                before = self._state(cycle, name) or SpendState()
+            elif kind in SCOPE_KINDS:
+                before = self._scope_state(cycle, scope) or SpendState()
+            else:
+                # A scope kind without a spend state (subtree): no budget to hold.
+                self._answer(cycle, request.reply_partition, unbudgeted_grant(request, now))
                 continue
-            if request.reply_partition >= self.allowance_partitions:
-                continue  # the faust hop dead-letters it
-            agent_id = request.scope.removeprefix("agent:")
-            if crc32_partition(agent_id.encode(), self.partitions) != message.partition():
-                continue  # the faust hop dead-letters it: wrong partition
-            before = self._state(cycle, agent_id) or SpendState()
             state, answer = grant_allowance(
                 before,
                 request,
-                self.decider.governing(request.scope),
+                self.decider.governing(scope),
                 now,
                 ttl_ms=self.allowance_ttl_ms,
             )
             if state is not before:
                 if state.partition is None:
+                    # A state made by a request alone still lives on its partition (the
+                    # sweep and the rebalance go by it).
                     state = replace(state, partition=message.partition())
-                cycle.states[agent_id] = state
+                if kind == "agent":
+                    cycle.states[name] = state
+                else:
+                    cycle.scope_states[scope] = state
             self._answer(cycle, request.reply_partition, answer)
+
+    def _parse_request(self, message: Any) -> AllowanceRequest | str:
+        """The request to answer, or why it goes to the dlq instead."""
+        value = message.value()
+        if not value:
+            return "empty value; expected an AllowanceRequest JSON object"
+        try:
+            request = AllowanceRequest.model_validate_json(value)
+        except ValidationError as exc:
+            return f"not a valid AllowanceRequest: {exc}"
+        expected = state_partition(request.scope, self.partitions)
+        if message.partition() != expected:
+            return (
+                f"allowance request for {request.scope} arrived on partition "
+                f"{message.partition()}, but its spend state lives on partition {expected}: "
+                "the sender must partition as agentledger.schemas.partitioning does"
+            )
+        if request.reply_partition >= self.allowance_partitions:
+            return (
+                f"reply_partition {request.reply_partition} does not exist: "
+                f"{self.topics.allowances} has {self.allowance_partitions} partitions"
+            )
+        return request
 
     def _answer(self, cycle: _Cycle, partition: int, answer: AllowanceGrant) -> None:
         signed = sign_grant(answer, self._key)
@@ -509,8 +650,8 @@ class DataPlane:
     # -- timers ---------------------------------------------------------------------------
 
     def _sweep_if_due(self, cycle: _Cycle) -> None:
-        """Re-decide agents: period ends (RESUME), policy changes (and allowances that no
-        longer fit), agents whose events came before the policies were loaded."""
+        """Re-decide both hops' states: period ends (RESUME), policy changes (and allowances
+        that no longer fit), states counted before the policies were loaded."""
         if not self.book.ready.is_set():
             return
         now = time.monotonic()
@@ -519,32 +660,41 @@ class DataPlane:
             return
         full = changed or now - self._full_sweep_at >= FULL_SWEEP_EVERY_S
         self._sweep_at = now
-        keys = list(self.states) if full else sorted(self._standing)
         now_ms = self.clock()
-        for agent_id in keys:
+        agents = list(self.states) if full else sorted(self._standing)
+        for agent_id in agents:
             state = self._state(cycle, agent_id)
-            if state is None:
-                continue
-            scope = f"agent:{agent_id}"
-            settled, out = self.decider.settle(scope, state)
-            self._emit(cycle, out)
-            if settled.leases:
-                revoked, answers = revoke_over_allocated(
-                    settled,
-                    self.decider.governing(scope),
-                    scope,
-                    now_ms,
-                    ttl_ms=self.allowance_ttl_ms,
-                )
-                for partition, answer in answers:
-                    log.info("allowances of %s taken back from %s", scope, answer.holder)
-                    self._answer(cycle, partition, answer)
-                settled = revoked
-            if settled is not state:
-                cycle.states[agent_id] = settled
+            if state is not None:
+                settled = self._resettle(cycle, f"agent:{agent_id}", state, now_ms)
+                if settled is not state:
+                    cycle.states[agent_id] = settled
+        scopes = list(self.scope_states) if full else sorted(self._standing_scopes)
+        for scope in scopes:
+            state = self._scope_state(cycle, scope)
+            if state is not None:
+                settled = self._resettle(cycle, scope, state, now_ms)
+                if settled is not state:
+                    cycle.scope_states[scope] = settled
         if full:
             self._swept_version = self.book.version
             self._full_sweep_at = now
+
+    def _resettle(self, cycle: _Cycle, scope: str, state: SpendState, now_ms: int) -> SpendState:
+        settled, out = self.decider.settle(scope, state)
+        self._emit(cycle, out)
+        if settled.leases:
+            revoked, answers = revoke_over_allocated(
+                settled,
+                self.decider.governing(scope),
+                scope,
+                now_ms,
+                ttl_ms=self.allowance_ttl_ms,
+            )
+            for partition, answer in answers:
+                log.info("allowances of %s taken back from %s", scope, answer.holder)
+                self._answer(cycle, partition, answer)
+            settled = revoked
+        return settled
 
     def _stats_if_due(self, cycle: _Cycle) -> None:
         stats = self.stats
@@ -563,8 +713,6 @@ class DataPlane:
     def _emit(self, cycle: _Cycle, out: Sequence[Outgoing]) -> None:
         for item in out:
             cycle.out.append((item.topic, item.key, item.value, None))
-            if item.alert is not None:
-                cycle.alerts.append(item.alert)
 
     def _dead_letter(
         self,
@@ -596,25 +744,27 @@ class DataPlane:
         producer = self._producer
         consumer = self._consumer
         assert producer is not None and consumer is not None
-        if cycle.forwards and not self._send_forwards(cycle.forwards):
-            # Not all acknowledged: the transaction is not committed, the cycle is read again
-            # and forwards again (the scopes' states skip the costs they counted already).
-            if self.stats is not None and cycle.stats_keys:
-                self.stats.mark_dirty(cycle.stats_keys)
-            self._rewind()
-            return
         try:
             producer.begin_transaction()
-            for agent_id, state in cycle.states.items():
-                assert state.partition is not None
-                producer.produce(
-                    self.topics.changelog,
-                    encode_state(state),
-                    encode_key(agent_id),
-                    partition=state.partition,
+            for changelog, states in (
+                (self.topics.changelog, cycle.states),
+                (self.topics.scope_changelog, cycle.scope_states),
+            ):
+                for key, state in states.items():
+                    assert state.partition is not None
+                    producer.produce(
+                        changelog, encode_state(state), encode_key(key), partition=state.partition
+                    )
+            for scope, delta in cycle.deltas.items():
+                self._produce(
+                    producer,
+                    self.topics.scopes,
+                    scope.encode(),
+                    encode_delta(delta),
+                    state_partition(scope, self.partitions),
                 )
-            for topic, key, value, partition in cycle.out:
-                self._produce(producer, topic, key, value, partition)
+            for topic, out_key, value, partition in cycle.out:
+                self._produce(producer, topic, out_key, value, partition)
             if positions:
                 producer.send_offsets_to_transaction(
                     [TopicPartition(t, p, o) for (t, p), o in positions.items()],
@@ -629,51 +779,17 @@ class DataPlane:
         except KafkaException as exc:
             self._failed(exc, cycle)
             return
-        self.states.update(cycle.states)
-        for agent_id, state in cycle.states.items():
-            if _stands(state):
-                self._standing.add(agent_id)
-            else:
-                self._standing.discard(agent_id)
+        for committed, states, standing in (
+            (cycle.states, self.states, self._standing),
+            (cycle.scope_states, self.scope_states, self._standing_scopes),
+        ):
+            states.update(committed)
+            for key, state in committed.items():
+                if _stands(state):
+                    standing.add(key)
+                else:
+                    standing.discard(key)
         self._committed.update(positions)
-        if self.on_alert is not None:
-            for alert in cycle.alerts:
-                self.on_alert(alert)
-
-    def _send_forwards(self, forwards: list[tuple[bytes, bytes]]) -> bool:
-        """Send the second hop's records and wait until Kafka has them all; False if any
-        failed. Outside the transaction on purpose: a transaction leaves a marker at the next
-        offset, and faust's consumer of the scopes topic tells records it dropped around a
-        rebalance by gaps in the offsets (ordering.py). The scope states skip a cost at or
-        below the last calls offset they applied, so the forwards of an aborted cycle, sent
-        again when it is read again, are not counted twice."""
-        errors = self._forward_errors
-        errors.clear()
-
-        def delivered(error: Any, _message: Any) -> None:
-            if error is not None:
-                errors.append(str(error))
-
-        producer = self._forwards
-        for key, value in forwards:
-            while True:
-                try:
-                    producer.produce(self.topics.scopes, value, key, on_delivery=delivered)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        began = time.monotonic()
-        left = producer.flush(COMMIT_TIMEOUT_S)
-        self.timings["forwards"] += time.monotonic() - began
-        if left or errors:
-            log.warning(
-                "forwards to %s not acknowledged (%d left, errors %s); the cycle is read again",
-                self.topics.scopes,
-                left,
-                errors[:3],
-            )
-            return False
-        return True
 
     def _produce(
         self,
@@ -707,14 +823,11 @@ class DataPlane:
             self._producer = self._start_producer()
             # Another producer with our id may have written meanwhile: restore from the
             # changelog what is ours now.
-            owned = sorted(self.owned)
             self.states.clear()
+            self.scope_states.clear()
             self._standing.clear()
-            for states in restore_states(
-                self._new_restore_consumer, self.topics.changelog, owned, on_invalid=self._bad_state
-            ).values():
-                self.states.update(states)
-                self._standing.update(k for k, s in states.items() if _stands(s))
+            self._standing_scopes.clear()
+            self._restore(sorted(self.owned))
         else:
             log.warning("transaction aborted (%s); the cycle is read again", error)
             try:
@@ -725,8 +838,8 @@ class DataPlane:
         self._rewind()
 
     def _rewind(self) -> None:
-        consumer, requests = self._consumer, self._requests
-        assert consumer is not None and requests is not None
+        consumer, side = self._consumer, self._side
+        assert consumer is not None and side is not None
         calls = [TopicPartition(self.topics.calls, p) for p in sorted(self.owned)]
         committed = {
             (tp.topic, tp.partition): tp.offset
@@ -739,9 +852,12 @@ class DataPlane:
             if offset >= 0:
                 consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         for p in sorted(self.owned):
-            offset = self._committed.get((self.topics.requests, p))
-            if offset is not None:
-                requests.seek(TopicPartition(self.topics.requests, p, offset))
+            for topic in (self.topics.requests, self.topics.scopes):
+                offset = self._committed.get((topic, p))
+                if offset is not None:
+                    side.seek(TopicPartition(topic, p, offset))
+                elif topic == self.topics.scopes:
+                    side.seek(TopicPartition(topic, p, OFFSET_BEGINNING))
 
     # -- views ----------------------------------------------------------------------------
 
@@ -755,7 +871,20 @@ class DataPlane:
             "cycles": self.cycles,
             "partitions": sorted(self.owned),
             "agents": len(self.states),
+            "scopes": len(self.scope_states),
         }
+
+
+def unbudgeted_grant(request: AllowanceRequest, now_ms: int) -> AllowanceGrant:
+    """The answer for a scope no budget governs: nothing to hold, call freely."""
+    return AllowanceGrant(
+        holder=request.holder,
+        seq=request.seq,
+        scope=request.scope,
+        budgets=(),
+        ttl_ms=0,
+        issued_at_ms=now_ms,
+    )
 
 
 def parse_call(value: bytes | None, now: int, future_tolerance_ms: int) -> CallRecord | str:

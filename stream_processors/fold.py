@@ -27,6 +27,7 @@ from .counting import (
     run_with,
     slot_alive,
 )
+from .deltas import ScopeDelta
 from .periods import parse_period_key, period_window, slot_start
 from .state import Delivery, SpendState
 from .tracking import (
@@ -49,7 +50,8 @@ class SpendFold:
         self.state = state
         self.now_ms = now_ms
         self.plan = plan
-        self._zones = ("UTC", *sorted(plan.zones))
+        #: The zones of the calendar buckets, UTC first (deltas.period_keys takes the same).
+        self.zones = ("UTC", *sorted(plan.zones))
         self._counted = False
         self._applied = dict(state.applied)
         self._recent = dict(state.recent)
@@ -85,10 +87,13 @@ class SpendFold:
         partition: int,
         offset: int,
         holder: str | None = None,
+        period_keys: list[str] | None = None,
     ) -> Delivery:
         """Count ``event`` (a CallEvent or a CallRecord; ``event_id`` is its id as hex) as
         :func:`counting.apply_event` does; return what the record was (only NEW ones are
-        counted). ``holder`` is the shim process whose allowance the call spent, if any."""
+        counted). ``holder`` is the shim process whose allowance the call spent, if any;
+        ``period_keys`` the event's calendar buckets when the caller has them
+        (:func:`deltas.period_keys` with this fold's zones)."""
         delivery = self.add_cost(
             event_id=event_id,
             event_time_ms=event.event_time_ms,
@@ -96,6 +101,7 @@ class SpendFold:
             partition=partition,
             offset=offset,
             holder=holder,
+            period_keys=period_keys,
         )
         if delivery is not Delivery.NEW:
             return delivery
@@ -103,7 +109,7 @@ class SpendFold:
             if self._retry is None:
                 self._retry = dict(self.state.retry_spend)
             self._retry_grew |= self._add_to_periods(
-                self._retry, event.event_time_ms, event.cost_nano_usd
+                self._retry, event.event_time_ms, event.cost_nano_usd, period_keys
             )
         if event.status is not CallStatus.OK and event.task_id is not None:
             if self._failures is None:
@@ -127,6 +133,7 @@ class SpendFold:
         state_partition: int | None = None,
         activity: Activity | None = None,
         holder: str | None = None,
+        period_keys: list[str] | None = None,
     ) -> Delivery:
         """Count one cost as :func:`counting.apply_cost` does; return what the record was."""
         delivery = self.delivery(event_id, partition, offset)
@@ -137,7 +144,9 @@ class SpendFold:
             if self._lease_costs is None:
                 self._lease_costs = {}
             self._lease_costs.setdefault(holder, []).append((event_time_ms, cost_nano_usd))
-        self._periods_grew |= self._add_to_periods(self._periods, event_time_ms, cost_nano_usd)
+        self._periods_grew |= self._add_to_periods(
+            self._periods, event_time_ms, cost_nano_usd, period_keys
+        )
         self._track_more(activity, event_time_ms, cost_nano_usd)
         self._applied[partition] = offset
         self._partition = partition if state_partition is None else state_partition
@@ -148,18 +157,87 @@ class SpendFold:
                 del recent[next(iter(recent))]
         return delivery
 
-    def _add_to_periods(self, buckets: dict[str, int], event_time_ms: int, cost: int) -> bool:
-        """Add ``cost`` to each calendar period of its time; True when a bucket was new."""
-        grew = False
-        for tz in self._zones:
-            for period in CALENDAR_PERIODS:
-                key = period_window(period, event_time_ms, tz).key
-                nano = buckets.get(key)
-                if nano is None:
-                    grew = True
-                    buckets[key] = cost
+    def add_delta(self, delta: ScopeDelta, state_partition: int) -> Delivery:
+        """Count a cycle's sum for this scope (deltas.py): what :meth:`add_cost` would leave
+        after each of the delta's events, except the recent event ids (the agent's state
+        already told duplicates apart). REPLAY when every offset it covers was applied."""
+        applied = self._applied
+        if all(offset <= applied.get(p, -1) for p, offset in delta.sources.items()):
+            return Delivery.REPLAY
+        self._counted = True
+        for p, offset in delta.sources.items():
+            if offset > applied.get(p, -1):
+                applied[p] = offset
+        self._partition = state_partition
+        periods = self._periods
+        for key, nano in delta.periods.items():
+            had = periods.get(key)
+            if had is None:
+                self._periods_grew = True
+                periods[key] = nano
+            else:
+                periods[key] = had + nano
+        if delta.holders and self.state.leases:
+            if self._lease_costs is None:
+                self._lease_costs = {}
+            for holder, items in delta.holders.items():
+                self._lease_costs.setdefault(holder, []).extend(items)
+        plan = self.plan
+        if plan.slots and delta.slots:
+            if self._slots is None:
+                self._slots = dict(self.state.slots)
+            slots = self._slots
+            for key, nano in delta.slots.items():
+                had = slots.get(key)
+                if had is None:
+                    self._slots_grew = True
+                    slots[key] = nano
                 else:
-                    buckets[key] = nano + cost
+                    slots[key] = had + nano
+        if plan.run_idles and delta.times:
+            if self._runs is None:
+                self._runs = dict(self.state.runs)
+            for idle in plan.run_idles:
+                run = self._runs.get(idle)
+                for time, cost in delta.times:
+                    run = run_with(run, idle, time, cost)
+                if run is not None:
+                    self._runs[idle] = run
+        if plan.concurrency and delta.intervals:
+            if self._intervals is None:
+                self._intervals = list(self.state.intervals)
+            self._intervals.extend(delta.intervals)
+        if plan.spawn and delta.agents:
+            if self._agents is None:
+                self._agents = dict(self.state.agents)
+            agents = self._agents
+            for agent_id, (parent, depth, time) in delta.agents.items():
+                seen = agents.get(agent_id)
+                if seen is None or time < seen[2]:
+                    agents[agent_id] = (parent, depth, time)
+            while len(agents) > SPAWN_AGENTS_KEPT:
+                del agents[min(agents, key=lambda a: agents[a][2])]
+        return Delivery.NEW
+
+    def _add_to_periods(
+        self, buckets: dict[str, int], event_time_ms: int, cost: int, keys: list[str] | None
+    ) -> bool:
+        """Add ``cost`` to each calendar period of its time (``keys``, when known); True when a
+        bucket was new."""
+        if keys is None:
+            keys = [
+                period_window(period, event_time_ms, tz).key
+                for tz in self.zones
+                for period in CALENDAR_PERIODS
+            ]
+        grew = False
+        for key in keys:
+            nano = buckets.get(key)
+            if nano is None:
+                grew = True
+                buckets[key] = cost
+            else:
+                buckets[key] = nano + cost
         return grew
 
     def _track_more(self, activity: Activity | None, event_time_ms: int, cost: int) -> None:

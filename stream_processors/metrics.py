@@ -27,7 +27,8 @@ _REASON_CLASSES = (
     ("not a valid CallEvent", "invalid_event"),
     ("in the future", "future_event"),
     ("policies record", "invalid_policy"),
-    ("scope costs", "invalid_scope_costs"),
+    ("scope delta", "invalid_scope_delta"),
+    ("AllowanceRequest", "invalid_allowance_request"),
 )
 
 

@@ -1,10 +1,8 @@
-"""Scopes beyond agent: glob and default policies, event-id dedup, the forwarded second hop."""
+"""Scopes beyond agent: glob and default policies, event-id dedup, replays of the second hop."""
 
 from __future__ import annotations
 
-import json
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -13,20 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentledger.schemas import BudgetPolicy, CallEvent, ControlAction, Period
-from agentledger.schemas.call_decode import record_of
 from agentledger.stream_processors.counting import RECENT_IDS, apply_cost, apply_event
 from agentledger.stream_processors.decisions import decide
 from agentledger.stream_processors.periods import period_window
 from agentledger.stream_processors.precedence import matching_policies
-from agentledger.stream_processors.scopes import (
-    ScopeCost,
-    decode_scope_costs,
-    encode_scope_costs,
-    forwarded_costs,
-)
 from agentledger.stream_processors.state import Delivery, SpendState
 from agentledger.stream_processors.state_codec import state_from_json, state_to_json
-from agentledger.stream_processors.tracking import Activity
 
 
 def ms(text: str) -> int:
@@ -115,66 +105,6 @@ def test_malformed_recent_is_named() -> None:
         state_from_json({"recent": {"a": 1}})
 
 
-def test_forwarded_costs_name_every_non_agent_scope() -> None:
-    event = call(42, pool="research", workflow_id="wf-1", task_type="summarize")
-    costs = forwarded_costs(event, 3, 77)
-    assert [c.scope for c in costs] == ["pool:research", "workflow:wf-1", "task_type:summarize"]
-    for cost in costs:
-        assert (cost.partition, cost.offset, cost.cost_nano_usd) == (3, 77, 42)
-        assert cost.event_id == event.event_id.hex
-        # The batch format carries who made the call (pool and workflow scopes only).
-        assert decode_scope_costs(encode_scope_costs(cost.scope, [cost])) == [cost]
-        # The single-record format predates activity and carries none.
-        assert ScopeCost.from_bytes(cost.to_bytes()) == replace(cost, activity=None)
-    pool, workflow, task_type = costs
-    assert pool.activity == workflow.activity == Activity("x", None, 0, 10)
-    assert task_type.activity is None
-    assert forwarded_costs(call(42), 0, 0) == []
-    for extra in ({"task_type": "t"}, {"workflow_id": "w"}, {"pool": "p", "task_type": "t"}):
-        event = call(1, **extra)
-        expected = [s for s in event.scopes() if not s.startswith("agent:")]
-        assert [c.scope for c in forwarded_costs(event, 0, 0)] == expected
-
-
-def test_a_call_record_forwards_exactly_what_its_call_event_does() -> None:
-    for extra in (
-        {},
-        {"pool": "p", "workflow_id": "w", "task_type": "t", "parent_agent_id": "root"},
-        {"task_type": "t"},
-        {"workflow_id": "w"},
-    ):
-        event = call(7, **extra)
-        record = record_of(event)
-        assert forwarded_costs(record, 2, 9, holder="h") == forwarded_costs(event, 2, 9, holder="h")
-        assert forwarded_costs(record, 2, 9, event.event_id.hex) == forwarded_costs(event, 2, 9)
-
-
-def test_bad_activity_in_a_batch_is_named() -> None:
-    row = ["e", 1, 2, 0, 0, "agent-1", None, -1, 5]
-    raw = json.dumps({"scope": "workflow:w", "costs": [row]}).encode()
-    with pytest.raises(ValueError, match=r"costs\[0\]'.*spawn_depth"):
-        decode_scope_costs(raw)
-
-
-@pytest.mark.parametrize(
-    ("raw", "problem"),
-    [
-        (b"", "empty"),
-        (b"{nope", "not JSON"),
-        (b"[]", "JSON object"),
-        (b'{"scope": "pool:a"}', "'event_id'"),
-        (
-            b'{"scope":"pool:a","event_id":"e","event_time_ms":1,"cost_nano_usd":-1,'
-            b'"partition":0,"offset":0}',
-            "'cost_nano_usd'",
-        ),
-    ],
-)
-def test_bad_scope_cost_records_are_named(raw: bytes, problem: str) -> None:
-    with pytest.raises(ValueError, match=problem):
-        ScopeCost.from_bytes(raw)
-
-
 @given(
     st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10**9)), min_size=1, max_size=40),
     st.data(),
@@ -187,21 +117,21 @@ def test_scope_hop_is_exact_under_any_replay_of_any_source_partition(
     offsets = {0: 0, 1: 0, 2: 0}
     forwarded = []
     for source, cost in records:
-        forwarded.append(ScopeCost("pool:p", uuid.uuid4().hex, NOON, cost, source, offsets[source]))
+        forwarded.append((uuid.uuid4().hex, cost, source, offsets[source]))
         offsets[source] += 1
     cut = data.draw(st.integers(0, len(forwarded)))
     replay_from = data.draw(st.integers(0, cut))
     # First run dies after `cut` records; the restart re-sends from `replay_from` on.
     delivered = forwarded[:cut] + forwarded[replay_from:]
     state = SpendState()
-    for item in delivered:
+    for event_id, cost, source, offset in delivered:
         state = apply_cost(
             state,
-            event_id=item.event_id,
-            event_time_ms=item.event_time_ms,
-            cost_nano_usd=item.cost_nano_usd,
-            partition=item.partition,
-            offset=item.offset,
+            event_id=event_id,
+            event_time_ms=NOON,
+            cost_nano_usd=cost,
+            partition=source,
+            offset=offset,
             now_ms=NOON,
             state_partition=5,
         )
