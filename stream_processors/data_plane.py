@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
@@ -57,7 +57,7 @@ from .failpoints import Failpoints
 from .fold import SpendFold
 from .metrics import ProcessorMetrics, dlq_reason_class
 from .policies import PolicyBook
-from .recovery import encode_key, restore_states
+from .recovery import RestoreStalled, encode_key, restore_states
 from .state import Delivery, SpendState
 from .state_codec import encode_state
 from .stats import StatsAggregator
@@ -94,6 +94,10 @@ COMMIT_TIMEOUT_S = 30.0
 STUCK_AFTER_S = 90.0
 TIMINGS_EVERY_S = 10.0
 LAG_EVERY_S = 2.0
+# A call that needs the broker (a producer's init, committed offsets, a restore) is retried
+# while Kafka is away, backing off from the first to the last of these, in seconds.
+RETRY_BACKOFF_S = (0.5, 5.0)
+Result = TypeVar("Result")
 
 
 def holder_of(headers: Any) -> str | None:
@@ -262,10 +266,42 @@ class DataPlane:
 
     def _start_producer(self) -> TransactionalProducer:
         producer = self._new_producer()
-        # Fences any earlier producer with this transactional id and aborts its open
-        # transaction, so what it left half-written is never read.
-        producer.init_transactions(COMMIT_TIMEOUT_S)
-        return producer
+
+        def init() -> TransactionalProducer:
+            nonlocal producer
+            try:
+                # Fences any earlier producer with this transactional id and aborts its open
+                # transaction, so what it left half-written is never read.
+                producer.init_transactions(COMMIT_TIMEOUT_S)
+            except KafkaException as exc:
+                if exc.args[0].fatal():
+                    producer = self._new_producer()  # a fatal error ends an instance
+                raise
+            return producer
+
+        # With the broker away (or a previous epoch's abort still ending: CONCURRENT_
+        # TRANSACTIONS), init fails; librdkafka lets it be called again.
+        return self._retrying("starting the transactional producer", init, fatal_too=True)
+
+    def _retrying(
+        self, what: str, attempt: Callable[[], Result], *, fatal_too: bool = False
+    ) -> Result:
+        """``attempt()``, again after each Kafka error that is not fatal (the broker or a
+        coordinator away, a restore held up), with backoff, for as long as the worker runs:
+        a broker restart is ridden out rather than ending the data plane. Waiting inside a
+        cycle counts towards STUCK_AFTER_S (/health turns 503 if Kafka never comes back);
+        inside a rebalance /health shows ``restoring``."""
+        delay, longest = RETRY_BACKOFF_S
+        while True:
+            try:
+                return attempt()
+            except (KafkaException, RestoreStalled) as exc:
+                fatal = isinstance(exc, KafkaException) and exc.args[0].fatal()
+                if (fatal and not fatal_too) or self._stop.is_set():
+                    raise
+                log.warning("%s failed (%s); trying again in %.1f s", what, exc, delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, longest)
 
     def _close(self) -> None:
         for consumer in (self._consumer, self._side):
@@ -285,7 +321,7 @@ class DataPlane:
             return
         self.restoring = True
         try:
-            self._restore(mine)
+            self._retrying(f"restoring partitions {mine}", lambda: self._restore(mine))
         finally:
             self.restoring = False
         self.owned.update(mine)
@@ -294,7 +330,7 @@ class DataPlane:
             TopicPartition(t, p) for t in (self.topics.requests, self.topics.scopes) for p in mine
         ]
         starts = []
-        for tp in consumer.committed(side, timeout=COMMIT_TIMEOUT_S):
+        for tp in self._committed_offsets(consumer, side):
             if tp.offset >= 0:
                 offset = tp.offset
                 self._committed[(tp.topic, tp.partition)] = tp.offset
@@ -306,8 +342,8 @@ class DataPlane:
                 # Deltas never applied by this group are spend: all of them count.
                 offset = OFFSET_BEGINNING
             starts.append(TopicPartition(tp.topic, tp.partition, offset))
-        for tp in consumer.committed(
-            [TopicPartition(self.topics.calls, p) for p in mine], timeout=COMMIT_TIMEOUT_S
+        for tp in self._committed_offsets(
+            consumer, [TopicPartition(self.topics.calls, p) for p in mine]
         ):
             if tp.offset >= 0:
                 self._committed[(tp.topic, tp.partition)] = tp.offset
@@ -316,8 +352,16 @@ class DataPlane:
         self.joined = True
         log.info("data plane assigned calls partitions %s", mine)
 
+    def _committed_offsets(self, consumer: Any, tps: list[TopicPartition]) -> list[TopicPartition]:
+        # Inside the rebalance callback: an error escaping it would end the data plane.
+        return self._retrying(
+            "reading the committed offsets",
+            lambda: list(consumer.committed(tps, timeout=COMMIT_TIMEOUT_S)),
+        )
+
     def _restore(self, partitions: list[int]) -> None:
-        """Both hops' states of ``partitions`` from their changelogs."""
+        """Both hops' states of ``partitions`` from their changelogs (all of them: a retry
+        after a failure starts over)."""
         for topic, into, standing in (
             (self.topics.changelog, self.states, self._standing),
             (self.topics.scope_changelog, self.scope_states, self._standing_scopes),
@@ -827,7 +871,8 @@ class DataPlane:
             self.scope_states.clear()
             self._standing.clear()
             self._standing_scopes.clear()
-            self._restore(sorted(self.owned))
+            owned = sorted(self.owned)
+            self._retrying(f"restoring partitions {owned}", lambda: self._restore(owned))
         else:
             log.warning("transaction aborted (%s); the cycle is read again", error)
             try:
@@ -841,16 +886,25 @@ class DataPlane:
         consumer, side = self._consumer, self._side
         assert consumer is not None and side is not None
         calls = [TopicPartition(self.topics.calls, p) for p in sorted(self.owned)]
-        committed = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in consumer.committed(calls, timeout=COMMIT_TIMEOUT_S)
-        }
+        try:
+            committed = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in consumer.committed(calls, timeout=COMMIT_TIMEOUT_S)
+            }
+        except KafkaException as exc:
+            # The group coordinator is away (a broker restart): the offsets of the last
+            # transaction this worker committed are where its states stand.
+            log.warning("committed offsets unavailable (%s); rewinding to our own", exc)
+            committed = {}
         for tp in calls:
             offset = committed.get((tp.topic, tp.partition), -1)
             if offset < 0:
                 offset = self._committed.get((tp.topic, tp.partition), -1)
-            if offset >= 0:
-                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            # Never committed: the group starts such a partition at its earliest offset
+            # (auto.offset.reset), so that is where the aborted cycle's records begin.
+            consumer.seek(
+                TopicPartition(tp.topic, tp.partition, offset if offset >= 0 else OFFSET_BEGINNING)
+            )
         for p in sorted(self.owned):
             for topic in (self.topics.requests, self.topics.scopes):
                 offset = self._committed.get((topic, p))

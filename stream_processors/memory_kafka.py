@@ -58,7 +58,7 @@ from confluent_kafka import (
 from agentledger.schemas.partitioning import murmur2_partition
 
 if TYPE_CHECKING:
-    from .batch_kafka import BatchConsumer, ForwardsProducer, TransactionalProducer
+    from .batch_kafka import BatchConsumer, TransactionalProducer
 
 __all__ = [
     "GroupMetadata",
@@ -791,8 +791,6 @@ class MemoryProducer:
 
 if TYPE_CHECKING:
 
-    def _conforms(
-        broker: MemoryBroker,
-    ) -> tuple[BatchConsumer, TransactionalProducer, ForwardsProducer]:
+    def _conforms(broker: MemoryBroker) -> tuple[BatchConsumer, TransactionalProducer]:
         """mypy checks here that the fakes satisfy the data plane's protocols."""
-        return broker.consumer({}), broker.producer({}), broker.producer({})
+        return broker.consumer({}), broker.producer({})
