@@ -229,6 +229,8 @@ class DataPlane:
         self.joined = False
         self.error: str | None = None
         self.running = False
+        #: Calls consumers replaced after a fatal error (see _replace_consumer).
+        self.consumers_replaced = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -246,13 +248,7 @@ class DataPlane:
         try:
             self._producer = self._start_producer()
             self._side = self._new_requests_consumer()
-            consumer = self._consumer = self._new_consumer()
-            consumer.subscribe(
-                [self.topics.calls],
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-            )
+            self._consumer = self._subscribed()
             while not self._stop.is_set():
                 self._cycle()
         except Exception as exc:
@@ -263,6 +259,34 @@ class DataPlane:
         finally:
             self.running = False
             self._close()
+
+    def _subscribed(self) -> BatchConsumer:
+        consumer = self._new_consumer()
+        consumer.subscribe(
+            [self.topics.calls],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        return consumer
+
+    def _replace_consumer(self, error: KafkaError) -> None:
+        """The calls consumer failed for good: a static member fenced by another with its
+        group.instance.id, which a restarted broker reports to the very member that rejoined
+        after its session timed out (seen in the control-topic fault case: the worker stayed
+        up holding no partitions). Its partitions are no longer ours; a new consumer joins
+        (fencing any twin in turn) and restores what it is given."""
+        log.error("data plane consumer failed for good (%s); replacing it", error)
+        self.consumers_replaced += 1
+        self._drop(sorted(self.owned))
+        old, self._consumer = self._consumer, None
+        if old is not None:
+            try:
+                old.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.info("closing the failed consumer: %s", exc)
+        self.joined = False
+        self._consumer = self._subscribed()
 
     def _start_producer(self) -> TransactionalProducer:
         producer = self._new_producer()
@@ -441,6 +465,10 @@ class DataPlane:
             if cycle or positions:
                 self._commit(cycle, positions)
                 self.timings["commit"] += time.monotonic() - counted
+        except _ConsumerFailed as failed:
+            # Nothing of this cycle was committed: the new consumer's assignment restores.
+            self._replace_consumer(failed.error)
+            return
         finally:
             self.cycle_started = None
         self.cycles += 1
@@ -923,6 +951,7 @@ class DataPlane:
             "stuck": self.stuck(),
             "error": self.error,
             "cycles": self.cycles,
+            "consumers_replaced": self.consumers_replaced,
             "partitions": sorted(self.owned),
             "agents": len(self.states),
             "scopes": len(self.scope_states),
@@ -963,6 +992,14 @@ def _stands(state: SpendState) -> bool:
     return command is not None and command.action is not ControlAction.RESUME
 
 
+class _ConsumerFailed(Exception):
+    """A consumer reported a fatal error: it can read nothing more."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _good(messages: list[Any], positions: dict[tuple[str, int], int]) -> list[Any]:
     """The records of ``messages`` (errors logged) and, per partition, the offset after the
     last one: what the transaction commits."""
@@ -970,6 +1007,8 @@ def _good(messages: list[Any], positions: dict[tuple[str, int], int]) -> list[An
     for message in messages:
         error = message.error()
         if error is not None:
+            if error.fatal() or error.code() == KafkaError._FATAL:
+                raise _ConsumerFailed(error)
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("data plane consume: %s", error)
             continue

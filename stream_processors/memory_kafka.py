@@ -22,7 +22,8 @@ What it keeps of Kafka's semantics, because the data plane's exactness rests on 
   given it in its own). A member's ``consume`` runs its ``on_revoke`` and ``on_assign``
   callbacks; a newly assigned partition starts at the group's committed offset, else at
   ``auto.offset.reset``. ``group.instance.id`` (static membership): a new member with the id
-  of a live one replaces it, and the old one's next call raises a fatal error. Sending
+  of a live one replaces it; the old one's ``consume`` returns a fatal ``_FATAL`` error event
+  and its other calls raise it. Sending
   offsets for a member no longer in its group raises an abortable error, as a zombie's
   ``TxnOffsetCommit`` does.
 
@@ -76,7 +77,7 @@ DEFAULT_TRANSACTION_TIMEOUT_MS = 60_000
 class MemoryMessage:
     """A consumed record, with confluent-kafka's ``Message`` accessors."""
 
-    __slots__ = ("_headers", "_key", "_offset", "_partition", "_topic", "_value")
+    __slots__ = ("_error", "_headers", "_key", "_offset", "_partition", "_topic", "_value")
 
     def __init__(
         self,
@@ -86,6 +87,7 @@ class MemoryMessage:
         key: bytes | None,
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None,
+        error: KafkaError | None = None,
     ) -> None:
         self._topic = topic
         self._partition = partition
@@ -93,9 +95,10 @@ class MemoryMessage:
         self._key = key
         self._value = value
         self._headers = headers
+        self._error = error
 
     def error(self) -> KafkaError | None:
-        return None
+        return self._error
 
     def topic(self) -> str:
         return self._topic
@@ -597,6 +600,10 @@ class MemoryConsumer:
     # -- reading ----------------------------------------------------------------------------
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[MemoryMessage]:
+        if self._fenced is not None and not self._closed:
+            # As librdkafka: the fatal error comes as an error event of consume().
+            error = KafkaError(KafkaError._FATAL, f"Fatal error: {self._fenced}", fatal=True)
+            return [MemoryMessage("", -1, -1, None, None, None, error)]
         self._check()
         deadline = time.monotonic() + (timeout if timeout >= 0 else 1e9)
         while True:

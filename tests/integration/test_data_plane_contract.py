@@ -570,6 +570,37 @@ def test_an_aborted_first_transaction_is_read_again_from_the_beginning(backend: 
     assert [w.fired for w in wrappers] == [1]
 
 
+def test_a_consumer_fenced_by_a_twin_of_its_static_identity_is_replaced(backend: Backend) -> None:
+    """Another consumer joins with the worker's group.instance.id (what a restarted broker
+    makes of a member rejoining after its session timed out): the worker's consumer fails for
+    good; the worker replaces it, fencing the twin in turn, restores and counts on exactly."""
+    settings = backend.settings
+    events = fleet(160, seed=10)
+    send_calls(backend, events[:80])
+    plane = start_plane(backend)
+    twin = None
+    try:
+        wait_for("the first batch committed", lambda: caught_up(backend), [plane], SETTLE_S)
+        twin = backend.consumer(calls_consumer_config(settings))
+        twin.subscribe([settings.topics.calls])
+
+        def replaced() -> bool:
+            twin.consume(num_messages=100, timeout=0.2)  # joins, and holds its place
+            return plane.plane.consumers_replaced >= 1
+
+        wait_for("the worker's consumer replaced", replaced, [plane], SETTLE_S)
+        twin.close()
+        twin = None
+        send_calls(backend, events[80:])
+        wait_for("every calls record committed", lambda: caught_up(backend), [plane], SETTLE_S)
+        assert_exact(backend, events, [plane])
+    finally:
+        if twin is not None:
+            twin.close()
+        plane.stop()
+    plane.check()
+
+
 def test_a_bad_record_is_dead_lettered_with_its_reason_and_the_rest_counted(
     backend: Backend,
 ) -> None:
