@@ -84,7 +84,7 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _health_status(body: str) -> str:
-    """The "status" of a JSON /health body ("stalled", "stuck rebalancing"), else its start."""
+    """The "status" of a JSON /health body ("data plane stuck"...), else its start."""
     try:
         parsed = json.loads(body)
     except ValueError:

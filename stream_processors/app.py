@@ -246,7 +246,7 @@ def build_app(
     partitions = calls_partitions or calls_partition_count(settings)
     ensure_scopes_topic(settings, partitions, tables=(SPEND_TABLE, SCOPE_SPEND_TABLE))
     # LedgerApp: faust's App with a read_committed consumer and a producer that rides out a
-    # broker gone while the worker starts (flow.py, commits.py, declare.py).
+    # broker gone while the worker starts (flow.py, declare.py).
     app = LedgerApp(
         f"{settings.topic_prefix}processor",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
@@ -281,9 +281,7 @@ def build_app(
     app.processor = proc  # type: ignore[attr-defined]  # for tests and tooling
     # Routing stats: counted by the data plane from its parsed calls; this registers the
     # stats-topic follower (the data plane publishes in its transactions).
-    proc.stats = register_stats(
-        app, settings, proc.clock, proc.dead_letter, own_agent=False, publish=False
-    )
+    proc.stats = register_stats(app, settings, proc.clock, proc.dead_letter)
     proc.plane = plane = build_data_plane(settings, proc, partitions, future_tolerance_ms)
 
     # Both hops are counted by the batch data plane in a thread of its own (data_plane.py);
