@@ -16,11 +16,14 @@ from agentledger.spend_cli import PERIOD_HELP, period_arg, run_spend
 from agentledger.tables import render_table
 from agentledger.top import add_top_parser
 
-__all__ = ["main"]
+__all__ = ["main", "up_settings"]
 
 
-def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from agentledger.deploy.stack import Stack, StackError
+def up_settings(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The settings `up` runs with: its flags over the environment's; and, for a new stack
+    given no processor count (no --processors, no AGENTLEDGER_PROCESSORS), one processor per
+    core (deploy.stack.default_processors). A running stack keeps the shape it recorded."""
+    from agentledger.deploy.stack import Stack, default_processors
 
     shape = {
         "kafka_brokers": args.brokers,
@@ -29,7 +32,17 @@ def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         "calls_partitions": args.partitions,
     }
     settings = settings.model_copy(update={k: v for k, v in shape.items() if v is not None})
-    stack = Stack(settings)
+    if "processors" in settings.model_fields_set:
+        return settings
+    if Stack(settings, progress=lambda _m: None).shape_recorded():
+        return settings  # `up` again: the recorded shape holds, unless a count was given
+    return settings.model_copy(update={"processors": default_processors(settings.calls_partitions)})
+
+
+def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from agentledger.deploy.stack import Stack, StackError
+
+    stack = Stack(up_settings(settings, args))
     try:
         rows = stack.up(timeout_s=args.timeout)
     except StackError:
@@ -183,7 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--brokers", type=_count, help="Kafka brokers on loopback (3+: replication 3, min ISR 2)"
     )
-    up.add_argument("--processors", type=_count, help="processor workers (one consumer group)")
+    up.add_argument(
+        "--processors",
+        type=_count,
+        help="processor workers, one consumer group (default: one per core, at most one per "
+        "calls partition)",
+    )
     up.add_argument(
         "--sinks", type=_count, help="sink workers; more than 1 needs a ClickHouse server DSN"
     )
@@ -223,7 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     spend.add_argument("scope", help="agent:<id>, pool:<id>, workflow:<id> or task_type:<id>")
     spend.add_argument("--period", type=period_arg, help=PERIOD_HELP)
-    spend.add_argument("--json", action="store_true", help="the processor's raw report")
+    spend.add_argument(
+        "--json",
+        action="store_true",
+        help="the processor's report as JSON (with --period: only that period and its buckets)",
+    )
     spend.set_defaults(run=run_spend)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query against the call history")

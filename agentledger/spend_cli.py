@@ -14,7 +14,14 @@ from agentledger.config import Settings
 from agentledger.schemas.policy import duration_ms
 from agentledger.tables import render_table
 
-__all__ = ["PERIOD_HELP", "PeriodChoice", "period_arg", "run_spend", "spend_lines"]
+__all__ = [
+    "PERIOD_HELP",
+    "PeriodChoice",
+    "chosen_report",
+    "period_arg",
+    "run_spend",
+    "spend_lines",
+]
 
 PERIOD_HELP = (
     "only this period: day, week, month, run (the workflow's current run), rolling (every "
@@ -75,18 +82,45 @@ def _label(period: dict[str, Any]) -> str:
     return name if zone == "UTC" else f"{name} ({zone})"
 
 
-def spend_lines(report: dict[str, Any], choice: PeriodChoice | None) -> list[str]:
-    """The text ``agentledger spend`` prints for a ``GET /state/<scope>`` report. Raises
-    ValueError when ``choice`` names a period no policy governs the scope by."""
-    scope = report.get("scope")
+def _chosen_periods(report: dict[str, Any], choice: PeriodChoice | None) -> list[dict[str, Any]]:
+    """The report's periods that ``choice`` names (all of them for None). Raises ValueError
+    when it names a period no policy governs the scope by."""
     held = [p for p in report.get("periods", []) if isinstance(p, dict)]
     periods = [p for p in held if choice is None or choice.matches(str(p.get("period")))]
     if not periods:
         names = ", ".join(str(p.get("period")) for p in held) or "none"
         raise ValueError(
-            f"no {choice} budget governs {scope} (the processor holds: {names}); rolling "
-            "windows and runs show only when a policy of that period governs the scope"
+            f"no {choice} budget governs {report.get('scope')} (the processor holds: {names}); "
+            "rolling windows and runs show only when a policy of that period governs the scope"
         )
+    return periods
+
+
+def chosen_report(report: dict[str, Any], choice: PeriodChoice | None) -> dict[str, Any]:
+    """What ``agentledger spend --json`` prints: the processor's report narrowed to the periods
+    ``choice`` names, and to the calendar buckets of that kind (``day:<ms>`` and
+    ``day@<zone>:<ms>`` for ``day``; none for a rolling window or a run, which are summed from
+    slots the report does not list). The whole report for None. Raises ValueError like
+    :func:`spend_lines`."""
+    if choice is None:
+        return report
+    narrowed = dict(report)
+    narrowed["periods"] = _chosen_periods(report, choice)
+    buckets = report.get("buckets")
+    if isinstance(buckets, dict):
+        narrowed["buckets"] = {
+            key: value
+            for key, value in buckets.items()
+            if key.partition(":")[0].partition("@")[0] == choice.name
+        }
+    return narrowed
+
+
+def spend_lines(report: dict[str, Any], choice: PeriodChoice | None) -> list[str]:
+    """The text ``agentledger spend`` prints for a ``GET /state/<scope>`` report. Raises
+    ValueError when ``choice`` names a period no policy governs the scope by."""
+    scope = report.get("scope")
+    periods = _chosen_periods(report, choice)
     lines = [f"{scope} at {_utc(report.get('now_ms'))}"]
     table = render_table(
         ["period", "from", "until", "spend (USD)", "limit (USD)", "% used", "policy"],
@@ -128,7 +162,7 @@ def run_spend(settings: Settings, args: argparse.Namespace) -> int:
 
     report = fetch_state(settings, args.scope)
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        print(json.dumps(chosen_report(report, args.period), indent=2, sort_keys=True))
         return 0
     print("\n".join(spend_lines(report, args.period)))
     return 0

@@ -43,6 +43,7 @@ __all__ = [
     "ComponentStatus",
     "Stack",
     "StackError",
+    "default_processors",
     "worker_ports",
 ]
 
@@ -53,6 +54,14 @@ WORKER_PORT_STEP = 10
 SUPERVISOR = "supervisor"
 SUPERVISE_COMMAND = "supervise"
 _SHAPE_KEYS = ("kafka_brokers", "processors", "sinks")
+
+
+def default_processors(calls_partitions: int, cores: int | None = None) -> int:
+    """Processor workers `up` runs when none are asked for: one per core (``os.cpu_count()``;
+    a worker's data plane keeps about one core busy under load), at least 1, at most 64 (the
+    settings' bound) and no more than the calls partitions (a worker beyond them owns none)."""
+    found = os.cpu_count() if cores is None else cores
+    return max(1, min(found or 1, 64, calls_partitions))
 
 
 def worker_ports(first: int, count: int) -> list[int]:
@@ -75,7 +84,7 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _health_status(body: str) -> str:
-    """The "status" of a JSON /health body ("stalled", "stuck rebalancing"), else its start."""
+    """The "status" of a JSON /health body ("data plane stuck"...), else its start."""
     try:
         parsed = json.loads(body)
     except ValueError:

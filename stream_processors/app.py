@@ -56,6 +56,7 @@ __all__ = [
     "build_app",
     "build_data_plane",
     "calls_partition_count",
+    "data_plane_topics",
     "keep_data_plane",
     "wall_clock_ms",
 ]
@@ -250,7 +251,7 @@ def build_app(
     partitions = calls_partitions or calls_partition_count(settings)
     ensure_scopes_topic(settings, partitions, tables=(SPEND_TABLE, SCOPE_SPEND_TABLE))
     # LedgerApp: faust's App with a read_committed consumer and a producer that rides out a
-    # broker gone while the worker starts (flow.py, commits.py, declare.py).
+    # broker gone while the worker starts (flow.py, declare.py).
     app = LedgerApp(
         f"{settings.topic_prefix}processor",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka.split(",")],
@@ -285,9 +286,7 @@ def build_app(
     app.processor = proc  # type: ignore[attr-defined]  # for tests and tooling
     # Routing stats: counted by the data plane from its parsed calls; this registers the
     # stats-topic follower (the data plane publishes in its transactions).
-    proc.stats = register_stats(
-        app, settings, proc.clock, proc.dead_letter, own_agent=False, publish=False
-    )
+    proc.stats = register_stats(app, settings, proc.clock, proc.dead_letter)
     proc.plane = build_data_plane(settings, proc, partitions, future_tolerance_ms)
 
     # Both hops are counted by the batch data plane in a daemon thread of its own
@@ -419,6 +418,24 @@ async def keep_data_plane(
         replaced_at = time.monotonic()
 
 
+def data_plane_topics(settings: Settings) -> DataPlaneTopics:
+    """What the data plane reads and writes. The agents' changelog keeps the name faust gave
+    the spend table's, so a worker upgraded from the faust hop restores from it."""
+    topics = settings.topics
+    return DataPlaneTopics(
+        calls=topics.calls,
+        requests=topics.allowance_requests,
+        changelog=changelog_topic_name(settings, SPEND_TABLE),
+        scopes=scopes_topic_name(settings),
+        scope_changelog=changelog_topic_name(settings, SCOPE_SPEND_TABLE),
+        control=topics.control,
+        alerts=topics.alerts,
+        allowances=topics.allowances,
+        dlq=topics.dlq,
+        stats=topics.stats,
+    )
+
+
 def build_data_plane(
     settings: Settings,
     proc: Processor,
@@ -428,21 +445,9 @@ def build_data_plane(
     """The data plane of ``proc``'s worker, on confluent-kafka clients."""
     from confluent_kafka import Consumer, Producer
 
-    topics = settings.topics
     return DataPlane(
         settings,
-        topics=DataPlaneTopics(
-            calls=topics.calls,
-            requests=topics.allowance_requests,
-            changelog=changelog_topic_name(settings, SPEND_TABLE),
-            scopes=scopes_topic_name(settings),
-            scope_changelog=changelog_topic_name(settings, SCOPE_SPEND_TABLE),
-            control=topics.control,
-            alerts=topics.alerts,
-            allowances=topics.allowances,
-            dlq=topics.dlq,
-            stats=topics.stats,
-        ),
+        topics=data_plane_topics(settings),
         partitions=partitions,
         book=proc.book,
         clock=proc.clock,

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
@@ -57,7 +57,7 @@ from .failpoints import Failpoints
 from .fold import SpendFold
 from .metrics import ProcessorMetrics, dlq_reason_class
 from .policies import PolicyBook
-from .recovery import encode_key, restore_states
+from .recovery import RestoreStalled, encode_key, restore_states
 from .state import Delivery, SpendState
 from .state_codec import encode_state
 from .stats import StatsAggregator
@@ -99,6 +99,10 @@ STUCK_AFTER_S = 90.0
 REPLACE_AFTER_S = 45.0
 TIMINGS_EVERY_S = 10.0
 LAG_EVERY_S = 2.0
+# A call that needs the broker (a producer's init, committed offsets, a restore) is retried
+# while Kafka is away, backing off from the first to the last of these, in seconds.
+RETRY_BACKOFF_S = (0.5, 5.0)
+Result = TypeVar("Result")
 
 
 def holder_of(headers: Any) -> str | None:
@@ -230,6 +234,8 @@ class DataPlane:
         self.joined = False
         self.error: str | None = None
         self.running = False
+        #: Calls consumers replaced after a fatal error (see _replace_consumer).
+        self.consumers_replaced = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -248,13 +254,7 @@ class DataPlane:
         try:
             self._producer = self._start_producer()
             self._side = self._new_requests_consumer()
-            consumer = self._consumer = self._new_consumer()
-            consumer.subscribe(
-                [self.topics.calls],
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-            )
+            self._consumer = self._subscribed()
             while not self._stop.is_set():
                 self._cycle()
         except Exception as exc:
@@ -266,12 +266,72 @@ class DataPlane:
             self.running = False
             self._close()
 
+    def _subscribed(self) -> BatchConsumer:
+        consumer = self._new_consumer()
+        consumer.subscribe(
+            [self.topics.calls],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        return consumer
+
+    def _replace_consumer(self, error: KafkaError) -> None:
+        """The calls consumer failed for good: a static member fenced by another with its
+        group.instance.id, which a restarted broker reports to the very member that rejoined
+        after its session timed out (seen in the control-topic fault case: the worker stayed
+        up holding no partitions). Its partitions are no longer ours; a new consumer joins
+        (fencing any twin in turn) and restores what it is given."""
+        log.error("data plane consumer failed for good (%s); replacing it", error)
+        self.consumers_replaced += 1
+        self._drop(sorted(self.owned))
+        old, self._consumer = self._consumer, None
+        if old is not None:
+            try:
+                old.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.info("closing the failed consumer: %s", exc)
+        self.joined = False
+        self._consumer = self._subscribed()
+
     def _start_producer(self) -> TransactionalProducer:
         producer = self._new_producer()
-        # Fences any earlier producer with this transactional id and aborts its open
-        # transaction, so what it left half-written is never read.
-        producer.init_transactions(COMMIT_TIMEOUT_S)
-        return producer
+
+        def init() -> TransactionalProducer:
+            nonlocal producer
+            try:
+                # Fences any earlier producer with this transactional id and aborts its open
+                # transaction, so what it left half-written is never read.
+                producer.init_transactions(COMMIT_TIMEOUT_S)
+            except KafkaException as exc:
+                if exc.args[0].fatal():
+                    producer = self._new_producer()  # a fatal error ends an instance
+                raise
+            return producer
+
+        # With the broker away (or a previous epoch's abort still ending: CONCURRENT_
+        # TRANSACTIONS), init fails; librdkafka lets it be called again.
+        return self._retrying("starting the transactional producer", init, fatal_too=True)
+
+    def _retrying(
+        self, what: str, attempt: Callable[[], Result], *, fatal_too: bool = False
+    ) -> Result:
+        """``attempt()``, again after each Kafka error that is not fatal (the broker or a
+        coordinator away, a restore held up), with backoff, for as long as the worker runs:
+        a broker restart is ridden out rather than ending the data plane. Waiting inside a
+        cycle counts towards STUCK_AFTER_S (/health turns 503 if Kafka never comes back);
+        inside a rebalance /health shows ``restoring``."""
+        delay, longest = RETRY_BACKOFF_S
+        while True:
+            try:
+                return attempt()
+            except (KafkaException, RestoreStalled) as exc:
+                fatal = isinstance(exc, KafkaException) and exc.args[0].fatal()
+                if (fatal and not fatal_too) or self._stop.is_set():
+                    raise
+                log.warning("%s failed (%s); trying again in %.1f s", what, exc, delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, longest)
 
     def _close(self) -> None:
         for consumer in (self._consumer, self._side):
@@ -291,7 +351,7 @@ class DataPlane:
             return
         self.restoring = True
         try:
-            self._restore(mine)
+            self._retrying(f"restoring partitions {mine}", lambda: self._restore(mine))
         finally:
             self.restoring = False
         self.owned.update(mine)
@@ -300,7 +360,7 @@ class DataPlane:
             TopicPartition(t, p) for t in (self.topics.requests, self.topics.scopes) for p in mine
         ]
         starts = []
-        for tp in consumer.committed(side, timeout=COMMIT_TIMEOUT_S):
+        for tp in self._committed_offsets(consumer, side):
             if tp.offset >= 0:
                 offset = tp.offset
                 self._committed[(tp.topic, tp.partition)] = tp.offset
@@ -312,8 +372,8 @@ class DataPlane:
                 # Deltas never applied by this group are spend: all of them count.
                 offset = OFFSET_BEGINNING
             starts.append(TopicPartition(tp.topic, tp.partition, offset))
-        for tp in consumer.committed(
-            [TopicPartition(self.topics.calls, p) for p in mine], timeout=COMMIT_TIMEOUT_S
+        for tp in self._committed_offsets(
+            consumer, [TopicPartition(self.topics.calls, p) for p in mine]
         ):
             if tp.offset >= 0:
                 self._committed[(tp.topic, tp.partition)] = tp.offset
@@ -322,8 +382,16 @@ class DataPlane:
         self.joined = True
         log.info("data plane assigned calls partitions %s", mine)
 
+    def _committed_offsets(self, consumer: Any, tps: list[TopicPartition]) -> list[TopicPartition]:
+        # Inside the rebalance callback: an error escaping it would end the data plane.
+        return self._retrying(
+            "reading the committed offsets",
+            lambda: list(consumer.committed(tps, timeout=COMMIT_TIMEOUT_S)),
+        )
+
     def _restore(self, partitions: list[int]) -> None:
-        """Both hops' states of ``partitions`` from their changelogs."""
+        """Both hops' states of ``partitions`` from their changelogs (all of them: a retry
+        after a failure starts over)."""
         for topic, into, standing in (
             (self.topics.changelog, self.states, self._standing),
             (self.topics.scope_changelog, self.scope_states, self._standing_scopes),
@@ -403,6 +471,10 @@ class DataPlane:
             if cycle or positions:
                 self._commit(cycle, positions)
                 self.timings["commit"] += time.monotonic() - counted
+        except _ConsumerFailed as failed:
+            # Nothing of this cycle was committed: the new consumer's assignment restores.
+            self._replace_consumer(failed.error)
+            return
         finally:
             self.cycle_started = None
         self.cycles += 1
@@ -838,7 +910,8 @@ class DataPlane:
             self.scope_states.clear()
             self._standing.clear()
             self._standing_scopes.clear()
-            self._restore(sorted(self.owned))
+            owned = sorted(self.owned)
+            self._retrying(f"restoring partitions {owned}", lambda: self._restore(owned))
         else:
             log.warning("transaction aborted (%s); the cycle is read again", error)
             try:
@@ -852,16 +925,25 @@ class DataPlane:
         consumer, side = self._consumer, self._side
         assert consumer is not None and side is not None
         calls = [TopicPartition(self.topics.calls, p) for p in sorted(self.owned)]
-        committed = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in consumer.committed(calls, timeout=COMMIT_TIMEOUT_S)
-        }
+        try:
+            committed = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in consumer.committed(calls, timeout=COMMIT_TIMEOUT_S)
+            }
+        except KafkaException as exc:
+            # The group coordinator is away (a broker restart): the offsets of the last
+            # transaction this worker committed are where its states stand.
+            log.warning("committed offsets unavailable (%s); rewinding to our own", exc)
+            committed = {}
         for tp in calls:
             offset = committed.get((tp.topic, tp.partition), -1)
             if offset < 0:
                 offset = self._committed.get((tp.topic, tp.partition), -1)
-            if offset >= 0:
-                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            # Never committed: the group starts such a partition at its earliest offset
+            # (auto.offset.reset), so that is where the aborted cycle's records begin.
+            consumer.seek(
+                TopicPartition(tp.topic, tp.partition, offset if offset >= 0 else OFFSET_BEGINNING)
+            )
         for p in sorted(self.owned):
             for topic in (self.topics.requests, self.topics.scopes):
                 offset = self._committed.get((topic, p))
@@ -880,6 +962,7 @@ class DataPlane:
             "stuck": self.stuck(),
             "error": self.error,
             "cycles": self.cycles,
+            "consumers_replaced": self.consumers_replaced,
             "partitions": sorted(self.owned),
             "agents": len(self.states),
             "scopes": len(self.scope_states),
@@ -920,6 +1003,14 @@ def _stands(state: SpendState) -> bool:
     return command is not None and command.action is not ControlAction.RESUME
 
 
+class _ConsumerFailed(Exception):
+    """A consumer reported a fatal error: it can read nothing more."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _good(messages: list[Any], positions: dict[tuple[str, int], int]) -> list[Any]:
     """The records of ``messages`` (errors logged) and, per partition, the offset after the
     last one: what the transaction commits."""
@@ -927,6 +1018,8 @@ def _good(messages: list[Any], positions: dict[tuple[str, int], int]) -> list[An
     for message in messages:
         error = message.error()
         if error is not None:
+            if error.fatal() or error.code() == KafkaError._FATAL:
+                raise _ConsumerFailed(error)
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("data plane consume: %s", error)
             continue

@@ -1,21 +1,18 @@
 """The processor's Prometheus metrics (served on ``GET /metrics``).
 
 Counted per batch, never per event, on the hot path: a batch's events are one ``inc(n)``. The
-consumer lag comes from the stall watch's offsets (read every few seconds anyway), so a scrape
-asks Kafka nothing. Dead-letter reasons are free text, so they are counted by class (a bounded
-label set).
+consumer lag comes from the end offsets librdkafka caches from the data plane's fetches (every
+few seconds), so a scrape asks Kafka nothing. Dead-letter reasons are free text, so they are
+counted by class (a bounded label set).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from .stall import PartitionView
 
 __all__ = ["ENFORCEMENT_BUCKETS", "ProcessorMetrics", "dlq_reason_class"]
 
@@ -43,7 +40,6 @@ class _Lag(Collector):
     """The latest lag snapshot per (topic, partition); revoked partitions leave the snapshot."""
 
     def __init__(self) -> None:
-        self.snapshot: dict[tuple[str, int], int] = {}  # faust's input partitions
         self.plane: dict[tuple[str, int], int] = {}  # the data plane's (calls)
 
     def collect(self) -> Iterable[Metric]:
@@ -53,7 +49,7 @@ class _Lag(Collector):
             "next offset to process), per input topic and partition",
             labels=["topic", "partition"],
         )
-        for (topic, partition), lag in sorted({**self.snapshot, **self.plane}.items()):
+        for (topic, partition), lag in sorted(self.plane.items()):
             family.add_metric([topic, str(partition)], lag)
         yield family
 
@@ -100,11 +96,6 @@ class ProcessorMetrics:
             "unix time this worker last finished a batch of input records",
             registry=r,
         )
-        self.stalled = Gauge(
-            "agentledger_stalled_partitions",
-            "input partitions the stall watch reports stalled (also /health 503)",
-            registry=r,
-        )
         self._lag = _Lag()
         r.register(self._lag)
 
@@ -116,17 +107,3 @@ class ProcessorMetrics:
     def observe_plane_lag(self, lags: dict[tuple[str, int], int]) -> None:
         """The data plane's lag per calls partition (replaced whole: revoked ones leave)."""
         self._lag.plane = lags
-
-    def observe_lag(self, views: Mapping[Any, PartitionView], stalled: int) -> None:
-        """From the stall watch's offsets of each assigned input partition (``tp.topic``,
-        ``tp.partition``)."""
-        snapshot = {}
-        for tp, view in views.items():
-            if view.end is None:
-                continue
-            position = view.delivered + 1 if view.delivered is not None else view.committed
-            if position is None:
-                continue
-            snapshot[(str(tp.topic), int(tp.partition))] = max(view.end - position, 0)
-        self._lag.snapshot = snapshot
-        self.stalled.set(stalled)

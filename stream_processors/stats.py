@@ -1,19 +1,18 @@
 """Routing stats: cost, latency and success per (agent or model, task type), kept on the
 compacted stats topic for the shim's router.
 
-A separate faust agent reads the calls topic (the same consumer as the spend agent, its own
-stream), adds each call into in-memory partial aggregates and a timer publishes the changed
-ones at most once per interval. The spend path never waits for it: per event it is one
-validation and a few integer additions.
+The data plane counts each call it parsed into in-memory partial aggregates
+(:meth:`StatsAggregator.count`) and publishes the changed ones at most once per interval, in
+its cycle's transaction. Per event it is a few integer additions.
 
 Partials are per calls partition (the record key ends in the partition), so exactly one worker
 writes each, and each carries the highest calls offset it counted: a replay after a restart or
 a rebalance skips what was already counted. Every worker reads the whole stats topic before
 its app starts (blocking, in ``build_app``, so the calls consumer never waits for it) and
-follows it afterwards, so it starts from what was published and picks up a partition's
-partials from its previous owner; of two values of one key the higher offset wins.
-A crash loses the calls counted since the last publish (at most one interval) when faust had
-already committed their offsets: stats undercount then, they never count a call twice.
+follows it afterwards (read_committed), so it starts from what was published and picks up a
+partition's partials from its previous owner; of two values of one key the higher offset wins.
+A crash loses the calls counted since the last publish (at most one interval) when their
+offsets were committed meanwhile: stats undercount then, they never count a call twice.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from .declare import TopicMissing
 from .kafka_clients import ClientOptions, follower_consumer
 
 __all__ = [
-    "FLUSH_INTERVAL_S",
     "InvalidStats",
     "StatsAggregator",
     "follow_stats",
@@ -51,9 +49,6 @@ log = logging.getLogger(__name__)
 # Lookups kept by StatsAggregator.count before it starts over (agents come and go).
 PAIRS_KEPT = 100_000
 
-FLUSH_INTERVAL_S = 1.0
-BATCH_MAX = 5000
-BATCH_WITHIN_S = 0.05
 Clock = Callable[[], int]
 
 
@@ -352,22 +347,13 @@ async def follow_stats(
 
 
 def register_stats(
-    app: Any,
-    settings: Settings,
-    clock: Clock,
-    dead_letter: DeadLetter,
-    *,
-    flush_interval_s: float = FLUSH_INTERVAL_S,
-    own_agent: bool = True,
-    publish: bool = True,
+    app: Any, settings: Settings, clock: Clock, dead_letter: DeadLetter
 ) -> StatsAggregator:
-    """Add the stats agent, the stats-topic follower and the publish timer to a faust app.
+    """Rebuild the aggregator from the stats topic and add its follower to a faust app.
 
     Call it once from ``build_app``; the aggregator is returned (and kept as
-    ``app.stats_aggregator``) for tests and tooling. With ``own_agent=False`` no agent reads
-    the calls topic: the caller feeds :meth:`StatsAggregator.count` with the events it parsed
-    anyway (the processor's spend agent does; a second agent on the same topic cost a second
-    faust stream and a second validation per record)."""
+    ``app.stats_aggregator``) for tests and tooling. The data plane feeds it with the calls it
+    parsed (:meth:`StatsAggregator.count`) and publishes it in its transactions."""
     topics = settings.topics
     ensure_topics(
         settings.kafka,
@@ -376,10 +362,7 @@ def register_stats(
     )
     aggregator = StatsAggregator(clock)
     start, invalid = rebuild_stats(aggregator, settings)
-    out = app.topic(topics.stats, key_serializer="raw", value_serializer="raw")
     app.stats_aggregator = aggregator
-    if own_agent:
-        _add_stats_agent(app, settings, aggregator)
 
     async def reject(bad: InvalidStats) -> None:
         await dead_letter(
@@ -404,24 +387,4 @@ def register_stats(
             client_options=settings.aiokafka_options(),
         )
 
-    if publish:
-
-        @app.timer(interval=flush_interval_s)  # type: ignore[untyped-decorator]
-        async def publish_stats() -> None:
-            for record in aggregator.take_dirty():
-                await out.send(key=record.key.encode(), value=record.model_dump_json().encode())
-
     return aggregator
-
-
-def _add_stats_agent(app: Any, settings: Settings, aggregator: StatsAggregator) -> None:
-    calls = app.topic(settings.topics.calls, key_serializer="raw", value_serializer="raw")
-
-    @app.agent(calls, name=f"{settings.topic_prefix}routing-stats", concurrency=1)  # type: ignore[untyped-decorator]
-    async def routing_stats(stream: Any) -> None:
-        # Batches, like the spend agents: faust's per-event hand-over to an agent body costs
-        # more than the counting itself.
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            for event in events:
-                msg = event.message
-                aggregator.observe(msg.partition, msg.offset, event.value)

@@ -5,18 +5,21 @@ budget crossed while the broker is down still stops the agent."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 from genai_prices import Usage, calc_price
 
@@ -28,8 +31,10 @@ from agentledger.producers import BudgetExceeded, Ledger
 from agentledger.review.query import QueryClient
 from agentledger.schemas import BudgetPolicy, PolicyFile, usd_to_nano
 from agentledger.schemas.topic_specs import topic_specs
+from agentledger.stream_processors.batch_kafka import data_plane_group, worker_identity
 from agentledger.stream_processors.client import fetch_state
 from agentledger.topic_admin import ensure_topics
+from tests.conftest import free_port
 
 # About 1.5 minutes here (2.5 on a machine busy with other test runs): three JVMs start, one is
 # killed and restarted. `make test-cluster` also runs the `agentledger up --brokers 3` test.
@@ -272,3 +277,176 @@ def test_a_broker_killed_under_load_loses_nothing_and_enforcement_holds(
     finally:
         client.close()
         stack.down()
+
+
+def java_hash(text: str) -> int:
+    """Java's String.hashCode (over UTF-16 code units, 32-bit wrap)."""
+    h = 0
+    data = text.encode("utf-16-be")
+    for i in range(0, len(data), 2):
+        h = (31 * h + int.from_bytes(data[i : i + 2], "big")) & 0xFFFFFFFF
+    return h
+
+
+def coordinator_partition(key: str, partitions: int) -> int:
+    """The internal-topic partition whose leader coordinates ``key`` (a group id in
+    __consumer_offsets, a transactional id in __transaction_state): Kafka's
+    ``Utils.abs(key.hashCode()) % partitions``, where Utils.abs masks the sign bit."""
+    return (java_hash(key) & 0x7FFFFFFF) % partitions
+
+
+def internal_leaders(admin: AdminClient, topic: str) -> dict[int, int]:
+    """partition -> leader node id of an internal topic (each partition's coordinator)."""
+    meta = admin.list_topics(topic, timeout=10).topics[topic]
+    assert meta.error is None, meta.error
+    return {p: info.leader for p, info in meta.partitions.items()}
+
+
+def warm_internal_topics(bootstrap: str, settings: Settings) -> None:
+    """Make Kafka create __consumer_offsets and __transaction_state (on first use), so their
+    leaders can be looked up before the processor starts."""
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "transactional.id": f"warm-{settings.topic_prefix}"}
+    )
+    producer.init_transactions(120)
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"warm-{settings.topic_prefix}"}
+    )
+    try:
+        consumer.commit(offsets=[TopicPartition(settings.topics.calls, 0, 0)], asynchronous=False)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.skipif(
+    os.environ.get("AGENTLEDGER_TEST_CLUSTER") != "1",
+    reason="the coordinator kill takes minutes: run with `make test-cluster`",
+)
+def test_the_processors_coordinator_broker_killed_under_load_loses_nothing(
+    cluster: KafkaCluster, settings_factory: Callable[..., Settings]
+) -> None:
+    """The broker coordinating the data plane's transactions (and, chosen so, its consumer
+    group) is SIGKILLed under load: librdkafka must find the new coordinators (the leaders of
+    the internal topics' partitions move to the surviving replicas) and commit on; totals in
+    the processor and the sink equal the shim's ground truth to the nano-dollar."""
+    settings = settings_factory(kafka=cluster.bootstrap)
+    ensure_topics(cluster.bootstrap, topic_specs(settings.topics))
+    warm_internal_topics(cluster.bootstrap, settings)
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    offsets = internal_leaders(admin, "__consumer_offsets")
+    txns = internal_leaders(admin, "__transaction_state")
+    group_leader = offsets[coordinator_partition(data_plane_group(settings), len(offsets))]
+    # The transactional id follows the web port: pick one whose transaction coordinator is
+    # the group coordinator too, so one kill takes both away.
+    for _ in range(200):
+        candidate = settings.model_copy(update={"processor_port": free_port()})
+        txn_id = worker_identity(candidate)
+        if txns[coordinator_partition(txn_id, len(txns))] == group_leader:
+            settings = candidate
+            break
+    else:
+        raise AssertionError("no port puts both coordinators on one broker")
+    stack = Stack(settings, progress=lambda _m: None, manage_kafka=False)
+    ledger = Ledger(settings)
+    load = Load(ledger)
+    health: list[str] = []
+    try:
+        stack.start_service("processor", timeout_s=180)
+        stack.start_service("sink", timeout_s=180)
+        assert ledger.wait_for_control(30)
+        load.thread.start()
+        wait_for("load before the kill", lambda: load.count >= 300, 60)
+        group = admin.describe_consumer_groups([data_plane_group(settings)])[
+            data_plane_group(settings)
+        ].result(timeout=10)
+        txns = internal_leaders(admin, "__transaction_state")
+        txn_leader = txns[coordinator_partition(worker_identity(settings), len(txns))]
+        # Our partition arithmetic agrees with the broker's own answer for the group.
+        assert group.coordinator.id == group_leader, (group.coordinator.id, group_leader)
+        assert txn_leader == group_leader, "leadership moved between the choice and the kill"
+        victim = cluster.brokers[txn_leader - 1]
+        victim.kill()
+        killed_at = load.count
+
+        def after_kill() -> bool:
+            health.append(_processor_status(settings))
+            return load.count >= killed_at + 300
+
+        wait_for("load while the coordinator is down", after_kill, 120)
+        moved = internal_leaders(admin, "__transaction_state")
+        assert moved[coordinator_partition(worker_identity(settings), len(moved))] != txn_leader
+
+        victim.start(timeout_s=120, progress=lambda _m: None)
+        back_at = load.count
+        wait_for("load after the broker is back", lambda: load.count >= back_at + 300, 60)
+        load.finish()
+        assert ledger.transport.flush(30) == 0
+    finally:
+        load.stop.set()
+        ledger.close()
+
+    expected = load.cost
+    emitted = load.count
+    client = QueryClient.from_settings(settings)
+
+    def processor_total() -> int:
+        report = fetch_state(settings, f"workflow:{WORKFLOW}")
+        return sum(int(v) for k, v in report["buckets"].items() if k.startswith("day:"))
+
+    def agents_total() -> int:
+        total = 0
+        for agent in (f"cl-steady-{i}" for i in range(4)):
+            report = fetch_state(settings, f"agent:{agent}")
+            total += sum(int(v) for k, v in report["buckets"].items() if k.startswith("day:"))
+        return total
+
+    def sink_totals() -> tuple[int, int]:
+        count, cost = client.query(
+            "SELECT count(), sum(toInt128(cost_nano_usd)) FROM calls "
+            "WHERE workflow_id = {wf:String}",
+            {"wf": WORKFLOW},
+        ).rows[0]
+        return int(count), int(cost or 0)
+
+    try:
+        wait_for(
+            "the processor's totals and the sink's rows",
+            lambda: (
+                agents_total() >= expected
+                and processor_total() >= expected
+                and sink_totals()[0] >= emitted
+            ),
+            120,
+            lambda: (
+                f"agents {agents_total()}, workflow {processor_total()} of {expected} nano-USD; "
+                f"sink {sink_totals()} of {(emitted, expected)}; processor /health during "
+                f"the outage: {sorted(set(health))}\n{_log_tail(stack)}"
+            ),
+        )
+        assert agents_total() == expected
+        assert processor_total() == expected
+        assert sink_totals() == (emitted, expected)
+        print(f"\nprocessor /health while its coordinator was down: {sorted(set(health))}")
+    finally:
+        client.close()
+        stack.down()
+
+
+def _processor_status(settings: Settings) -> str:
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{settings.processor_port}/health", timeout=2
+        ) as response:
+            return str(json.loads(response.read()).get("status"))
+    except urllib.error.HTTPError as exc:
+        try:
+            return f"{exc.code} {json.loads(exc.read()).get('status')}"
+        except ValueError:
+            return f"{exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"unreachable ({exc})"
+
+
+def _log_tail(stack: Stack) -> str:
+    path = stack.log_file("processor")
+    return path.read_text(errors="replace")[-6000:] if path.exists() else "(no processor log)"

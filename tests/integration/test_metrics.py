@@ -153,9 +153,9 @@ def test_every_service_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
     assert value(processor, "agentledger_enforcement_latency_seconds_count") == 1
     assert value(processor, "agentledger_alerts_raised_total", kind="threshold") >= 1
     assert value(processor, "agentledger_last_batch_timestamp_seconds") > 0
-    # The stall watch refreshes the lag every few seconds; once it has, every calls partition
+    # The data plane refreshes the lag every few seconds; once it has, every calls partition
     # is listed and nothing is left to process.
-    lagged = settled(
+    settled(
         "processor",
         lambda s: (
             sum(
@@ -168,7 +168,6 @@ def test_every_service_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
             and total(s, "agentledger_consumer_lag_records") == 0
         ),
     )
-    assert value(lagged, "agentledger_stalled_partitions") == 0
 
     sink = settled(
         "sink",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from agentledger.deploy.stack import default_processors
+from agentledger.schemas.topic_specs import DEFAULT_CALLS_PARTITIONS
 from tests.conftest import TEST_CONTROL_KEY, free_port
 
 pytestmark = pytest.mark.integration
@@ -51,21 +53,28 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
         }
     )
     env.pop("AGENTLEDGER_API_TOKEN", None)
+    env.pop("AGENTLEDGER_PROCESSORS", None)
     return env
 
 
 def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
+    # No --processors: one processor per core of this machine, each on its own port.
+    processors = ["processor"] + [
+        f"processor-{i + 1}" for i in range(1, default_processors(DEFAULT_CALLS_PARTITIONS))
+    ]
     try:
         first = run_cli(stack_env, "up")
         assert first.returncode == 0, first.stdout + first.stderr
         rows = status(stack_env)
         assert {name: row["healthy"] for name, row in rows.items()} == {
             "kafka": True,
-            "processor": True,
+            **dict.fromkeys(processors, True),
             "sink": True,
             "dashboard": True,
             "otlp": True,
         }
+        ports = {int(str(rows[name]["address"]).rpartition(":")[2]) for name in processors}
+        assert len(ports) == len(processors)
         pids = {name: row["pid"] for name, row in rows.items()}
         assert all(isinstance(pid, int) for pid in pids.values())
         assert rows["sink"]["address"] == f"127.0.0.1:{stack_env['AGENTLEDGER_SINK_PORT']}"
@@ -88,7 +97,7 @@ def test_up_twice_status_stale_pid_and_down(stack_env: dict[str, str]) -> None:
         down = run_cli(stack_env, "down")
     assert down.returncode == 0, down.stderr
     assert set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == {
-        "processor",
+        *processors,
         "sink",
         "dashboard",
         "otlp",

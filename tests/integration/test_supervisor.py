@@ -20,6 +20,8 @@ FAST = {
     "AGENTLEDGER_SUPERVISE_EVERY_S": "0.5",
     "AGENTLEDGER_SUPERVISE_GRACE_S": "3",
     "AGENTLEDGER_SUPERVISE_START_GRACE_S": "60",
+    # One processor, not one per core: the supervision is under test, not the scale-out.
+    "AGENTLEDGER_PROCESSORS": "1",
 }
 
 

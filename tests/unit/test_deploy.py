@@ -12,10 +12,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from agentledger.cli import _parser
+from agentledger.cli import _parser, up_settings
 from agentledger.config import Settings
 from agentledger.deploy.kafka_broker import KafkaCluster
-from agentledger.deploy.stack import Stack, StackError, worker_ports
+from agentledger.deploy.stack import Stack, StackError, default_processors, worker_ports
 from agentledger.schemas.topic_specs import DEFAULT_CALLS_PARTITIONS, replication_for, topic_specs
 
 
@@ -128,6 +128,61 @@ def test_up_flags_parse_and_reject_nonsense(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         _parser().parse_args(["up", "--brokers", "0"])
     assert "expected a whole number from 1 to 64, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("cores", "partitions", "expected"),
+    [(2, 12, 2), (1, 12, 1), (0, 12, 1), (8, 6, 6), (128, 1024, 64)],
+)
+def test_default_processors_are_the_cores_within_the_partitions_and_the_bound(
+    cores: int | None, partitions: int, expected: int
+) -> None:
+    assert default_processors(partitions, cores) == expected
+
+
+def test_default_processors_ask_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert default_processors(12) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: None)  # the platform cannot tell
+    assert default_processors(12) == 1
+
+
+def _up(tmp_path: Path, *argv: str) -> Settings:
+    return up_settings(Settings(home=tmp_path), _parser().parse_args(["up", *argv]))
+
+
+def test_up_runs_one_processor_per_core_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTLEDGER_PROCESSORS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    fresh = _up(tmp_path)
+    assert fresh.processors == 3
+    stack = Stack(fresh, progress=lambda _m: None)
+    assert [s.name for s in stack.services if s.module == "agentledger.stream_processors"] == [
+        "processor",
+        "processor-2",
+        "processor-3",
+    ]
+    assert _up(tmp_path, "--processors", "1").processors == 1
+    assert _up(tmp_path, "--partitions", "2").processors == 2  # no more than the partitions
+    monkeypatch.setenv("AGENTLEDGER_PROCESSORS", "2")
+    assert _up(tmp_path).processors == 2
+
+
+def test_up_again_keeps_the_recorded_processor_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTLEDGER_PROCESSORS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    (tmp_path / "run").mkdir()
+    shape = {"kafka_brokers": 3, "processors": 1, "sinks": 1}
+    (tmp_path / "run" / "stack.json").write_text(json.dumps(shape))
+    again = Stack(_up(tmp_path), progress=lambda _m: None)
+    assert (again.settings.processors, again.settings.kafka_brokers) == (1, 3)
+    assert (
+        Stack(_up(tmp_path, "--processors", "2"), progress=lambda _m: None).settings.processors == 2
+    )
 
 
 def test_plaintext_kafka_needs_no_credentials() -> None:

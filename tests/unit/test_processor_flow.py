@@ -6,7 +6,12 @@ import asyncio
 
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
-from agentledger.stream_processors.flow import LedgerApp, ResumeKeepsQueues
+from agentledger.stream_processors.flow import (
+    LedgerApp,
+    ReadCommittedConsumer,
+    ReadCommittedThread,
+    ResumeKeepsQueues,
+)
 
 
 async def queued_after_resume(flow: FlowControlEvent) -> list[str]:
@@ -47,3 +52,20 @@ def test_clear_and_suspend_still_work() -> None:
 def test_the_app_uses_it() -> None:
     app = LedgerApp("flow-test", autodiscover=False)
     assert isinstance(app.flow_control, ResumeKeepsQueues)
+
+
+def test_the_app_reads_committed_records_only() -> None:
+    """faust's alerts agent reads a topic the data plane writes in transactions: an aborted
+    cycle's alerts must never be posted."""
+
+    async def consumer_classes() -> tuple[type, type]:
+        app = LedgerApp("flow-read-committed", autodiscover=False, broker="kafka://127.0.0.1:1")
+        consumer = app.consumer
+        try:
+            return type(consumer), type(consumer._thread)  # type: ignore[attr-defined]
+        finally:
+            consumer._thread.thread_loop.close()  # type: ignore[attr-defined]
+
+    consumer, thread = asyncio.run(consumer_classes())
+    assert issubclass(consumer, ReadCommittedConsumer)
+    assert issubclass(thread, ReadCommittedThread)

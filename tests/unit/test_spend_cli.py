@@ -3,7 +3,11 @@ processor's own spend_report from a real state."""
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -112,3 +116,99 @@ def test_a_workflow_run_shows_its_spend_and_when_none_is_in_progress() -> None:
     lines = spend_lines(idle, period_arg("run"))
     assert lines[3].split()[:3] == ["run", "-", "-"]
     assert lines[4] == "run: no run in progress (the next event starts one at zero)"
+
+
+class _StateServer:
+    """A loopback HTTP server answering ``GET /state/<scope>`` with one report, as the
+    processor does (bearer token checked), so the CLI runs end to end."""
+
+    def __init__(self, answer: dict[str, Any], token: str) -> None:
+        body = json.dumps(answer).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.headers.get("Authorization") == f"Bearer {token}"
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body if ok else b'{"error": "wrong token"}')
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def zoned_report(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[dict[str, Any]]:
+    """A real report (a zoned day, a rolling window) served where the CLI looks for it."""
+    live = report(
+        "agent:a",
+        {"scope": "agent:a", "period": "rolling", "window": "24h", "limit_usd": "0.01"},
+        {"scope": "agent:a", "period": "day", "timezone": "Europe/Paris", "limit_usd": "1"},
+        spends=(30 * MIN, 2 * 60 * MIN),
+    )
+    server = _StateServer(live, "spend-cli-token")
+    monkeypatch.setenv("AGENTLEDGER_HOME", str(tmp_path))
+    monkeypatch.setenv("AGENTLEDGER_PROCESSOR_PORT", str(server.port))
+    monkeypatch.setenv("AGENTLEDGER_API_TOKEN", "spend-cli-token")
+    try:
+        yield live
+    finally:
+        server.close()
+
+
+def _json_out(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert main(["spend", "agent:a", "--json", *argv]) == 0
+    printed: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return printed
+
+
+def test_spend_json_without_a_period_prints_the_whole_report(
+    zoned_report: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _json_out(capsys) == zoned_report
+
+
+@pytest.mark.parametrize(
+    ("period", "names", "bucket_kinds"),
+    [
+        # The state counts every calendar period in UTC and in each zone a policy names.
+        ("day", ["day"], {"day", "day@Europe/Paris"}),
+        ("week", ["week"], {"week", "week@Europe/Paris"}),
+        ("month", ["month"], {"month", "month@Europe/Paris"}),
+        ("rolling", ["rolling:24h"], set()),
+        ("1440m", ["rolling:24h"], set()),
+    ],
+)
+def test_spend_json_prints_only_the_chosen_period_and_its_buckets(
+    zoned_report: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    period: str,
+    names: list[str],
+    bucket_kinds: set[str],
+) -> None:
+    printed = _json_out(capsys, "--period", period)
+    assert [p["period"] for p in printed["periods"]] == names
+    chosen = [p for p in zoned_report["periods"] if p["period"] in names]
+    assert printed["periods"] == chosen  # the processor's own rows, unchanged
+    assert {key.rpartition(":")[0] for key in printed["buckets"]} == bucket_kinds
+    assert all(printed["buckets"][k] == zoned_report["buckets"][k] for k in printed["buckets"])
+    assert printed["scope"] == "agent:a"
+    assert printed["last_command"] == zoned_report["last_command"]
+
+
+def test_spend_json_for_a_period_nothing_governs_is_the_same_error_as_the_table(
+    zoned_report: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["spend", "agent:a", "--json", "--period", "run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no run budget governs agent:a (the processor holds: day, week, month" in captured.err
