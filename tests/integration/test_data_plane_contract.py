@@ -542,10 +542,14 @@ def test_an_aborted_transaction_is_read_again_and_counts_nothing_twice(backend: 
         plane.stop()
     plane.check()
     assert [w.fired for w in wrappers] == [1], "one producer, one abort, no rebuild"
-    changelog = data_plane_topics(backend.settings).changelog
-    # The aborted transaction's states reached the broker, and no read_committed reader saw
-    # them: exactness above was not for want of an abort.
-    assert len(backend.read(changelog, committed=False)) > len(backend.read(changelog))
+    topics = data_plane_topics(backend.settings)
+    written = (topics.changelog, topics.scope_changelog, topics.scopes)
+    # The aborted transaction's records (agent or scope states, deltas: whichever that cycle
+    # wrote) reached the broker, and no read_committed reader saw them: exactness above was
+    # not for want of an abort.
+    assert sum(len(backend.read(t, committed=False)) for t in written) > sum(
+        len(backend.read(t)) for t in written
+    )
 
 
 def test_an_aborted_first_transaction_is_read_again_from_the_beginning(backend: Backend) -> None:
