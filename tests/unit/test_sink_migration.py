@@ -42,6 +42,7 @@ from agentledger.sinks.rebuild import (
     plan_ranges,
     progress_lines,
 )
+from agentledger.sinks.results import QueryResult
 from agentledger.sinks.worker import SinkWorker
 from tests.unit.test_sink_worker import FakeConsumer, Msg, worker_on_chdb
 
@@ -93,16 +94,21 @@ _DIMENSION_SQL = {
 }
 
 
-def _fingerprint(db: ClickHouse, grouped: str) -> list[object]:
+Query = Callable[[str], QueryResult]
+
+
+def _fingerprint(query: Query, grouped: str) -> list[object]:
     """(groups, calls, an order-independent checksum of every group's text) of a GROUP BY."""
-    return db.readonly_query(
+    return query(
         "SELECT count(), sum(toUInt64(tupleElement(m, 1))), sum(cityHash64(toString((k, m)))) "
         f"FROM ({grouped})"
     ).rows[0]
 
 
-def assert_rollups_exact(db: ClickHouse) -> None:
-    """Every bucket of every rollup holds what `calls` gives for it, every measure included."""
+def assert_rollups_exact(db: ClickHouse | Query) -> None:
+    """Every bucket of every rollup holds what `calls` gives for it, every measure included
+    (`db`: a database, or the query function of a client of the sink's)."""
+    query = db.readonly_query if isinstance(db, ClickHouse) else db
     for family, dims in ROLLUP_FAMILIES.items():
         for grain, bucket_fn in ROLLUP_GRAINS.items():
             keys = ", ".join(dims)
@@ -115,10 +121,12 @@ def assert_rollups_exact(db: ClickHouse) -> None:
                 f"SELECT (toDateTime({bucket_fn}(event_time, 'UTC')), {exprs}) AS k, "
                 f"({_CALL_MEASURES}) AS m FROM calls GROUP BY k"
             )
-            assert _fingerprint(db, rollup) == _fingerprint(db, from_calls), f"{family}_{grain}"
+            assert _fingerprint(query, rollup) == _fingerprint(query, from_calls), (
+                f"{family}_{grain}"
+            )
 
 
-def _live_event(n: int) -> bytes:
+def live_event(n: int) -> bytes:
     # Times inside the history (so inside ranges the backfill reads) and after it.
     minute = (n * 7919) % (SPAN // 60_000)
     time_ms = H0 + SPAN + n * 1000 if n % 5 == 0 else H0 + minute * 60_000 + n % 60 * 1000
@@ -160,7 +168,7 @@ class Ingest:
         for _ in range(size):
             n = len(self.sent)
             # Every 40th record re-sends an earlier event at a new offset: it must count once.
-            value = self.sent[n // 2] if n % 40 == 39 else _live_event(n)
+            value = self.sent[n // 2] if n % 40 == 39 else live_event(n)
             self.sent.append(value)
             partition = n % 2
             messages.append(Msg("x.calls", partition, self.offsets[partition], value))
