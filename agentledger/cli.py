@@ -95,6 +95,9 @@ def _print_status(rows: Sequence[object]) -> None:
             ],
         )
     )
+    for row in rows:
+        for note in getattr(row, "notes", ()):
+            print(f"{row.name}: {note}")  # type: ignore[attr-defined]
 
 
 def _cmd_budgets_apply(settings: Settings, args: argparse.Namespace) -> int:

@@ -106,6 +106,8 @@ class ComponentStatus:
     address: str
     log_file: Path
     detail: str = ""
+    # Lines shown under the table, e.g. a sink's background migration and its progress.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,8 @@ class Stack:
         for service in self.services:
             pid = self.running_pid(service)
             healthy, detail = self._health(service) if pid is not None else (False, "not running")
+            # The sinks share one database: the first one answers for the migrations.
+            notes = self._migration_notes() if healthy and service.name == "sink" else ()
             rows.append(
                 ComponentStatus(
                     service.name,
@@ -333,12 +337,28 @@ class Stack:
                     f"127.0.0.1:{service.port}",
                     self._log_file(service),
                     detail,
+                    notes,
                 )
             )
         supervisor = self._supervisor_row()
         if supervisor is not None:
             rows.append(supervisor)
         return rows
+
+    def _migration_notes(self) -> tuple[str, ...]:
+        """The sink's background migrations and their progress (sinks/rebuild.py), read
+        through its query server (with chDB only the sink may open the database)."""
+        from agentledger.review.query import QueryClient
+        from agentledger.sinks.rebuild import progress_lines
+
+        try:
+            client = QueryClient.from_settings(self.settings)
+            try:
+                return tuple(progress_lines(client.query))
+            finally:
+                client.close()
+        except RuntimeError as exc:  # QueryError, ClickHouseError: status still answers
+            return (f"migration progress unavailable: {str(exc)[:200]}",)
 
     # -- up / down -------------------------------------------------------------------------
 
@@ -569,6 +589,7 @@ class Stack:
                     "address": r.address,
                     "log": str(r.log_file),
                     "detail": r.detail,
+                    "notes": list(r.notes),
                 }
                 for r in self.status()
             ],

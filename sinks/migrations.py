@@ -2,6 +2,11 @@
 
 Every statement is idempotent (IF NOT EXISTS), so a migration interrupted between its DDL and its
 record is simply re-run. Never edit a released migration: append a new version.
+
+A `Migration` is DDL that takes moments and runs before the worker consumes. A `Rebuild` replaces
+derived tables (rollups) with new definitions computed from `calls`; it runs in the background
+while the sink keeps ingesting (sinks/rebuild.py), so an upgrade never stops history for the
+minutes a rebuild of millions of calls takes.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ __all__ = [
     "ROLLUP_QUANTILES",
     "Migration",
     "MigrationTarget",
+    "Rebuild",
+    "RebuildView",
     "applied_versions",
     "apply_migrations",
     "cluster_statement",
     "distributed_statements",
     "migration_ddl",
+    "rebuild_rollups",
 ]
 
 
@@ -42,6 +50,155 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+
+
+_CREATED_TABLE = re.compile(r"^\s*CREATE TABLE IF NOT EXISTS (\w+)")
+_CREATED_VIEW = re.compile(
+    r"^\s*CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\s+(SELECT\b.*)$", re.DOTALL
+)
+_FROM_TABLE = re.compile(r"\bFROM\s+(\w+)\b")
+
+
+@dataclass(frozen=True)
+class RebuildView:
+    """One materialized view of a Rebuild: `name` feeds `target` with `select`, which reads
+    `source` (the rebuild's source table, or another table of the rebuild: a cascade)."""
+
+    name: str
+    target: str
+    source: str
+    select: str
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """Derived tables rebuilt from `source` with new definitions, without stopping ingest.
+
+    `creates`: the CREATE TABLE IF NOT EXISTS and CREATE MATERIALIZED VIEW IF NOT EXISTS ... TO
+    statements of the new tables and views under their final names; every view reads `source`
+    (a root view: its SELECT has one `FROM <source>`) or a table created here (a cascade), and
+    every table is some view's target. `drops`: DROP statements for old tables or views that go
+    and have no successor. Old tables and views with the names of new ones are replaced.
+
+    sinks/rebuild.py runs it in the background: the new tables are built under temporary names
+    (`<name>__m<version>`), fed by their own views from a fence on (a moment between two sink
+    batches, so no insert is half in and half out), backfilled from a snapshot of `source`
+    taken at that fence, then swapped in with EXCHANGE TABLES at a second fence. `statements`
+    is the same change as plain DDL (drop, create, backfill from `source` in one go), used on a
+    cluster and when `source` is still empty at start.
+    """
+
+    version: int
+    name: str
+    creates: tuple[str, ...]
+    drops: tuple[str, ...] = ()
+    source: str = "calls"
+    # The source column whose ranges the backfill walks (hours, or minutes when an hour holds
+    # more than a range's rows), aligned to months, the tables' partitions.
+    time_column: str = "event_time"
+
+    def __post_init__(self) -> None:
+        tables = self.tables
+        for view in self.views:
+            if view.target not in tables:
+                raise ValueError(
+                    f"rebuild {self.version}: view {view.name} writes {view.target}, "
+                    "which the rebuild does not create"
+                )
+            if view.source != self.source and view.source not in tables:
+                raise ValueError(
+                    f"rebuild {self.version}: view {view.name} reads {view.source}; it must "
+                    f"read {self.source} or a table of the rebuild"
+                )
+            if view.source == self.source and len(_FROM_TABLE.findall(view.select)) != 1:
+                raise ValueError(
+                    f"rebuild {self.version}: root view {view.name} must read exactly one "
+                    f"FROM {self.source} (the backfill swaps it for the snapshot's ranges)"
+                )
+        fed = {view.target for view in self.views}
+        if not self.roots or set(tables) - fed:
+            raise ValueError(
+                f"rebuild {self.version}: every table needs a view feeding it, and at least "
+                f"one view must read {self.source}; unfed: {sorted(set(tables) - fed)}"
+            )
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(m.group(1) for s in self.creates if (m := _CREATED_TABLE.match(s)))
+
+    @property
+    def views(self) -> tuple[RebuildView, ...]:
+        views = []
+        for statement in self.creates:
+            if (m := _CREATED_VIEW.match(statement)) is None:
+                continue
+            read = _FROM_TABLE.search(m.group(3))
+            if read is None:
+                raise ValueError(f"rebuild {self.version}: view {m.group(1)} reads no table")
+            views.append(RebuildView(m.group(1), m.group(2), read.group(1), m.group(3)))
+        return tuple(views)
+
+    @property
+    def roots(self) -> tuple[RebuildView, ...]:
+        """The views that read `source`: the backfill inserts through them."""
+        return tuple(view for view in self.views if view.source == self.source)
+
+    def temporary(self, name: str) -> str:
+        """The name a new table or view has while it is built beside the live one."""
+        return f"{name}__m{self.version}"
+
+    @property
+    def snapshot(self) -> str:
+        return f"{self.source}__m{self.version}_snapshot"
+
+    @property
+    def marker(self) -> str:
+        """The comment of the new tables: after EXCHANGE TABLES it names which one is live, so
+        an interrupted swap knows which pairs it already exchanged."""
+        return f"agentledger migration {self.version}"
+
+    def renamed(self, statement: str) -> str:
+        """`statement` with every table and view of the rebuild under its temporary name."""
+        names = sorted({*self.tables, *(v.name for v in self.views)}, key=len, reverse=True)
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+        return pattern.sub(lambda m: self.temporary(m.group(1)), statement)
+
+    def backfill(self, view: RebuildView, source_sql: str, target: str | None = None) -> str:
+        """`INSERT INTO <target, default view.target> <view.select>` reading `source_sql` (a
+        table or a parenthesised subquery) as `source`: the alias keeps `calls.<column>`
+        references working."""
+        select = _FROM_TABLE.sub(f"FROM {source_sql} AS {self.source}", view.select, count=1)
+        return f"INSERT INTO {target or view.target}\n{select}"
+
+    @property
+    def table_creates(self) -> tuple[str, ...]:
+        return tuple(s for s in self.creates if _CREATED_TABLE.match(s))
+
+    @property
+    def view_creates(self) -> tuple[str, ...]:
+        return tuple(s for s in self.creates if _CREATED_VIEW.match(s))
+
+    @property
+    def leftovers(self) -> tuple[str, ...]:
+        """Drops of what an interrupted background run may have left (temporary names only)."""
+        return (
+            *(f"DROP VIEW IF EXISTS {self.temporary(v.name)}" for v in self.views),
+            *(f"DROP TABLE IF EXISTS {self.temporary(t)}" for t in self.tables),
+            f"DROP TABLE IF EXISTS {self.snapshot}",
+        )
+
+    @property
+    def statements(self) -> tuple[str, ...]:
+        """The rebuild as blocking DDL, like migration 6: leftovers of an interrupted background
+        run, then the old views and tables, go; the new ones are created and backfilled from
+        `source` in one insert per root view. A re-run drops and rebuilds again."""
+        old = (
+            *(f"DROP VIEW IF EXISTS {v.name}" for v in self.views),
+            *(f"DROP TABLE IF EXISTS {t}" for t in self.tables),
+            *self.drops,
+        )
+        fill = tuple(self.backfill(v, self.source) for v in self.roots)
+        return self.leftovers + old + self.creates + fill
 
 
 _SCHEMA_MIGRATIONS = """
@@ -406,7 +563,23 @@ _CASCADE_V8 = tuple(
 )
 
 
-MIGRATIONS: tuple[Migration, ...] = (
+def rebuild_rollups(
+    version: int, name: str = "rollups rebuilt from calls (same definitions)"
+) -> Rebuild:
+    """The rollups as migrations 6 and 8 define them, rebuilt from `calls` in the background:
+    what a migration changing a rollup looks like (with its new definitions in `creates`), and
+    what the migration tests and bench/migration_bench.py run over millions of calls."""
+    creates = []
+    for family, dims in ROLLUP_FAMILIES.items():
+        creates += [_v6(_rollup_table(family, dims, grain)) for grain in ROLLUP_GRAINS]
+        creates.append(_v6(_rollup_view(family, dims, "minute", ROLLUP_GRAINS["minute"])))
+        creates += [_cascade_view(family, dims, grain) for grain in _CASCADE_SOURCES]
+    return Rebuild(version, name, tuple(creates))
+
+
+AnyMigration = Migration | Rebuild
+
+MIGRATIONS: tuple[AnyMigration, ...] = (
     Migration(1, "calls table", (_CALLS_V1,)),
     Migration(2, "calls: event_id bloom filter index for replay dedup", (_CALLS_EVENT_ID_INDEX,)),
     Migration(3, "control_commands and alerts tables", (_CONTROL_COMMANDS_V3, _ALERTS_V3)),
@@ -447,7 +620,6 @@ _CREATE = re.compile(r"^(\s*CREATE (?:TABLE|MATERIALIZED VIEW) IF NOT EXISTS \w+
 _ALTER = re.compile(r"^(\s*ALTER TABLE \w+)")
 _DROP = re.compile(r"^(\s*DROP (?:TABLE|VIEW) IF EXISTS \w+)\s*$")
 _ENGINE = re.compile(r"^ENGINE = (\w*MergeTree)\s*$", re.MULTILINE)
-_CREATED_TABLE = re.compile(r"^\s*CREATE TABLE IF NOT EXISTS (\w+)")
 _DROPPED_TABLE = re.compile(r"^\s*DROP TABLE IF EXISTS (\w+)")
 REPLICA_PATH = "'/clickhouse/tables/{uuid}/{shard}', '{replica}'"
 
@@ -470,7 +642,7 @@ def cluster_statement(statement: str, cluster: str | None) -> str:
     return out.replace("non_replicated_deduplication_window", "replicated_deduplication_window")
 
 
-def _stored_tables(migrations: tuple[Migration, ...]) -> list[str]:
+def _stored_tables(migrations: tuple[AnyMigration, ...]) -> list[str]:
     tables: list[str] = []
     for migration in migrations:
         for statement in migration.statements:
@@ -483,7 +655,7 @@ def _stored_tables(migrations: tuple[Migration, ...]) -> list[str]:
 
 
 def distributed_statements(
-    cluster: str, migrations: tuple[Migration, ...] = MIGRATIONS
+    cluster: str, migrations: tuple[AnyMigration, ...] = MIGRATIONS
 ) -> tuple[str, ...]:
     """One `<table>_all` Distributed table per table the migrations leave in place."""
     name = _check_cluster(cluster)
@@ -495,7 +667,7 @@ def distributed_statements(
 
 
 def migration_ddl(
-    cluster: str | None = None, migrations: tuple[Migration, ...] = MIGRATIONS
+    cluster: str | None = None, migrations: tuple[AnyMigration, ...] = MIGRATIONS
 ) -> list[str]:
     """Every statement a fresh database receives, in order (for review and snapshot tests)."""
     statements = [cluster_statement(_SCHEMA_MIGRATIONS, cluster)]
@@ -513,28 +685,15 @@ def applied_versions(target: MigrationTarget, cluster: str | None = None) -> set
 
 def apply_migrations(
     target: MigrationTarget,
-    migrations: tuple[Migration, ...] = MIGRATIONS,
+    migrations: tuple[AnyMigration, ...] = MIGRATIONS,
     cluster: str | None = None,
 ) -> list[int]:
-    """Apply the missing versions in order; return the versions applied by this call. With
-    ``cluster``, DDL is rewritten for the cluster (cluster_statement) and the Distributed read
-    tables are (re)ensured on every call, since a new migration may add a table."""
-    versions = [m.version for m in migrations]
-    if versions != sorted(set(versions)):
-        raise ValueError(f"migration versions must be unique and increasing, got {versions}")
-    done = applied_versions(target, cluster)
-    applied = []
-    for migration in migrations:
-        if migration.version in done:
-            continue
-        for statement in migration.statements:
-            target.command(cluster_statement(statement, cluster))
-        target.command(
-            "INSERT INTO schema_migrations (version, name) VALUES ({v:UInt32}, {n:String})",
-            {"v": migration.version, "n": migration.name},
-        )
-        applied.append(migration.version)
-    if cluster is not None:
-        for statement in distributed_statements(cluster, migrations):
-            target.command(statement)
-    return applied
+    """Apply the missing versions in order, now, with nothing ingesting meanwhile (a Rebuild
+    too, through the steps it takes in the background); return the versions applied by this
+    call. With ``cluster``, DDL is rewritten for the cluster (cluster_statement) and the
+    Distributed read tables are (re)ensured on every call, since a new migration may add a
+    table. The sink itself applies at start only what needs no background (sinks/rebuild.py)."""
+    # rebuild.py builds on this module's definitions, hence the import here.
+    from .rebuild import Migrator
+
+    return Migrator(target, migrations, cluster=cluster).apply_all()

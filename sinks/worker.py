@@ -244,6 +244,7 @@ class SinkWorker:
         retry_max_s: float = 10.0,
         stop: threading.Event | None = None,
         flood: FloodGuard | None = None,
+        between_batches: Callable[[], bool] | None = None,
     ) -> None:
         if batch_max_rows < 1 or batch_max_ms < 1:
             raise ValueError(
@@ -290,6 +291,10 @@ class SinkWorker:
         self._last_lag_ms: int | None = None
         self._inserter: ThreadPoolExecutor | None = None
         self._inflight: Future[tuple[int, int]] | None = None
+        # Called at every batch boundary, with no insert in flight: a migration's fence
+        # (sinks/rebuild.py) runs its steps there. False: insert nothing more (schema half
+        # swapped and stop requested), the batch is left uncommitted.
+        self.between_batches = between_batches
 
     # -- partition assignment -----------------------------------------------------------
 
@@ -342,6 +347,7 @@ class SinkWorker:
                 if pending is not None:
                     self._complete(pending)
                     pending = None
+                self._at_batch_boundary()
                 if prepared is None:
                     self._update_lag()
                     continue
@@ -358,13 +364,34 @@ class SinkWorker:
     def step(self) -> bool:
         """Collect and process one batch; False when nothing arrived."""
         batch = self.collect()
-        if not batch:
-            self._update_lag()
-            return False
         try:
+            self._at_batch_boundary()
+            if not batch:
+                self._update_lag()
+                return False
             self.process(batch)
         except _Abandon:
             log.info("stop requested: %d records left uncommitted for the next run", len(batch))
+        return True
+
+    def _at_batch_boundary(self) -> None:
+        if self.between_batches is not None and not self.between_batches():
+            log.error("a migration left the schema half swapped: inserting nothing more")
+            self.stop.set()
+            raise _Abandon
+
+    def owns_every_partition(self) -> bool:
+        """This worker is assigned every partition of its topics, so no other sink of the
+        group can be inserting (a migration's fence needs that against a shared server)."""
+        try:
+            for topic in self._streams:
+                metadata = self.consumer.list_topics(topic, timeout=5.0)  # type: ignore[attr-defined]
+                partitions = metadata.topics[topic].partitions
+                if not partitions or any((topic, p) not in self._assigned for p in partitions):
+                    return False
+        except _kafka_errors() as exc:
+            log.debug("metadata unavailable: %s", exc)
+            return False
         return True
 
     def collect(self) -> list[Any]:

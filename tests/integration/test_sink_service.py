@@ -40,9 +40,17 @@ BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 
 
 class SinkProcess:
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        module: str = "agentledger.sinks",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.module = module  # another entry point of run_sink (test_sink_migration.py)
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -58,6 +66,7 @@ class SinkProcess:
                 "AGENTLEDGER_SINK_BATCH_MS": "200",
                 "AGENTLEDGER_CONTROL_KEY": self.settings.control_key_bytes().decode(),
                 "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
             }
         )
         return env
@@ -65,7 +74,7 @@ class SinkProcess:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agentledger.sinks"],
+                [sys.executable, "-m", self.module],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
