@@ -26,6 +26,7 @@ and decoded; k is completed (its retries, dlq, commit) before k+1's ids are look
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -448,23 +449,29 @@ class SinkWorker:
             offsets = [_offset(m) for m in records]
             present = self._present_offsets(stream, topic, partition, min(offsets))
             commit_to[(topic, partition)] = max(offsets) + 1
-            for msg, offset in zip(records, offsets, strict=True):
-                if offset in present:
-                    self.stats.rows_skipped_replayed += 1
-                    continue
-                source = new_tuple(SourcePosition, (topic, partition, offset))
-                value = msg.value()
-                if not value and stream.skip_empty:
-                    continue
-                try:
-                    decoded = stream.decode(value or b"", source, now)
-                except DecodeError as exc:
-                    dead.append(self._invalid(msg, source, str(exc), now))
-                    continue
-                candidates.append((stream, partition, offset, decoded))
-                kind, appended_ms = msg.timestamp()
-                if kind != 0:  # 0: TIMESTAMP_NOT_AVAILABLE
-                    appended.append(appended_ms)
+            if present:
+                self.stats.rows_skipped_replayed += sum(o in present for o in offsets)
+            if stream.decode_many is not None:
+                self._decode_partition(
+                    stream, partition, records, offsets, present, now, candidates, dead, appended
+                )
+            else:
+                for msg, offset in zip(records, offsets, strict=True):
+                    if offset in present:
+                        continue
+                    source = new_tuple(SourcePosition, (topic, partition, offset))
+                    value = msg.value()
+                    if not value and stream.skip_empty:
+                        continue
+                    try:
+                        decoded = stream.decode(value or b"", source, now)
+                    except DecodeError as exc:
+                        dead.append(self._invalid(msg, source, str(exc), now))
+                        continue
+                    candidates.append((stream, partition, offset, decoded))
+                    kind, appended_ms = msg.timestamp()
+                    if kind != 0:  # 0: TIMESTAMP_NOT_AVAILABLE
+                        appended.append(appended_ms)
             judged[topic][0] += len(candidates) - kept_before + len(dead) - dead_before
             judged[topic][1] += len(dead) - dead_before
 
@@ -472,6 +479,55 @@ class SinkWorker:
             first = next((d.message.reason for d in dead if d.message.topic == topic), None)
             self.flood.check(topic, count, invalid, first)
         return _Batch(candidates, dead, commit_to, appended)
+
+    def _decode_partition(
+        self,
+        stream: SinkStream,
+        partition: int,
+        records: list[MessageLike],
+        offsets: list[int],
+        present: set[int],
+        now: int,
+        candidates: list[tuple[SinkStream, int, int, Decoded]],
+        dead: list[DeadLetter],
+        appended: list[int],
+    ) -> None:
+        """A partition's records through the stream's batch decoder (the calls stream): the same
+        results as `decode` record by record, without a Python loop per record on the usual
+        path (no replayed offsets, no invalid record, every record timestamped)."""
+        assert stream.decode_many is not None
+        if present:
+            kept = [(m, o) for m, o in zip(records, offsets, strict=True) if o not in present]
+            records, offsets = [m for m, _ in kept], [o for _, o in kept]
+        values = [m.value() or b"" for m in records]
+        if stream.skip_empty and not all(values):
+            kept_values = [(m, o, v) for m, o, v in zip(records, offsets, values, strict=True) if v]
+            records = [m for m, _, _ in kept_values]
+            offsets = [o for _, o, _ in kept_values]
+            values = [v for _, _, v in kept_values]
+        if not records:
+            return
+        results = stream.decode_many(values, stream.topic, partition, offsets, now)
+        stamps = [m.timestamp() for m in records]
+        if not any(isinstance(r, DecodeError) for r in results):
+            candidates.extend(
+                zip(
+                    itertools.repeat(stream),
+                    itertools.repeat(partition),
+                    offsets,
+                    cast(list[Decoded], results),
+                )
+            )
+            appended.extend([ms for kind, ms in stamps if kind != 0])
+            return
+        for msg, offset, result, (kind, ms) in zip(records, offsets, results, stamps, strict=True):
+            if isinstance(result, DecodeError):
+                source = new_tuple(SourcePosition, (stream.topic, partition, offset))
+                dead.append(self._invalid(msg, source, str(result), now))
+                continue
+            candidates.append((stream, partition, offset, result))
+            if kind != 0:  # 0: TIMESTAMP_NOT_AVAILABLE
+                appended.append(ms)
 
     def _launch(self, batch: _Batch, *, background: bool) -> _Batch:
         """Drop ids already stored (so the previous batch must be complete), cut the chunks and
