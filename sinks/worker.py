@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import operator
 import threading
 import time
 from collections import defaultdict
@@ -187,12 +188,18 @@ class Chunk:
     def token(self) -> str:
         """The offset range of each partition in the chunk, in partition order: the same rows
         give the same token, so a retried insert is dropped by ClickHouse."""
-        per_partition: dict[int, list[int]] = defaultdict(list)
-        for partition, offset in self.sources:
-            per_partition[partition].append(offset)
-        (first, offsets), *rest = sorted(per_partition.items())
-        token = dedup_token(self.topic, first, min(offsets), max(offsets))
-        return ",".join([token, *(f"{p}:{min(o)}-{max(o)}" for p, o in rest)])
+        # Runs of one partition (the usual layout: a batch is decoded partition by partition):
+        # each run's (partition, offset) pairs, min and max compared in C.
+        ranges: dict[int, tuple[int, int]] = {}
+        for partition, run in itertools.groupby(self.sources, key=operator.itemgetter(0)):
+            pairs = list(run)
+            lo, hi = min(pairs)[1], max(pairs)[1]
+            if partition in ranges:
+                lo, hi = min(lo, ranges[partition][0]), max(hi, ranges[partition][1])
+            ranges[partition] = (lo, hi)
+        (first, (lo, hi)), *rest = sorted(ranges.items())
+        token = dedup_token(self.topic, first, lo, hi)
+        return ",".join([token, *(f"{p}:{a}-{b}" for p, (a, b) in rest)])
 
     @property
     def partitions(self) -> set[int]:
@@ -577,22 +584,32 @@ class SinkWorker:
     ) -> list[tuple[SinkStream, int, int, Decoded]]:
         """Keep the first record of each id in this batch, and none whose id is stored already
         (a spool replay delivers the same event at a new offset: it must count once)."""
+        if not candidates:
+            return candidates
         by_stream: dict[str, list[Decoded]] = defaultdict(list)
-        for stream, _partition, _source_offset, decoded in candidates:
-            by_stream[stream.topic].append(decoded)
+        first_topic = candidates[0][0].topic
+        if all(item[0].topic == first_topic for item in candidates):
+            by_stream[first_topic] = [item[3] for item in candidates]  # the usual batch
+        else:
+            for stream, _partition, _source_offset, decoded in candidates:
+                by_stream[stream.topic].append(decoded)
         # Per topic: the ids stored already, then every id kept so far (one set, one lookup).
         taken: dict[str, set[str]] = {}
+        repeated = False
         for topic, decoded_list in by_stream.items():
             stream = self._streams[topic]
-            ids = list({d.record_id for d in decoded_list})  # any order: the lookup is a set
+            unique = {d.record_id for d in decoded_list}
+            repeated = repeated or len(unique) < len(decoded_list)
             times = [d.time_ms for d in decoded_list]
             lo, hi = min(times), max(times)
             taken[topic] = set(  # a copy: ids kept are added to it
                 self._retry(
-                    functools.partial(self.store.present_ids, stream, ids, lo, hi),
-                    f"looking up {len(ids)} ids in {stream.table}",
+                    functools.partial(self.store.present_ids, stream, list(unique), lo, hi),
+                    f"looking up {len(unique)} ids in {stream.table}",
                 )
             )
+        if not repeated and not any(taken.values()):
+            return candidates  # nothing stored yet, nothing repeated: the usual batch
         kept = []
         for item in candidates:
             seen, record_id = taken[item[0].topic], item[3].record_id
