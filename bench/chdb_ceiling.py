@@ -9,7 +9,7 @@ same INSERT ... SELECT), inserted in batches of the sink's size into a fresh emb
 Rows/s is wall clock of the inserts alone (one thread); CPU is this process's user + system.
 Each figure is the least of `rounds` passes over the payloads (the pass the other load on the
 shared machine disturbed least), the passes interleaved so a burst of load hits every variant
-alike.
+alike, each pass into emptied tables (background merges run as in the sink).
 """
 
 from __future__ import annotations
@@ -107,9 +107,20 @@ def _measure(
             variants[name] = (base, only([v for v in views if v != name]))
     walls: dict[str, list[float]] = {k: [] for k in variants}
     cpus: dict[str, list[float]] = {k: [] for k in variants}
+    tables_to_empty = [
+        str(name)
+        for (name,) in db.writer_query(
+            "SELECT name FROM system.tables WHERE database = currentDatabase() "
+            "AND engine LIKE '%MergeTree' AND name != 'schema_migrations'"
+        ).rows
+    ]
     for _ in range(rounds):
         for name, (stream, arrange) in variants.items():
             arrange()
+            # Every pass starts from empty tables: otherwise later passes insert into larger
+            # tables with more merges running, and the variants' order decides their figures.
+            for table in tables_to_empty:
+                db.command(f"TRUNCATE TABLE {table}")
             wall, cpu = one_pass(stream)
             walls[name].append(wall)
             cpus[name].append(cpu)

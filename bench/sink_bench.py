@@ -186,6 +186,8 @@ def measure(
     lag_seconds: float = 10.0,
     ceiling: bool = True,
 ) -> dict[str, Any]:
+    # The machine's 1-minute load around the run: the figures swing with it on a shared machine.
+    load_before = os.getloadavg()[0]
     settings = _settings(bootstrap, home, f"bs{uuid.uuid4().hex[:6]}.", (port, port))
     ensure_topics(bootstrap, topic_specs(settings.topics))
     home.mkdir(parents=True, exist_ok=True)
@@ -243,6 +245,7 @@ def measure(
         "lag_max_ms": lag_health["lag_max_ms"],
         "lag_rows": lag_health["lag_rows"],
         "lag_cpu_us_per_row": round(lag_cpu_s * 1e6 / lag_events, 1),
+        "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 

@@ -51,17 +51,19 @@ def model_ranks(cost_and_tokens: dict[str, tuple[int, int]]) -> dict[str, int]:
 # task_calls a task's rows are adjacent and arrive in this order, so the grouping and the sort
 # cost less than over `calls` (ordered by agent and time). The price rank by `transform` (a
 # hash lookup) rather than `ranks[indexOf(models, m)]`: ~8% less CPU for this query at 10M.
+# The array carries `status = 'ok'` (a UInt8) and the Int64 cost, widened to Int128 only in
+# the sums: a String and an Int128 per element measured ~14% more CPU (10M calls, same result).
 _SQL = """
 SELECT key, c.7 AS now, countIf(c.4 > 0 AND p.4 > 0 AND c.4 > p.4 AS esc),
-    countIf(esc AND p.5 != 'ok' AND c.5 != 'ok'),
-    sumIf(c.6, esc AND p.5 != 'ok' AND c.5 != 'ok'),
-    countIf(esc AND p.5 = 'ok'),
-    sumIf(c.6, esc AND p.5 = 'ok')
+    countIf(esc AND NOT p.5 AND NOT c.5),
+    sumIf(toInt128(c.6), esc AND NOT p.5 AND NOT c.5),
+    countIf(esc AND p.5),
+    sumIf(toInt128(c.6), esc AND p.5)
 FROM (
     SELECT {key} AS key,
         arraySort(groupArray((attempt, event_time, event_id,
             transform(used_model, {{models:Array(String)}}, {{ranks:Array(UInt32)}}, toUInt32(0)),
-            status, toInt128(cost_nano_usd),
+            status = 'ok', cost_nano_usd,
             event_time >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')))) AS task
     FROM {source}
     WHERE event_time >= fromUnixTimestamp64Milli({{prev_since_ms:Int64}}, 'UTC')

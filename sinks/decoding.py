@@ -6,7 +6,7 @@ its time) or raises DecodeError whose message is the dlq reason naming the field
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from pydantic import ValidationError
@@ -17,6 +17,7 @@ from .audit_rows import alert_to_row, command_to_row
 from .rows import RowError, SourcePosition, call_to_row, yyyymm
 
 __all__ = [
+    "BatchDecoder",
     "DecodeError",
     "Decoded",
     "Decoder",
@@ -62,6 +63,10 @@ class Decoded(NamedTuple):
 
 
 Decoder = Callable[[bytes, SourcePosition, int], Decoded]
+# (values, topic, partition, offsets, now_ms) -> per value its Decoded, or its DecodeError.
+BatchDecoder = Callable[
+    [Sequence[bytes], str, int, Sequence[int], int], list["Decoded | DecodeError"]
+]
 
 
 def _reason(kind: str, exc: ValidationError | RowError) -> str:

@@ -28,14 +28,17 @@ class LagHistogram:
 
     def add(self, acknowledged_ms: int, appended_ms: Iterable[int]) -> None:
         # A broker clock ahead of ours would give negative lags: those count as 0.
-        lags = [max(0, acknowledged_ms - t) for t in appended_ms]
-        if not lags:
+        times = appended_ms if isinstance(appended_ms, list) else list(appended_ms)
+        if not times:
             return
-        buckets = Counter(lag // BUCKET_MS for lag in lags)
+        # Counted in C; a negative lag's bucket is negative, folded into bucket 0 after.
+        buckets = Counter([(acknowledged_ms - t) // BUCKET_MS for t in times])
+        for bucket in [b for b in buckets if b < 0]:
+            buckets[0] += buckets.pop(bucket)
         with self._lock:
             self._buckets.update(buckets)
-            self._count += len(lags)
-            self._max = max(self._max, max(lags))
+            self._count += len(times)
+            self._max = max(self._max, acknowledged_ms - min(times))
 
     @property
     def count(self) -> int:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from agentledger.config import Settings
-from agentledger.sinks.call_decode import decode_call_json
+from agentledger.sinks.call_decode import decode_call_json, decode_call_lines
 from agentledger.sinks.database import ClickHouse
 from agentledger.sinks.decoding import DecodeError, decode_call
 from agentledger.sinks.migrations import apply_migrations
@@ -158,21 +158,22 @@ def test_a_repeated_key_stores_the_value_the_check_read(rig: Rig) -> None:
     assert value[0][3] == "agent-2"  # type: ignore[index]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "drop"),
-    [
-        ({"event_id": "0190C9A8-0000-7000-8000-000000000001"}, ()),  # upper case: normalised
-        ({"event_id": "0190c9a8000070008000000000000001"}, ()),  # no hyphens
-        ({}, ("event_id",)),  # CallEvent assigns one
-        ({"input_tokens": "10000"}, ()),  # pydantic's lax mode takes a numeric string
-        ({"latency_ms": 812.0}, ()),
-        ({"priced": "true"}, ()),
-        ({"pool": None, "task_type": None, "parent_agent_id": None}, ()),
-        ({}, ("pool", "workflow_id", "schema_version", "attempt", "status", "priced")),
-        ({"event_time_ms": MAX_DATETIME64_MS}, ()),
-        ({"event_time_ms": 0, "latency_ms": (1 << 32) - 1, "cost_nano_usd": (1 << 63) - 1}, ()),
-    ],
-)
+ACCEPTED: list[tuple[dict[str, Any], tuple[str, ...]]] = [
+    ({"event_id": "0190C9A8-0000-7000-8000-000000000001"}, ()),  # upper case: normalised
+    ({"event_id": "0190c9a8000070008000000000000001"}, ()),  # no hyphens
+    ({}, ("event_id",)),  # CallEvent assigns one
+    ({"input_tokens": "10000"}, ()),  # pydantic's lax mode takes a numeric string
+    ({"latency_ms": 812.0}, ()),
+    ({"priced": "true"}, ()),
+    ({"pool": None, "task_type": None, "parent_agent_id": None}, ()),
+    ({}, ("pool", "workflow_id", "schema_version", "attempt", "status", "priced")),
+    ({"event_time_ms": MAX_DATETIME64_MS}, ()),
+    ({"event_time_ms": 0, "latency_ms": (1 << 32) - 1, "cost_nano_usd": (1 << 63) - 1}, ()),
+    ({"task_id": "t" * 200, "agent_id": "a" * 200}, ()),  # long but valid identifiers
+]
+
+
+@pytest.mark.parametrize(("overrides", "drop"), ACCEPTED)
 def test_records_pydantic_accepts_are_stored_exactly_as_before(
     rig: Rig, overrides: dict[str, Any], drop: tuple[str, ...]
 ) -> None:
@@ -180,28 +181,31 @@ def test_records_pydantic_accepts_are_stored_exactly_as_before(
     assert kind == "row"
 
 
-@pytest.mark.parametrize(
-    ("overrides", "drop", "field"),
-    [
-        ({"agent_id": "agent 1"}, (), "agent_id"),
-        ({"agent_id": "a\n"}, (), "agent_id"),
-        ({"pool": ""}, (), "pool"),
-        ({"task_id": "x" * 201}, (), "task_id"),
-        ({"cached_input_tokens": 10_001}, (), "cached_input_tokens"),
-        ({"reasoning_tokens": 2_001}, (), "reasoning_tokens"),
-        ({"extra": 1}, (), "extra"),
-        ({"status": "OK"}, (), "status"),
-        ({"schema_version": 2}, (), "schema_version"),
-        ({"cost_nano_usd": -1}, (), "cost_nano_usd"),
-        ({"cost_nano_usd": 1 << 63}, (), "cost_nano_usd"),
-        ({"latency_ms": 1 << 32}, (), "latency_ms"),
-        ({"event_time_ms": MAX_DATETIME64_MS + 1}, (), "event_time_ms"),
-        ({"event_id": "not-a-uuid"}, (), "event_id"),
-        ({"error_type": "e" * 201}, (), "error_type"),
-        ({"priced": None}, (), "priced"),
-        ({}, ("agent_id",), "agent_id"),
-    ],
-)
+REJECTED: list[tuple[dict[str, Any], tuple[str, ...], str]] = [
+    ({"agent_id": "agent 1"}, (), "agent_id"),
+    ({"agent_id": "a\n"}, (), "agent_id"),
+    ({"pool": ""}, (), "pool"),
+    ({"task_id": "x" * 201}, (), "task_id"),
+    ({"cached_input_tokens": 10_001}, (), "cached_input_tokens"),
+    ({"reasoning_tokens": 2_001}, (), "reasoning_tokens"),
+    ({"extra": 1}, (), "extra"),
+    ({"status": "OK"}, (), "status"),
+    ({"schema_version": 2}, (), "schema_version"),
+    ({"cost_nano_usd": -1}, (), "cost_nano_usd"),
+    ({"cost_nano_usd": 1 << 63}, (), "cost_nano_usd"),
+    ({"latency_ms": 1 << 32}, (), "latency_ms"),
+    ({"event_time_ms": MAX_DATETIME64_MS + 1}, (), "event_time_ms"),
+    ({"event_id": "not-a-uuid"}, (), "event_id"),
+    ({"error_type": "e" * 201}, (), "error_type"),
+    ({"priced": None}, (), "priced"),
+    ({}, ("agent_id",), "agent_id"),
+    ({"task_id": "t" * 201, "agent_id": "a" * 200}, (), "task_id"),
+    ({"pool": "p\u00e9"}, (), "pool"),
+]
+GARBAGE = (b"", b"{", b"[]", b"null", b'{"agent_id": "a"', '{"\u00e9": 1}'.encode(), b"{}")
+
+
+@pytest.mark.parametrize(("overrides", "drop", "field"), REJECTED)
 def test_records_pydantic_rejects_go_to_the_dlq_with_its_reason(
     rig: Rig, overrides: dict[str, Any], drop: tuple[str, ...], field: str
 ) -> None:
@@ -211,7 +215,7 @@ def test_records_pydantic_rejects_go_to_the_dlq_with_its_reason(
 
 
 def test_garbage_goes_to_the_dlq_with_the_reference_reason(rig: Rig) -> None:
-    for raw in (b"", b"{", b"[]", b"null", b'{"agent_id": "a"', '{"é": 1}'.encode(), b"{}"):
+    for raw in GARBAGE:
         kind, _ = assert_same(rig, raw)
         assert kind == "dlq"
 
@@ -239,3 +243,65 @@ def test_generated_mutations_are_stored_exactly_like_the_reference(
     rig: Rig, changes: dict[str, Any], drops: set[str]
 ) -> None:
     assert_same(rig, encode(changes, tuple(drops)))
+
+
+def per_record(raws: list[bytes], offsets: list[int]) -> list[object]:
+    """decode_call_json record by record: (line, id, time) or the dlq reason."""
+    out: list[object] = []
+    for raw, offset in zip(raws, offsets, strict=True):
+        try:
+            out.append(tuple(decode_call_json(raw, SourcePosition("p.calls", 5, offset), NOW)))
+        except DecodeError as exc:
+            out.append(str(exc))
+    return out
+
+
+def batched(raws: list[bytes], offsets: list[int]) -> list[object]:
+    results = decode_call_lines(raws, "p.calls", 5, offsets, NOW)
+    return [str(r) if isinstance(r, DecodeError) else tuple(r) for r in results]
+
+
+def assert_batch_is_per_record(raws: list[bytes]) -> None:
+    offsets = [100 + 3 * i for i in range(len(raws))]
+    got, expected = batched(raws, offsets), per_record(raws, offsets)
+    for raw, one, other in zip(raws, got, expected, strict=True):
+        if isinstance(one, tuple) and b"event_id" not in raw:
+            # Both assign a fresh uuid7 (CallEvent's default): compare all but the id.
+            assert isinstance(other, tuple)
+            assert (one[0].split(b'"event_id"')[0], one[2]) == (
+                other[0].split(b'"event_id"')[0],
+                other[2],
+            )
+        else:
+            assert one == other, raw
+
+
+def test_a_batch_decodes_exactly_as_its_records_one_by_one() -> None:
+    """decode_call_lines (the worker's path) gives each record what decode_call_json gives it
+    (compared with the reference above): the same line, id and time, or the same reason; in
+    batches of every case at once, where one bad record must not change the others."""
+    typical = encode({})
+    cases = [encode(o, d) for o, d in ACCEPTED] + [encode(o, d) for o, d, _ in REJECTED]
+    cases += list(GARBAGE)
+    assert_batch_is_per_record([typical] * 3)
+    assert_batch_is_per_record(cases)
+    for case in cases:
+        assert_batch_is_per_record([typical, case, typical])
+    assert_batch_is_per_record([encode({"event_id": str(uuid.uuid4())}) for _ in range(50)])
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    batch=st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from([*sorted(BASE), "extra"]), _scalars, max_size=3),
+            st.sets(st.sampled_from(sorted(BASE)), max_size=2),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_generated_batches_decode_exactly_as_their_records_one_by_one(
+    batch: list[tuple[dict[str, Any], set[str]]],
+) -> None:
+    assert_batch_is_per_record([encode(changes, tuple(drops)) for changes, drops in batch])
