@@ -291,8 +291,11 @@ def java_hash(text: str) -> int:
 def coordinator_partition(key: str, partitions: int) -> int:
     """The internal-topic partition whose leader coordinates ``key`` (a group id in
     __consumer_offsets, a transactional id in __transaction_state): Kafka's
-    ``Utils.abs(key.hashCode()) % partitions``, where Utils.abs masks the sign bit."""
-    return (java_hash(key) & 0x7FFFFFFF) % partitions
+    ``Utils.abs(key.hashCode()) % partitions``; Utils.abs is Math.abs, except that
+    Integer.MIN_VALUE gives 0."""
+    h = java_hash(key)
+    signed = h - (1 << 32) if h & 0x80000000 else h
+    return (0 if signed == -(1 << 31) else abs(signed)) % partitions
 
 
 def internal_leaders(admin: AdminClient, topic: str) -> dict[int, int]:
@@ -347,9 +350,27 @@ def test_the_processors_coordinator_broker_killed_under_load_loses_nothing(
     else:
         raise AssertionError("no port puts both coordinators on one broker")
     stack = Stack(settings, progress=lambda _m: None, manage_kafka=False)
+    try:
+        _coordinator_killed_under_load(cluster, admin, settings, stack, group_leader)
+    finally:
+        stack.down()
+
+
+def _coordinator_killed_under_load(
+    cluster: KafkaCluster,
+    admin: AdminClient,
+    settings: Settings,
+    stack: Stack,
+    group_leader: int,
+) -> None:
     ledger = Ledger(settings)
     load = Load(ledger)
     health: list[str] = []
+
+    def txn_coordinator() -> int:
+        leaders = internal_leaders(admin, "__transaction_state")
+        return leaders[coordinator_partition(worker_identity(settings), len(leaders))]
+
     try:
         stack.start_service("processor", timeout_s=180)
         stack.start_service("sink", timeout_s=180)
@@ -359,23 +380,33 @@ def test_the_processors_coordinator_broker_killed_under_load_loses_nothing(
         group = admin.describe_consumer_groups([data_plane_group(settings)])[
             data_plane_group(settings)
         ].result(timeout=10)
-        txns = internal_leaders(admin, "__transaction_state")
-        txn_leader = txns[coordinator_partition(worker_identity(settings), len(txns))]
         # Our partition arithmetic agrees with the broker's own answer for the group.
         assert group.coordinator.id == group_leader, (group.coordinator.id, group_leader)
-        assert txn_leader == group_leader, "leadership moved between the choice and the kill"
-        victim = cluster.brokers[txn_leader - 1]
+        victim_id = txn_coordinator()
+        assert victim_id == group_leader, "leadership moved between the choice and the kill"
+        victim = cluster.brokers[victim_id - 1]
         victim.kill()
         killed_at = load.count
 
-        def after_kill() -> bool:
-            health.append(_processor_status(settings))
-            return load.count >= killed_at + 300
+        def watched(check: Callable[[], bool]) -> Callable[[], bool]:
+            def both() -> bool:
+                health.append(_processor_status(settings))
+                return check()
 
-        wait_for("load while the coordinator is down", after_kill, 120)
-        moved = internal_leaders(admin, "__transaction_state")
-        assert moved[coordinator_partition(worker_identity(settings), len(moved))] != txn_leader
+            return both
 
+        # The controller moves the coordinators once the dead broker's session ends (~9 s).
+        wait_for(
+            "the transaction coordinator to move",
+            watched(lambda: txn_coordinator() != victim_id),
+            90,
+        )
+        moved_at = load.count
+        wait_for(
+            "load while the coordinator is down",
+            watched(lambda: load.count >= max(killed_at, moved_at) + 300),
+            120,
+        )
         victim.start(timeout_s=120, progress=lambda _m: None)
         back_at = load.count
         wait_for("load after the broker is back", lambda: load.count >= back_at + 300, 60)
@@ -426,10 +457,12 @@ def test_the_processors_coordinator_broker_killed_under_load_loses_nothing(
         assert agents_total() == expected
         assert processor_total() == expected
         assert sink_totals() == (emitted, expected)
-        print(f"\nprocessor /health while its coordinator was down: {sorted(set(health))}")
+        print(
+            f"\n{emitted} calls, coordinator broker {victim_id} killed after {killed_at}; "
+            f"processor /health while it was down: {sorted(set(health))}"
+        )
     finally:
         client.close()
-        stack.down()
 
 
 def _processor_status(settings: Settings) -> str:
