@@ -8,7 +8,8 @@ results.json. Other knobs: AGENTLEDGER_BENCH_EVENTS (P1), AGENTLEDGER_BENCH_SINK
 AGENTLEDGER_BENCH_SINK_LAG_RATE and AGENTLEDGER_BENCH_SINK_LAG_SECONDS (P5),
 AGENTLEDGER_BENCH_P2_RATE and AGENTLEDGER_BENCH_P2_PROBES (P2), AGENTLEDGER_BENCH_REVIEW_CALLS and
 AGENTLEDGER_BENCH_REVIEW_DB (P6: a directory to keep the generated database in and reuse),
-AGENTLEDGER_BENCH_OTLP_SPANS (P8).
+AGENTLEDGER_BENCH_OTLP_SPANS (P8), AGENTLEDGER_BENCH_MIGRATION_DB (P10: the 10M-call database,
+generated there once when absent) and AGENTLEDGER_BENCH_MIGRATION_WINDOW (P10's baseline seconds).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> int:
         allowance_bench,
         enforcement,
         framework_overhead,
+        migration_bench,
         otlp_receiver,
         processor_bench,
         review_query,
@@ -102,6 +104,8 @@ def main() -> int:
                 figures.append(_p3(allowance_bench, broker.bootstrap, Path(tmp)))
             if run("P8"):
                 figures.append(_p8_otlp(otlp_receiver, broker.bootstrap, Path(tmp)))
+            if run("P10"):
+                figures.append(_p10(migration_bench, broker.bootstrap, Path(tmp)))
             if run("P7"):
                 print("P7: processor scaling curve (1, 2 and 4 workers) ...", flush=True)
                 figures.append(
@@ -306,6 +310,29 @@ def _p6(review_query: Any) -> dict[str, object]:
         "details": {k: v for k, v in p6.items() if k != "output"},
         "seconds": round(time.monotonic() - started, 1),
         "command": " ".join([".venv/bin/python", *review_query.command(calls, 3, keep)[1:]]),
+    }
+
+
+def _p10(migration_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
+    db = Path(os.environ.get("AGENTLEDGER_BENCH_MIGRATION_DB", "/tmp/migdb"))  # noqa: S108
+    window = float(os.environ.get("AGENTLEDGER_BENCH_MIGRATION_WINDOW", "90"))
+    print(f"P10: rebuild of every rollup over 10M calls ({db}) while ingesting ...", flush=True)
+    started = time.monotonic()
+    p10 = migration_bench.measure(
+        bootstrap, tmp / "migration", _free_port(), db, 10_000_000, window
+    )
+    migration = p10["migration"]
+    return {
+        "id": "P10",
+        "name": "sink rows/s while a migration rebuilds every rollup over 10M calls, over rows/s "
+        "without one; counts exact afterwards",
+        "value": f"{p10['ratio']} ({migration['rows_per_s']} vs {p10['baseline']['rows_per_s']} "
+        f"rows/s, rebuild {migration['migration_s']} s, exact: {migration['rollups_exact']})",
+        "unit": "",
+        "target": ">= 0.5 of the normal rate, counts exact (issue #16)",
+        "details": p10,
+        "seconds": round(time.monotonic() - started, 1),
+        "command": f".venv/bin/python -m bench.migration_bench --db {db} --window {window:.0f}",
     }
 
 
