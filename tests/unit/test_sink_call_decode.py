@@ -201,6 +201,12 @@ REJECTED: list[tuple[dict[str, Any], tuple[str, ...], str]] = [
     ({}, ("agent_id",), "agent_id"),
     ({"task_id": "t" * 201, "agent_id": "a" * 200}, (), "task_id"),
     ({"pool": "p\u00e9"}, (), "pool"),
+    # Two canonical ids in one, across a newline: the batch's joined ids must not match.
+    (
+        {"event_id": "0190c9a8-0000-7000-8000-000000000001\n0190c9a8-0000-7000-8000-000000000002"},
+        (),
+        "event_id",
+    ),
 ]
 GARBAGE = (b"", b"{", b"[]", b"null", b'{"agent_id": "a"', '{"\u00e9": 1}'.encode(), b"{}")
 
