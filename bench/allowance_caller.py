@@ -27,8 +27,14 @@ def main() -> None:
     parser.add_argument("--hold", action="store_true")
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--min-output", type=int, default=1000)
+    parser.add_argument(
+        "--allowance-wait-s",
+        type=float,
+        default=5.0,
+        help="how long a call waits for an allowance before going ahead without one (fail-open)",
+    )
     args = parser.parse_args()
-    ledger = Ledger.from_env()
+    ledger = Ledger.from_env(allowance_wait_s=args.allowance_wait_s)
     assert ledger.wait_for_control(60.0), "control and policies not loaded in 60 s"
     made = refused = spent = reserved = excess = 0
     lock = threading.Lock()
@@ -39,6 +45,7 @@ def main() -> None:
     warm: list[float] = []
     warm_made = 0
     warm_requests = 0
+    reasons: list[str] = []
 
     def caller(index: int) -> None:
         nonlocal made, refused, spent, reserved, excess, warm_made, warm_requests
@@ -50,9 +57,10 @@ def main() -> None:
                     time.sleep(args.latency_s)
                     call.record(output_tokens=rng.randint(args.min_output, 1000))
                     held = call.reserved_nano_usd
-            except BudgetExceeded:
+            except BudgetExceeded as exc:
                 with lock:
                     refused += 1
+                    reasons.append(str(exc))
                 return
             with lock:
                 if not warm:
@@ -90,6 +98,8 @@ def main() -> None:
                     else 0.0
                 ),
                 "requests": ledger.allowances.stats["requests"],
+                "admitted_unlicensed": ledger.stats["admitted_unlicensed"],
+                "refusals": sorted(set(reasons)),
                 "requests_after_first": ledger.allowances.stats["requests"] - warm_requests,
                 "holder": ledger.allowances.holder,
                 "held": ledger.allowances.snapshot(),

@@ -109,6 +109,28 @@ def _live(held: Mapping[str, tuple[int, int, int]], now_ms: int) -> dict[str, tu
     return {h: v for h, v in held.items() if v[2] > now_ms}
 
 
+def _kept(
+    held: Mapping[str, tuple[int, int, int]],
+    now_ms: int,
+    holders: Mapping[str, tuple[int, int, int]],
+) -> dict[str, tuple[int, int, int]]:
+    """The live allowances, and the lapsed ones of holders still known, cut to what they
+    confirmed. A lapsed allowance holds nothing, but its confirmed spend must stay: a holder
+    that comes back (after the processor was down longer than the TTL, or a long pause)
+    claims all it used, and without its confirmed part that spend, already counted, would
+    count again as outstanding and strand the rest of the budget."""
+    horizon = now_ms - HOLDERS_KEPT_MS
+    kept = {}
+    for h, (g, c, e) in held.items():
+        if e > now_ms:
+            kept[h] = (g, c, e)
+        else:
+            seen = holders.get(h)
+            if seen is not None and seen[1] > horizon:
+                kept[h] = (min(g, c), c, e)
+    return kept
+
+
 def outstanding(held: Mapping[str, tuple[int, int, int]], now_ms: int, *, but: str = "") -> int:
     """What the live holders (except ``but``) may still spend, as far as the processor knows."""
     return sum(max(g - c, 0) for h, (g, c, e) in held.items() if e > now_ms and h != but)
@@ -141,7 +163,7 @@ def grant_allowance(
         claims = {c.budget: c.used_nano_usd for c in request.claims}
         for budget in budgets:
             start, end, held_now = leases.get(budget.key, (budget.start_ms, budget.end_ms, {}))
-            held = _live(held_now, now_ms)
+            held = _kept(held_now, now_ms, state.holders)
             granted, confirmed, _ = held.get(holder, (0, 0, 0))
             used = max(claims.get(budget.key, 0), confirmed)
             if request.kind is AllowanceKind.RELEASE:
@@ -158,7 +180,8 @@ def grant_allowance(
                 left = max(budget.limit - budget.spend - others - mine, 0)
                 target = used + request.want_nano_usd
                 if target > granted:
-                    share = left // (sum(1 for h in held if h != holder) + 2)
+                    rivals = sum(1 for h, v in held.items() if h != holder and v[2] > now_ms)
+                    share = left // (rivals + 2)
                     urgent = max(request.need_nano_usd - max(granted - used, 0), 0)
                     give = min(target - granted, left, max(share, urgent))
                     granted += give
@@ -256,7 +279,7 @@ def revoke_over_allocated(
     touched: set[str] = set()
     for key in keys:
         start, end, held = leases[key]
-        revoked = {}
+        revoked = dict(held)
         for holder, (g, c, e) in _live(held, now_ms).items():
             revoked[holder] = (min(g, c), c, e)
             touched.add(holder)

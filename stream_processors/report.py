@@ -99,4 +99,18 @@ def spend_report(
         report["max_spawn_depth"] = max(d for _, d, _ in state.agents.values())
     if state.subtrees:
         report["stopped_subtrees"] = list(state.subtrees)
+    if state.leases:
+        # Who holds what of each budget instance: granted, confirmed by the holder's counted
+        # events, and when the allowance lapses unless renewed (the processor's view).
+        report["allowances"] = {
+            key: {
+                holder: {
+                    "granted_nano_usd": granted,
+                    "confirmed_nano_usd": confirmed,
+                    "expires_ms": expires,
+                }
+                for holder, (granted, confirmed, expires) in sorted(held.items())
+            }
+            for key, (_, _, held) in sorted(state.leases.items())
+        }
     return report

@@ -203,15 +203,25 @@ def test_the_processor_killed_mid_run_grants_nothing_twice(
     limit = 300 * CALL
     budget(stack_settings, "pool:crash", limit)
     worker = start_processor()
-    proc = caller(stack_settings, "--pool", "crash", "--name", "c", "--latency-s", "0.02")
+    # The caller waits for the restarted processor however long it takes (a loaded machine
+    # takes longer than the default 5 s): this test is about grants, not about fail-open,
+    # which test_without_a_processor_calls_fail_open_or_closed covers.
+    proc = caller(
+        stack_settings,
+        *("--pool", "crash", "--name", "c", "--latency-s", "0.02", "--allowance-wait-s", "120"),
+    )
     wait_for("some spend", lambda: worker.day_spend("pool:crash") > 20 * CALL, 60)
     worker.kill()
     worker = start_processor()
-    result = result_of(proc, 180)
-    assert result["refused"] == 4
+    result = result_of(proc, 300)
+    assert result["admitted_unlicensed"] == 0, result
+    assert result["refused"] == 4, result
     spent = settled(worker, "pool:crash", result["made"] * CALL)
     print(f"\nprocessor killed mid-run: {result['made']} calls, ${usd(spent)} of ${usd(limit)}")
     assert spent <= limit
+    # Down longer than the allowance TTL (3 s here), the holder's allowance lapsed: its
+    # counted spend must not count again when it comes back, stranding the rest.
+    assert spent >= limit * 9 // 10, result
 
 
 def test_a_lowered_policy_takes_allowances_back(

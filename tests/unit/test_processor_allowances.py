@@ -146,7 +146,26 @@ def test_an_expired_allowance_is_reclaimed() -> None:
     later = NOW + TTL + 1
     state, answer = grant(state, ask("h2", 1, want=LIMIT, need=LIMIT // 2 + 1), now=later)
     assert answer.refused is None  # h1's half came back
-    assert "h1" not in state.leases[DAY_KEY][2]
+    assert state.leases[DAY_KEY][2]["h1"][0] == 0  # it holds nothing beyond what it confirmed
+
+
+def test_a_holder_back_after_its_allowance_lapsed_gets_the_rest_of_the_budget() -> None:
+    # The processor was down longer than the TTL (or the holder paused): the holder's lease
+    # lapsed, and it comes back claiming all it used. Its counted spend must not count again
+    # as outstanding, or that much of the budget is stranded until the period ends.
+    call = 1_000
+    state, _ = grant(SpendState(), ask("h1", 1, want=500 * call))
+    for offset in range(300):
+        state = spend(state, "h1", call, offset=offset)
+    later = NOW + TTL + 1
+    state, answer = grant(state, ask("h1", 2, want=LIMIT, need=call, used=300 * call), now=later)
+    assert answer.refused is None
+    (budget,) = answer.budgets
+    assert budget.spend_nano_usd == 300 * call
+    # A lone holder's share (half of what is left) of all that is left, on top of what it used.
+    left = LIMIT - 300 * call
+    assert budget.granted_nano_usd - 300 * call == left // 2
+    assert budget.spend_nano_usd + budget.outstanding_nano_usd <= LIMIT
 
 
 def test_a_lowered_policy_takes_allowances_back() -> None:
