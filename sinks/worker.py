@@ -77,6 +77,8 @@ def consumer_config(settings: Settings) -> dict[str, object]:
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
+        "fetch.wait.max.ms": 100,
+        "fetch.min.bytes": 262144,
         # A sink killed with -9 keeps its partitions until the broker gives up on it; 10 s
         # (the default is 45 s) bounds how long a restarted sink waits to get them back.
         "session.timeout.ms": 10_000,

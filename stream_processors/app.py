@@ -31,6 +31,7 @@ from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
 from .batch_kafka import (
     calls_consumer_config,
+    command_producer_config,
     requests_consumer_config,
     restore_consumer_config,
     transactional_producer_config,
@@ -456,6 +457,7 @@ def build_data_plane(
         new_requests_consumer=lambda: Consumer(requests_consumer_config(settings)),
         new_restore_consumer=lambda: Consumer(restore_consumer_config(settings)),
         new_producer=lambda: Producer(transactional_producer_config(settings)),
+        new_command_producer=lambda: Producer(command_producer_config(settings)),
         stats=proc.stats,
         future_tolerance_ms=future_tolerance_ms,
         allowance_ttl_ms=proc.allowance_ttl_ms,

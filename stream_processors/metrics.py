@@ -81,6 +81,12 @@ class ProcessorMetrics:
             ["action"],
             registry=r,
         )
+        self.fast_commands = Counter(
+            "agentledger_commands_sent_before_commit",
+            "control commands also sent the moment they were decided, ahead of their "
+            "transaction's copy",
+            registry=r,
+        )
         self.alerts = Counter(
             "agentledger_alerts_raised", "alerts published, by kind", ["kind"], registry=r
         )

@@ -36,7 +36,10 @@ from agentledger.schemas import (
     AllowanceRequest,
     BudgetPolicy,
     CallEvent,
+    ControlAction,
+    ControlCommand,
     InvalidMessage,
+    verify_command,
     verify_grant,
 )
 from agentledger.schemas.partitioning import crc32_partition
@@ -44,6 +47,7 @@ from agentledger.schemas.topic_specs import topic_specs
 from agentledger.stream_processors.app import SCOPE_SPEND_TABLE, SPEND_TABLE, data_plane_topics
 from agentledger.stream_processors.batch_kafka import (
     calls_consumer_config,
+    command_producer_config,
     data_plane_group,
     requests_consumer_config,
     restore_consumer_config,
@@ -317,6 +321,7 @@ def start_plane(
         new_requests_consumer=lambda: backend.consumer(requests_consumer_config(settings)),
         new_restore_consumer=lambda: backend.consumer(restore_consumer_config(settings)),
         new_producer=new_producer,
+        new_command_producer=lambda: backend.producer(command_producer_config(settings)),
         future_tolerance_ms=60_000,
         allowance_ttl_ms=30_000,
         allowance_partitions=PARTITIONS,
@@ -550,6 +555,54 @@ def test_an_aborted_transaction_is_read_again_and_counts_nothing_twice(backend: 
     assert sum(len(backend.read(t, committed=False)) for t in written) > sum(
         len(backend.read(t)) for t in written
     )
+
+
+def test_a_stop_is_readable_before_its_cycle_commits_and_again_from_the_replay(
+    backend: Backend,
+) -> None:
+    """The fast copy of a command goes out as it is decided: a read_committed shim sees it
+    even when the cycle's transaction aborts; the replayed cycle decides and sends it again
+    (signed, a new command id), and only its transaction's copy is committed with the state."""
+    settings = backend.settings
+    agent = AGENTS[2]
+    book = PolicyBook()
+    policy = BudgetPolicy(scope=f"agent:{agent}", limit_usd=Decimal("0.1"))
+    assert book.apply(policy.key.encode(), policy.model_dump_json().encode()) is None
+    book.ready.set()
+    wrappers: list[AbortAt] = []
+
+    def abort_first(producer: Any) -> AbortAt:
+        wrapper = AbortAt(producer, at=1)
+        wrappers.append(wrapper)
+        return wrapper
+
+    plane = start_plane(backend, book=book, wrap=abort_first)
+    try:
+        send_calls(backend, [event(agent, 60_000_000), event(agent, 60_000_000)])  # $0.12
+        wait_for("every calls record committed", lambda: caught_up(backend), [plane], SETTLE_S)
+
+        def stops() -> list[ControlCommand]:
+            found = [
+                ControlCommand.model_validate_json(v or b"")
+                for *_, v in backend.read(settings.topics.control)
+            ]
+            return [c for c in found if c.scope == f"agent:{agent}"]
+
+        commands = wait_for(
+            "three copies", lambda: len(stops()) >= 3 and stops(), [plane], SETTLE_S
+        )
+        standing = plane.plane.states[agent].last_command
+    finally:
+        plane.stop()
+    assert [w.fired for w in wrappers] == [1]
+    for command in commands:
+        verify_command(command, settings.control_key_bytes())
+        assert command.action is ControlAction.STOP
+    # Aborted cycle: its fast copy only. Replay: its fast copy and its transaction's copy.
+    assert len(commands) == 3, commands
+    assert len({c.command_id for c in commands}) == 2
+    assert standing is not None and standing.command_id == commands[-1].command_id
+    assert commands[-2].command_id == commands[-1].command_id
 
 
 def test_an_aborted_first_transaction_is_read_again_from_the_beginning(backend: Backend) -> None:

@@ -192,11 +192,15 @@ def readers(stack_settings: Settings) -> Iterator[tuple[TopicReader, TopicReader
 
 
 def commands(reader: TopicReader, scope: str) -> list[tuple[ControlCommand, float]]:
+    """The commands for ``scope`` read so far, each once, as a shim applies them: a command's
+    fast copy and its transaction's copy (data_plane.py, _emit) carry one command id."""
     found = []
+    ids = set()
     for key, value, seen in reader.poll():
         command = ControlCommand.model_validate_json(value)
         assert key == command.scope.encode()
-        if command.scope == scope:
+        if command.scope == scope and command.command_id not in ids:
+            ids.add(command.command_id)
             found.append((command, seen))
     return found
 
