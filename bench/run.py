@@ -57,7 +57,17 @@ def _merged(figures: list[dict[str, object]]) -> list[dict[str, object]]:
     return sorted(kept + figures, key=lambda f: str(f["id"]))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    # No options: the figures are chosen by AGENTLEDGER_BENCH_ONLY (see above); --help says so
+    # instead of starting a 20-minute run.
+    argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
+        epilog=__doc__.split("\n\n", 2)[-1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
     sys.path.insert(0, str(ROOT.parent))
     from bench import (
         allowance_bench,
