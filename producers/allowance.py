@@ -159,8 +159,10 @@ class Allowances:
         clock_ms: Callable[[], int],
         monotonic: Callable[[], float] = time.monotonic,
         ttl_fallback_s: float = 30.0,
+        policies_at: Callable[[], dict[int, int]] | None = None,
     ) -> None:
         self.holder = holder
+        self._policies_at = policies_at
         self._send = send
         self.reply_partition = crc32_partition(holder.encode(), reply_partitions)
         self._clock_ms = clock_ms
@@ -324,6 +326,7 @@ class Allowances:
             ),
             reply_partition=self.reply_partition,
             sent_at_ms=max(self._clock_ms(), 0),
+            policies_at=self._policies_at() if self._policies_at is not None else {},
         )
         book.seq = seq
         book.asked_at = now

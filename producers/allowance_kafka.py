@@ -207,8 +207,8 @@ class AllowanceListener:
             return
         if topic == self._policies:
             self.metrics["policies"] += 1
-            self._directory.apply(msg.key(), msg.value())
             offset = msg.offset()
+            self._directory.apply(msg.key(), msg.value(), partition=msg.partition(), offset=offset)
             self._reached(targets, msg.partition(), None if offset is None else offset + 1)
             return
         value = msg.value()

@@ -25,11 +25,11 @@ _CACHE_SIZE = 4096
 
 
 class BudgetDirectory:
-    """The budgeted policy patterns in force; thread-safe, read without a lock."""
+    """The budgeted policies in force, by scope pattern; thread-safe, read without a lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._patterns: dict[str, str] = {}  # policy key -> scope pattern (budgeted only)
+        self._budgeted: dict[str, BudgetPolicy] = {}  # policy key -> the budgeted policy
         self._exact: frozenset[str] = frozenset()
         self._globs: tuple[str, ...] = ()
         self._cache: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -38,18 +38,35 @@ class BudgetDirectory:
         #: Called (on the listener's thread) after every change of the policies in force.
         self.on_change: Callable[[], None] | None = None
         self.rejected = 0
+        self._positions: dict[int, int] = {}
+
+    def positions(self) -> dict[int, int]:
+        """How far the policies topic was read: partition -> the offset after the last record
+        applied (a request carries it, so the processor answers under these policies)."""
+        return dict(self._positions)
 
     @property
     def empty(self) -> bool:
-        return not self._patterns
+        return not self._budgeted
 
-    def apply(self, key: bytes | None, value: bytes | None) -> None:
-        """One policies record; a tombstone (empty value) deletes the key's policy."""
+    def apply(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        """One policies record (at ``partition``/``offset``, when known); a tombstone (empty
+        value) deletes the key's policy."""
+        if partition is not None and offset is not None:
+            # Before on_change runs: the request it sends must say it saw this record.
+            self._positions[partition] = max(self._positions.get(partition, 0), offset + 1)
         if not key:
             self.rejected += 1
             return
         name = key.decode(errors="replace")
-        pattern: str | None = None
+        budgeted: BudgetPolicy | None = None
         if value:
             try:
                 policy = BudgetPolicy.model_validate_json(value)
@@ -57,16 +74,18 @@ class BudgetDirectory:
                 # The processor dead-letters bad policies; the shim only skips them.
                 self.rejected += 1
                 return
-            pattern = policy.scope if policy.budgeted else None
+            budgeted = policy if policy.budgeted else None
         with self._lock:
-            if pattern is None:
-                if self._patterns.pop(name, None) is None:
+            if budgeted is None:
+                if self._budgeted.pop(name, None) is None:
                     return
-            elif self._patterns.get(name) == pattern:
+            elif self._budgeted.get(name) == budgeted:
                 return
             else:
-                self._patterns[name] = pattern
-            patterns = set(self._patterns.values())
+                # A changed limit counts, not only a new pattern: the allowances held were
+                # sized under the old one (see Allowances.policies_changed).
+                self._budgeted[name] = budgeted
+            patterns = {p.scope for p in self._budgeted.values()}
             self._exact = frozenset(p for p in patterns if not _is_glob(p))
             self._globs = tuple(sorted(p for p in patterns if _is_glob(p)))
             self._cache = {}

@@ -265,6 +265,7 @@ class Ledger:
             reply_partitions=ALLOWANCE_PARTITIONS,
             clock_ms=self.clock,
             ttl_fallback_s=self.settings.allowance_ttl_s,
+            policies_at=self.budgets.positions,
         )
         self.budgets.on_change = self.allowances.policies_changed
         self._allowance_listener = AllowanceListener(

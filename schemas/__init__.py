@@ -2,6 +2,7 @@
 
 from .alerts import ALERT_VERSION, Alert, AlertKind, Severity
 from .allowance import (
+    ALLOWANCE_REQUEST_VERSION,
     ALLOWANCE_VERSION,
     HOLDER_HEADER,
     AllowanceGrant,
@@ -43,6 +44,7 @@ from .topics import Topics
 
 __all__ = [
     "ALERT_VERSION",
+    "ALLOWANCE_REQUEST_VERSION",
     "ALLOWANCE_VERSION",
     "BUDGET_POLICY_VERSION",
     "CALL_EVENT_VERSION",

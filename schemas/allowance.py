@@ -15,12 +15,13 @@ import json
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .control import SIGNATURE_SCHEME, CommandScope, SignatureError
 from .events import Identifier
 
 __all__ = [
+    "ALLOWANCE_REQUEST_VERSION",
     "ALLOWANCE_VERSION",
     "HOLDER_HEADER",
     "AllowanceGrant",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 ALLOWANCE_VERSION: Literal[1] = 1
+# Version 2 of a request adds ``policies_at``; processors read both, so upgrade them first.
+ALLOWANCE_REQUEST_VERSION: Literal[2] = 2
 # The record header naming the holder whose allowance a call event spent: the shim sets it, the
 # processor moves the cost out of that holder's allowance when it counts the event.
 HOLDER_HEADER = "agentledger-holder"
@@ -56,7 +59,7 @@ class BudgetClaim(BaseModel):
 class AllowanceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = ALLOWANCE_VERSION
+    schema_version: Literal[1, 2] = ALLOWANCE_REQUEST_VERSION
     holder: Identifier
     seq: int = Field(ge=1, description="per holder, increasing; a replay is answered again")
     scope: CommandScope
@@ -66,6 +69,27 @@ class AllowanceRequest(BaseModel):
     claims: tuple[BudgetClaim, ...] = ()
     reply_partition: int = Field(ge=0, description="partition of the allowances topic to answer on")
     sent_at_ms: int = Field(ge=0)
+    policies_at: dict[int, int] = Field(
+        default_factory=dict,
+        description=(
+            "how far the holder had read the policies topic when it asked (partition -> next "
+            "offset): the processor answers once its own policies are that far, so a holder "
+            "that saw a lowered limit is never granted under the old one"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _positions_need_v2(self) -> AllowanceRequest:
+        if self.policies_at and self.schema_version < 2:
+            raise ValueError(
+                "policies_at needs schema_version 2 (got 1); send version 2 or leave it out"
+            )
+        for partition, offset in self.policies_at.items():
+            if partition < 0 or offset < 0:
+                raise ValueError(
+                    f"policies_at {{{partition}: {offset}}}: partitions and offsets are >= 0"
+                )
+        return self
 
 
 class BudgetGrant(BaseModel):

@@ -9,7 +9,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from .alerts import ALERT_VERSION, Alert
-from .allowance import ALLOWANCE_VERSION, AllowanceGrant, AllowanceRequest
+from .allowance import (
+    ALLOWANCE_REQUEST_VERSION,
+    ALLOWANCE_VERSION,
+    AllowanceGrant,
+    AllowanceRequest,
+)
 from .control import CONTROL_COMMAND_VERSION, ControlCommand
 from .dlq import DEAD_LETTER_VERSION, InvalidMessage
 from .events import CALL_EVENT_VERSION, CallEvent
@@ -28,7 +33,7 @@ PUBLISHED: dict[str, tuple[type[BaseModel], int]] = {
     "invalid_message": (InvalidMessage, DEAD_LETTER_VERSION),
     "alert": (Alert, ALERT_VERSION),
     "task_stats": (TaskStats, STATS_VERSION),
-    "allowance_request": (AllowanceRequest, ALLOWANCE_VERSION),
+    "allowance_request": (AllowanceRequest, ALLOWANCE_REQUEST_VERSION),
     "allowance_grant": (AllowanceGrant, ALLOWANCE_VERSION),
     "pause_record": (PauseRecord, PAUSE_VERSION),
 }

@@ -107,6 +107,10 @@ LAG_EVERY_S = 2.0
 # A call that needs the broker (a producer's init, committed offsets, a restore) is retried
 # while Kafka is away, backing off from the first to the last of these, in seconds.
 RETRY_BACKOFF_S = (0.5, 5.0)
+# A request from a holder that had read policies this worker has not applied yet waits for
+# them (a lowered limit must not be granted under the old one), at most this long: then it is
+# answered under what is known (a recreated policies topic would otherwise hold it forever).
+POLICIES_WAIT_S = 3.0
 Result = TypeVar("Result")
 
 
@@ -248,6 +252,11 @@ class DataPlane:
         self.running = False
         #: Calls consumers replaced after a fatal error (see _replace_consumer).
         self.consumers_replaced = 0
+        # Requests waiting for the policies their holder had seen: (since, record, request).
+        self._waiting: list[tuple[float, Any, AllowanceRequest]] = []
+        # Requests partition -> the offset after the last request read from it.
+        self._requests_read: dict[int, int] = {}
+        self.requests_waited = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -433,6 +442,9 @@ class DataPlane:
             return
         dropped = set(gone)
         self.owned -= dropped
+        self._waiting = [w for w in self._waiting if w[1].partition() not in dropped]
+        for p in gone:
+            self._requests_read.pop(p, None)
         for states, standing in (
             (self.states, self._standing),
             (self.scope_states, self._standing_scopes),
@@ -481,7 +493,7 @@ class DataPlane:
             now = self.clock()
             self._apply_deltas(cycle, deltas, now)
             self._count(cycle, _good(messages, positions), now)
-            self._grant(cycle, asked, now)
+            self._grant(cycle, asked, now, positions)
             self._sweep_if_due(cycle)
             self._stats_if_due(cycle)
             counted = time.monotonic()
@@ -693,13 +705,30 @@ class DataPlane:
 
     # -- allowances -----------------------------------------------------------------------
 
-    def _grant(self, cycle: _Cycle, messages: list[Any], now: int) -> None:
+    def _grant(
+        self,
+        cycle: _Cycle,
+        messages: list[Any],
+        now: int,
+        positions: dict[tuple[str, int], int],
+    ) -> None:
         """Answer allowance requests from the states of the scopes this worker owns; each
         answer commits in the transaction that writes the state it changed, so a replayed
-        request is answered from the state (its seq applied already), never granted twice."""
+        request is answered from the state (its seq applied already), never granted twice.
+
+        A request waiting for policies holds its partition's committed offset back, so a
+        crash or a rebalance reads it again rather than losing it."""
+        waiting, self._waiting = self._waiting, []
+        touched = {message.partition() for _, message, _ in waiting}
+        for since, held, request in waiting:
+            self._answer_request(cycle, held, request, now, since, waited=True)
+        arrived = time.monotonic()
         for message in messages:
-            request = self._parse_request(message)
-            if isinstance(request, str):
+            partition = message.partition()
+            touched.add(partition)
+            self._requests_read[partition] = message.offset() + 1
+            parsed = self._parse_request(message)
+            if isinstance(parsed, str):
                 self._dead_letter(
                     cycle,
                     self.topics.requests,
@@ -707,36 +736,74 @@ class DataPlane:
                     message.offset(),
                     message.key(),
                     message.value(),
-                    request,
+                    parsed,
                 )
                 continue
-            scope = request.scope
-            kind, _, name = scope.partition(":")
-            if kind == "agent":
-                before = self._state(cycle, name) or SpendState()
-            elif kind in SCOPE_KINDS:
-                before = self._scope_state(cycle, scope) or SpendState()
+            self._answer_request(cycle, message, parsed, now, arrived)
+        earliest: dict[int, int] = {}
+        for _, message, _ in self._waiting:
+            p = message.partition()
+            earliest[p] = min(earliest.get(p, message.offset()), message.offset())
+        for p in touched:
+            key = (self.topics.requests, p)
+            offset = earliest.get(p, self._requests_read.get(p))
+            if offset is None or offset == self._committed.get(key):
+                # Committed there already: no transaction just to say so again.
+                positions.pop(key, None)
             else:
-                # A scope kind without a spend state (subtree): no budget to hold.
-                self._answer(cycle, request.reply_partition, unbudgeted_grant(request, now))
-                continue
-            state, answer = grant_allowance(
-                before,
-                request,
-                self.decider.governing(scope),
-                now,
-                ttl_ms=self.allowance_ttl_ms,
+                positions[key] = offset
+
+    def _answer_request(
+        self,
+        cycle: _Cycle,
+        message: Any,
+        request: AllowanceRequest,
+        now: int,
+        since: float,
+        *,
+        waited: bool = False,
+    ) -> None:
+        if request.policies_at and self.book.behind(request.policies_at):
+            if time.monotonic() - since < POLICIES_WAIT_S:
+                if not waited:
+                    self.requests_waited += 1
+                self._waiting.append((since, message, request))
+                return
+            log.warning(
+                "allowance request %s/%d: its holder read policies up to %s, this worker has "
+                "not applied them after %.0f s; answered under the policies it has",
+                request.holder,
+                request.seq,
+                request.policies_at,
+                POLICIES_WAIT_S,
             )
-            if state is not before:
-                if state.partition is None:
-                    # A state made by a request alone still lives on its partition (the
-                    # sweep and the rebalance go by it).
-                    state = replace(state, partition=message.partition())
-                if kind == "agent":
-                    cycle.states[name] = state
-                else:
-                    cycle.scope_states[scope] = state
-            self._answer(cycle, request.reply_partition, answer)
+        scope = request.scope
+        kind, _, name = scope.partition(":")
+        if kind == "agent":
+            before = self._state(cycle, name) or SpendState()
+        elif kind in SCOPE_KINDS:
+            before = self._scope_state(cycle, scope) or SpendState()
+        else:
+            # A scope kind without a spend state (subtree): no budget to hold.
+            self._answer(cycle, request.reply_partition, unbudgeted_grant(request, now))
+            return
+        state, answer = grant_allowance(
+            before,
+            request,
+            self.decider.governing(scope),
+            now,
+            ttl_ms=self.allowance_ttl_ms,
+        )
+        if state is not before:
+            if state.partition is None:
+                # A state made by a request alone still lives on its partition (the
+                # sweep and the rebalance go by it).
+                state = replace(state, partition=message.partition())
+            if kind == "agent":
+                cycle.states[name] = state
+            else:
+                cycle.scope_states[scope] = state
+        self._answer(cycle, request.reply_partition, answer)
 
     def _parse_request(self, message: Any) -> AllowanceRequest | str:
         """The request to answer, or why it goes to the dlq instead."""
@@ -988,6 +1055,9 @@ class DataPlane:
     def _rewind(self) -> None:
         consumer, side = self._consumer, self._side
         assert consumer is not None and side is not None
+        # The requests are read again from the committed offsets, the waiting ones too.
+        self._waiting.clear()
+        self._requests_read.clear()
         calls = [TopicPartition(self.topics.calls, p) for p in sorted(self.owned)]
         try:
             committed = {
@@ -1030,6 +1100,8 @@ class DataPlane:
             "partitions": sorted(self.owned),
             "agents": len(self.states),
             "scopes": len(self.scope_states),
+            "requests_waiting_for_policies": len(self._waiting),
+            "requests_waited_for_policies": self.requests_waited,
         }
 
 

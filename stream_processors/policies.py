@@ -50,6 +50,17 @@ class PolicyBook:
         self.version = 0
         self._plan = EMPTY_PLAN
         self._plan_version = 0
+        self._positions: dict[int, int] = {}
+
+    def advanced(self, partition: int, next_offset: int) -> None:
+        """Every record before ``next_offset`` on ``partition`` is applied (or rejected)."""
+        if next_offset > self._positions.get(partition, 0):
+            self._positions[partition] = next_offset
+
+    def behind(self, positions: Mapping[int, int]) -> bool:
+        """Whether some record a reader had applied at ``positions`` is not applied here."""
+        mine = self._positions
+        return any(offset > mine.get(partition, 0) for partition, offset in positions.items())
 
     @property
     def plan(self) -> BucketPlan:
@@ -178,6 +189,8 @@ async def follow_policies(
                                 tp.partition, record.offset, record.key, record.value, reason
                             )
                         )
+                    # After apply: a request that saw this record waits until then.
+                    book.advanced(tp.partition, record.offset + 1)
             if not book.ready.is_set():
                 positions = {tp: await consumer.position(tp) for tp in tps}
                 if all(positions[tp] >= targets[tp] for tp in tps):

@@ -97,8 +97,9 @@ class Backend(Protocol):
         """Every record of ``topic`` now (read_committed unless told), partition by
         partition."""
 
-    def committed(self, partitions: int) -> dict[int, int]:
-        """The data plane group's committed offset per calls partition (absent: none)."""
+    def committed(self, partitions: int, topic: str | None = None) -> dict[int, int]:
+        """The data plane group's committed offset per calls (or ``topic``) partition
+        (absent: none)."""
 
     def ends(self, topic: str, partitions: int) -> dict[int, int]: ...
 
@@ -130,8 +131,8 @@ class MemoryBackend:
             for m in self.broker.records(topic, read_committed=committed)
         ]
 
-    def committed(self, partitions: int) -> dict[int, int]:
-        calls = self.settings.topics.calls
+    def committed(self, partitions: int, topic: str | None = None) -> dict[int, int]:
+        calls = topic or self.settings.topics.calls
         found = self.broker.committed(data_plane_group(self.settings))
         return {p: o for (t, p), o in found.items() if t == calls}
 
@@ -191,12 +192,12 @@ class KafkaBackend:
             consumer.close()
         return sorted(found, key=lambda r: (r[0], r[1]))
 
-    def committed(self, partitions: int) -> dict[int, int]:
+    def committed(self, partitions: int, topic: str | None = None) -> dict[int, int]:
         consumer = Consumer(
             {"bootstrap.servers": self.settings.kafka, "group.id": data_plane_group(self.settings)}
         )
         try:
-            calls = self.settings.topics.calls
+            calls = topic or self.settings.topics.calls
             tps = [TopicPartition(calls, p) for p in range(partitions)]
             try:
                 found = consumer.committed(tps, 10)
@@ -750,6 +751,79 @@ def test_an_agents_allowance_request_is_answered_signed_from_its_state(backend: 
     # The grant was committed with the state that holds it: a new owner sees the lease.
     assert changelog_states(backend)[agent].leases == lease
     assert json.loads(value or b"{}")["signature"]
+
+
+def test_a_request_that_saw_newer_policies_waits_for_them(backend: Backend) -> None:
+    """A shim that read a lowered limit asks afresh at once; a worker whose policy follower
+    lags must not grant that request under the old limit: it waits for the policies the
+    request says its holder had read, then answers under them."""
+    settings = backend.settings
+    agent = AGENTS[3]
+    book = PolicyBook()
+    old = BudgetPolicy(scope=f"agent:{agent}", limit_usd=Decimal("1"))
+    assert book.apply(old.key.encode(), old.model_dump_json().encode()) is None
+    book.advanced(0, 1)
+    book.ready.set()
+    send_calls(backend, [event(agent, 100_000_000)])  # $0.10
+    plane = start_plane(backend, book=book)
+    try:
+        wait_for("the spend committed", lambda: caught_up(backend), [plane], SETTLE_S)
+        request = AllowanceRequest(
+            holder="contract-holder",
+            seq=1,
+            scope=f"agent:{agent}",
+            want_nano_usd=500_000_000,
+            reply_partition=1,
+            sent_at_ms=now_ms(),
+            policies_at={0: 2},  # the lowered policy at offset 1 was read
+        )
+        sent_at = 0.0
+
+        def waiting() -> bool:
+            nonlocal sent_at
+            if plane.plane.requests_waited:
+                return True
+            if time.monotonic() - sent_at > 3:
+                # Asked again as the shim does, until the worker's requests partition was
+                # positioned (a request before that is not read).
+                backend.send(
+                    settings.topics.allowance_requests,
+                    request.model_dump_json().encode(),
+                    agent.encode(),
+                    crc32_partition(agent.encode(), PARTITIONS),
+                )
+                sent_at = time.monotonic()
+            return False
+
+        wait_for("the request to wait", waiting, [plane], SETTLE_S)
+        assert backend.read(settings.topics.allowances) == [], "answered under the old limit"
+        assert plane.plane.health()["requests_waiting_for_policies"] >= 1
+        requests = settings.topics.allowance_requests
+        where = crc32_partition(agent.encode(), PARTITIONS)
+        end = backend.ends(requests, PARTITIONS)[where]
+        # Not committed past a waiting request: a crash or a rebalance reads it again.
+        assert backend.committed(PARTITIONS, requests).get(where, 0) < end
+        lowered = BudgetPolicy(scope=f"agent:{agent}", limit_usd=Decimal("0.25"))
+        assert book.apply(lowered.key.encode(), lowered.model_dump_json().encode()) is None
+        book.advanced(0, 2)
+        found = wait_for(
+            "the grant", lambda: backend.read(settings.topics.allowances), [plane], SETTLE_S
+        )
+        assert plane.plane.health()["requests_waiting_for_policies"] == 0
+        wait_for(
+            "the answered request committed",
+            lambda: backend.committed(PARTITIONS, requests).get(where) == end,
+            [plane],
+            SETTLE_S,
+        )
+    finally:
+        plane.stop()
+    for *_, value in found:
+        grant = AllowanceGrant.model_validate_json(value or b"")
+        (budget,) = grant.budgets
+        assert budget.limit_nano_usd == 250_000_000
+        assert budget.spend_nano_usd == 100_000_000
+        assert 0 < budget.granted_nano_usd <= 150_000_000
 
 
 def test_the_day_bucket_is_todays(backend: Backend) -> None:

@@ -269,3 +269,68 @@ def test_async_calls_wait_for_the_first_grant(rig) -> None:  # type: ignore[no-u
     asyncio.run(main())
     assert r.spent() == COST
     assert r.ledger.stats["waited_allowance"] == 1
+
+
+def test_a_request_says_how_far_its_holder_read_the_policies() -> None:
+    """The processor answers a request only under the policies its holder had read: after a
+    lowered limit, the RELEASE asking afresh carries the position of the record that lowered
+    it (set before the change is announced)."""
+    sent: list[AllowanceRequest] = []
+
+    def send(request: AllowanceRequest) -> bool:
+        sent.append(request)
+        return True
+
+    directory = BudgetDirectory()
+    now = time.time_ns() // 1_000_000
+    allowances = Allowances(
+        "holder-p",
+        send,
+        reply_partitions=6,
+        clock_ms=lambda: now,
+        policies_at=directory.positions,
+    )
+    directory.on_change = allowances.policies_changed
+    policy = BudgetPolicy(scope="agent:a", period=Period.DAY, limit_usd=Decimal("1"))
+    directory.apply(policy.key.encode(), policy.model_dump_json().encode(), partition=0, offset=4)
+    assert directory.positions() == {0: 5}
+    assert not isinstance(allowances.reserve(("agent:a",), COST), tuple)
+    (first,) = sent
+    assert (first.kind, first.policies_at, first.schema_version) == (
+        AllowanceKind.ACQUIRE,
+        {0: 5},
+        2,
+    )
+    _, answer = grant_allowance(SpendState(), first, [policy], now, ttl_ms=30_000)
+    allowances.on_grant(answer)
+    assert isinstance(allowances.reserve(("agent:a",), COST), tuple)
+    lowered = BudgetPolicy(scope="agent:a", period=Period.DAY, limit_usd=Decimal("0.5"))
+    directory.apply(lowered.key.encode(), lowered.model_dump_json().encode(), partition=0, offset=9)
+    # A record on another partition that changes nothing still moves the position on.
+    directory.apply(lowered.key.encode(), lowered.model_dump_json().encode(), partition=1, offset=2)
+    release = sent[-1]
+    assert release.kind is AllowanceKind.RELEASE
+    assert release.policies_at == {0: 10}
+    assert directory.positions() == {0: 10, 1: 3}
+
+
+def test_a_version_1_request_is_still_read_but_cannot_carry_positions() -> None:
+    old = AllowanceRequest.model_validate_json(
+        '{"schema_version": 1, "holder": "h", "seq": 1, "scope": "agent:a",'
+        ' "reply_partition": 0, "sent_at_ms": 5}'
+    )
+    assert old.policies_at == {}
+    with pytest.raises(ValueError, match="policies_at needs schema_version 2"):
+        AllowanceRequest(
+            schema_version=1,
+            holder="h",
+            seq=1,
+            scope="agent:a",
+            reply_partition=0,
+            sent_at_ms=5,
+            policies_at={0: 3},
+        )
+    with pytest.raises(ValueError, match="partitions and offsets are >= 0"):
+        AllowanceRequest(
+            holder="h", seq=1, scope="agent:a", reply_partition=0, sent_at_ms=5, policies_at={0: -1}
+        )
