@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -159,6 +160,16 @@ class _Cycle:
         return bool(self.states or self.scope_states or self.out or self.deltas)
 
 
+@dataclass
+class _InFlight:
+    """A cycle whose transaction is committing on the committer thread while the next one
+    is counted."""
+
+    cycle: _Cycle
+    positions: dict[tuple[str, int], int]
+    done: Future[None]
+
+
 class DataPlane:
     """The batch loop; :meth:`run` is a thread's body. States are read by the web views from
     the faust thread: the dict holds immutable states and is replaced key by key."""
@@ -184,6 +195,7 @@ class DataPlane:
         cycle_s: float = CYCLE_S,
         min_cycle_s: float = MIN_CYCLE_S,
         batch_max: int = BATCH_MAX,
+        overlap_commits: bool = True,
     ) -> None:
         self.settings = settings
         self.topics = topics
@@ -198,6 +210,7 @@ class DataPlane:
         self.cycle_s = cycle_s
         self.min_cycle_s = min_cycle_s
         self.batch_max = batch_max
+        self.overlap_commits = overlap_commits
         self._new_consumer = new_consumer
         self._new_requests_consumer = new_requests_consumer
         self._new_restore_consumer = new_restore_consumer
@@ -257,6 +270,14 @@ class DataPlane:
         # Requests partition -> the offset after the last request read from it.
         self._requests_read: dict[int, int] = {}
         self.requests_waited = 0
+        # The transaction committing while the next cycle counts (overlap_commits), and the
+        # states it writes: the next cycle counts on top of them.
+        self._in_flight: _InFlight | None = None
+        self._pending_states: dict[str, SpendState] = {}
+        self._pending_scope_states: dict[str, SpendState] = {}
+        # An in-flight commit that failed while a rebalance callback waited for it: handled
+        # once consume returns (rewinding inside the callback is not safe).
+        self._void: tuple[KafkaException, _Cycle] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -357,6 +378,13 @@ class DataPlane:
             delay = min(delay * 2, longest)
 
     def _close(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            try:
+                in_flight.done.result(COMMIT_TIMEOUT_S)
+            except (KafkaException, TimeoutError) as exc:
+                # Not committed: the next owner reads the cycle again.
+                log.info("the last transaction of a stopping data plane: %s", exc)
         if self._commands is not None:
             # Undelivered fast copies are not lost: each has its copy in a transaction.
             self._commands.flush(1.0)
@@ -372,6 +400,7 @@ class DataPlane:
     # -- rebalances (called inside consume, between transactions) ------------------------
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._settle_in_callback()
         mine = sorted(tp.partition for tp in partitions if tp.topic == self.topics.calls)
         if not mine:
             self.joined = True
@@ -431,10 +460,14 @@ class DataPlane:
                 standing.update(k for k, st in states.items() if _stands(st))
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # What the transaction in flight counted for these partitions must be committed
+        # (or known not to be) before their next owner reads the committed offsets.
+        self._settle_in_callback()
         self._drop(sorted(tp.partition for tp in partitions if tp.topic == self.topics.calls))
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.warning("data plane lost partitions %s (session expired)", partitions)
+        self._settle_in_callback()
         self._drop(sorted(tp.partition for tp in partitions if tp.topic == self.topics.calls))
 
     def _drop(self, gone: list[int]) -> None:
@@ -479,6 +512,13 @@ class DataPlane:
         self.timings["consume"] += self.cycle_started - began
         self.timings["records"] += len(messages)
         try:
+            if self._void is not None:
+                # The transaction in flight failed during a rebalance in consume: rewound
+                # now, these records (read on top of it) are read again.
+                error, void = self._void
+                self._void = None
+                self._failed(error, void)
+                return
             # Both wait for the policies: a delta counted or a request answered before them
             # would be decided against no budget.
             positions: dict[tuple[str, int], int] = {}
@@ -498,25 +538,30 @@ class DataPlane:
             self._stats_if_due(cycle)
             counted = time.monotonic()
             self.timings["count"] += counted - self.cycle_started
+            # The previous cycle's transaction committed meanwhile (or this one is void).
+            if not self._settle():
+                self._discard(cycle)
+                return
             if cycle or positions:
                 self._commit(cycle, positions)
-                committed = time.monotonic()
-                self.timings["commit"] += committed - counted
-                if committed - self.cycle_started > SLOW_CYCLE_S:
-                    # What a latency outlier (P2) is made of, when it happens.
-                    log.info(
-                        "slow cycle: %d calls, %d deltas, %d requests; counting %.0f ms, "
-                        "committing %.0f ms (%d states, %d records out)",
-                        len(messages),
-                        len(deltas),
-                        len(asked),
-                        (counted - self.cycle_started) * 1000,
-                        (committed - counted) * 1000,
-                        len(cycle.states) + len(cycle.scope_states),
-                        len(cycle.out),
-                    )
+            committed = time.monotonic()
+            self.timings["commit"] += committed - counted
+            if committed - self.cycle_started > SLOW_CYCLE_S:
+                # What a latency outlier (P2) is made of, when it happens.
+                log.info(
+                    "slow cycle: %d calls, %d deltas, %d requests; counting %.0f ms, "
+                    "committing %.0f ms (%d states, %d records out)",
+                    len(messages),
+                    len(deltas),
+                    len(asked),
+                    (counted - self.cycle_started) * 1000,
+                    (committed - counted) * 1000,
+                    len(cycle.states) + len(cycle.scope_states),
+                    len(cycle.out),
+                )
         except _ConsumerFailed as failed:
             # Nothing of this cycle was committed: the new consumer's assignment restores.
+            self._settle(rewind=False)
             self._replace_consumer(failed.error)
             return
         finally:
@@ -536,6 +581,10 @@ class DataPlane:
         wait = self.min_cycle_s - gap if gap < self.min_cycle_s else 0.0
         messages = consumer.consume(num_messages=self.batch_max, timeout=wait)
         if not messages:
+            # Nothing to count meanwhile: the transaction in flight is settled now, so the
+            # states in memory (the web views) are never a cycle behind what is committed.
+            if not self._settle():
+                return []
             # consume() waits out its whole timeout unless the batch fills; one record
             # returns as soon as it arrives.
             messages = consumer.consume(num_messages=1, timeout=self.cycle_s)
@@ -581,6 +630,7 @@ class DataPlane:
     def _count(self, cycle: _Cycle, messages: list[Any], now: int) -> None:
         stats = self.stats
         by_agent: dict[str, list[tuple[CallRecord, int, int, str | None]]] = {}
+        for_stats: list[tuple[CallRecord, int, int]] = []
         for message in messages:
             value = message.value()
             event = parse_call(value, now, self.future_tolerance_ms)
@@ -591,18 +641,22 @@ class DataPlane:
                 )
                 continue
             if stats is not None:
-                stats.count(event, partition, offset)
+                for_stats.append((event, partition, offset))
             by_agent.setdefault(event.agent_id, []).append(
                 (event, partition, offset, holder_of(message.headers()))
             )
+        if stats is not None and for_stats:
+            stats.count_batch(for_stats)
         plan = self.book.plan
         zones = ("UTC", *sorted(plan.zones))
         with_activity = plan.concurrency or plan.spawn
         # Summed per (pool, workflow, task type) first, one add per event, then into each
         # scope's delta once per cycle: three adds per event were the biggest line here.
         combos: dict[tuple[str | None, str | None, str | None], ScopeDelta] = {}
+        pending, states = self._pending_states, self.states
         for agent_id, items in by_agent.items():
-            state = self.states.get(agent_id) or SpendState()
+            # On top of the transaction still committing, if it wrote this agent.
+            state = pending.get(agent_id) or states.get(agent_id) or SpendState()
             fold = SpendFold(state, now_ms=now, plan=plan)
             for event, partition, offset, holder in items:
                 time_ms = event.event_time_ms
@@ -698,10 +752,18 @@ class DataPlane:
         self.metrics.batch_done(self.topics.scopes, len(messages), now)
 
     def _state(self, cycle: _Cycle, agent_id: str) -> SpendState | None:
-        return cycle.states.get(agent_id) or self.states.get(agent_id)
+        return (
+            cycle.states.get(agent_id)
+            or self._pending_states.get(agent_id)
+            or self.states.get(agent_id)
+        )
 
     def _scope_state(self, cycle: _Cycle, scope: str) -> SpendState | None:
-        return cycle.scope_states.get(scope) or self.scope_states.get(scope)
+        return (
+            cycle.scope_states.get(scope)
+            or self._pending_scope_states.get(scope)
+            or self.scope_states.get(scope)
+        )
 
     # -- allowances -----------------------------------------------------------------------
 
@@ -950,9 +1012,13 @@ class DataPlane:
             self._emit(cycle, [self.decider.alert(too_many)])
 
     def _commit(self, cycle: _Cycle, positions: dict[tuple[str, int], int]) -> None:
+        """Write the cycle and its input offsets in one transaction. With overlap_commits the
+        commit runs on the committer thread while the next cycle reads and counts (a commit
+        waits ~35-80 ms for the broker); that cycle opens its own transaction only once
+        this one is settled (``_settle``), so the transactions stay in order."""
         producer = self._producer
         consumer = self._consumer
-        assert producer is not None and consumer is not None
+        assert producer is not None and consumer is not None and self._in_flight is None
         try:
             producer.begin_transaction()
             for changelog, states in (
@@ -984,10 +1050,76 @@ class DataPlane:
                 # The records on the broker, the transaction open: the crash under test.
                 producer.flush(COMMIT_TIMEOUT_S)
                 self.failpoints.hit("before_commit")
-            producer.commit_transaction(COMMIT_TIMEOUT_S)
+            if not self.overlap_commits:
+                producer.commit_transaction(COMMIT_TIMEOUT_S)
         except KafkaException as exc:
             self._failed(exc, cycle)
             return
+        if not self.overlap_commits:
+            self._applied(cycle, positions)
+            return
+        done: Future[None] = Future()
+
+        def commit() -> None:
+            try:
+                producer.commit_transaction(COMMIT_TIMEOUT_S)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by _settle's result()
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        # A daemon thread per commit (~0.1 ms): a commit hung on a lost coordinator
+        # (librdkafka #5511) must not keep the process from exiting once replaced.
+        threading.Thread(target=commit, name="agentledger-commit", daemon=True).start()
+        self._in_flight = _InFlight(cycle, positions, done)
+        self._pending_states = cycle.states
+        self._pending_scope_states = cycle.scope_states
+
+    def _take_in_flight(self) -> tuple[_InFlight, KafkaException | None] | None:
+        """Wait for the transaction in flight; it and its error (None: committed)."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return None
+        error: KafkaException | None = None
+        try:
+            in_flight.done.result()
+        except KafkaException as exc:
+            error = exc
+        self._in_flight = None
+        self._pending_states = {}
+        self._pending_scope_states = {}
+        return in_flight, error
+
+    def _settle(self, *, rewind: bool = True) -> bool:
+        """Wait for the transaction in flight and apply it to memory; False when it failed
+        (then handled: the producer aborted or rebuilt, the consumers rewound)."""
+        taken = self._take_in_flight()
+        if taken is None:
+            return True
+        in_flight, error = taken
+        if error is not None:
+            self._failed(error, in_flight.cycle, rewind=rewind)
+            return False
+        self._applied(in_flight.cycle, in_flight.positions)
+        return True
+
+    def _settle_in_callback(self) -> None:
+        taken = self._take_in_flight()
+        if taken is None:
+            return
+        in_flight, error = taken
+        if error is not None:
+            self._void = (error, in_flight.cycle)
+        else:
+            self._applied(in_flight.cycle, in_flight.positions)
+
+    def _discard(self, cycle: _Cycle) -> None:
+        """A cycle counted on top of a transaction that failed: nothing of it is written."""
+        if self.stats is not None and cycle.stats_keys:
+            self.stats.mark_dirty(cycle.stats_keys)
+
+    def _applied(self, cycle: _Cycle, positions: dict[tuple[str, int], int]) -> None:
+        """A committed cycle: its states become the ones in memory."""
         for committed, states, standing in (
             (cycle.states, self.states, self._standing),
             (cycle.scope_states, self.scope_states, self._standing_scopes),
@@ -1019,7 +1151,7 @@ class DataPlane:
                 # librdkafka's queue is full: let it send, then go on.
                 producer.poll(0.05)
 
-    def _failed(self, exc: KafkaException, cycle: _Cycle) -> None:
+    def _failed(self, exc: KafkaException, cycle: _Cycle, *, rewind: bool = True) -> None:
         """A transaction that did not commit: nothing of it is visible (read_committed), the
         states in memory are the committed ones; rewind the input to where they stand."""
         error: KafkaError = exc.args[0]
@@ -1032,6 +1164,8 @@ class DataPlane:
         assert producer is not None
         if self.stats is not None and cycle.stats_keys:
             self.stats.mark_dirty(cycle.stats_keys)
+        # The aborted cycle may have swept: sweep all again.
+        self._swept_version = None
         if error.fatal():
             log.error("transactional producer failed for good (%s); rebuilding it", error)
             self._producer = self._start_producer()
@@ -1050,7 +1184,8 @@ class DataPlane:
             except KafkaException as again:
                 log.error("abort failed (%s); rebuilding the producer", again)
                 self._producer = self._start_producer()
-        self._rewind()
+        if rewind:
+            self._rewind()
 
     def _rewind(self) -> None:
         consumer, side = self._consumer, self._side
@@ -1100,6 +1235,7 @@ class DataPlane:
             "partitions": sorted(self.owned),
             "agents": len(self.states),
             "scopes": len(self.scope_states),
+            "commit_in_flight": self._in_flight is not None,
             "requests_waiting_for_policies": len(self._waiting),
             "requests_waited_for_policies": self.requests_waited,
         }

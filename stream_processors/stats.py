@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 # Lookups kept by StatsAggregator.count before it starts over (agents come and go).
 PAIRS_KEPT = 100_000
+# Latency -> sketch bucket, kept for this many distinct latencies (a log per event otherwise).
+BUCKETS_KEPT = 100_000
 
 Clock = Callable[[], int]
 
@@ -114,6 +116,20 @@ class _Partial:
         )
 
 
+@dataclass(slots=True)
+class _Sums:
+    """One batch's events of one (agent, model, task type, partition), summed."""
+
+    calls: int = 0
+    successes: int = 0
+    priced_calls: int = 0
+    cost_nano_usd: int = 0
+    buckets: dict[int, int] = field(default_factory=dict)
+    first_ms: int = 0
+    last_ms: int = 0
+    offset: int = -1
+
+
 def _subjects(event: CallFields) -> tuple[str, str]:
     return f"agent:{event.agent_id}", f"model:{event.used_model}"
 
@@ -129,6 +145,7 @@ class StatsAggregator:
         # the keys per event was a fifth of the data plane's counting (bench.processor_core).
         self._pairs: dict[tuple[str, str, str | None, int], tuple[tuple[str, _Partial], ...]] = {}
         self._dirty: set[str] = set()
+        self._buckets: dict[int, int] = {}
         self.metrics = {"counted": 0, "replayed": 0, "unreadable": 0, "loaded": 0}
 
     def __len__(self) -> int:
@@ -151,12 +168,12 @@ class StatsAggregator:
             return False
         return self.count(event, partition, offset)
 
-    def count(self, event: CallFields, partition: int, offset: int) -> bool:
-        counted = False
-        task_type = event.task_type
-        where = (event.agent_id, event.used_model, task_type, partition)
+    def _pair(
+        self, where: tuple[str, str, str | None, int], event: CallFields
+    ) -> tuple[tuple[str, _Partial], ...]:
         pair = self._pairs.get(where)
         if pair is None:
+            task_type, partition = where[2], where[3]
             pair = self._pairs[where] = tuple(
                 (key, self._partial(key, subject, task_type, partition))
                 for subject in _subjects(event)
@@ -164,7 +181,95 @@ class StatsAggregator:
             )
             if len(self._pairs) > PAIRS_KEPT:
                 self._pairs.clear()
-                pair = self._pairs[where] = pair
+                self._pairs[where] = pair
+        return pair
+
+    def count_batch(self, records: Sequence[tuple[CallFields, int, int]]) -> None:
+        """:meth:`count` for a batch of (event, partition, offset), in offset order per
+        partition: summed per (agent, model, task type, partition) first, then added to each
+        partial once. Per event and partial, ``count`` was a third of the data plane's
+        counting (bench.processor_core)."""
+        groups: dict[tuple[str, str, str | None, int], list[tuple[CallFields, int]]] = {}
+        for event, partition, offset in records:
+            where = (event.agent_id, event.used_model, event.task_type, partition)
+            group = groups.get(where)
+            if group is None:
+                group = groups[where] = []
+            group.append((event, offset))
+        # Where each partial stood before this batch: an agent's partial takes the events of
+        # several models' groups, so the replay test must not see the batch's own offsets.
+        starts: dict[str, int] = {}
+        counted = 0
+        for where, items in groups.items():
+            made: tuple[int, _Sums] | None = None
+            least = len(items)
+            for key, partial in self._pair(where, items[0][0]):
+                start = starts.setdefault(key, partial.offset)
+                first = 0
+                while first < len(items) and items[first][1] <= start:
+                    first += 1
+                least = min(least, first)
+                if first == len(items):
+                    continue
+                if made is None or made[0] != first:
+                    made = (first, self._sums(items, first))
+                sums = made[1]
+                partial.calls += sums.calls
+                partial.successes += sums.successes
+                partial.priced_calls += sums.priced_calls
+                partial.cost_nano_usd += sums.cost_nano_usd
+                buckets = partial.buckets
+                for bucket, n in sums.buckets.items():
+                    buckets[bucket] = buckets.get(bucket, 0) + n
+                if partial.first_ms < 0 or sums.first_ms < partial.first_ms:
+                    partial.first_ms = sums.first_ms
+                if sums.last_ms > partial.last_ms:
+                    partial.last_ms = sums.last_ms
+                if sums.offset > partial.offset:
+                    partial.offset = sums.offset
+                self._dirty.add(key)
+            # As count() reckons it: an event is counted when any of its partials took it.
+            counted += len(items) - least
+        self.metrics["counted"] += counted
+        self.metrics["replayed"] += len(records) - counted
+
+    def _sums(self, items: list[tuple[CallFields, int]], first: int) -> _Sums:
+        cache = self._buckets
+        if len(cache) > BUCKETS_KEPT:
+            cache.clear()
+        sums = _Sums()
+        buckets = sums.buckets
+        successes = priced = cost = 0
+        low = high = items[first][0].event_time_ms
+        for event, _ in items[first:] if first else items:
+            if event.status is CallStatus.OK:
+                successes += 1
+            if event.priced:
+                priced += 1
+                cost += event.cost_nano_usd
+            latency = event.latency_ms
+            bucket = cache.get(latency)
+            if bucket is None:
+                bucket = cache[latency] = latency_bucket(latency)
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+            t = event.event_time_ms
+            if t < low:
+                low = t
+            elif t > high:
+                high = t
+        sums.calls = len(items) - first
+        sums.successes = successes
+        sums.priced_calls = priced
+        sums.cost_nano_usd = cost
+        sums.first_ms = low
+        sums.last_ms = high
+        sums.offset = items[-1][1]
+        return sums
+
+    def count(self, event: CallFields, partition: int, offset: int) -> bool:
+        counted = False
+        task_type = event.task_type
+        pair = self._pair((event.agent_id, event.used_model, task_type, partition), event)
         bucket = latency_bucket(event.latency_ms)
         ok = event.status is CallStatus.OK
         priced = event.priced

@@ -408,6 +408,20 @@ def day_spend(state: SpendState) -> int:
     return sum(v for k, v in state.periods.items() if k.startswith("day:"))
 
 
+def in_memory(
+    plane: Plane, agent: str, where: Callable[[SpendState], bool] = lambda _: True
+) -> SpendState:
+    """The agent's committed state in the worker's memory (one ``where`` holds for):
+    applied once its transaction committed, which its outputs may show a moment before."""
+
+    def found() -> SpendState | None:
+        state = plane.plane.states.get(agent)
+        return state if state is not None and where(state) else None
+
+    state: SpendState = wait_for(f"{agent}'s state in memory", found, [plane], 10)
+    return state
+
+
 def changelog_states(backend: Backend, *, scopes: bool = False) -> dict[str, SpendState]:
     """The latest committed state of every agent (or second-hop scope), as a new owner
     restores it."""
@@ -592,7 +606,7 @@ def test_a_stop_is_readable_before_its_cycle_commits_and_again_from_the_replay(
         commands = wait_for(
             "three copies", lambda: len(stops()) >= 3 and stops(), [plane], SETTLE_S
         )
-        standing = plane.plane.states[agent].last_command
+        standing = in_memory(plane, agent).last_command
     finally:
         plane.stop()
     assert [w.fired for w in wrappers] == [1]
@@ -727,7 +741,7 @@ def test_an_agents_allowance_request_is_answered_signed_from_its_state(backend: 
             return found
 
         found = wait_for("the grant", answers, [plane], SETTLE_S)
-        lease = plane.plane.states[agent].leases
+        lease = in_memory(plane, agent, lambda state: bool(state.leases)).leases
     finally:
         plane.stop()
     # A request asked again is answered again from the state: the same grant (seq applied).
@@ -833,7 +847,7 @@ def test_the_day_bucket_is_todays(backend: Backend) -> None:
     plane = start_plane(backend)
     try:
         wait_for("the event committed", lambda: caught_up(backend), [plane], SETTLE_S)
-        state = plane.plane.states[AGENTS[2]]
+        state = in_memory(plane, AGENTS[2])
     finally:
         plane.stop()
     day = e.event_time_ms - e.event_time_ms % DAY_MS

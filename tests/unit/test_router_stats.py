@@ -150,6 +150,42 @@ def test_counting_call_records_equals_counting_call_events() -> None:
     assert by_record.take_dirty() == by_event.take_dirty() != []
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_counting_a_batch_equals_counting_its_events_one_by_one(seed: int) -> None:
+    """The data plane counts a cycle's events with count_batch: the same partials and the
+    same replay skips as count() event by event, including an agent whose events of several
+    models interleave and batches that re-read offsets already counted (after a rewind)."""
+    rng = random.Random(seed)
+    events = [
+        call(
+            n,
+            cost=rng.randrange(10**9),
+            latency=rng.randrange(0, 5_000),
+            status=rng.choice(list(CallStatus)),
+            priced=rng.random() < 0.9,
+            agent=f"a{rng.randrange(3)}",
+            model=rng.choice(["m1", "m2", "m3"]),
+            task_type=rng.choice([None, "t1"]),
+        )
+        for n in range(600)
+    ]
+    records = [(record_of(e), n % 3, n // 3) for n, e in enumerate(events)]
+    one_by_one, batched = StatsAggregator(lambda: T0), StatsAggregator(lambda: T0)
+    at = 0
+    while at < len(records):
+        size = rng.randrange(1, 80)
+        # Now and then a cycle read again from a little before where the last one ended.
+        begin = max(0, at - rng.randrange(0, 30)) if rng.random() < 0.3 else at
+        batch = records[begin : at + size]
+        for record, partition, offset in batch:
+            one_by_one.count(record, partition, offset)
+        batched.count_batch(batch)
+        at += size
+        assert batched.metrics == one_by_one.metrics
+    assert batched.take_dirty() == one_by_one.take_dirty() != []
+    assert batched.metrics["replayed"] > 0
+
+
 def test_unreadable_and_future_calls_are_skipped_not_counted() -> None:
     agg = StatsAggregator(clock=lambda: T0)
     assert not agg.observe(0, 0, None)
