@@ -172,7 +172,7 @@ def _p4(shim_overhead: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
 
 
 def _p1(processor_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
-    count = int(os.environ.get("AGENTLEDGER_BENCH_EVENTS", "200000"))
+    count = int(os.environ.get("AGENTLEDGER_BENCH_EVENTS", "600000"))
     print(f"P1: {count:,} trace events through the processor, every policy kind on ...")
     started = time.monotonic()
     p1 = processor_bench.measure(bootstrap, tmp / "processor", (_free_port(), _free_port()), count)
