@@ -23,7 +23,7 @@ from .control import (
     verify_command,
 )
 from .dlq import DEAD_LETTER_VERSION, DeadLetter, InvalidMessage, dead_letter
-from .events import CALL_EVENT_VERSION, CallEvent, CallFields, CallStatus
+from .events import CALL_EVENT_VERSION, CallEvent, CallFields, CallStatus, id_hex
 from .ids import uuid7
 from .money import NANO_PER_USD, format_usd, nano_to_usd, usd_to_nano
 from .pause import PAUSE_VERSION, PauseRecord, pause_key
@@ -85,6 +85,7 @@ __all__ = [
     "Topics",
     "dead_letter",
     "format_usd",
+    "id_hex",
     "nano_to_usd",
     "parse_policy_file",
     "pause_key",

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .ids import uuid7
 
-__all__ = ["CALL_EVENT_VERSION", "CallEvent", "CallFields", "CallStatus", "Identifier"]
+__all__ = ["CALL_EVENT_VERSION", "CallEvent", "CallFields", "CallStatus", "Identifier", "id_hex"]
 
 CALL_EVENT_VERSION: Literal[1] = 1
 
@@ -109,12 +109,14 @@ class CallEvent(BaseModel):
 class CallFields(Protocol):
     """A call's fields, read-only: what the processor's pure core reads. Both CallEvent and
     the msgspec CallRecord (agentledger.schemas.call_decode, decoded to the same values)
-    have them, so a batch path can count records without building pydantic models."""
+    have them, so a batch path can count records without building pydantic models. The record
+    carries event_id as the UUID's canonical text (``str(uuid)``): turning the object back
+    into text cost more than msgspec's whole decode of the rest; :func:`id_hex` reads both."""
 
     @property
     def schema_version(self) -> Literal[1]: ...
     @property
-    def event_id(self) -> uuid.UUID: ...
+    def event_id(self) -> uuid.UUID | str: ...
     @property
     def event_time_ms(self) -> int: ...
     @property
@@ -161,3 +163,11 @@ class CallFields(Protocol):
     def error_type(self) -> str | None: ...
 
     def scopes(self) -> tuple[str, ...]: ...
+
+
+def id_hex(event_id: uuid.UUID | str) -> str:
+    """The id as 32 hex digits (what the processor's state keys recent ids by), from a UUID or
+    its canonical text (lower-case, hyphenated: CallRecord's, checked when decoded)."""
+    if isinstance(event_id, str):
+        return event_id.replace("-", "")
+    return event_id.hex

@@ -7,8 +7,8 @@ then the columns' ranges, and the record's own bytes become its line of the inse
 Kafka source columns and the ingestion time spliced in front of its first field:
 `{"_topic":"<topic>","_partition":P,"ingested_at_ms":T,"_offset":O,` + the record after its `{`.
 The insert maps the JSON fields to the columns (`CALL_INPUT_STRUCTURE`, `CALL_INPUT_SELECT`).
-An event_id in upper case or without hyphens (msgspec takes both) is sent as it came:
-ClickHouse's UUID reader takes both too, to the same value.
+An event_id in any spelling but the canonical one (upper case, no hyphens) goes through
+pydantic and is sent re-encoded, in the canonical spelling: the stored value is the same.
 
 The pydantic schema stays the authority: a record the fast path does not accept *for certain*
 (anything unusual: a missing event_id, a number sent as a string, a value out of a column's
@@ -26,13 +26,12 @@ object: msgspec keeps the last, ClickHouse's reader the first) the insert refuse
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Annotated, cast
+from typing import Annotated
 
 import msgspec
 
-from agentledger.schemas.call_decode import CallRecord, decode_call_fast
+from agentledger.schemas.call_decode import CallRecord, decode_call_fast, decode_calls_with
 
 from .decoding import Decoded, DecodeError, parse_call
 from .rows import CALL_COLUMNS, MAX_DATETIME64_MS, SourcePosition, new_tuple
@@ -144,7 +143,7 @@ def _checked(value: bytes) -> tuple[str, int] | None:
         or record.latency_ms > _UINT32_MAX
     ):
         return None
-    return str(record.event_id), record.event_time_ms
+    return record.event_id, record.event_time_ms
 
 
 def decode_call_json(value: bytes, source: SourcePosition, now_ms: int) -> Decoded:
@@ -162,23 +161,11 @@ def decode_call_json(value: bytes, source: SourcePosition, now_ms: int) -> Decod
 
 
 # -- the same check, a partition's records at a time ----------------------------------------
-# Per record, decode_call_json spends most of its time outside msgspec: turning the event_id's
-# UUID object back into text, building one string of the identifiers and matching one regex
-# per record. Over a batch the same checks cost a fraction (see sinks/README.md "Insert path"):
-# - the event_id is read as text and must be canonical (lower-case, hyphenated), which is
-#   exactly `str(UUID(text)) == text`: one regex over the batch's ids joined by newlines; any
-#   other spelling msgspec or pydantic would take goes through decode_call_json;
-# - the columns' ranges are bounds of the struct, so msgspec checks them in C;
-# - the identifiers of all records, newline-joined, are checked at once: every character is one
-#   of an identifier's (or the separator), there are exactly 9 fields per record, none is
-#   empty, and none is longer than 200 (certain when a record's 9 fields take <= 208
-#   characters; a longer record gets the per-record regex).
-# A record any of these does not accept for certain gets decode_call_json, so the results are
-# those of decode_call_json record by record (tests/unit/test_sink_call_decode.py compares).
+# The shared batch check (agentledger.schemas.call_decode.decode_calls_with) with the columns'
+# ranges as bounds of the struct, so msgspec checks them in C. A record it does not accept for
+# certain gets decode_call_json, so the results are those of decode_call_json record by record
+# (tests/unit/test_sink_call_decode.py compares).
 class _LineRecord(CallRecord, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
-    # msgspec lets a subclass narrow or retype a field; mypy sees a Liskov violation, but the
-    # struct is only ever decoded into, never used where a CallRecord is expected.
-    event_id: str  # type: ignore[assignment]
     event_time_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_DATETIME64_MS)]
     cost_nano_usd: Annotated[int, msgspec.Meta(ge=0, le=_INT64_MAX)]
     latency_ms: Annotated[int, msgspec.Meta(ge=0, le=_UINT32_MAX)]
@@ -188,68 +175,6 @@ if _LineRecord.__struct_fields__ != CallRecord.__struct_fields__:
     raise RuntimeError("_LineRecord must keep CallRecord's fields, in CallRecord's order")
 
 _LINE_DECODE = msgspec.json.Decoder(_LineRecord).decode
-_CANONICAL_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_CANONICAL_IDS = re.compile(rf"(?:{_CANONICAL_ID}\n)*{_CANONICAL_ID}")
-_ONE_CANONICAL_ID = re.compile(_CANONICAL_ID)
-_IDENTIFIER_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/@+-\n"
-_IDENTIFIER_FIELDS = 9
-# 9 fields of at least 1 character and 8 separators: within this length no field exceeds 200.
-_SHORT_IDENTIFIERS = 208
-
-
-def _decode_lenient(value: bytes) -> _LineRecord | None:
-    try:
-        return _LINE_DECODE(value)
-    except msgspec.DecodeError:  # ValidationError included
-        return None
-
-
-def _identifiers(r: _LineRecord) -> str:
-    return (
-        f"{r.agent_id}\n{r.provider}\n{r.requested_model}\n{r.used_model}\n{r.pool}\n"
-        f"{r.workflow_id}\n{r.parent_agent_id}\n{r.task_type}\n{r.task_id}"
-    )
-
-
-def _identifiers_ok(texts: list[str]) -> bool:
-    """Every text holds 9 valid identifiers (what the per-record regex checks), for certain."""
-    joined = "\n".join(texts)
-    try:
-        leftover = joined.encode("ascii").translate(None, _IDENTIFIER_BYTES)
-    except UnicodeEncodeError:
-        return False
-    return (
-        not leftover
-        and joined.count("\n") == _IDENTIFIER_FIELDS * len(texts) - 1
-        and "\n\n" not in joined
-        and joined[:1] != "\n"
-        and joined[-1:] != "\n"
-        and max(map(len, texts)) <= _SHORT_IDENTIFIERS
-    )
-
-
-def _rejected(records: list[_LineRecord | None]) -> set[int]:
-    """Indices of the records the batch checks do not accept for certain."""
-    bad = {i for i, r in enumerate(records) if r is None}
-    index: Sequence[int] = range(len(records))
-    if bad:
-        index = [i for i, r in enumerate(records) if r is not None]
-    live = [r for r in records if r is not None] if bad else cast(list[_LineRecord], records)
-    bad.update(
-        index[j]
-        for j, r in enumerate(live)
-        if r.cached_input_tokens > r.input_tokens or r.reasoning_tokens > r.output_tokens
-    )
-    ids = "\n".join([r.event_id for r in live])
-    # The length rules out an id with a newline inside (two ids in one would match the regex).
-    if live and (len(ids) != 37 * len(live) - 1 or _CANONICAL_IDS.fullmatch(ids) is None):
-        bad.update(
-            index[j] for j, r in enumerate(live) if _ONE_CANONICAL_ID.fullmatch(r.event_id) is None
-        )
-    texts = [_identifiers(r) for r in live]
-    if texts and not _identifiers_ok(texts):
-        bad.update(index[j] for j, text in enumerate(texts) if not _identifiers_ok([text]))
-    return bad
 
 
 def decode_call_lines(
@@ -258,11 +183,7 @@ def decode_call_lines(
     """`decode_call_json` of each value (at its offset of `topic`/`partition`), with its
     DecodeError in place of the raise: the same lines, ids, times and reasons, checked a batch
     at a time."""
-    try:
-        records: list[_LineRecord | None] = list(map(_LINE_DECODE, values))
-    except msgspec.DecodeError:
-        records = [_decode_lenient(v) for v in values]
-    rejected = _rejected(records)
+    records = decode_calls_with(_LINE_DECODE, values)
     head = _head(SourcePosition(topic, partition, 0), now_ms)
     out: list[Decoded | DecodeError] = [
         new_tuple(
@@ -279,7 +200,7 @@ def decode_call_lines(
         else None  # type: ignore[misc]
         for value, offset, r in zip(values, offsets, records, strict=True)
     ]
-    for i in rejected:
+    for i in (i for i, r in enumerate(records) if r is None):
         try:
             out[i] = decode_call_json(
                 values[i], SourcePosition(topic, partition, offsets[i]), now_ms

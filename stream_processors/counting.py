@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from agentledger.schemas import CallFields, CallStatus
+from agentledger.schemas import CallFields, CallStatus, id_hex
 from agentledger.schemas.policy import CALENDAR_PERIODS
 
 from .periods import DAY_MS, parse_period_key, period_window, slot_start
@@ -198,7 +198,7 @@ def apply_event(
     attempt on a task is also remembered for the retry-loop detector."""
     counted = apply_cost(
         state,
-        event_id=event.event_id.hex,
+        event_id=id_hex(event.event_id),
         event_time_ms=event.event_time_ms,
         cost_nano_usd=event.cost_nano_usd,
         partition=partition,

@@ -45,7 +45,7 @@ from agentledger.schemas import (
     dead_letter,
     sign_grant,
 )
-from agentledger.schemas.call_decode import CallRecord, decode_call
+from agentledger.schemas.call_decode import CallRecord, decode_call, decode_calls
 from agentledger.schemas.partitioning import state_partition
 from agentledger.schemas.topics import ALLOWANCE_PARTITIONS
 
@@ -631,9 +631,10 @@ class DataPlane:
         stats = self.stats
         by_agent: dict[str, list[tuple[CallRecord, int, int, str | None]]] = {}
         for_stats: list[tuple[CallRecord, int, int]] = []
-        for message in messages:
-            value = message.value()
-            event = parse_call(value, now, self.future_tolerance_ms)
+        values = [message.value() for message in messages]
+        for message, value, event in zip(
+            messages, values, parse_calls(values, now, self.future_tolerance_ms), strict=True
+        ):
             partition, offset = message.partition(), message.offset()
             if isinstance(event, str):
                 self._dead_letter(
@@ -662,7 +663,7 @@ class DataPlane:
                 time_ms = event.event_time_ms
                 keys = period_keys(time_ms, zones)
                 delivery = fold.add_event(
-                    event, event.event_id.hex, partition, offset, holder, period_keys=keys
+                    event, event.event_id.replace("-", ""), partition, offset, holder, keys
                 )
                 if delivery is Delivery.DUPLICATE:
                     log.info("event %s delivered again at %s; not counted", event.event_id, offset)
@@ -1251,6 +1252,19 @@ def unbudgeted_grant(request: AllowanceRequest, now_ms: int) -> AllowanceGrant:
         ttl_ms=0,
         issued_at_ms=now_ms,
     )
+
+
+def parse_calls(
+    values: list[bytes | None], now: int, future_tolerance_ms: int
+) -> list[CallRecord | str]:
+    """:func:`parse_call` of each value, most of them checked a batch at a time."""
+    latest = now + future_tolerance_ms
+    return [
+        parse_call(value, now, future_tolerance_ms)
+        if record is None or record.event_time_ms > latest
+        else record
+        for value, record in zip(values, decode_calls(values), strict=True)
+    ]
 
 
 def parse_call(value: bytes | None, now: int, future_tolerance_ms: int) -> CallRecord | str:

@@ -1,10 +1,11 @@
 """The msgspec CallRecord decode against the reference, pydantic's CallEvent.model_validate_json.
 
 The contract: for every input, `decode_call` accepts exactly what pydantic accepts, with the
-same field values, and rejects the rest with pydantic's very ValidationError (so a dead
-letter's reason is unchanged). Checked on hand-picked edge cases and on generated documents:
-valid events, mutations of them (fields dropped, retyped, out of range, extra, repeated),
-unicode, and raw bytes.
+same field values (the id as the UUID's canonical text), and rejects the rest with pydantic's
+very ValidationError (so a dead letter's reason is unchanged); `decode_calls` over a batch
+gives `decode_call_fast`'s verdict for each record. Checked on hand-picked edge cases and on
+generated documents: valid events, mutations of them (fields dropped, retyped, out of range,
+extra, repeated), unicode, and raw bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agentledger.schemas import CallEvent, CallFields, CallStatus
-from agentledger.schemas.call_decode import CallRecord, decode_call, decode_call_fast, record_of
+from agentledger.schemas.call_decode import (
+    CallRecord,
+    decode_call,
+    decode_call_fast,
+    decode_calls,
+    record_of,
+)
 
 BASE: dict[str, Any] = {
     "schema_version": 1,
@@ -73,14 +80,15 @@ def assert_same(raw: bytes) -> str:
     assert got[0] == expected[0], (raw, got, expected)
     if got[0] == "error":
         assert got[1] == expected[1]
+        assert decode_calls([raw]) == [None]
         return "error"
     record, event = got[1], expected[1]
     assert isinstance(record, CallRecord)
     assert isinstance(event, CallEvent)
-    mine, theirs = _fields(record), dict(event)
+    mine, theirs = _fields(record), {**dict(event), "event_id": str(event.event_id)}
     if mine["event_id"] != theirs["event_id"]:
         # Only when the document has no event_id: each decode assigns a fresh uuid7.
-        assert record.event_id.version == 7
+        assert uuid.UUID(record.event_id).version == 7
         assert "event_id" not in event.model_fields_set
         del mine["event_id"], theirs["event_id"]
     assert mine == theirs
@@ -89,6 +97,7 @@ def assert_same(raw: bytes) -> str:
     fast = decode_call_fast(raw)
     if fast is not None:
         assert _fields(fast) == _fields(record)
+    assert decode_calls([raw]) == [fast]
     return "ok"
 
 
@@ -106,7 +115,7 @@ def test_a_typical_event_takes_the_fast_path_with_the_same_values() -> None:
     record = decode_call_fast(raw)
     assert record is not None
     assert record.status is CallStatus.RATE_LIMITED
-    assert record.event_id == uuid.UUID(BASE["event_id"])
+    assert record.event_id == BASE["event_id"]
     assert assert_same(raw) == "ok"
 
 
@@ -304,3 +313,28 @@ def test_generated_valid_events_decode_exactly_like_pydantic(valid: dict[str, An
     if assert_same(raw) == "ok":
         # Every value has its strict JSON type here: nothing for pydantic to decide.
         assert decode_call_fast(raw) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.lists(
+        st.one_of(
+            st.just(encode({})),
+            st.dictionaries(_fields_and_extra, _scalars, max_size=2).map(encode),
+            st.sampled_from(
+                [
+                    encode({"event_id": "0190C9A8-0000-7000-8000-000000000001"}),
+                    encode({"agent_id": "agent 1"}),
+                    encode({"task_id": "x" * 200, "pool": "y" * 200}),
+                    encode({"cached_input_tokens": 10_001}),
+                    b"",
+                    b"{",
+                ]
+            ),
+        ),
+        max_size=12,
+    ),
+)
+def test_a_batch_gets_each_records_own_verdict(batch: list[bytes]) -> None:
+    # One record the batch checks refuse must not change its neighbours' verdicts.
+    assert decode_calls([*batch, None]) == [*map(decode_call_fast, batch), None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ from agentledger.schemas.call_decode import CallRecord
 from agentledger.sinks.rows import SourcePosition
 from agentledger.sinks.streams import Decoded, DecodeError, decode_call
 from agentledger.stream_processors.counting import FUTURE_TOLERANCE_MS
-from agentledger.stream_processors.data_plane import parse_call
+from agentledger.stream_processors.data_plane import parse_call, parse_calls
 
 NOW_MS = 1_795_478_400_000  # 2026-11-24T00:00:00Z
 SOURCE = SourcePosition("unit.calls", 3, 42)
@@ -43,7 +44,19 @@ VALID: dict[str, Any] = json.loads(
 
 
 def processor_parse(value: bytes) -> CallRecord | str:
-    return parse_call(value, NOW_MS, FUTURE_TOLERANCE_MS)
+    """The processor's verdict, which its batch path (`parse_calls`, with neighbours a batch
+    check accepts and an empty value) must give too."""
+    one = parse_call(value, NOW_MS, FUTURE_TOLERANCE_MS)
+    good = json.dumps(VALID).encode()
+    batch = parse_calls([good, value, None], NOW_MS, FUTURE_TOLERANCE_MS)
+    assert batch[0] == parse_call(good, NOW_MS, FUTURE_TOLERANCE_MS)
+    assert batch[2] == parse_call(None, NOW_MS, FUTURE_TOLERANCE_MS)
+    if isinstance(one, str) or isinstance(batch[1], str):
+        assert batch[1] == one
+    else:
+        # Without an event_id in the record each decode draws a fresh one; the rest is equal.
+        assert msgspec.structs.replace(batch[1], event_id=one.event_id) == one
+    return one
 
 
 def sink_parse(value: bytes) -> Decoded | str:

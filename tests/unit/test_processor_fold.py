@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentledger.schemas import CallEvent, CallFields, CallStatus
+from agentledger.schemas import CallEvent, CallFields, CallStatus, id_hex
 from agentledger.schemas.call_decode import record_of
 from agentledger.stream_processors.counting import RECENT_IDS, apply_cost, apply_event
 from agentledger.stream_processors.fold import SpendFold
@@ -111,7 +111,7 @@ def test_folding_a_batch_equals_applying_each_event(
         for event, partition, offset in events[len(before) :]
     ]
     deliveries = [
-        fold.add_event(event, event.event_id.hex, partition, offset)
+        fold.add_event(event, id_hex(event.event_id), partition, offset)
         for event, partition, offset in folded_events
     ]
     folded = fold.result()
