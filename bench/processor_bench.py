@@ -1,18 +1,20 @@
 """P1: processor throughput with policies of every kind active, next to a raw Kafka consume of
 the same bytes in the same run.
 
-The processor runs as the real process (`python -m agentledger.stream_processors`), alone (no
-sink competing for the 2 cores), on a topic prefix of its own, after its policies are loaded.
+The processor runs as `agentledger up` runs it: its worker processes (`python -m
+agentledger.stream_processors`, one per core unless `--workers N`) started by the stack, alone
+(no sink competing for the 2 cores), on a topic prefix of its own, after every worker has
+loaded its policies and the group is stable.
 `count` trace events are then produced as fast as librdkafka takes them, and the figure is
 events / (last offset committed - first event produced). Committed offsets are read from the
 broker, so nothing is timed inside the process.
 
-Next to wall-clock events/s it reports the processor's own CPU time per event (utime + stime
-from /proc, startup excluded): on a shared 2-core machine, wall-clock throughput moves with
-whatever else runs, CPU time per event much less.
+Next to wall-clock events/s it reports the workers' own CPU time per event (utime + stime
+from /proc, summed over the workers, startup excluded): on a shared 2-core machine, wall-clock
+throughput moves with whatever else runs, CPU time per event much less.
 
-Run alone: `python -m bench.processor_bench [--events N]` (starts its own private broker), or
-call `measure(...)` from bench/run.py.
+Run alone: `python -m bench.processor_bench [--events N] [--workers N]` (starts its own
+private broker), or call `measure(...)` from bench/run.py.
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -189,8 +188,8 @@ def wait_processed(
     return calls_s, None
 
 
-def _healthy(settings: Settings) -> bool:
-    url = f"http://127.0.0.1:{settings.processor_port}/health"
+def _healthy(port: int) -> bool:
+    url = f"http://127.0.0.1:{port}/health"
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             body: dict[str, Any] = json.load(response)
@@ -201,59 +200,58 @@ def _healthy(settings: Settings) -> bool:
 
 
 def measure(
-    bootstrap: str, home: Path, ports: tuple[int, int], count: int = 100_000
+    bootstrap: str,
+    home: Path,
+    ports: tuple[int, int],
+    count: int = 100_000,
+    workers: int | None = None,
 ) -> dict[str, Any]:
+    """``count`` events through ``workers`` processor processes (None: what `agentledger up`
+    runs on this machine, one per core), started as the stack starts them."""
+    from agentledger.deploy.stack import Stack, default_processors, worker_ports
+
+    from .scaling import _wait_stable
+
     settings = _settings(bootstrap, home, f"pb{uuid.uuid4().hex[:6]}.", ports)
+    if workers is None:
+        workers = default_processors(settings.calls_partitions)
+    settings = settings.model_copy(update={"processors": workers})
     ensure_topics(bootstrap, topic_specs(settings.topics))
     apply_policies(settings, PolicyFile.model_validate(BENCH_POLICIES))
     payloads = _payloads(count)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
-    env.update(
-        {
-            "AGENTLEDGER_KAFKA": bootstrap,
-            "AGENTLEDGER_TOPIC_PREFIX": settings.topic_prefix,
-            "AGENTLEDGER_HOME": str(settings.home),
-            "AGENTLEDGER_API_TOKEN": settings.api_token_value(),
-            "AGENTLEDGER_PROCESSOR_PORT": str(settings.processor_port),
-            "AGENTLEDGER_CONTROL_KEY": settings.control_key_bytes().decode(),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    settings.home.mkdir(parents=True, exist_ok=True)
-    log_path = settings.home / "processor-bench.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agentledger.stream_processors"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+    stack = Stack(settings, progress=lambda _m: None, manage_kafka=False)
+    names = [s.name for s in stack.services if s.module == "agentledger.stream_processors"]
+    web_ports = worker_ports(settings.processor_port, workers)
     try:
+        for name in names:
+            stack.start_service(name, timeout_s=180)
         deadline = time.monotonic() + 180
-        while not _healthy(settings):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"processor did not start: {log_path.read_text()[-2000:]}")
+        while not all(_healthy(port) for port in web_ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processors did not load their policies: see {stack.log_dir}")
             time.sleep(0.2)
+        _wait_stable(bootstrap, f"{settings.topic_prefix}processor-calls", workers)
         time.sleep(2)  # let the group settle its assignment before the clock starts
-        cpu_before = cpu_seconds(proc.pid)
+        pids = [pid for name in names if (pid := stack.pid_of(name)) is not None]
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
         started = time.monotonic()
         produce_s = _produce(bootstrap, settings.topics.calls, payloads)
         calls_s, done_s = wait_processed(settings, started)
-        cpu_s = cpu_seconds(proc.pid) - cpu_before
+        cpu_s = sum(cpu_seconds(pid) for pid in pids) - cpu_before
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    # The data plane's own account of where its cycles' time went (a line every 10 s).
+        for name in names:
+            stack.stop_service(name)
+    # The data planes' own account of where their cycles' time went (a line every 10 s).
     timings = [
         line.split("] ", 3)[-1].strip()
+        for log_path in sorted(stack.log_dir.glob("processor*.log"))
         for line in log_path.read_text(errors="replace").splitlines()
         if "data plane, last" in line
     ]
     raw_s = raw_consume_seconds(bootstrap, settings.topics.calls, count)
     result: dict[str, Any] = {
         "events": count,
+        "workers": workers,
         "policies": len(BENCH_POLICIES["budgets"]),
         "produce_s": round(produce_s, 2),
         "raw_consume_events_per_s": round(count / raw_s),
@@ -278,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processor processes (default: one per core)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="agentledger-pbench-") as tmp:
         broker = KafkaBroker(
@@ -286,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         broker.start(timeout_s=120)
         try:
             result = measure(
-                broker.bootstrap, Path(tmp) / "home", (_free_port(), _free_port()), args.events
+                broker.bootstrap,
+                Path(tmp) / "home",
+                (_free_port(), _free_port()),
+                args.events,
+                args.workers,
             )
         finally:
             broker.stop()

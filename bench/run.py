@@ -178,7 +178,8 @@ def _p1(processor_bench: Any, bootstrap: str, tmp: Path) -> dict[str, object]:
     p1 = processor_bench.measure(bootstrap, tmp / "processor", (_free_port(), _free_port()), count)
     return {
         "id": "P1",
-        "name": "events/s through the processor (produce to committed), alone, with policies",
+        "name": "events/s through the processor (produce to committed), its workers as `up` "
+        "runs them (one per core), alone, with policies",
         "value": p1.get("processor_events_per_s", "did not finish"),
         "unit": "events/s",
         "target": ">= 50,000 events/s, >= 0.25 of the raw consume in the same run (issue #15)",

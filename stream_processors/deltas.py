@@ -102,7 +102,6 @@ class ScopeDelta:
         cost: int,
         partition: int,
         offset: int,
-        *,
         now_ms: int,
         plan: BucketPlan = EMPTY_PLAN,
         activity: Activity | None = None,
